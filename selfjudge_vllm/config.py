@@ -1,0 +1,64 @@
+"""The `selfjudge` section of vLLM's `--additional-config` (no vLLM import here).
+
+    --additional-config '{"selfjudge": {"head": "/path/to/judge", "threshold": 0.6}}'
+
+`{"selfjudge": {"enabled": false}}` keeps the judge off but still applies the plugin's CPU
+sampling fix (see vllm_patches.py), which is what "judge off" means in the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SECTION = "selfjudge"
+
+
+class ConfigError(ValueError):
+    """The `selfjudge` section of --additional-config is unusable."""
+
+
+class SelfJudgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    head: Path | None = Field(default=None, description="judge artifact directory")
+    # Exactly one of these picks the threshold; neither means the artifact's default.
+    threshold: float | None = None
+    operating_point: str | None = None
+    # Serve on a vLLM version this release was not checked on. Explicit, off by default.
+    allow_unsupported_vllm: bool = False
+    # Seconds between the worker's judge log lines and metric snapshots; 0 disables.
+    log_interval_s: float = Field(default=10.0, ge=0.0)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_open_unit_interval(cls, value: float | None) -> float | None:
+        if value is not None and not (0.0 < value < 1.0):
+            raise ValueError(f"threshold must lie strictly between 0 and 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _head_when_enabled(self) -> "SelfJudgeConfig":
+        if self.enabled and self.head is None:
+            raise ValueError("'head' (the judge artifact directory) is required when enabled")
+        if self.threshold is not None and self.operating_point is not None:
+            raise ValueError("give either 'threshold' or 'operating_point', not both")
+        return self
+
+
+def parse_section(additional_config: Any) -> SelfJudgeConfig | None:
+    """The validated `selfjudge` section, or None when the plugin is not configured."""
+    if not isinstance(additional_config, dict) or SECTION not in additional_config:
+        return None
+    section = additional_config[SECTION]
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"--additional-config '{SECTION}' must be a JSON object, got {type(section).__name__}"
+        )
+    try:
+        return SelfJudgeConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid --additional-config '{SECTION}' section:\n{exc}") from exc

