@@ -32,6 +32,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["selfjudge = selfjudge_vllm.plugin:register"],
+        "vllm.stat_logger_plugins": ["selfjudge = selfjudge_vllm.stat_logger:SelfJudgeStatLogger"],
         "console_scripts": ["selfjudge = selfjudge_vllm.cli:main"],
     },
 )

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT_NAME = "selfjudge-head"
@@ -144,7 +144,7 @@ class JudgeArtifact:
             raise ArtifactError(f"judge artifact {config_path}: invalid config\n{exc}") from exc
         try:
             tensors = load_file(str(weights_path))
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             raise ArtifactError(f"judge artifact {weights_path}: unreadable ({exc})") from exc
         missing = {"weight", "bias"} - tensors.keys()
         if missing:

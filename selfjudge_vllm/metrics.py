@@ -68,7 +68,7 @@ class MetricsSink:
             tmp.write_text(json.dumps(asdict(counters)))
             os.replace(tmp, self.path)
         except OSError as exc:  # metrics must never take the server down
-            logging.getLogger("selfjudge_vllm").warning("cannot publish judge metrics: %s", exc)
+            logging.getLogger("vllm.selfjudge").warning("cannot publish judge metrics: %s", exc)
 
 
 def read_counters(directory: Path) -> JudgeCounters:

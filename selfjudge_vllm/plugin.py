@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("selfjudge_vllm")
+logger = logging.getLogger("vllm.selfjudge")
 
 
 def register() -> None:

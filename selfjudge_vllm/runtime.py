@@ -15,7 +15,7 @@ import torch
 from selfjudge_vllm.judge import JudgeHead, force_accept_
 from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
 
-logger = logging.getLogger("selfjudge_vllm")
+logger = logging.getLogger("vllm.selfjudge")
 
 
 class JudgeNotAppliedError(RuntimeError):
@@ -97,7 +97,8 @@ class JudgeRuntime:
         if not force and now < self._next_report:
             return
         self._next_report = now + self.log_interval_s
-        self._collect(sync=force)
+        # On CPU reading the counters costs no device wait, so they are exact there.
+        self._collect(sync=force or self._device_counts is None or self._device_counts.is_cpu)
         self.counters.log(logger)
         if self.sink is not None:
             self.sink.write(self.counters)

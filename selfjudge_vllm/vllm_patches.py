@@ -44,7 +44,7 @@ import torch
 
 from selfjudge_vllm.config import ConfigError, SelfJudgeConfig, parse_section
 
-logger = logging.getLogger("selfjudge_vllm")
+logger = logging.getLogger("vllm.selfjudge")
 
 SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
 SUPPORTED_METHODS = ("draft_model", "ngram")

@@ -119,3 +119,34 @@ def build_target_and_draft(root: Path, seed: int = 0) -> tuple[Path, Path]:
         Path(root) / "draft", num_layers=1, seed=seed, truncate_from=target
     )
     return target, draft
+
+
+def write_head(
+    out_dir: Path,
+    target_dir: Path,
+    weight,
+    bias: float,
+    threshold: float = 0.5,
+    operating_points: dict | None = None,
+) -> Path:
+    """Write a judge artifact with the given head for the model in target_dir."""
+    import torch
+
+    from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, TargetIdentity
+
+    cfg = json.loads((Path(target_dir) / "config.json").read_text())
+    config = JudgeArtifactConfig(
+        target=TargetIdentity(
+            name=str(target_dir),
+            architecture=cfg["architectures"][0],
+            hidden_size=cfg["hidden_size"],
+            vocab_size=cfg["vocab_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+        ),
+        default_threshold=threshold,
+        operating_points=operating_points or {},
+        provenance={"made_by": "selfjudge_vllm.testing.write_head"},
+    )
+    weight = torch.as_tensor(weight, dtype=torch.float32)
+    JudgeArtifact(config, weight, torch.tensor([bias])).save(out_dir)
+    return Path(out_dir)

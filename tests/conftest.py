@@ -1,0 +1,44 @@
+"""Shared fixtures. Engine tests build tiny random models once per session and run vLLM
+in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless a test says otherwise."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_WORK = Path(os.environ.get("SELFJUDGE_TEST_WORKDIR") or tempfile.mkdtemp(prefix="selfjudge-tests-"))
+# vLLM hygiene on these machines (DESIGN.md section 7): no hub, small KV cache, caches and
+# IPC paths inside the workspace.
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CACHE_ROOT": str(_WORK / "vllm-cache"),
+    "VLLM_RPC_BASE_PATH": str(_WORK / "rpc"),
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+(_WORK / "rpc").mkdir(parents=True, exist_ok=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "engine: starts real vLLM engines on tiny models (slow)")
+    config.addinivalue_line("markers", "server: starts `vllm serve` subprocesses (slow)")
+    config.addinivalue_line("markers", "gemma: needs the Gemma 3 270M testbed (very slow)")
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Path:
+    return _WORK
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(workdir):
+    """(target_dir, draft_dir): 4-layer random Llama and its 1-layer truncation."""
+    from selfjudge_vllm.testing.tiny_models import build_target_and_draft
+
+    return build_target_and_draft(workdir / "models")

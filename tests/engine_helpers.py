@@ -1,0 +1,159 @@
+"""Run vLLM engines on the tiny models and collect what the tests compare."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPTS = [
+    "the model token draft judge accept",
+    "one two three four five six",
+    "red green blue small large quick",
+    "def sum list return value print",
+    "the cat and the dog at the house",
+    "north south east west river stone",
+    "question answer number code function",
+    "verify speculative decoding target",
+    "a tree by the river, a stone by the tree",
+    "if else for while def return",
+    "seven eight nine ten one two",
+    "bright dark slow quick small large",
+    "print value return sum list code",
+    "the house of the cat is blue",
+    "judge reject accept verify draft",
+    "east west north south the river",
+]
+# Repetitive prompts give the n-gram proposer something to match.
+NGRAM_PROMPTS = [p + " " + p + " " + p.split()[0] for p in PROMPTS]
+
+
+_IN_CHILD = False
+
+
+@dataclass
+class EngineResult:
+    token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    judge: dict | None  # worker-side JudgeCounters, None when the judge is off
+
+
+def spec_config(kind: str, draft_dir: Path | None, k: int = 4) -> dict:
+    if kind == "draft_model":
+        return {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": k}
+    if kind == "ngram":
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": k,
+            "prompt_lookup_min": 1,
+            "prompt_lookup_max": 3,
+        }
+    raise ValueError(kind)
+
+
+def _worker_counters(worker):
+    runtime = getattr(worker.model_runner, "_selfjudge_runtime", None)
+    if runtime is None:
+        return None
+    import os
+    from dataclasses import asdict
+
+    return dict(asdict(runtime.flush()), pid=os.getpid())
+
+
+def run_engine(
+    target: Path,
+    speculative_config: dict | None,
+    prompts: list[str],
+    sampling: dict,
+    additional_config: dict | None = None,
+    max_model_len: int = 256,
+) -> EngineResult:
+    """Build an LLM in this process, generate, read vLLM's and the judge's counters.
+
+    n-gram engines run in their own interpreter: once the n-gram proposer has imported
+    numba, vLLM 0.32's kernel-override scan over sys.modules (triton_utils/dispatcher.py)
+    crashes for every later engine built in the same process.
+    """
+    if speculative_config and speculative_config.get("method") == "ngram" and not _IN_CHILD:
+        return run_engine_subprocess(
+            dict(
+                target=str(target),
+                speculative_config=speculative_config,
+                prompts=prompts,
+                sampling=sampling,
+                additional_config=additional_config,
+                max_model_len=max_model_len,
+            )
+        )
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(target),
+        dtype="float32",
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        seed=0,
+        speculative_config=speculative_config,
+        additional_config=additional_config or {},
+        disable_log_stats=False,
+        max_num_seqs=64,
+    )
+    try:
+        params = SamplingParams(**sampling)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        prompt_token_ids = [list(o.prompt_token_ids) for o in outputs]
+        metrics = {m.name: m for m in llm.get_metrics()}
+
+        def value(name):
+            m = metrics.get(name)
+            return int(m.value) if m is not None else 0
+
+        judge = llm.collective_rpc(_worker_counters)[0]
+        return EngineResult(
+            token_ids,
+            prompt_token_ids,
+            value("vllm:spec_decode_num_drafts"),
+            value("vllm:spec_decode_num_draft_tokens"),
+            value("vllm:spec_decode_num_accepted_tokens"),
+            judge,
+        )
+    finally:
+        del llm
+        gc.collect()
+
+
+def run_engine_subprocess(spec: dict, env: dict | None = None, timeout: float = 300) -> EngineResult:
+    """Same as run_engine, in a fresh interpreter (stock-vLLM baselines, multi-process mode)."""
+    import os
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine subprocess failed:\n{proc.stderr[-4000:]}")
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return EngineResult(**json.loads(line[len("RESULT "):]))
+
+
+if __name__ == "__main__":
+    from dataclasses import asdict
+
+    _IN_CHILD = True
+    args = json.loads(sys.argv[1])
+    args["target"] = Path(args["target"])
+    result = run_engine(**args)
+    print("RESULT " + json.dumps(asdict(result)), flush=True)

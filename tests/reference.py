@@ -1,0 +1,91 @@
+"""Independent reference of judge-then-standard greedy speculative decoding.
+
+A plain transformers loop in float32 over the same target and draft models: the draft
+proposes k tokens greedily, the target scores them in one forward pass, and each draft token
+is kept if the judge accepts it (sigmoid(h . w + b) >= threshold on the target's final-norm
+hidden state at the draft token's position) or if it equals the target's argmax; the first
+token kept by neither is replaced by the target's argmax, and a fully accepted block gets the
+target's bonus token. Written without any selfjudge_vllm code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ReferenceTrace:
+    # |score - threshold logit| of every judged mismatch, and the top-1/top-2 logit gap of
+    # every position whose argmax decided a token: how close the run came to a tie.
+    judge_margins: list[float] = field(default_factory=list)
+    argmax_gaps: list[float] = field(default_factory=list)
+    judged_mismatches: int = 0
+    judge_accepted_mismatches: int = 0
+
+
+def load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    return model.eval()
+
+
+@torch.no_grad()
+def _forward(model, ids):
+    out = model(torch.tensor([ids]), output_hidden_states=True)
+    # hidden_states[-1] is the final-norm output in HF Llama (what lm_head reads).
+    return out.logits[0], out.hidden_states[-1][0]
+
+
+def _gap(row: torch.Tensor) -> float:
+    top = torch.topk(row, 2).values
+    return float(top[0] - top[1])
+
+
+@torch.no_grad()
+def judged_greedy_sd(
+    target, draft, prompt_ids, max_tokens, k, weight, bias, threshold, trace: ReferenceTrace
+) -> list[int]:
+    w = torch.as_tensor(weight, dtype=torch.float64)
+    limit = torch.logit(torch.tensor(threshold, dtype=torch.float64))
+    ids = list(prompt_ids)
+    out: list[int] = []
+    while len(out) < max_tokens:
+        proposal: list[int] = []
+        for _ in range(k):
+            logits, _ = _forward(draft, ids + proposal)
+            proposal.append(int(logits[-1].argmax()))
+        logits, hidden = _forward(target, ids + proposal)
+        n = len(ids)
+        emitted: list[int] = []
+        for i, token in enumerate(proposal):
+            row = logits[n - 1 + i]
+            target_top = int(row.argmax())
+            trace.argmax_gaps.append(_gap(row))
+            if token == target_top:
+                emitted.append(token)
+                continue
+            score = float(hidden[n + i].double() @ w + bias)
+            trace.judged_mismatches += 1
+            trace.judge_margins.append(abs(score - float(limit)))
+            if score >= float(limit):
+                trace.judge_accepted_mismatches += 1
+                emitted.append(token)
+                continue
+            emitted.append(target_top)
+            break
+        else:
+            row = logits[n - 1 + k]
+            trace.argmax_gaps.append(_gap(row))
+            emitted.append(int(row.argmax()))
+        ids += emitted
+        out += emitted
+    return out[:max_tokens]
+
+
+def hidden_states_of(target, prompt_ids, continuation) -> torch.Tensor:
+    """Final-norm hidden states of prompt+continuation, one row per token."""
+    _, hidden = _forward(target, list(prompt_ids) + list(continuation))
+    return hidden

