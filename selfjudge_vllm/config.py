@@ -30,7 +30,7 @@ class SelfJudgeConfig(BaseModel):
     operating_point: str | None = None
     # Serve on a vLLM version this release was not checked on. Explicit, off by default.
     allow_unsupported_vllm: bool = False
-    # Seconds between the worker's judge log lines and metric snapshots; 0 disables.
+    # Seconds between the worker's judge log lines (only when counts changed); 0 disables.
     log_interval_s: float = Field(default=10.0, ge=0.0)
 
     @field_validator("threshold")

@@ -55,4 +55,6 @@ def build_runtime(vllm_config):
         "SelfJudge on: head %s (trained for %s), threshold %.4f", config.head,
         artifact.config.target.name, threshold,
     )
-    return JudgeRuntime(head, sink, config.log_interval_s)
+    runtime = JudgeRuntime(head, sink, config.log_interval_s)
+    runtime.start_publisher()
+    return runtime

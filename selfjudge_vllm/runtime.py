@@ -7,7 +7,9 @@ belongs to one model runner.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +40,10 @@ class JudgeRuntime:
         self.sink = sink
         self.log_interval_s = log_interval_s
         self.pending: PendingStep | None = None
-        # Device-side running sums [draft tokens seen, judge-accepted]; read lazily so the
-        # hot path never waits on the device.
+        # Device-side running sums [draft tokens seen, judge-accepted]; only the publisher
+        # thread reads them, so the step path never waits on the device.
         self._device_counts: torch.Tensor | None = None
-        self._snapshot: torch.Tensor | None = None
         self.counters = JudgeCounters()
-        self._next_report = time.monotonic() + log_interval_s
 
     # -- step protocol, driven by the adapter -------------------------------------------
 
@@ -61,7 +61,6 @@ class JudgeRuntime:
                 "judge would be silently off. See selfjudge_vllm/vllm_patches.py."
             )
         self.counters.steps_judged += 1
-        self._maybe_report()
 
     def judge_(self, draft_token_ids: torch.Tensor, target_logits: torch.Tensor) -> bool:
         """Apply the judge to `target_logits` in place if this call belongs to the pending
@@ -90,36 +89,47 @@ class JudgeRuntime:
             self._device_counts = torch.zeros(2, dtype=torch.int64, device=accept.device)
         self._device_counts.add_(step_counts)
 
-    def _maybe_report(self, force: bool = False) -> None:
-        if self.log_interval_s <= 0 and not force:
-            return
-        now = time.monotonic()
-        if not force and now < self._next_report:
-            return
-        self._next_report = now + self.log_interval_s
-        # On CPU reading the counters costs no device wait, so they are exact there.
-        self._collect(sync=force or self._device_counts is None or self._device_counts.is_cpu)
-        self.counters.log(logger)
+    def flush(self) -> JudgeCounters:
+        """Read the device counters into `counters` and publish them. Waits for the
+        device, so it runs on the publisher thread, at shutdown, and in tests, never on
+        the step path."""
+        device_counts = self._device_counts
+        if device_counts is not None:
+            seen, accepted = device_counts.tolist()
+            self.counters.draft_tokens, self.counters.judge_accepted = seen, accepted
         if self.sink is not None:
             self.sink.write(self.counters)
-
-    def _collect(self, sync: bool) -> None:
-        """Fold device counts into host counters. Without `sync`, reads the copy started
-        at the previous report (one interval stale) so no step waits on the device."""
-        if self._device_counts is None:
-            return
-        if sync:
-            seen, accepted = self._device_counts.tolist()
-        else:
-            previous = self._snapshot
-            self._snapshot = self._device_counts.to("cpu", non_blocking=True)
-            if previous is None:
-                return
-            seen, accepted = previous.tolist()
-        self.counters.draft_tokens = seen
-        self.counters.judge_accepted = accepted
-
-    def flush(self) -> JudgeCounters:
-        """Exact counters now (synchronises; for shutdown, tests and benchmarks)."""
-        self._maybe_report(force=True)
         return self.counters
+
+    def start_publisher(self, publish_interval_s: float = 1.0) -> None:
+        """A daemon thread that publishes the counters every `publish_interval_s` and logs
+        them every `log_interval_s`. It holds the runtime weakly and ends with it."""
+        if self.sink is None and self.log_interval_s <= 0:
+            return
+        thread = threading.Thread(
+            target=_publish_loop,
+            args=(weakref.ref(self), publish_interval_s, self.log_interval_s),
+            name="selfjudge-metrics",
+            daemon=True,
+        )
+        thread.start()
+
+
+def _publish_loop(runtime_ref, publish_interval_s: float, log_interval_s: float) -> None:
+    next_log = time.monotonic() + log_interval_s
+    last_published = None
+    while True:
+        time.sleep(publish_interval_s)
+        runtime = runtime_ref()
+        if runtime is None:
+            return
+        try:
+            counters = runtime.flush()
+            snapshot = (counters.draft_tokens, counters.steps_judged)
+            if log_interval_s > 0 and time.monotonic() >= next_log and snapshot != last_published:
+                counters.log(logger)
+                next_log = time.monotonic() + log_interval_s
+            last_published = snapshot
+        except Exception as exc:  # metrics must never take the worker down
+            logger.warning("selfjudge metrics publisher: %s", exc)
+        del runtime

@@ -44,9 +44,9 @@ class EngineResult:
     judge: dict | None  # worker-side JudgeCounters, None when the judge is off
 
 
-def spec_config(kind: str, draft_dir: Path | None, k: int = 4) -> dict:
+def spec_config(kind: str, draft_dir: Path | None, k: int = 4, **extra) -> dict:
     if kind == "draft_model":
-        return {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": k}
+        return {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": k, **extra}
     if kind == "ngram":
         return {
             "method": "ngram",

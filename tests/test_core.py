@@ -1,0 +1,188 @@
+"""The pure core: artifact schema and I/O, the selfjudge config section, the acceptance rule.
+No vLLM engine here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from selfjudge_vllm.artifact import (
+    ArtifactError,
+    JudgeArtifact,
+    JudgeArtifactConfig,
+    TargetIdentity,
+    check_target_matches,
+    threshold_to_logit,
+)
+from selfjudge_vllm.config import ConfigError, parse_section
+from selfjudge_vllm.judge import FORCED_LOGIT, JudgeHead, force_accept_
+
+TARGET = TargetIdentity(
+    name="tiny", architecture="LlamaForCausalLM", hidden_size=8, vocab_size=32, num_hidden_layers=2
+)
+
+
+def _artifact(weight=None, bias=0.0, **overrides):
+    config = JudgeArtifactConfig(
+        target=TARGET,
+        default_threshold=overrides.pop("default_threshold", 0.5),
+        operating_points=overrides.pop("operating_points", {"youden": {"threshold": 0.3}}),
+        provenance={"seed": 1},
+    )
+    weight = torch.arange(8, dtype=torch.float32) if weight is None else weight
+    return JudgeArtifact(config, weight, torch.tensor([bias]))
+
+
+def test_artifact_round_trips_without_pickle(tmp_path):
+    original = _artifact(bias=-0.25)
+    original.save(tmp_path / "head")
+    files = sorted(p.name for p in (tmp_path / "head").iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    loaded = JudgeArtifact.load(tmp_path / "head")
+    assert loaded.config == original.config
+    assert torch.equal(loaded.weight, original.weight)
+    assert torch.equal(loaded.bias, original.bias)
+    assert json.loads((tmp_path / "head/config.json").read_text())["format_version"] == 1
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "config.json").unlink(), "missing config.json"),
+        (lambda d: (d / "model.safetensors").unlink(), "missing model.safetensors"),
+        (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 40), "unreadable"),
+        (
+            lambda d: _edit_config(d, lambda c: c.update(surprise=1)),
+            "Extra inputs are not permitted",
+        ),
+        (lambda d: _edit_config(d, lambda c: c.update(format_version=9)), "format_version"),
+        (lambda d: _edit_config(d, lambda c: c.update(default_threshold=1.0)), "between 0 and 1"),
+        (
+            lambda d: _edit_config(d, lambda c: c["target"].update(hidden_size=16)),
+            "hidden_size=16",
+        ),
+    ],
+)
+def test_damaged_artifacts_fail_with_a_clear_error(tmp_path, damage, message):
+    _artifact().save(tmp_path / "head")
+    damage(tmp_path / "head")
+    with pytest.raises(ArtifactError, match=message):
+        JudgeArtifact.load(tmp_path / "head")
+
+
+def _edit_config(directory, edit):
+    config = json.loads((directory / "config.json").read_text())
+    edit(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(bad):
+    weight = torch.zeros(8)
+    weight[3] = bad
+    with pytest.raises(ArtifactError, match="NaN or infinity"):
+        _artifact(weight=weight)
+
+
+def test_artifact_for_another_model_is_refused():
+    other = TARGET.model_copy(update={"name": "renamed-but-same"})
+    check_target_matches(_artifact().config, other)  # a different name alone is fine
+    bigger = TARGET.model_copy(update={"num_hidden_layers": 4, "name": "other"})
+    with pytest.raises(ArtifactError, match="num_hidden_layers: artifact 2, served 4"):
+        check_target_matches(_artifact().config, bigger)
+
+
+def test_threshold_resolution():
+    artifact = _artifact()
+    assert artifact.resolve_threshold(None, None) == 0.5
+    assert artifact.resolve_threshold(0.9, None) == 0.9
+    assert artifact.resolve_threshold(None, "youden") == 0.3
+    with pytest.raises(ArtifactError, match="unknown operating point 'f1'; this artifact has: youden"):
+        artifact.resolve_threshold(None, "f1")
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        artifact.resolve_threshold(0.0, None)
+
+
+def test_config_section():
+    assert parse_section({}) is None
+    assert parse_section(None) is None
+    off = parse_section({"selfjudge": {"enabled": False}})
+    assert off is not None and not off.enabled
+    on = parse_section({"selfjudge": {"head": "/x", "threshold": 0.7}})
+    assert on.enabled and on.threshold == 0.7
+    for section, message in [
+        ({"head": "/x", "thresold": 0.7}, "Extra inputs are not permitted"),
+        ({"head": "/x", "threshold": 1.5}, "between 0 and 1"),
+        ({"head": "/x", "threshold": 0.0}, "between 0 and 1"),
+        ({}, "'head'"),
+        ({"head": "/x", "threshold": 0.5, "operating_point": "youden"}, "not both"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_section({"selfjudge": section})
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        parse_section({"selfjudge": "on"})
+
+
+def test_threshold_to_logit_matches_sigmoid():
+    for t in (0.01, 0.3, 0.5, 0.77, 0.999):
+        z = threshold_to_logit(t)
+        assert math.isclose(1 / (1 + math.exp(-z)), t, rel_tol=1e-12)
+
+
+def test_accept_mask_and_force_accept_against_a_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    n, hidden_size, vocab = 12, 8, 32
+    hidden = torch.randn(n, hidden_size, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(hidden_size, generator=gen)
+    head = JudgeHead(weight, torch.tensor([0.1]), threshold_to_logit(0.5))
+    drafts = torch.randint(0, vocab, (n,), generator=gen)
+    drafts[2] = -1  # padding
+    logits = torch.randn(n, vocab, generator=gen)
+    logits[5, drafts[5]] = float("-inf")  # banned / grammar-forbidden
+    before = logits.clone()
+
+    accept = head.accept_mask(hidden, drafts, logits)
+    # Direct computation in float64, row by row.
+    expected = []
+    for i in range(n):
+        score = float(hidden[i].double() @ weight.double()) + 0.1
+        ok = score >= 0.0 and drafts[i] >= 0 and before[i, drafts[i]] != float("-inf")
+        expected.append(bool(ok))
+    assert accept.tolist() == expected
+    assert any(expected) and not all(expected)
+
+    force_accept_(logits, drafts, accept)
+    probs = torch.softmax(logits, -1)
+    for i in range(n):
+        if expected[i]:
+            assert probs[i, drafts[i]] == 1.0
+            assert logits[i].argmax() == drafts[i]
+            changed = (logits[i] != before[i]).nonzero().flatten().tolist()
+            assert changed == [int(drafts[i])] and logits[i, drafts[i]] == FORCED_LOGIT
+        else:
+            assert torch.equal(logits[i], before[i])  # untouched: standard verification
+
+
+def test_per_row_thresholds_and_ties():
+    head = JudgeHead(torch.ones(2), torch.zeros(1), threshold_logit=0.0)
+    hidden = torch.tensor([[1.0, 1.0], [0.5, 0.5], [-1.0, 0.0]])  # scores 2, 1, -1
+    drafts = torch.tensor([0, 1, 2])
+    logits = torch.zeros(3, 4)
+    assert head.accept_mask(hidden, drafts, logits).tolist() == [True, True, False]
+    per_row = torch.tensor([2.0, 1.5, -1.0])  # ties accept
+    assert head.accept_mask(hidden, drafts, logits, per_row).tolist() == [True, False, True]
+
+
+def test_cli_inspect(tmp_path, capsys):
+    from selfjudge_vllm.cli import main
+
+    _artifact().save(tmp_path / "head")
+    assert main(["inspect", str(tmp_path / "head")]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM, hidden 8" in out and "operating point youden: threshold 0.3000" in out
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "missing config.json" in capsys.readouterr().err
