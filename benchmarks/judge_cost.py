@@ -125,6 +125,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="rounds per mode, alternating")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--engine-args", type=json.loads, default={},
+        help='extra LLM() arguments as JSON, e.g. \'{"disable_hybrid_kv_cache_manager": true}\' '
+        "(needed for a layer-truncated Gemma 3 draft, whose layers span two KV cache groups)",
+    )
     args = parser.parse_args(argv)
 
     if args.target is None:
@@ -152,6 +157,7 @@ def main(argv=None) -> int:
             "num_speculative_tokens": args.num_speculative_tokens,
         },
         additional_config={"selfjudge": {"head": str(head), "log_interval_s": 0}},
+        **args.engine_args,
     )
     threshold_logit = llm.collective_rpc(_judge_timer(timers))[0]
     prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]

