@@ -24,7 +24,7 @@ class JudgeCounters:
     judge_accepted: int = 0
     # Verification steps with the judge applied.
     steps_judged: int = 0
-    # rejection_sample calls outside a tracked step (vLLM's warm-up/profiling runs).
+    # rejection_sample calls during a step that verified other drafts than the step's own.
     unmatched_calls: int = 0
 
     @property

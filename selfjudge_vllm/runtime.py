@@ -63,8 +63,9 @@ class JudgeRuntime:
         self.counters.steps_judged += 1
 
     def judge_(self, draft_token_ids: torch.Tensor, target_logits: torch.Tensor) -> bool:
-        """Apply the judge to `target_logits` in place if this call belongs to the pending
-        step. Returns False for calls it cannot match (warm-up and profiling runs)."""
+        """Apply the judge to `target_logits` in place if this call verifies the pending
+        step's draft tokens. A call it cannot match is counted and left alone; the step
+        then fails in end_step, because its own drafts were never judged."""
         step = self.pending
         if step is None or draft_token_ids is not step.draft_token_ids:
             self.counters.unmatched_calls += 1

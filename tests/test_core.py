@@ -186,3 +186,28 @@ def test_cli_inspect(tmp_path, capsys):
     assert "LlamaForCausalLM, hidden 8" in out and "operating point youden: threshold 0.3000" in out
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "missing config.json" in capsys.readouterr().err
+
+
+def test_runtime_judges_only_its_own_step_and_fails_loudly_otherwise():
+    from selfjudge_vllm.runtime import JudgeNotAppliedError, JudgeRuntime
+
+    head = JudgeHead(torch.ones(2), torch.zeros(1), threshold_logit=0.0)
+    runtime = JudgeRuntime(head, sink=None, log_interval_s=0)
+    # Rows: [draft0 verify, draft1 verify, bonus]; features of draft i are row i + 1.
+    hidden = torch.tensor([[9.0, 9.0], [1.0, 1.0], [-1.0, -1.0]])
+    drafts = torch.tensor([3, 2])
+    indices = torch.tensor([0, 1])
+    logits = torch.zeros(2, 4)
+
+    runtime.begin_step(hidden, drafts, indices)
+    assert not runtime.judge_(drafts.clone(), logits)  # another tensor: not this step's
+    with pytest.raises(JudgeNotAppliedError, match="silently off"):
+        runtime.end_step()
+
+    runtime.begin_step(hidden, drafts, indices)
+    assert runtime.judge_(drafts, logits)
+    runtime.end_step()
+    assert logits[0, 3] == FORCED_LOGIT and torch.equal(logits[1], torch.zeros(4))
+    counters = runtime.flush()
+    assert (counters.draft_tokens, counters.judge_accepted, counters.steps_judged) == (2, 1, 1)
+    assert counters.unmatched_calls == 1
