@@ -27,11 +27,11 @@ python3 -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
 # Bytecode is precompiled because PYTHONDONTWRITEBYTECODE=1 here makes `import vllm`
 # take ~19 s instead of ~6 s.
 python3 -m uv pip install --python "$VENV/bin/python" --no-deps --compile-bytecode \
-    --native-tls --find-links "$TORCH_WHEEL_DIR" -r requirements/cpu-lock.txt
+    --system-certs --find-links "$TORCH_WHEEL_DIR" -r requirements/cpu-lock.txt
 python3 -m uv pip install --python "$VENV/bin/python" --no-deps --compile-bytecode \
-    --native-tls -e .
+    --system-certs -e .
 if [ "${1:-}" = "--testbed" ]; then
-    python3 -m uv pip install --python "$VENV/bin/python" --no-deps --native-tls \
+    python3 -m uv pip install --python "$VENV/bin/python" --no-deps --system-certs \
         -r requirements/testbed-lock.txt
 fi
 echo "setup_env: ready; activate with 'source $VENV/bin/activate'"

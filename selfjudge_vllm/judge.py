@@ -37,37 +37,32 @@ class JudgeHead:
         """[n, hidden] (any float dtype) -> [n] float32 logits."""
         return torch.addmv(self.bias.expand(hidden.shape[0]), hidden.to(torch.float32), self.weight)
 
-    def accept_mask(
+    def apply_(
         self,
         hidden: torch.Tensor,
         draft_token_ids: torch.Tensor,
         processed_logits: torch.Tensor,
         threshold_logit: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:
-        """Which draft tokens the judge accepts. Ties (score == threshold) are accepted.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decide every draft token and force the accepted ones, in place.
 
         hidden: [n, H] target hidden state at each draft token's own position.
         draft_token_ids: [n] (padding is -1, never accepted).
         processed_logits: [n, V] target logits after penalties, bans, grammar masks and
             temperature/top-k/top-p; a draft token whose entry is -inf is never accepted.
+            Each accepted row's draft entry becomes FORCED_LOGIT, which gives the token all
+            of the row's probability: greedy verification sees argmax == draft, random
+            verification sees p_target(draft) == 1 >= any draw. Other rows are untouched.
         threshold_logit: scalar or per-row [n] override of the head's threshold.
+
+        Returns (accept, valid) boolean [n] masks. Ties (score == threshold) are accepted.
+        One element is read and written per row, and the handful of kernels launched are
+        shared between deciding and forcing (the step is launch-bound on GPUs).
         """
         limit = self.threshold_logit if threshold_logit is None else threshold_logit
+        index = draft_token_ids.clamp(min=0).long().unsqueeze(1)
+        draft_logit = processed_logits.gather(1, index)
         valid = draft_token_ids >= 0
-        draft_logit = processed_logits.gather(1, draft_token_ids.clamp(min=0).long().unsqueeze(1))
-        allowed = draft_logit.squeeze(1) > float("-inf")
-        return (self.scores(hidden) >= limit) & valid & allowed
-
-
-def force_accept_(
-    processed_logits: torch.Tensor, draft_token_ids: torch.Tensor, accept: torch.Tensor
-) -> None:
-    """In place: give each accepted row's draft token all of the row's probability mass.
-
-    One element written per row (O(rows), not O(rows x vocab)). Greedy verification then
-    sees argmax == draft; random verification sees p_target(draft) == 1 >= any draw.
-    """
-    index = draft_token_ids.clamp(min=0).long().unsqueeze(1)
-    current = processed_logits.gather(1, index)
-    forced = torch.where(accept.unsqueeze(1), torch.full_like(current, FORCED_LOGIT), current)
-    processed_logits.scatter_(1, index, forced)
+        accept = (self.scores(hidden) >= limit) & valid & (draft_logit.squeeze(1) > float("-inf"))
+        processed_logits.scatter_(1, index, torch.where(accept.unsqueeze(1), FORCED_LOGIT, draft_logit))
+        return accept, valid

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selfjudge_vllm.judge import JudgeHead, force_accept_
+from selfjudge_vllm.judge import JudgeHead
 from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
 
 logger = logging.getLogger("vllm.selfjudge")
@@ -77,18 +77,16 @@ class JudgeRuntime:
         # logits verify it (for the last draft token, the bonus row).
         hidden = step.sample_hidden_states.index_select(0, step.target_logits_indices + 1)
         head = self.head.to(target_logits.device)
-        accept = head.accept_mask(hidden, draft_token_ids, target_logits)
-        force_accept_(target_logits, draft_token_ids, accept)
-        self._count(draft_token_ids, accept)
+        accept, valid = head.apply_(hidden, draft_token_ids, target_logits)
+        self._count(valid, accept)
         return True
 
     # -- counters -----------------------------------------------------------------------
 
-    def _count(self, draft_token_ids: torch.Tensor, accept: torch.Tensor) -> None:
-        step_counts = torch.stack([(draft_token_ids >= 0).sum(), accept.sum()])
+    def _count(self, valid: torch.Tensor, accept: torch.Tensor) -> None:
         if self._device_counts is None:
             self._device_counts = torch.zeros(2, dtype=torch.int64, device=accept.device)
-        self._device_counts.add_(step_counts)
+        self._device_counts.add_(torch.stack((valid, accept)).sum(1))
 
     def flush(self) -> JudgeCounters:
         """Read the device counters into `counters` and publish them. Waits for the

@@ -18,7 +18,7 @@ from selfjudge_vllm.artifact import (
     threshold_to_logit,
 )
 from selfjudge_vllm.config import ConfigError, parse_section
-from selfjudge_vllm.judge import FORCED_LOGIT, JudgeHead, force_accept_
+from selfjudge_vllm.judge import FORCED_LOGIT, JudgeHead
 
 TARGET = TargetIdentity(
     name="tiny", architecture="LlamaForCausalLM", hidden_size=8, vocab_size=32, num_hidden_layers=2
@@ -133,7 +133,7 @@ def test_threshold_to_logit_matches_sigmoid():
         assert math.isclose(1 / (1 + math.exp(-z)), t, rel_tol=1e-12)
 
 
-def test_accept_mask_and_force_accept_against_a_direct_computation():
+def test_judge_decisions_and_forcing_against_a_direct_computation():
     gen = torch.Generator().manual_seed(0)
     n, hidden_size, vocab = 12, 8, 32
     hidden = torch.randn(n, hidden_size, generator=gen).to(torch.bfloat16)
@@ -145,7 +145,8 @@ def test_accept_mask_and_force_accept_against_a_direct_computation():
     logits[5, drafts[5]] = float("-inf")  # banned / grammar-forbidden
     before = logits.clone()
 
-    accept = head.accept_mask(hidden, drafts, logits)
+    accept, valid = head.apply_(hidden, drafts, logits)
+    assert valid.tolist() == [i != 2 for i in range(n)]
     # Direct computation in float64, row by row.
     expected = []
     for i in range(n):
@@ -155,7 +156,6 @@ def test_accept_mask_and_force_accept_against_a_direct_computation():
     assert accept.tolist() == expected
     assert any(expected) and not all(expected)
 
-    force_accept_(logits, drafts, accept)
     probs = torch.softmax(logits, -1)
     for i in range(n):
         if expected[i]:
@@ -171,10 +171,10 @@ def test_per_row_thresholds_and_ties():
     head = JudgeHead(torch.ones(2), torch.zeros(1), threshold_logit=0.0)
     hidden = torch.tensor([[1.0, 1.0], [0.5, 0.5], [-1.0, 0.0]])  # scores 2, 1, -1
     drafts = torch.tensor([0, 1, 2])
-    logits = torch.zeros(3, 4)
-    assert head.accept_mask(hidden, drafts, logits).tolist() == [True, True, False]
+    assert head.apply_(hidden, drafts, torch.zeros(3, 4))[0].tolist() == [True, True, False]
     per_row = torch.tensor([2.0, 1.5, -1.0])  # ties accept
-    assert head.accept_mask(hidden, drafts, logits, per_row).tolist() == [True, False, True]
+    accept, _ = head.apply_(hidden, drafts, torch.zeros(3, 4), per_row)
+    assert accept.tolist() == [True, False, True]
 
 
 def test_cli_inspect(tmp_path, capsys):
