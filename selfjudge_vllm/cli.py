@@ -1,6 +1,11 @@
 """The `selfjudge` command.
 
-    selfjudge inspect HEAD_DIR     validate a judge artifact and print what it holds
+    selfjudge label --target T --draft D --prompts P.jsonl --out RUN
+        target responses, draft mismatches, semantic preservation scores, features
+    selfjudge train --run RUN --out HEAD (--tau X | --reject-share Q)
+        labels, logistic regression, the judge artifact the plugin loads
+    selfjudge inspect HEAD
+        validate a judge artifact and print what it holds
 """
 
 from __future__ import annotations
@@ -33,12 +38,109 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(args: argparse.Namespace) -> int:
+    import logging
+
+    from selfjudge_vllm.offline.engine import EngineSettings
+    from selfjudge_vllm.offline.label import InputError, LabelSettings, run_label
+    from selfjudge_vllm.offline.prompts import PromptFileError
+    from selfjudge_vllm.offline.store import RunError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = LabelSettings(
+        target=args.target,
+        draft=args.draft,
+        prompts=args.prompts,
+        suffix_lengths=tuple(args.suffix_lengths),
+        max_new_tokens=args.max_new_tokens,
+        shard_size=args.shard_size,
+        engine=EngineSettings(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed),
+    )
+    try:
+        run = run_label(settings, args.out)
+    except (InputError, PromptFileError, RunError) as exc:
+        print(f"selfjudge label: {exc}", file=sys.stderr)
+        return 2
+    print(f"selfjudge label: done; scores and features in {run.root}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from selfjudge_vllm.offline.label import InputError
+    from selfjudge_vllm.offline.train import TrainSettings, train
+
+    settings = TrainSettings(
+        suffix_length=args.suffix_length,
+        suffix_mode=args.suffix_mode,
+        tau=args.tau,
+        reject_share=args.reject_share,
+        validation_share=args.validation_share,
+        seed=args.seed,
+    )
+    try:
+        report = train(args.run, args.out, settings)
+    except InputError as exc:
+        print(f"selfjudge train: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    print(f"selfjudge train: judge artifact written to {args.out}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfjudge",
         description="SelfJudge for vLLM: build and inspect judge heads for speculative decoding.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    label = sub.add_parser(
+        "label",
+        help="score draft/target mismatches of a prompt set and extract features",
+        description="Generates the target's greedy responses, finds where the draft's "
+        "teacher-forced top-1 differs, scores every mismatch by how much substituting the "
+        "draft token changes the target's likelihood, and extracts the hidden states the "
+        "judge reads. Resumable: rerun the same command after an interruption.",
+    )
+    label.add_argument("--target", required=True, help="target model folder (HF format)")
+    label.add_argument("--draft", required=True, help="draft model folder (same tokenizer)")
+    label.add_argument("--prompts", required=True,
+                       help='JSONL: {"prompt": ...} or {"messages": [...]}, optional "id", "answer"')
+    label.add_argument("--out", required=True, help="run folder (created; reruns resume it)")
+    label.add_argument("--suffix-lengths", type=_int_list, default=[0, 5, 10, 20],
+                       help="comma-separated suffix lengths N to score (default 0,5,10,20)")
+    label.add_argument("--max-new-tokens", type=int, default=128, help="response length (default 128)")
+    label.add_argument("--max-model-len", type=int, default=2048, help="context length (default 2048)")
+    label.add_argument("--shard-size", type=int, default=64, help="prompts per shard (default 64)")
+    label.add_argument("--dtype", default="auto", help="model dtype as vLLM takes it (default auto)")
+    label.add_argument("--seed", type=int, default=0)
+    label.set_defaults(func=_label)
+
+    train = sub.add_parser(
+        "train",
+        help="label the scored mismatches and train the judge head",
+        description="Turns scores into labels with a threshold tau, trains a standardised "
+        "logistic regression (C chosen by validation ROC-AUC, split by prompt) and writes "
+        "the judge artifact with its operating points.",
+    )
+    train.add_argument("--run", required=True, help="run folder written by `selfjudge label`")
+    train.add_argument("--out", required=True, help="judge artifact folder to write")
+    tau = train.add_mutually_exclusive_group(required=True)
+    tau.add_argument("--tau", type=float, help="reject a substitution whose score exceeds this")
+    tau.add_argument("--reject-share", type=float,
+                     help="set tau so this share of training mismatches is labelled reject")
+    train.add_argument("--suffix-length", type=int, default=20, help="N of the score (default 20)")
+    train.add_argument("--suffix-mode", choices=["max", "kept"], default="max",
+                       help="suffix term: target's top-1 (max, default) or kept token (kept)")
+    train.add_argument("--validation-share", type=float, default=0.2)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_train)
     inspect = sub.add_parser("inspect", help="validate a judge artifact and print its contents")
     inspect.add_argument("head", help="judge artifact directory (config.json + model.safetensors)")
     inspect.set_defaults(func=_inspect)

@@ -1,0 +1,200 @@
+"""`selfjudge label`: prompts -> target responses -> draft mismatches -> semantic
+preservation scores -> hidden-state features, as resumable sharded stages.
+
+Stages (each a folder of the run, each shard written atomically, each engine built only if
+a stage has work left):
+  responses   target greedy responses (token ids), through vLLM's offline API
+  mismatches  the draft's teacher-forced top-1 along each response (draft prompt_logprobs)
+  scores      S_orig - S_sub for every mismatch, every suffix length, both suffix modes
+              (target prompt_logprobs on the response and on each substituted window)
+  features    the target's final-norm hidden state at position m of y' and of y (vLLM
+              pooling engine: the same numbers the plugin reads at serving time)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
+from selfjudge_vllm.offline.prompts import Prompt, read_prompt_file, tokenize_prompts
+from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
+from selfjudge_vllm.offline.store import RunDir
+
+logger = logging.getLogger("selfjudge.label")
+STAGES = ("responses", "mismatches", "scores", "features")
+
+
+class InputError(ValueError):
+    """Bad models or prompts, found before any expensive work."""
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    target: str
+    draft: str
+    prompts: str
+    suffix_lengths: tuple[int, ...] = (0, 5, 10, 20)
+    max_new_tokens: int = 128
+    shard_size: int = 64
+    engine: EngineSettings = EngineSettings()
+
+
+def _check_model_dir(path: str, role: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise InputError(f"{role} model {path!r}: no config.json there (a local HF-format folder is needed)")
+
+
+def check_inputs(settings: LabelSettings) -> list[Prompt]:
+    """Everything that can be checked without an engine."""
+    from transformers import AutoTokenizer
+
+    _check_model_dir(settings.target, "target")
+    _check_model_dir(settings.draft, "draft")
+    if any(n < 0 for n in settings.suffix_lengths) or not settings.suffix_lengths:
+        raise InputError("suffix lengths must be non-negative and at least one")
+    target_tok = AutoTokenizer.from_pretrained(settings.target)
+    draft_tok = AutoTokenizer.from_pretrained(settings.draft)
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise InputError(
+            f"draft {settings.draft!r} has another tokenizer than target {settings.target!r}; "
+            "token-level mismatches need one shared vocabulary"
+        )
+    rows = read_prompt_file(settings.prompts)
+    return tokenize_prompts(rows, target_tok, settings.engine.max_model_len, settings.max_new_tokens)
+
+
+def _shards(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
+    return [prompts[i : i + size] for i in range(0, len(prompts), size)]
+
+
+def _run_stage(run: RunDir, stage: str, shards, needs_engine, work: Callable, progress) -> None:
+    pending = [i for i in range(len(shards)) if not run.has(stage, i)]
+    if not pending:
+        return
+    with needs_engine() as llm:
+        for i in progress(pending, desc=stage, unit="shard"):
+            work(llm, i)
+
+
+def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> RunDir:
+    if progress is None:
+        from tqdm.auto import tqdm as progress
+    prompts = check_inputs(settings)
+    run = RunDir(out_dir)
+    run.bind_settings(json.loads(json.dumps(asdict(settings))))
+    shards = _shards(prompts, settings.shard_size)
+    eng = settings.engine
+    target_engine = lambda: engine(settings.target, eng)  # noqa: E731
+    max_n = max(settings.suffix_lengths)
+
+    def responses(llm, i):
+        shard = shards[i]
+        outs = greedy_responses(llm, [list(p.token_ids) for p in shard], settings.max_new_tokens)
+        run.write_records("responses", i, [
+            {"id": p.id, "prompt": list(p.token_ids), "response": out, "answer": p.answer}
+            for p, out in zip(shard, outs)
+        ])
+
+    def mismatches(llm, i):
+        records = run.read_records("responses", i)
+        seqs = [r["prompt"] + r["response"] for r in records]
+        out = []
+        for r, seq, lp in zip(records, seqs, prompt_logprobs(llm, seqs)):
+            for m in range(len(r["prompt"]), len(seq)):
+                if lp.top1_id[m] != seq[m]:
+                    out.append({"id": r["id"], "m": m, "draft": int(lp.top1_id[m]), "target": seq[m]})
+        run.write_records("mismatches", i, out)
+
+    def scores(llm, i):
+        responses_by_id = {r["id"]: r for r in run.read_records("responses", i)}
+        items = run.read_records("mismatches", i)
+        seqs = {rid: r["prompt"] + r["response"] for rid, r in responses_by_id.items()}
+        originals = dict(zip(seqs, prompt_logprobs(llm, list(seqs.values()))))
+        windows = []
+        for it in items:
+            y = seqs[it["id"]]
+            end = window_end(it["m"], max_n, len(y))
+            windows.append(y[: it["m"]] + [it["draft"]] + y[it["m"] + 1 : end])
+        out = []
+        for it, window, sub in zip(items, windows, prompt_logprobs(llm, windows)):
+            m, y = it["m"], seqs[it["id"]]
+            end = len(window)
+            s = semantic_preservation_scores(
+                m, len(y), originals[it["id"]].actual[m:end], sub.actual[m:end], sub.top1[m:end],
+                settings.suffix_lengths,
+            )
+            out.append(dict(it, scores={mode: {str(n): v for n, v in by_n.items()} for mode, by_n in s.items()}))
+        run.write_records("scores", i, out)
+
+    def features(llm, i):
+        items = run.read_records("scores", i)
+        responses_by_id = {r["id"]: r for r in run.read_records("responses", i)}
+        seqs = {rid: r["prompt"] + r["response"] for rid, r in responses_by_id.items()}
+        # y' only matters up to position m (causal): feed y'[:m+1] and take its last row.
+        substituted = [seqs[it["id"]][: it["m"]] + [it["draft"]] for it in items]
+        sub_rows = [h[-1] for h in hidden_states(llm, substituted)] if items else []
+        ids_with_items = sorted({it["id"] for it in items})
+        full = dict(zip(ids_with_items, hidden_states(llm, [seqs[r] for r in ids_with_items]))) if items else {}
+        orig_rows = [full[it["id"]][it["m"]] for it in items]
+        hidden_size = next(iter(full.values())).shape[-1] if full else 0
+        empty = torch.zeros(0, hidden_size)
+        run.write_tensors("features", i, {
+            "substituted": torch.stack(sub_rows).float() if items else empty,
+            "original": torch.stack(orig_rows).float() if items else empty,
+        })
+        run.write_records("features", i, [{"id": it["id"], "m": it["m"]} for it in items])
+
+    info = {"target": settings.target, "draft": settings.draft, "seed": eng.seed}
+    _run_stage(run, "responses", shards, target_engine, responses, progress)
+    run.write_provenance("responses", info)
+    _run_stage(run, "mismatches", shards, lambda: engine(settings.draft, eng), mismatches, progress)
+    run.write_provenance("mismatches", info)
+    _run_stage(run, "scores", shards, target_engine, scores, progress)
+    run.write_provenance("scores", info)
+    _write_target_identity(run, settings)
+    _run_stage(run, "features", shards, lambda: engine(settings.target, eng, pooling=True), features, progress)
+    run.write_provenance("features", info)
+    return run
+
+
+def _write_target_identity(run: RunDir, settings: LabelSettings) -> None:
+    """The served-model identity the artifact will carry, from the target's HF config
+    (the same fields the plugin checks at start-up)."""
+    path = run.root / "target.json"
+    if path.is_file():
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(settings.target)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    identity = {
+        "name": settings.target,
+        "architecture": (config.architectures or ["unknown"])[0],
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+        "num_hidden_layers": text.num_hidden_layers,
+    }
+    path.write_text(json.dumps(identity, indent=2))
+
+
+def load_run(out_dir: str | Path) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """All scored mismatches with their two feature rows, in shard order."""
+    run = RunDir(out_dir)
+    records, subs, origs = [], [], []
+    index = 0
+    while run.has("features", index, "safetensors") and run.has("features", index):
+        scored = run.read_records("scores", index)
+        tensors = run.read_tensors("features", index)
+        records += scored
+        subs.append(tensors["substituted"])
+        origs.append(tensors["original"])
+        index += 1
+    if not records:
+        raise InputError(f"{out_dir}: no labelled mismatches (run `selfjudge label` first)")
+    return records, torch.cat(subs), torch.cat(origs)

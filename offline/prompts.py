@@ -1,0 +1,79 @@
+"""Prompt files: JSONL, one object per line.
+
+    {"id": "gsm-1", "prompt": "Question: ...\\nAnswer:"}
+    {"id": "chat-7", "messages": [{"role": "user", "content": "..."}]}
+
+`id` is optional (default: the line number) and must be unique; `answer` (a reference
+answer) is kept for calibration. `messages` is rendered with the target's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class PromptFileError(ValueError):
+    """The prompt file cannot be used; the message names the line."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    token_ids: tuple[int, ...]
+    answer: str | None = None
+
+
+def read_prompt_file(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {path} does not exist")
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise PromptFileError(f"{path}:{number}: expected a JSON object")
+        has_prompt, has_messages = "prompt" in row, "messages" in row
+        if has_prompt == has_messages:
+            raise PromptFileError(f"{path}:{number}: give exactly one of 'prompt' or 'messages'")
+        if has_prompt and not (isinstance(row["prompt"], str) and row["prompt"]):
+            raise PromptFileError(f"{path}:{number}: 'prompt' must be a non-empty string")
+        if has_messages and not (isinstance(row["messages"], list) and row["messages"]):
+            raise PromptFileError(f"{path}:{number}: 'messages' must be a non-empty list")
+        row_id = str(row.get("id", number))
+        if row_id in seen:
+            raise PromptFileError(f"{path}:{number}: duplicate id {row_id!r}")
+        seen.add(row_id)
+        rows.append(dict(row, id=row_id))
+    if not rows:
+        raise PromptFileError(f"prompt file {path} holds no prompts")
+    return rows
+
+
+def tokenize_prompts(rows: list[dict], tokenizer, max_model_len: int, max_new_tokens: int) -> list[Prompt]:
+    """Token ids per prompt; refuses prompts that leave no room for the response."""
+    prompts = []
+    limit = max_model_len - max_new_tokens
+    for row in rows:
+        if "messages" in row:
+            if not getattr(tokenizer, "chat_template", None):
+                raise PromptFileError(f"prompt {row['id']!r} uses 'messages' but the target has no chat template")
+            ids = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict):
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(row["prompt"])["input_ids"]
+        if len(ids) > limit:
+            raise PromptFileError(
+                f"prompt {row['id']!r} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} "
+                f"it needs more than the context of {max_model_len}"
+            )
+        prompts.append(Prompt(row["id"], tuple(int(t) for t in ids), row.get("answer")))
+    return prompts

@@ -1,0 +1,159 @@
+"""`selfjudge train`: labels from scores, logistic regression, the judge artifact.
+
+Labels: each mismatch gives two rows (DESIGN.md section 2): the hidden state at m of y'
+labelled "accept" when score <= tau (the substitution keeps the meaning), and the hidden
+state at m of y, always "accept" (the target's own token). The head predicts P(accept).
+
+tau is given (`--tau`) or set so that a target share of mismatches is labelled "reject"
+(`--reject-share`), computed on the training prompts only.
+
+Training: StandardScaler + LogisticRegression, C chosen by ROC-AUC on a validation split by
+prompt (never by row); the scaler is folded into the exported weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, OperatingPoint, TargetIdentity
+from selfjudge_vllm.offline.label import InputError, load_run
+from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
+from selfjudge_vllm.offline.store import provenance
+
+C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    suffix_length: int = 20
+    suffix_mode: str = DEFAULT_SUFFIX_MODE
+    tau: float | None = None
+    reject_share: float | None = None
+    validation_share: float = 0.2
+    recall_target: float = 0.8
+    seed: int = 0
+
+
+def split_by_prompt(ids: list[str], validation_share: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation rows: whole prompts go to one side."""
+    unique = sorted(set(ids))
+    rng = np.random.default_rng(seed)
+    n_val = max(1, round(len(unique) * validation_share)) if len(unique) > 1 else 0
+    val_ids = set(rng.permutation(unique)[:n_val].tolist())
+    return np.array([i in val_ids for i in ids])
+
+
+def fold_standardisation(coef: np.ndarray, intercept: float, mean: np.ndarray, scale: np.ndarray):
+    """w.((x - mean)/scale) + b  ==  (w/scale).x + (b - sum(w*mean/scale))."""
+    weight = coef / scale
+    return weight, float(intercept - np.dot(weight, mean))
+
+
+def operating_points(y_true: np.ndarray, p_accept: np.ndarray, recall_target: float) -> dict[str, OperatingPoint]:
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    points: dict[str, OperatingPoint] = {}
+    precision, recall, thresholds = precision_recall_curve(y_true, p_accept)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-12, None)
+    best = int(np.argmax(f1))
+    points["best_f1"] = _point(thresholds[best], "maximises F1 of 'accept' on validation",
+                               precision[best], recall[best])
+    fpr, tpr, roc_thresholds = roc_curve(y_true, p_accept)
+    finite = np.isfinite(roc_thresholds)
+    j = int(np.argmax(np.where(finite, tpr - fpr, -np.inf)))
+    prec_at = _precision_at(y_true, p_accept, roc_thresholds[j])
+    points["youden"] = _point(roc_thresholds[j], "maximises TPR - FPR on validation", prec_at, tpr[j])
+    ok = np.where(recall[:-1] >= recall_target)[0]
+    if len(ok):
+        k = int(ok[-1])  # highest threshold that still reaches the recall target
+        points[f"recall_{int(recall_target * 100)}"] = _point(
+            thresholds[k], f"highest threshold with validation recall >= {recall_target}",
+            precision[k], recall[k])
+    return points
+
+
+def _precision_at(y_true, p, threshold) -> float:
+    chosen = p >= threshold
+    return float(y_true[chosen].mean()) if chosen.any() else 0.0
+
+
+def _point(threshold: float, description: str, precision: float, recall: float) -> OperatingPoint:
+    t = float(np.clip(threshold, 1e-6, 1 - 1e-6))
+    return OperatingPoint(threshold=t, description=description,
+                          metrics={"precision": float(precision), "recall": float(recall)})
+
+
+def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import precision_score, recall_score, roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    if (settings.tau is None) == (settings.reject_share is None):
+        raise InputError("give exactly one of --tau or --reject-share")
+    records, substituted, original = load_run(run_dir)
+    n_key = str(settings.suffix_length)
+    try:
+        scores = np.array([r["scores"][settings.suffix_mode][n_key] for r in records])
+    except KeyError:
+        raise InputError(
+            f"the run has no scores for suffix mode {settings.suffix_mode!r} and length "
+            f"{settings.suffix_length}; it has lengths {sorted(records[0]['scores']['max'], key=int)}"
+        ) from None
+    ids = [r["id"] for r in records]
+    is_val = split_by_prompt(ids, settings.validation_share, settings.seed)
+    if not is_val.any() or is_val.all():
+        raise InputError("need mismatches from at least two prompts to split train/validation")
+    tau = settings.tau
+    if tau is None:
+        tau = float(np.quantile(scores[~is_val], 1.0 - settings.reject_share))
+    sub_label = (scores <= tau).astype(int)  # 1 = accept
+
+    x = torch.cat([substituted, original]).double().numpy()
+    y = np.concatenate([sub_label, np.ones(len(records), dtype=int)])
+    val = np.concatenate([is_val, is_val])
+    if len(set(y[~val])) < 2 or len(set(y[val])) < 2:
+        raise InputError("both labels must occur in the training and the validation split; adjust tau")
+
+    scaler = StandardScaler().fit(x[~val])
+    xs_train, xs_val = scaler.transform(x[~val]), scaler.transform(x[val])
+    by_c = {}
+    for c in C_GRID:
+        model = LogisticRegression(C=c, max_iter=2000, random_state=settings.seed).fit(xs_train, y[~val])
+        by_c[c] = (roc_auc_score(y[val], model.predict_proba(xs_val)[:, 1]), model)
+    best_c = max(by_c, key=lambda c: by_c[c][0])
+    auc, model = by_c[best_c]
+    p_val = model.predict_proba(xs_val)[:, 1]
+    points = operating_points(y[val], p_val, settings.recall_target)
+    default = points["youden"].threshold
+
+    weight, bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
+    target = json.loads((Path(run_dir) / "target.json").read_text())
+    report = {
+        "mismatches": len(records),
+        "rows": int(len(y)),
+        "tau": tau,
+        "suffix_length": settings.suffix_length,
+        "suffix_mode": settings.suffix_mode,
+        "reject_labels": int((sub_label == 0).sum()),
+        "reject_share_of_mismatches": float((sub_label == 0).mean()),
+        "validation_prompts": len({i for i, v in zip(ids, is_val) if v}),
+        "C": best_c,
+        "validation_roc_auc": float(auc),
+        "roc_auc_by_C": {str(c): float(v[0]) for c, v in by_c.items()},
+        "validation_precision_at_default": float(precision_score(y[val], p_val >= default, zero_division=0)),
+        "validation_recall_at_default": float(recall_score(y[val], p_val >= default)),
+    }
+    config = JudgeArtifactConfig(
+        target=TargetIdentity(**target),
+        default_threshold=default,
+        operating_points=points,
+        provenance=provenance({"run": str(run_dir), "seed": settings.seed, "report": report}),
+    )
+    JudgeArtifact(config, torch.from_numpy(weight).float(), torch.tensor([bias])).save(out_dir)
+    (Path(out_dir) / "training_report.json").write_text(json.dumps(report, indent=2))
+    return report
