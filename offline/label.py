@@ -74,6 +74,7 @@ def _shards(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
 
 
 def _run_stage(run: RunDir, stage: str, shards, needs_engine, work: Callable, progress) -> None:
+    run.remove_partial_files(stage)
     pending = [i for i in range(len(shards)) if not run.has(stage, i)]
     if not pending:
         return

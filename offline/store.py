@@ -46,6 +46,11 @@ class RunDir:
     def has(self, stage: str, index: int, ext: str = "jsonl") -> bool:
         return self.shard(stage, index, ext).is_file()
 
+    def remove_partial_files(self, stage: str) -> None:
+        """Temporary files a killed run left behind (one labeller per run folder)."""
+        for path in (self.root / stage).glob(".shard-*.tmp"):
+            path.unlink(missing_ok=True)
+
     def write_records(self, stage: str, index: int, records: Iterable[dict]) -> None:
         lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
         _atomic_write(self.shard(stage, index, "jsonl"), lambda p: p.write_text(lines))

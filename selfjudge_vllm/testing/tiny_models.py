@@ -65,6 +65,7 @@ def build_tiny_llama(
     seed: int = 0,
     hidden_size: int = 64,
     truncate_from: Path | None = None,
+    tokenizer_seed: int = 0,
 ) -> Path:
     """Save a random Llama (float32) with the shared tokenizer into out_dir.
 
@@ -109,7 +110,7 @@ def build_tiny_llama(
         }
         model.load_state_dict(state)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    build_tokenizer(out_dir)
+    build_tokenizer(out_dir, seed=tokenizer_seed)
     # vLLM reads generation_config.json; keep greedy defaults neutral.
     (out_dir / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2})

@@ -1,0 +1,180 @@
+"""The label/train pipeline on real vLLM engines (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from selfjudge_vllm.offline.engine import EngineSettings, engine, hidden_states
+from selfjudge_vllm.offline.label import LabelSettings, load_run, run_label
+from selfjudge_vllm.offline.store import RunDir
+from selfjudge_vllm.offline.train import TrainSettings, train
+from tests import reference
+from tests.engine_helpers import PROMPTS, run_engine, spec_config
+
+pytestmark = pytest.mark.engine
+
+SUFFIX_LENGTHS = (0, 3, 20)  # 20 runs past the end of 12-token responses: cut windows
+ENGINE = EngineSettings(dtype="float32", max_model_len=256)
+
+
+def _prompt_file(path, prompts):
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def _settings(tiny_pair, prompts_path, shard_size=3):
+    target, draft = tiny_pair
+    return LabelSettings(
+        target=str(target), draft=str(draft), prompts=str(prompts_path),
+        suffix_lengths=SUFFIX_LENGTHS, max_new_tokens=12, shard_size=shard_size, engine=ENGINE,
+    )
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory, tiny_pair):
+    root = tmp_path_factory.mktemp("label")
+    prompts = _prompt_file(root / "prompts.jsonl", PROMPTS[:8])
+    run = run_label(_settings(tiny_pair, prompts), root / "run", progress=lambda x, **k: x)
+    return run
+
+
+def test_scores_equal_a_transformers_float32_reference(labelled_run, tiny_pair):
+    target_dir, draft_dir = tiny_pair
+    target, draft = reference.load(target_dir), reference.load(draft_dir)
+    records, _, _ = load_run(labelled_run.root)
+    responses = {}
+    for i in range(3):
+        for r in labelled_run.read_records("responses", i):
+            responses[r["id"]] = r["prompt"] + r["response"]
+    assert len(records) > 20
+    worst = 0.0
+    checked_cut = False
+    with torch.no_grad():
+        lp_y = {rid: torch.log_softmax(target(torch.tensor([y])).logits[0], -1).double()
+                for rid, y in responses.items()}
+        draft_top = {rid: draft(torch.tensor([y])).logits[0].argmax(-1) for rid, y in responses.items()}
+        for rec in records:
+            y, m, d = responses[rec["id"]], rec["m"], rec["draft"]
+            assert int(draft_top[rec["id"]][m - 1]) == d  # the draft's teacher-forced top-1
+            y_sub = y[:m] + [d] + y[m + 1:]
+            lp_sub = torch.log_softmax(target(torch.tensor([y_sub])).logits[0], -1).double()
+            for n in SUFFIX_LENGTHS:
+                end = min(m + n + 1, len(y))
+                checked_cut |= m + n + 1 > len(y)
+                s_orig = torch.stack([lp_y[rec["id"]][i - 1, y[i]] for i in range(m, end)]).mean()
+                prefix = lp_sub[m - 1, d]
+                kept = [lp_sub[i - 1, y[i]] for i in range(m + 1, end)]
+                best = [lp_sub[i - 1].max() for i in range(m + 1, end)]
+                for mode, suffix in (("kept", kept), ("max", best)):
+                    expected = float(s_orig - (prefix + sum(suffix, torch.tensor(0.0, dtype=torch.float64))) / (end - m))
+                    got = rec["scores"][mode][str(n)]
+                    worst = max(worst, abs(got - expected))
+    assert checked_cut
+    print(f"max |score - reference| = {worst:.2e} over {len(records)} mismatches")
+    assert worst < 1e-3, worst
+
+
+def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tiny_pair):
+    """Capture the hidden rows the judge scores during generation; extract the same
+    positions offline with the pooling engine; compare."""
+    from selfjudge_vllm.testing.tiny_models import write_head
+
+    target, draft = tiny_pair
+    head = write_head(workdir / "heads/capture", target, torch.zeros(64), bias=-20.0)
+    captured = []
+
+    def capture(worker):
+        runtime = worker.model_runner._selfjudge_runtime
+        apply = runtime.head.apply_
+
+        def spy(hidden, drafts, *args, **kwargs):
+            captured.append((hidden.clone(), drafts.clone()))
+            return apply(hidden, drafts, *args, **kwargs)
+
+        runtime.head.apply_ = spy
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(target), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+              speculative_config=spec_config("draft_model", draft),
+              additional_config={"selfjudge": {"head": str(head)}})
+    try:
+        llm.collective_rpc(capture)
+        out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
+    finally:
+        del llm
+    prompt, tokens = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+    # Rebuild the sequence each captured row belongs to (batch 1, lossless verification).
+    sequences, rows, done = [], [], 1
+    for hidden, drafts in captured:
+        drafts = drafts.tolist()
+        for i in range(len(drafts)):
+            sequences.append(prompt + tokens[:done] + drafts[: i + 1])
+            rows.append(hidden[i])
+        accepted = 0
+        while accepted < len(drafts) and done + accepted < len(tokens) and drafts[accepted] == tokens[done + accepted]:
+            accepted += 1
+        done += accepted + 1
+    assert len(rows) >= 8
+    with engine(str(target), ENGINE, pooling=True) as pool:
+        offline = [h[-1] for h in hidden_states(pool, sequences)]
+    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(rows, offline))
+    print(f"max |offline - serving| feature difference = {diff:.2e} over {len(rows)} rows")
+    assert diff < 1e-4, diff
+
+
+def test_prompts_to_served_judge(labelled_run, tiny_pair, tmp_path):
+    report = train(labelled_run.root, tmp_path / "head", TrainSettings(suffix_length=3, reject_share=0.5))
+    assert report["mismatches"] > 20 and 0 < report["reject_labels"] < report["mismatches"]
+    assert set(json.loads((tmp_path / "head/config.json").read_text())["operating_points"]) >= {"best_f1", "youden"}
+    target, draft = tiny_pair
+    result = run_engine(target, spec_config("draft_model", draft), PROMPTS, {"max_tokens": 16, "temperature": 0.0},
+                        {"selfjudge": {"head": str(tmp_path / "head"), "operating_point": "best_f1"}})
+    assert result.judge["draft_tokens"] == result.num_draft_tokens > 0
+
+
+def _label_cli(tiny_pair, prompts, out, shard_size):
+    target, draft = tiny_pair
+    return [sys.executable, "-m", "selfjudge_vllm.cli", "label", "--target", str(target), "--draft", str(draft),
+            "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "12", "--max-model-len", "256",
+            "--shard-size", str(shard_size), "--suffix-lengths", "0,3,20", "--dtype", "float32"]
+
+
+def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair):
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", PROMPTS[:10])
+    env = dict(os.environ)
+    # Uninterrupted reference run.
+    subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "whole", 2), env=env, check=True,
+                   capture_output=True, timeout=600)
+    # Interrupted run: SIGKILL once the scores stage has written some but not all shards.
+    proc = subprocess.Popen(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scores_dir = tmp_path / "cut" / "scores"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(scores_dir.glob("shard-*.jsonl"))) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = len(list(scores_dir.glob("shard-*.jsonl")))
+    assert 1 <= written < 5
+    subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env=env, check=True,
+                   capture_output=True, timeout=600)
+    whole, cut = RunDir(tmp_path / "whole"), RunDir(tmp_path / "cut")
+    for stage in ("responses", "mismatches", "scores", "features"):
+        for i in range(5):
+            assert cut.read_records(stage, i) == whole.read_records(stage, i), (stage, i)
+        assert not list((tmp_path / "cut" / stage).glob(".*tmp"))
+    for i in range(5):
+        a, b = cut.read_tensors("features", i), whole.read_tensors("features", i)
+        assert all(torch.equal(a[k], b[k]) for k in a)

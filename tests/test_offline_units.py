@@ -1,0 +1,94 @@
+"""Offline pipeline pieces without engines: scores arithmetic, splits, folding, inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selfjudge_vllm.offline.engine import EngineSettings
+from selfjudge_vllm.offline.label import InputError, LabelSettings, check_inputs
+from selfjudge_vllm.offline.prompts import PromptFileError
+from selfjudge_vllm.offline.scores import semantic_preservation_scores
+from selfjudge_vllm.offline.store import RunDir, RunError
+from selfjudge_vllm.offline.train import fold_standardisation, split_by_prompt
+
+
+def test_scores_by_hand():
+    # m = 3 in a sequence of 6: entries 3, 4, 5 exist.
+    orig = [-1.0, -2.0, -3.0]
+    sub_actual = [-4.0, -5.0, -6.0]
+    sub_top1 = [-0.5, -0.25, -0.125]
+    s = semantic_preservation_scores(3, 6, orig, sub_actual, sub_top1, [0, 1, 20])
+    assert s["max"][0] == s["kept"][0] == pytest.approx(-1.0 - -4.0)
+    assert s["kept"][1] == pytest.approx((-1 - 2) / 2 - (-4 - 5) / 2)
+    assert s["max"][1] == pytest.approx((-1 - 2) / 2 - (-4 - 0.25) / 2)
+    # N = 20 is cut at the end of the sequence: 3 entries in both means.
+    assert s["max"][20] == pytest.approx(-2.0 - (-4 - 0.25 - 0.125) / 3)
+
+
+def test_split_keeps_each_prompt_on_one_side():
+    ids = [f"p{i % 10}" for i in range(200)]
+    val = split_by_prompt(ids, 0.2, seed=3)
+    for pid in set(ids):
+        sides = {bool(v) for i, v in zip(ids, val) if i == pid}
+        assert len(sides) == 1
+    assert len({i for i, v in zip(ids, val) if v}) == 2
+
+
+def test_folded_weights_equal_scaler_then_model():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(50, 6))
+    coef, intercept = rng.normal(size=6), 0.7
+    mean, scale = x.mean(0), x.std(0)
+    w, b = fold_standardisation(coef, intercept, mean, scale)
+    assert np.allclose(((x - mean) / scale) @ coef + intercept, x @ w + b)
+
+
+def _write(path, lines):
+    path.write_text("".join(lines))
+    return path
+
+
+def test_bad_inputs_are_refused_before_any_engine(tmp_path, tiny_pair, workdir):
+    from selfjudge_vllm.testing.tiny_models import build_tiny_llama
+
+    target, draft = tiny_pair
+    good = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "one two three"}) + "\n"])
+
+    def settings(**kw):
+        base = dict(target=str(target), draft=str(draft), prompts=str(good), max_new_tokens=8)
+        base.update(kw)
+        return LabelSettings(**base)
+
+    assert len(check_inputs(settings())) == 1
+    with pytest.raises(InputError, match="no config.json"):
+        check_inputs(settings(target=str(tmp_path / "nope")))
+    with pytest.raises(PromptFileError, match="holds no prompts"):
+        check_inputs(settings(prompts=str(_write(tmp_path / "e.jsonl", ["\n"]))))
+    with pytest.raises(PromptFileError, match=r"m.jsonl:2: not valid JSON"):
+        check_inputs(settings(prompts=str(_write(tmp_path / "m.jsonl", ['{"prompt": "a"}\n', "{oops\n"]))))
+    with pytest.raises(PromptFileError, match="exactly one of 'prompt' or 'messages'"):
+        check_inputs(settings(prompts=str(_write(tmp_path / "x.jsonl", ['{"text": "a"}\n']))))
+    with pytest.raises(PromptFileError, match="duplicate id"):
+        check_inputs(settings(prompts=str(_write(tmp_path / "d.jsonl", ['{"id": 1, "prompt": "a"}\n'] * 2))))
+    long_prompt = json.dumps({"prompt": "one two three " * 200}) + "\n"
+    with pytest.raises(PromptFileError, match="needs more than the context of 512"):
+        check_inputs(settings(prompts=str(_write(tmp_path / "l.jsonl", [long_prompt])),
+                              engine=EngineSettings(max_model_len=512)))
+    other_tok = build_tiny_llama(workdir / "models/other-tokenizer", num_layers=1, seed=1, tokenizer_seed=9)
+    with pytest.raises(InputError, match="another tokenizer"):
+        check_inputs(settings(draft=str(other_tok)))
+
+
+def test_run_folder_refuses_other_settings(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.bind_settings({"a": 1})
+    run.bind_settings({"a": 1})
+    with pytest.raises(RunError, match="other settings \\(a\\)"):
+        run.bind_settings({"a": 2})
+    run.write_tensors("features", 0, {"x": torch.ones(2, 3)})
+    assert torch.equal(run.read_tensors("features", 0)["x"], torch.ones(2, 3))
+    assert not list((tmp_path / "run/features").glob(".*tmp"))
