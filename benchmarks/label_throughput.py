@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suffix-length", type=int, default=20)
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--block-size", type=int, default=None, help="KV block size for the pipeline")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
         target=str(args.target), draft=str(args.draft), prompts=str(args.prompts),
         suffix_lengths=(args.suffix_length,), max_new_tokens=args.max_new_tokens,
         shard_size=args.shard_size,
-        engine=EngineSettings(dtype=args.dtype, max_model_len=args.max_model_len),
+        engine=EngineSettings(dtype=args.dtype, max_model_len=args.max_model_len,
+                              block_size=args.block_size),
     )
     run_dir = work / "run"
     quiet = lambda items, **_: items  # noqa: E731
@@ -136,7 +138,10 @@ def main(argv=None) -> int:
         "max_abs_score_diff": max(abs(ours[k] - theirs[k]) for k in common),
         "setup": {"target": str(args.target), "draft": str(args.draft), "prompts": len(responses),
                   "max_new_tokens": args.max_new_tokens, "suffix_length": args.suffix_length,
-                  "dtype": args.dtype},
+                  "dtype": args.dtype, "block_size": args.block_size,
+                  "cached_prefix_tokens_mean": sum(
+                      r.get("cached_prefix", 0) for i in range(shards) for r in run.read_records("scores", i)
+                  ) / max(1, len(ours))},
     }
     figures["speedup"] = figures["pipeline_mismatches_per_s"] / figures["baseline_mismatches_per_s"]
     print(json.dumps(figures, indent=2))

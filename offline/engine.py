@@ -17,6 +17,9 @@ class EngineSettings:
     seed: int = 0
     enforce_eager: bool = True
     max_num_seqs: int = 64
+    # KV block size; the prefix cache shares whole blocks, so smaller blocks let more of a
+    # substituted window's prefix come from the cache. None: vLLM's default.
+    block_size: int | None = None
 
 
 @contextmanager
@@ -32,6 +35,8 @@ def engine(model: str, settings: EngineSettings, pooling: bool = False):
         enforce_eager=settings.enforce_eager,
         max_num_seqs=settings.max_num_seqs,
     )
+    if settings.block_size is not None:
+        kwargs["block_size"] = settings.block_size
     if pooling:
         from vllm.config import PoolerConfig
 
@@ -73,26 +78,38 @@ class PositionLogprobs:
     actual: np.ndarray  # [L] float64
     top1: np.ndarray  # [L] float64
     top1_id: np.ndarray  # [L] int64
+    # Entries 1..cached_tokens came from the prefix cache and are NaN here (vLLM fills
+    # them with garbage: cached positions compute no logits).
+    cached_tokens: int = 0
 
 
-def prompt_logprobs(llm, sequences: list[list[int]]) -> list[PositionLogprobs]:
-    """One batched prefill per sequence; no tokens are generated that matter."""
+def prompt_logprobs(llm, sequences: list[list[int]], read_prefix_cache: bool = False) -> list[PositionLogprobs]:
+    """One batched prefill per sequence; no tokens are generated that matter.
+
+    With `read_prefix_cache`, a sequence whose prefix is in vLLM's prefix cache (an earlier
+    request shared it) skips computing it, and only entries after the cached tokens are
+    returned.
+    """
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+    params = SamplingParams(
+        max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False,
+        skip_reading_prefix_cache=not read_prefix_cache,
+    )
     outputs = llm.generate([_tokens(s) for s in sequences], params, use_tqdm=False)
     result = []
     for seq, out in zip(sequences, outputs):
         n = len(seq)
         actual, top1 = np.full(n, np.nan), np.full(n, np.nan)
         top1_id = np.full(n, -1, dtype=np.int64)
+        cached = (out.num_cached_tokens or 0) if read_prefix_cache else 0
         for i, entry in enumerate(out.prompt_logprobs):
-            if entry is None:
+            if entry is None or i <= cached:
                 continue
             actual[i] = entry[seq[i]].logprob
             best = next(tok for tok, lp in entry.items() if lp.rank == 1)
             top1_id[i], top1[i] = best, entry[best].logprob
-        result.append(PositionLogprobs(actual, top1, top1_id))
+        result.append(PositionLogprobs(actual, top1, top1_id, cached))
     return result
 
 

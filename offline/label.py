@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
@@ -122,15 +123,26 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
             y = seqs[it["id"]]
             end = window_end(it["m"], max_n, len(y))
             windows.append(y[: it["m"]] + [it["draft"]] + y[it["m"] + 1 : end])
+        # A window shares y[:m] with the response just scored, so its prefix comes from
+        # vLLM's prefix cache (whole blocks). When the cache covers position m itself (m on
+        # a block boundary), entry m is missing: score that window again without the cache.
+        subs = prompt_logprobs(llm, windows, read_prefix_cache=True)
+        redo = [k for k, (it, sub) in enumerate(zip(items, subs)) if sub.cached_tokens >= it["m"]]
+        if redo:
+            for k, sub in zip(redo, prompt_logprobs(llm, [windows[k] for k in redo])):
+                subs[k] = sub
         out = []
-        for it, window, sub in zip(items, windows, prompt_logprobs(llm, windows)):
+        for it, window, sub in zip(items, windows, subs):
             m, y = it["m"], seqs[it["id"]]
             end = len(window)
+            if np.isnan(sub.actual[m:end]).any() or np.isnan(sub.top1[m + 1 : end]).any():
+                raise RuntimeError(f"prompt {it['id']!r}, position {m}: vLLM returned no log-prob")
             s = semantic_preservation_scores(
                 m, len(y), originals[it["id"]].actual[m:end], sub.actual[m:end], sub.top1[m:end],
                 settings.suffix_lengths,
             )
-            out.append(dict(it, scores={mode: {str(n): v for n, v in by_n.items()} for mode, by_n in s.items()}))
+            scores_by_mode = {mode: {str(n): v for n, v in by_n.items()} for mode, by_n in s.items()}
+            out.append(dict(it, scores=scores_by_mode, cached_prefix=sub.cached_tokens))
         run.write_records("scores", i, out)
 
     def features(llm, i):

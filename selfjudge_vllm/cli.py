@@ -54,7 +54,8 @@ def _label(args: argparse.Namespace) -> int:
         suffix_lengths=tuple(args.suffix_lengths),
         max_new_tokens=args.max_new_tokens,
         shard_size=args.shard_size,
-        engine=EngineSettings(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed),
+        engine=EngineSettings(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+                              block_size=args.block_size),
     )
     try:
         run = run_label(settings, args.out)
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--max-model-len", type=int, default=2048, help="context length (default 2048)")
     label.add_argument("--shard-size", type=int, default=64, help="prompts per shard (default 64)")
     label.add_argument("--dtype", default="auto", help="model dtype as vLLM takes it (default auto)")
+    label.add_argument("--block-size", type=int, default=None,
+                       help="KV block size; smaller blocks let substituted windows reuse more "
+                       "of the response's prefix from vLLM's prefix cache (default: vLLM's)")
     label.add_argument("--seed", type=int, default=0)
     label.set_defaults(func=_label)
 

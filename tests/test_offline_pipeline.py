@@ -38,11 +38,29 @@ def _settings(tiny_pair, prompts_path, shard_size=3):
     )
 
 
+def _long_prompts(target_dir, lengths):
+    """Prompts whose token counts straddle vLLM's 128-token KV block, so some substituted
+    windows reuse a cached prefix and some mismatches sit exactly on a block boundary."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    words = " ".join(PROMPTS).split()
+    prompts = []
+    for k, length in enumerate(lengths):
+        text, i = "", k
+        while len(tok(text)["input_ids"]) < length:
+            text = (text + " " + words[i % len(words)]).strip()
+            i += 1
+        prompts.append(text)
+    return prompts
+
+
 @pytest.fixture(scope="module")
 def labelled_run(tmp_path_factory, tiny_pair):
     root = tmp_path_factory.mktemp("label")
-    prompts = _prompt_file(root / "prompts.jsonl", PROMPTS[:8])
-    run = run_label(_settings(tiny_pair, prompts), root / "run", progress=lambda x, **k: x)
+    prompts = PROMPTS[:6] + _long_prompts(tiny_pair[0], [118, 121, 124, 127])
+    path = _prompt_file(root / "prompts.jsonl", prompts)
+    run = run_label(_settings(tiny_pair, path, shard_size=4), root / "run", progress=lambda x, **k: x)
     return run
 
 
@@ -51,7 +69,7 @@ def test_scores_equal_a_transformers_float32_reference(labelled_run, tiny_pair):
     target, draft = reference.load(target_dir), reference.load(draft_dir)
     records, _, _ = load_run(labelled_run.root)
     responses = {}
-    for i in range(3):
+    for i in range(3):  # 10 prompts in shards of 4
         for r in labelled_run.read_records("responses", i):
             responses[r["id"]] = r["prompt"] + r["response"]
     assert len(records) > 20
@@ -78,6 +96,9 @@ def test_scores_equal_a_transformers_float32_reference(labelled_run, tiny_pair):
                     got = rec["scores"][mode][str(n)]
                     worst = max(worst, abs(got - expected))
     assert checked_cut
+    # The prefix cache served some windows, and a mismatch on a block boundary was redone.
+    assert any(r["cached_prefix"] > 0 for r in records)
+    assert any(r["cached_prefix"] == 0 and r["m"] % 128 == 0 and r["m"] > 0 for r in records)
     print(f"max |score - reference| = {worst:.2e} over {len(records)} mismatches")
     assert worst < 1e-3, worst
 
