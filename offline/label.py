@@ -116,6 +116,9 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
     def scores(llm, i):
         responses_by_id = {r["id"]: r for r in run.read_records("responses", i)}
         items = run.read_records("mismatches", i)
+        if not items:  # a shard whose responses the draft predicted perfectly
+            run.write_records("scores", i, [])
+            return
         seqs = {rid: r["prompt"] + r["response"] for rid, r in responses_by_id.items()}
         originals = dict(zip(seqs, prompt_logprobs(llm, list(seqs.values()))))
         windows = []
