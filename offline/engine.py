@@ -56,7 +56,7 @@ def engine(model: str, settings: EngineSettings, pooling: bool = False):
         gc.collect()
 
 
-def _tokens(ids):
+def tokens_prompt(ids):
     from vllm.inputs import TokensPrompt
 
     return TokensPrompt(prompt_token_ids=list(ids))
@@ -66,7 +66,7 @@ def greedy_responses(llm, prompts: list[list[int]], max_new_tokens: int) -> list
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False)
-    outputs = llm.generate([_tokens(p) for p in prompts], params, use_tqdm=False)
+    outputs = llm.generate([tokens_prompt(p) for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
@@ -96,7 +96,7 @@ def prompt_logprobs(llm, sequences: list[list[int]], read_prefix_cache: bool = F
         max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False,
         skip_reading_prefix_cache=not read_prefix_cache,
     )
-    outputs = llm.generate([_tokens(s) for s in sequences], params, use_tqdm=False)
+    outputs = llm.generate([tokens_prompt(s) for s in sequences], params, use_tqdm=False)
     result = []
     for seq, out in zip(sequences, outputs):
         n = len(seq)
@@ -115,5 +115,5 @@ def prompt_logprobs(llm, sequences: list[list[int]], read_prefix_cache: bool = F
 
 def hidden_states(llm, sequences: list[list[int]]):
     """[len(seq), hidden] final-norm states per sequence (torch tensors, model dtype)."""
-    outputs = llm.encode([_tokens(s) for s in sequences], pooling_task="token_embed", use_tqdm=False)
+    outputs = llm.encode([tokens_prompt(s) for s in sequences], pooling_task="token_embed", use_tqdm=False)
     return [o.outputs.data for o in outputs]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_e
 from selfjudge_vllm.offline.store import RunDir
 
 logger = logging.getLogger("selfjudge.label")
-STAGES = ("responses", "mismatches", "scores", "features")
+STAGES = ("responses", "mismatches", "scores", "features", "outcomes")
 
 
 class InputError(ValueError):
@@ -44,6 +45,10 @@ class LabelSettings:
     max_new_tokens: int = 128
     shard_size: int = 64
     engine: EngineSettings = EngineSettings()
+    # With a pattern: for every mismatch of a prompt that has a reference "answer", let the
+    # target finish the substituted response and record whether its final answer (the last
+    # match of this regex) is unchanged. `selfjudge train --tau-from-answers` uses these.
+    answer_pattern: str | None = None
 
 
 def _check_model_dir(path: str, role: str) -> None:
@@ -59,6 +64,11 @@ def check_inputs(settings: LabelSettings) -> list[Prompt]:
     _check_model_dir(settings.draft, "draft")
     if any(n < 0 for n in settings.suffix_lengths) or not settings.suffix_lengths:
         raise InputError("suffix lengths must be non-negative and at least one")
+    if settings.answer_pattern is not None:
+        try:
+            re.compile(settings.answer_pattern)
+        except re.error as exc:
+            raise InputError(f"--answer-pattern is not a valid regular expression: {exc}") from None
     target_tok = AutoTokenizer.from_pretrained(settings.target)
     draft_tok = AutoTokenizer.from_pretrained(settings.draft)
     if target_tok.get_vocab() != draft_tok.get_vocab():
@@ -176,7 +186,61 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
     _write_target_identity(run, settings)
     _run_stage(run, "features", shards, lambda: engine(settings.target, eng, pooling=True), features, progress)
     run.write_provenance("features", info)
+    if settings.answer_pattern is not None:
+        pattern = re.compile(settings.answer_pattern)
+
+        def outcomes(llm, i):
+            run.write_records("outcomes", i, answer_outcomes(
+                llm, run.read_records("responses", i), run.read_records("scores", i),
+                pattern, settings.max_new_tokens))
+
+        _run_stage(run, "outcomes", shards, target_engine, outcomes, progress)
+        run.write_provenance("outcomes", dict(info, answer_pattern=settings.answer_pattern))
     return run
+
+
+def final_answer(text: str, pattern: re.Pattern) -> str | None:
+    matches = pattern.findall(text)
+    if not matches:
+        return None
+    last = matches[-1]
+    return last if isinstance(last, str) else last[0]
+
+
+def answer_outcomes(llm, responses: list[dict], items: list[dict], pattern, max_new_tokens: int) -> list[dict]:
+    """Substitute d_m, let the target finish greedily within the original length budget,
+    and compare final answers with the original response's."""
+    from vllm import SamplingParams
+
+    from selfjudge_vllm.offline.engine import tokens_prompt
+
+    by_id = {r["id"]: r for r in responses if r.get("answer") is not None}
+    items = [it for it in items if it["id"] in by_id]
+    if not items:
+        return []
+    tokenizer = llm.get_tokenizer()
+    prompts, budgets = [], []
+    for it in items:
+        r = by_id[it["id"]]
+        y = r["prompt"] + r["response"]
+        prompts.append(y[: it["m"]] + [it["draft"]])
+        budgets.append(max(1, max_new_tokens - (it["m"] - len(r["prompt"])) - 1))
+    params = [SamplingParams(max_tokens=b, temperature=0.0, detokenize=False) for b in budgets]
+    outputs = llm.generate([tokens_prompt(p) for p in prompts], params, use_tqdm=False)
+    records = []
+    for it, prefix, out in zip(items, prompts, outputs):
+        r = by_id[it["id"]]
+        substituted = prefix[len(r["prompt"]):] + list(out.outputs[0].token_ids)
+        original_answer = final_answer(tokenizer.decode(r["response"]), pattern)
+        substituted_answer = final_answer(tokenizer.decode(substituted), pattern)
+        records.append({
+            "id": it["id"], "m": it["m"],
+            "original_answer": original_answer,
+            "substituted_answer": substituted_answer,
+            "reference": str(r["answer"]),
+            "unchanged": original_answer == substituted_answer,
+        })
+    return records
 
 
 def _write_target_identity(run: RunDir, settings: LabelSettings) -> None:

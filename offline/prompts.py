@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# The final answer of a response: the last match of this regex (the last number).
+DEFAULT_ANSWER_PATTERN = r"-?\d+(?:\.\d+)?"
+
+
 class PromptFileError(ValueError):
     """The prompt file cannot be used; the message names the line."""
 

@@ -4,8 +4,11 @@ Labels: each mismatch gives two rows (DESIGN.md section 2): the hidden state at 
 labelled "accept" when score <= tau (the substitution keeps the meaning), and the hidden
 state at m of y, always "accept" (the target's own token). The head predicts P(accept).
 
-tau is given (`--tau`) or set so that a target share of mismatches is labelled "reject"
-(`--reject-share`), computed on the training prompts only.
+tau is given (`--tau`), or set so that a target share of mismatches is labelled "reject"
+(`--reject-share`, on the training prompts), or calibrated on the validation prompts'
+answer outcomes (`--tau-from-answers`, needs `selfjudge label --answer-pattern`): the tau
+whose labels (reject = score > tau) best agree, by balanced accuracy, with "the final
+answer changed after substituting the draft token and letting the target finish".
 
 Training: StandardScaler + LogisticRegression, C chosen by ROC-AUC on a validation split by
 prompt (never by row); the scaler is folded into the exported weights.
@@ -34,9 +37,36 @@ class TrainSettings:
     suffix_mode: str = DEFAULT_SUFFIX_MODE
     tau: float | None = None
     reject_share: float | None = None
+    tau_from_answers: bool = False
     validation_share: float = 0.2
     recall_target: float = 0.8
     seed: int = 0
+
+
+def tau_from_outcomes(scores: np.ndarray, changed: np.ndarray) -> tuple[float, float]:
+    """The tau maximising balanced accuracy of (score > tau) against `changed`; ties go
+    to the larger tau (fewer rejections). Returns (tau, balanced accuracy)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    candidates = np.concatenate([[scores.min() - 1.0], np.unique(scores)])
+    best_tau, best_acc = float(candidates[0]), -1.0
+    for tau in candidates:
+        acc = balanced_accuracy_score(changed, scores > tau) if len(set(changed)) > 1 else float(np.mean(changed == (scores > tau)))
+        if acc >= best_acc:
+            best_tau, best_acc = float(tau), float(acc)
+    return best_tau, best_acc
+
+
+def load_outcomes(run_dir: str | Path) -> dict[tuple[str, int], bool]:
+    """(prompt id, m) -> final answer unchanged, from the run's outcomes stage."""
+    from selfjudge_vllm.offline.store import RunDir
+
+    run, out, index = RunDir(run_dir), {}, 0
+    while run.has("outcomes", index):
+        for r in run.read_records("outcomes", index):
+            out[(r["id"], r["m"])] = bool(r["unchanged"])
+        index += 1
+    return out
 
 
 def split_by_prompt(ids: list[str], validation_share: float, seed: int) -> np.ndarray:
@@ -93,8 +123,8 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     from sklearn.metrics import precision_score, recall_score, roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    if (settings.tau is None) == (settings.reject_share is None):
-        raise InputError("give exactly one of --tau or --reject-share")
+    if sum([settings.tau is not None, settings.reject_share is not None, settings.tau_from_answers]) != 1:
+        raise InputError("give exactly one of --tau, --reject-share or --tau-from-answers")
     records, substituted, original = load_run(run_dir)
     n_key = str(settings.suffix_length)
     try:
@@ -109,8 +139,19 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     if not is_val.any() or is_val.all():
         raise InputError("need mismatches from at least two prompts to split train/validation")
     tau = settings.tau
-    if tau is None:
+    calibration = None
+    if settings.reject_share is not None:
         tau = float(np.quantile(scores[~is_val], 1.0 - settings.reject_share))
+    elif settings.tau_from_answers:
+        outcomes = load_outcomes(run_dir)
+        rows = [k for k, r in enumerate(records) if is_val[k] and (r["id"], r["m"]) in outcomes]
+        if len(rows) < 2:
+            raise InputError("--tau-from-answers needs answer outcomes on validation prompts "
+                             "(run `selfjudge label --answer-pattern ...` on prompts with \"answer\")")
+        changed = np.array([not outcomes[(records[k]["id"], records[k]["m"])] for k in rows])
+        tau, agreement = tau_from_outcomes(scores[rows], changed)
+        calibration = {"mismatches": len(rows), "answer_changed": int(changed.sum()),
+                       "balanced_accuracy": agreement}
     sub_label = (scores <= tau).astype(int)  # 1 = accept
 
     x = torch.cat([substituted, original]).double().numpy()
@@ -141,6 +182,7 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         "suffix_mode": settings.suffix_mode,
         "reject_labels": int((sub_label == 0).sum()),
         "reject_share_of_mismatches": float((sub_label == 0).mean()),
+        "tau_calibration": calibration,
         "validation_prompts": len({i for i, v in zip(ids, is_val) if v}),
         "C": best_c,
         "validation_roc_auc": float(auc),

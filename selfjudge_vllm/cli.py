@@ -56,6 +56,7 @@ def _label(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         engine=EngineSettings(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
                               block_size=args.block_size),
+        answer_pattern=args.answer_pattern,
     )
     try:
         run = run_label(settings, args.out)
@@ -77,6 +78,7 @@ def _train(args: argparse.Namespace) -> int:
         suffix_mode=args.suffix_mode,
         tau=args.tau,
         reject_share=args.reject_share,
+        tau_from_answers=args.tau_from_answers,
         validation_share=args.validation_share,
         seed=args.seed,
     )
@@ -95,6 +97,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from selfjudge_vllm.offline.prompts import DEFAULT_ANSWER_PATTERN
+
     parser = argparse.ArgumentParser(
         prog="selfjudge",
         description="SelfJudge for vLLM: build and inspect judge heads for speculative decoding.",
@@ -123,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--block-size", type=int, default=None,
                        help="KV block size; smaller blocks let substituted windows reuse more "
                        "of the response's prefix from vLLM's prefix cache (default: vLLM's)")
+    label.add_argument("--answer-pattern", nargs="?", const=DEFAULT_ANSWER_PATTERN, default=None,
+                       help="also record, for prompts with an \"answer\", whether the final "
+                       "answer (last match of this regex; default: the last number) survives "
+                       "each substitution; enables `train --tau-from-answers`")
     label.add_argument("--seed", type=int, default=0)
     label.set_defaults(func=_label)
 
@@ -139,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     tau.add_argument("--tau", type=float, help="reject a substitution whose score exceeds this")
     tau.add_argument("--reject-share", type=float,
                      help="set tau so this share of training mismatches is labelled reject")
+    tau.add_argument("--tau-from-answers", action="store_true",
+                     help="calibrate tau on validation prompts' answer outcomes "
+                     "(needs `selfjudge label --answer-pattern`)")
     train.add_argument("--suffix-length", type=int, default=20, help="N of the score (default 20)")
     train.add_argument("--suffix-mode", choices=["max", "kept"], default="max",
                        help="suffix term: target's top-1 (max, default) or kept token (kept)")

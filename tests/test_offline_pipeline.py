@@ -25,16 +25,23 @@ SUFFIX_LENGTHS = (0, 3, 20)  # 20 runs past the end of 12-token responses: cut w
 ENGINE = EngineSettings(dtype="float32", max_model_len=256)
 
 
-def _prompt_file(path, prompts):
-    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+# The tiny models "answer" with number words; the final answer is the last one.
+NUMBER_WORDS = r"\b(one|two|three|four|five|six|seven|eight|nine|ten)\b"
+
+
+def _prompt_file(path, prompts, answers=False):
+    rows = [dict({"id": f"p{i}", "prompt": p}, **({"answer": "one"} if answers else {}))
+            for i, p in enumerate(prompts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def _settings(tiny_pair, prompts_path, shard_size=3):
+def _settings(tiny_pair, prompts_path, shard_size=3, answer_pattern=None):
     target, draft = tiny_pair
     return LabelSettings(
         target=str(target), draft=str(draft), prompts=str(prompts_path),
         suffix_lengths=SUFFIX_LENGTHS, max_new_tokens=12, shard_size=shard_size, engine=ENGINE,
+        answer_pattern=answer_pattern,
     )
 
 
@@ -59,8 +66,9 @@ def _long_prompts(target_dir, lengths):
 def labelled_run(tmp_path_factory, tiny_pair):
     root = tmp_path_factory.mktemp("label")
     prompts = PROMPTS[:6] + _long_prompts(tiny_pair[0], [118, 121, 124, 127])
-    path = _prompt_file(root / "prompts.jsonl", prompts)
-    run = run_label(_settings(tiny_pair, path, shard_size=4), root / "run", progress=lambda x, **k: x)
+    path = _prompt_file(root / "prompts.jsonl", prompts, answers=True)
+    settings = _settings(tiny_pair, path, shard_size=4, answer_pattern=NUMBER_WORDS)
+    run = run_label(settings, root / "run", progress=lambda x, **k: x)
     return run
 
 
@@ -199,3 +207,40 @@ def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair):
     for i in range(5):
         a, b = cut.read_tensors("features", i), whole.read_tensors("features", i)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_answer_outcomes_equal_a_transformers_continuation(labelled_run, tiny_pair):
+    """Each outcome is the target's greedy continuation after the substitution."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from selfjudge_vllm.offline.label import final_answer
+
+    target_dir, _ = tiny_pair
+    target = reference.load(target_dir)
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    pattern = re.compile(NUMBER_WORDS)
+    responses = {r["id"]: r for i in range(3) for r in labelled_run.read_records("responses", i)}
+    outcomes = [o for i in range(3) for o in labelled_run.read_records("outcomes", i)]
+    records, _, _ = load_run(labelled_run.root)
+    assert len(outcomes) == len(records)
+    assert any(o["unchanged"] for o in outcomes) and not all(o["unchanged"] for o in outcomes)
+    for o in outcomes[::7]:
+        r = responses[o["id"]]
+        draft_token = next(x["draft"] for x in records if (x["id"], x["m"]) == (o["id"], o["m"]))
+        ids = r["prompt"] + r["response"][: o["m"] - len(r["prompt"])] + [draft_token]
+        budget = 12 - (o["m"] - len(r["prompt"])) - 1
+        with torch.no_grad():
+            for _ in range(max(1, budget)):
+                ids.append(int(target(torch.tensor([ids])).logits[0, -1].argmax()))
+                if ids[-1] == tok.eos_token_id:  # vLLM stops there too
+                    break
+        assert o["substituted_answer"] == final_answer(tok.decode(ids[len(r["prompt"]):]), pattern)
+        assert o["original_answer"] == final_answer(tok.decode(r["response"]), pattern)
+
+
+def test_train_with_tau_calibrated_on_answers(labelled_run, tmp_path):
+    report = train(labelled_run.root, tmp_path / "head", TrainSettings(suffix_length=3, tau_from_answers=True))
+    calibration = report["tau_calibration"]
+    assert calibration["mismatches"] > 0 and 0 <= calibration["balanced_accuracy"] <= 1

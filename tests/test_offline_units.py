@@ -13,7 +13,7 @@ from selfjudge_vllm.offline.label import InputError, LabelSettings, check_inputs
 from selfjudge_vllm.offline.prompts import PromptFileError
 from selfjudge_vllm.offline.scores import semantic_preservation_scores
 from selfjudge_vllm.offline.store import RunDir, RunError
-from selfjudge_vllm.offline.train import fold_standardisation, split_by_prompt
+from selfjudge_vllm.offline.train import fold_standardisation, split_by_prompt, tau_from_outcomes
 
 
 def test_scores_by_hand():
@@ -92,3 +92,16 @@ def test_run_folder_refuses_other_settings(tmp_path):
     run.write_tensors("features", 0, {"x": torch.ones(2, 3)})
     assert torch.equal(run.read_tensors("features", 0)["x"], torch.ones(2, 3))
     assert not list((tmp_path / "run/features").glob(".*tmp"))
+
+
+def test_tau_from_answer_outcomes_maximises_agreement():
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(0, 1, 300)
+    changed = scores > 0.6  # the answer changes exactly when the score is high
+    tau, agreement = tau_from_outcomes(scores, changed)
+    assert agreement == 1.0
+    assert scores[~changed].max() <= tau < scores[changed].min()
+    flipped = changed.copy()
+    flipped[:30] = ~flipped[:30]  # noise: agreement drops below 1 but tau stays near 0.6
+    tau, agreement = tau_from_outcomes(scores, flipped)
+    assert 0.5 < agreement < 1.0 and 0.45 < tau < 0.75
