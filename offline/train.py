@@ -45,10 +45,13 @@ class TrainSettings:
 
 def tau_from_outcomes(scores: np.ndarray, changed: np.ndarray) -> tuple[float, float]:
     """The tau maximising balanced accuracy of (score > tau) against `changed`; ties go
-    to the larger tau (fewer rejections). Returns (tau, balanced accuracy)."""
+    to the larger tau (fewer rejections). Only taus that leave both labels in use are
+    candidates: a head cannot be trained on one class. Returns (tau, balanced accuracy)."""
     from sklearn.metrics import balanced_accuracy_score
 
-    candidates = np.concatenate([[scores.min() - 1.0], np.unique(scores)])
+    candidates = np.unique(scores)[:-1]
+    if len(candidates) == 0:
+        raise InputError("all calibration scores are equal; no tau separates them")
     best_tau, best_acc = float(candidates[0]), -1.0
     for tau in candidates:
         acc = balanced_accuracy_score(changed, scores > tau) if len(set(changed)) > 1 else float(np.mean(changed == (scores > tau)))
