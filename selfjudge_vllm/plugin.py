@@ -2,7 +2,8 @@
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), before
 any model runner exists and without the configuration. It only installs the worker start-up
-hook; everything else happens in a worker whose config carries a `selfjudge` section.
+hook and the request-admission check; everything else happens in a worker whose config
+carries a `selfjudge` section.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ logger = logging.getLogger("vllm.selfjudge")
 
 
 def register() -> None:
-    from selfjudge_vllm.vllm_patches import install_worker_hook
+    from selfjudge_vllm.vllm_patches import install_admission_hook, install_worker_hook
 
     install_worker_hook()
+    install_admission_hook()
 
 
 def served_target_identity(vllm_config):
@@ -31,6 +33,42 @@ def served_target_identity(vllm_config):
         vocab_size=model_config.get_vocab_size(),
         num_hidden_layers=text_config.num_hidden_layers,
     )
+
+
+def request_limit_resolver(config, artifact_config, server_threshold: float):
+    """extra_args -> threshold logit for this server's judge (raises ValueError)."""
+    from selfjudge_vllm.request_control import request_options, request_threshold_logit
+
+    def resolve(extra_args) -> float:
+        return request_threshold_logit(
+            request_options(extra_args), artifact_config, server_threshold, config.min_threshold
+        )
+
+    return resolve
+
+
+class RequestValidator:
+    """Admission check of per-request judge options (API server / LLM front end)."""
+
+    def __init__(self, vllm_config):
+        from selfjudge_vllm.artifact import JudgeArtifact
+        from selfjudge_vllm.config import parse_section
+
+        self.resolve = None
+        config = parse_section(getattr(vllm_config, "additional_config", None))
+        if config is None or not config.enabled:
+            return
+        artifact = JudgeArtifact.load(config.head)
+        threshold = artifact.resolve_threshold(config.threshold, config.operating_point)
+        self.resolve = request_limit_resolver(config, artifact.config, threshold)
+
+    def check(self, extra_args) -> None:
+        if self.resolve is not None:
+            self.resolve(extra_args)
+        else:
+            from selfjudge_vllm.request_control import request_options
+
+            request_options(extra_args)  # still reject malformed options
 
 
 def build_runtime(vllm_config):
@@ -55,6 +93,6 @@ def build_runtime(vllm_config):
         "SelfJudge on: head %s (trained for %s), threshold %.4f", config.head,
         artifact.config.target.name, threshold,
     )
-    runtime = JudgeRuntime(head, sink, config.log_interval_s)
+    runtime = JudgeRuntime(head, sink, config.log_interval_s, request_limit_resolver(config, artifact.config, threshold))
     runtime.start_publisher()
     return runtime

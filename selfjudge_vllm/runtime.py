@@ -11,6 +11,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -31,12 +32,23 @@ class PendingStep:
     sample_hidden_states: torch.Tensor  # [num_logits_rows, H], rows aligned with logits
     draft_token_ids: torch.Tensor  # [num_draft_tokens], the object vLLM will verify
     target_logits_indices: torch.Tensor  # [num_draft_tokens]
+    # Per-draft-token threshold logits when requests in the batch chose their own.
+    row_limits: torch.Tensor | None = None
     judged: bool = False
 
 
 class JudgeRuntime:
-    def __init__(self, head: JudgeHead, sink: MetricsSink | None, log_interval_s: float):
+    def __init__(
+        self,
+        head: JudgeHead,
+        sink: MetricsSink | None,
+        log_interval_s: float,
+        request_limit: Callable[[Any], float] | None = None,
+    ):
         self.head = head
+        # extra_args of a request -> its threshold logit (validated at admission).
+        self.request_limit = request_limit
+        self._limits_by_request: dict[str, float] = {}
         self.sink = sink
         self.log_interval_s = log_interval_s
         self.pending: PendingStep | None = None
@@ -47,8 +59,27 @@ class JudgeRuntime:
 
     # -- step protocol, driven by the adapter -------------------------------------------
 
-    def begin_step(self, sample_hidden_states, draft_token_ids, target_logits_indices) -> None:
-        self.pending = PendingStep(sample_hidden_states, draft_token_ids, target_logits_indices)
+    def begin_step(self, sample_hidden_states, draft_token_ids, target_logits_indices, row_limits=None) -> None:
+        self.pending = PendingStep(sample_hidden_states, draft_token_ids, target_logits_indices, row_limits)
+
+    def row_limits(self, requests: Iterable[tuple[str, int, Any]], device) -> torch.Tensor | None:
+        """Per-draft-token threshold logits for a batch of (request id, number of draft
+        tokens, extra_args), in batch order; None when every request uses the server's
+        threshold (the scalar fast path). Each request is resolved once."""
+        if self.request_limit is None:
+            return None
+        previous, self._limits_by_request = self._limits_by_request, {}
+        rows: list[float] = []
+        default = self.head.threshold_logit
+        for req_id, num_drafts, extra_args in requests:
+            limit = previous.get(req_id)
+            if limit is None:
+                limit = self.request_limit(extra_args)
+            self._limits_by_request[req_id] = limit
+            rows.extend([limit] * num_drafts)
+        if all(limit == default for limit in rows):
+            return None
+        return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
 
     def end_step(self) -> None:
         step, self.pending = self.pending, None
@@ -77,7 +108,7 @@ class JudgeRuntime:
         # logits verify it (for the last draft token, the bonus row).
         hidden = step.sample_hidden_states.index_select(0, step.target_logits_indices + 1)
         head = self.head.to(target_logits.device)
-        accept, valid = head.apply_(hidden, draft_token_ids, target_logits)
+        accept, valid = head.apply_(hidden, draft_token_ids, target_logits, step.row_limits)
         self._count(valid, accept)
         return True
 

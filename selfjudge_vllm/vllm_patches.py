@@ -14,7 +14,7 @@ Patches, in the order a worker meets them:
 1. `vllm.v1.worker.worker_base.WorkerBase.__init__` (always, from register()):
    reads the `selfjudge` section of `vllm_config.additional_config` in every worker and, if
    present, validates it, refuses configurations the judge cannot serve (model runner V2,
-   an unsupported proposer, an unchecked vLLM version), and only then installs 2-5.
+   an unsupported proposer, an unchecked vLLM version), and only then installs 2-4 and 6.
 2. `vllm.v1.worker.gpu_model_runner.GPUModelRunner.__init__` (CPUModelRunner inherits it):
    loads the judge artifact, checks it against the served model, attaches a JudgeRuntime
    to the runner. Errors here fail the engine at start-up.
@@ -26,7 +26,11 @@ Patches, in the order a worker meets them:
    at call time by RejectionSampler.forward): applies the judge to `target_logits`, which
    at that point already carry penalties, bans, grammar masks and temperature/top-k/top-p,
    then calls the original unchanged.
-5. `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`: replaced only when a probe at
+5. `vllm.v1.engine.input_processor.InputProcessor._validate_params` (always, from
+   register()): checks a request's `selfjudge_*` extra_args at admission, so a bad value is an HTTP 400 naming the
+   problem (custom logits processors, vLLM's own hook for this, are refused with
+   speculative decoding).
+6. `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`: replaced only when a probe at
    worker start shows upstream bug vllm-project/vllm#55005 (CPU: the C++ replacement of the
    expand kernel writes into a temporary, so the rejection sampler reads uninitialised
    temperature/top-k/top-p). Installed whenever the `selfjudge` section is present, judge
@@ -93,6 +97,33 @@ def is_installed(target: str) -> bool:
 
 def install_worker_hook() -> None:
     _install("vllm.v1.worker.worker_base:WorkerBase.__init__", _wrap_worker_init)
+
+
+def install_admission_hook() -> None:
+    _install("vllm.v1.engine.input_processor:InputProcessor._validate_params", _wrap_validate_params)
+
+
+def _wrap_validate_params(original):
+    def _validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        extra_args = getattr(params, "extra_args", None)
+        from selfjudge_vllm.request_control import has_options
+
+        if has_options(extra_args):
+            validator = self.__dict__.get("_selfjudge_validator")
+            if validator is None:
+                from selfjudge_vllm.plugin import RequestValidator
+
+                validator = self._selfjudge_validator = RequestValidator(self.vllm_config)
+            try:
+                validator.check(extra_args)
+            except ValueError as exc:
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(str(exc)) from None
+        return result
+
+    return _validate_params
 
 
 def _wrap_worker_init(original):
@@ -168,8 +199,15 @@ def _wrap_sample_tokens(original):
         if runtime is None or state is None or state.spec_decode_metadata is None:
             return original(self, grammar_output)
         metadata = state.spec_decode_metadata
+        requests = (
+            (req_id, num_drafts, self.requests[req_id].sampling_params.extra_args)
+            for req_id, num_drafts in zip(self.input_batch.req_ids, metadata.num_draft_tokens)
+        )
         runtime.begin_step(
-            state.sample_hidden_states, metadata.draft_token_ids, metadata.target_logits_indices
+            state.sample_hidden_states,
+            metadata.draft_token_ids,
+            metadata.target_logits_indices,
+            runtime.row_limits(requests, metadata.draft_token_ids.device),
         )
         _active_runtime = runtime
         try:

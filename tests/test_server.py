@@ -125,6 +125,22 @@ def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_pat
         assert _metric(metrics, "vllm:spec_decode_selfjudge_judge_accepted_total") == accepted == drafts
         assert _metric(metrics, "vllm:spec_decode_selfjudge_judge_deferred_total") == 0
         assert "SelfJudge: draft tokens scored" in server.tail(200_000)
+
+        # Per-request control through the OpenAI API's vllm_xargs: a lossless request works,
+        # an invalid one is an HTTP 400 that names the problem, and the server keeps serving.
+        import openai
+
+        lossless = client.completions.create(
+            model="tiny", prompt="one two three four", max_tokens=16, temperature=0,
+            extra_body={"vllm_xargs": {"selfjudge_enabled": "false"}},
+        )
+        assert lossless.usage.completion_tokens == 16
+        with pytest.raises(openai.BadRequestError, match="selfjudge_threshold"):
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                extra_body={"vllm_xargs": {"selfjudge_threshold": 7}},
+            )
+        assert client.completions.create(model="tiny", prompt="again", max_tokens=4).usage.completion_tokens == 4
     finally:
         pid = server.proc.pid
         server.stop()
