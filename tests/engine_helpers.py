@@ -74,6 +74,7 @@ def run_engine(
     sampling: dict,
     additional_config: dict | None = None,
     max_model_len: int = 256,
+    engine_args: dict | None = None,
 ) -> EngineResult:
     """Build an LLM in this process, generate, read vLLM's and the judge's counters.
 
@@ -90,6 +91,7 @@ def run_engine(
                 sampling=sampling,
                 additional_config=additional_config,
                 max_model_len=max_model_len,
+                engine_args=engine_args,
             )
         )
     from vllm import LLM, SamplingParams
@@ -104,6 +106,7 @@ def run_engine(
         additional_config=additional_config or {},
         disable_log_stats=False,
         max_num_seqs=64,
+        **(engine_args or {}),
     )
     try:
         params = SamplingParams(**sampling)

