@@ -61,6 +61,9 @@ def build_target(gguf: Path, target: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Gemma needs <bos> first (without it greedy output degenerates into repetition); the
+    # GGUF's add-BOS flag does not survive transformers' conversion.
+    tokenizer.add_bos_token = True
     # The weights are dequantised now; vLLM must not look for GGUF quantisation.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -85,13 +85,18 @@ def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_pat
         os.kill(pid, 0)
 
 
-def test_serve_refuses_to_start_with_a_broken_artifact(workdir, tiny_pair, tmp_path):
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"head": "NO_SUCH_HEAD"}, "missing config.json"),
+        ({"head": "NO_SUCH_HEAD", "treshold": 0.5}, "Extra inputs are not permitted"),
+    ],
+)
+def test_serve_refuses_to_start_with_a_broken_artifact_or_config(tiny_pair, tmp_path, section, message):
     target, draft = tiny_pair
-    command = serve_command(
-        target, free_port(), spec_config("draft_model", draft),
-        {"selfjudge": {"head": str(tmp_path / "no-such-head")}},
-    )
+    section = {k: (str(tmp_path / v) if v == "NO_SUCH_HEAD" else v) for k, v in section.items()}
+    command = serve_command(target, free_port(), spec_config("draft_model", draft), {"selfjudge": section})
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode != 0
-    assert "missing config.json" in proc.stdout + proc.stderr
+    assert message in proc.stdout + proc.stderr

@@ -41,4 +41,5 @@ def test_testbed_builds_verifies_and_serves(tmp_path_factory):
         # The truncated draft spans sliding-window and full-attention KV groups.
         engine_args={"disable_hybrid_kv_cache_manager": True},
     )
+    assert result.prompt_token_ids[0][0] == 2  # <bos>
     assert len(result.token_ids[0]) == 16 and result.num_accepted_tokens > 0
