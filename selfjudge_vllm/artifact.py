@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -39,6 +39,10 @@ def _check_open_unit_interval(value: float) -> float:
     return value
 
 
+# A threshold on P(accept): artifact, server config and per-request options all use it.
+Threshold = Annotated[float, AfterValidator(_check_open_unit_interval)]
+
+
 class TargetIdentity(_Strict):
     """What the head was trained on. Served models must match on every field but the name."""
 
@@ -50,12 +54,10 @@ class TargetIdentity(_Strict):
 
 
 class OperatingPoint(_Strict):
-    threshold: float
+    threshold: Threshold
     description: str = ""
     # Validation metrics at this threshold (precision, recall, ...), for humans.
     metrics: dict[str, float] = Field(default_factory=dict)
-
-    _check = field_validator("threshold")(_check_open_unit_interval)
 
 
 class JudgeArtifactConfig(_Strict):
@@ -64,11 +66,9 @@ class JudgeArtifactConfig(_Strict):
     target: TargetIdentity
     feature: Literal["final_norm_hidden_state_at_draft_position"] = FEATURE_FINAL_NORM_AT_DRAFT
     # The head outputs P(accepting the draft token keeps the meaning); accept when >= this.
-    default_threshold: float
+    default_threshold: Threshold
     operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
-
-    _check = field_validator("default_threshold")(_check_open_unit_interval)
 
     @model_validator(mode="after")
     def _names_are_plain(self) -> "JudgeArtifactConfig":

@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-share", type=float, default=0.2)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
+
     testbed = sub.add_parser(
         "testbed",
         help="materialise the Gemma 3 270M target and a layer-truncated draft",

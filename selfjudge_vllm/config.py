@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from selfjudge_vllm.artifact import Threshold
 
 SECTION = "selfjudge"
 
@@ -26,21 +28,14 @@ class SelfJudgeConfig(BaseModel):
     enabled: bool = True
     head: Path | None = Field(default=None, description="judge artifact directory")
     # Exactly one of these picks the threshold; neither means the artifact's default.
-    threshold: float | None = None
+    threshold: Threshold | None = None
     operating_point: str | None = None
     # Server policy: requests may not choose a threshold below this (loosen the judge).
-    min_threshold: float | None = None
+    min_threshold: Threshold | None = None
     # Serve on a vLLM version this release was not checked on. Explicit, off by default.
     allow_unsupported_vllm: bool = False
     # Seconds between the worker's judge log lines (only when counts changed); 0 disables.
     log_interval_s: float = Field(default=10.0, ge=0.0)
-
-    @field_validator("threshold", "min_threshold")
-    @classmethod
-    def _threshold_in_open_unit_interval(cls, value: float | None) -> float | None:
-        if value is not None and not (0.0 < value < 1.0):
-            raise ValueError(f"threshold must lie strictly between 0 and 1, got {value}")
-        return value
 
     @model_validator(mode="after")
     def _head_when_enabled(self) -> "SelfJudgeConfig":

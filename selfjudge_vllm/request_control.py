@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from selfjudge_vllm.artifact import JudgeArtifactConfig, threshold_to_logit
+from selfjudge_vllm.artifact import JudgeArtifactConfig, Threshold, threshold_to_logit
 
 KEY_PREFIX = "selfjudge_"
 # Threshold logit of a request with the judge off: no score reaches it.
@@ -30,15 +30,8 @@ class RequestJudgeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
-    threshold: float | None = None
+    threshold: Threshold | None = None
     operating_point: str | None = None
-
-    @field_validator("threshold")
-    @classmethod
-    def _open_unit_interval(cls, value: float | None) -> float | None:
-        if value is not None and not (0.0 < value < 1.0):
-            raise ValueError(f"threshold must lie strictly between 0 and 1, got {value}")
-        return value
 
     @model_validator(mode="after")
     def _one_choice(self) -> "RequestJudgeOptions":
