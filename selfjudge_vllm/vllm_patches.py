@@ -27,9 +27,11 @@ Patches, in the order a worker meets them:
    at that point already carry penalties, bans, grammar masks and temperature/top-k/top-p,
    then calls the original unchanged.
 5. `vllm.v1.engine.input_processor.InputProcessor._validate_params` (always, from
-   register()): checks a request's `selfjudge_*` extra_args at admission, so a bad value is an HTTP 400 naming the
-   problem (custom logits processors, vLLM's own hook for this, are refused with
-   speculative decoding).
+   register(); API server / LLM front end): checks a request's `selfjudge_*` extra_args at
+   admission, so a bad value is an HTTP 400 naming the problem (custom logits processors,
+   vLLM's own hook for this, are refused with speculative decoding).
+   Patch 3 also reads each request's `extra_args` from `GPUModelRunner.requests` to give
+   it its own threshold.
 6. `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`: replaced only when a probe at
    worker start shows upstream bug vllm-project/vllm#55005 (CPU: the C++ replacement of the
    expand kernel writes into a temporary, so the rejection sampler reads uninitialised
@@ -46,7 +48,7 @@ from typing import Any, Callable
 
 import torch
 
-from selfjudge_vllm.config import ConfigError, SelfJudgeConfig, parse_section
+from selfjudge_vllm.config import SelfJudgeConfig, parse_section
 
 logger = logging.getLogger("vllm.selfjudge")
 
