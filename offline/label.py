@@ -113,6 +113,10 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
             for p, out in zip(shard, outs)
         ])
 
+    def sequences(i) -> dict[str, list[int]]:
+        """Prompt + response token ids of shard i, by prompt id."""
+        return {r["id"]: r["prompt"] + r["response"] for r in run.read_records("responses", i)}
+
     def mismatches(llm, i):
         records = run.read_records("responses", i)
         seqs = [r["prompt"] + r["response"] for r in records]
@@ -124,12 +128,11 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
         run.write_records("mismatches", i, out)
 
     def scores(llm, i):
-        responses_by_id = {r["id"]: r for r in run.read_records("responses", i)}
         items = run.read_records("mismatches", i)
         if not items:  # a shard whose responses the draft predicted perfectly
             run.write_records("scores", i, [])
             return
-        seqs = {rid: r["prompt"] + r["response"] for rid, r in responses_by_id.items()}
+        seqs = sequences(i)
         originals = dict(zip(seqs, prompt_logprobs(llm, list(seqs.values()))))
         windows = []
         for it in items:
@@ -160,19 +163,21 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
 
     def features(llm, i):
         items = run.read_records("scores", i)
-        responses_by_id = {r["id"]: r for r in run.read_records("responses", i)}
-        seqs = {rid: r["prompt"] + r["response"] for rid, r in responses_by_id.items()}
+        if not items:
+            empty = torch.zeros(0, 0)
+            run.write_tensors("features", i, {"substituted": empty, "original": empty})
+            run.write_records("features", i, [])
+            return
+        seqs = sequences(i)
         # y' only matters up to position m (causal): feed y'[:m+1] and take its last row.
         substituted = [seqs[it["id"]][: it["m"]] + [it["draft"]] for it in items]
-        sub_rows = [h[-1] for h in hidden_states(llm, substituted)] if items else []
+        sub_rows = [h[-1] for h in hidden_states(llm, substituted)]
         ids_with_items = sorted({it["id"] for it in items})
-        full = dict(zip(ids_with_items, hidden_states(llm, [seqs[r] for r in ids_with_items]))) if items else {}
+        full = dict(zip(ids_with_items, hidden_states(llm, [seqs[r] for r in ids_with_items])))
         orig_rows = [full[it["id"]][it["m"]] for it in items]
-        hidden_size = next(iter(full.values())).shape[-1] if full else 0
-        empty = torch.zeros(0, hidden_size)
         run.write_tensors("features", i, {
-            "substituted": torch.stack(sub_rows).float() if items else empty,
-            "original": torch.stack(orig_rows).float() if items else empty,
+            "substituted": torch.stack(sub_rows).float(),
+            "original": torch.stack(orig_rows).float(),
         })
         run.write_records("features", i, [{"id": it["id"], "m": it["m"]} for it in items])
 

@@ -47,19 +47,25 @@ def request_limit_resolver(config, artifact_config, server_threshold: float):
     return resolve
 
 
+def load_served_judge(config):
+    """The artifact named by an enabled config section, and the threshold it serves with."""
+    from selfjudge_vllm.artifact import JudgeArtifact
+
+    artifact = JudgeArtifact.load(config.head)
+    return artifact, artifact.resolve_threshold(config.threshold, config.operating_point)
+
+
 class RequestValidator:
     """Admission check of per-request judge options (API server / LLM front end)."""
 
     def __init__(self, vllm_config):
-        from selfjudge_vllm.artifact import JudgeArtifact
         from selfjudge_vllm.config import parse_section
 
         self.resolve = None
         config = parse_section(getattr(vllm_config, "additional_config", None))
         if config is None or not config.enabled:
             return
-        artifact = JudgeArtifact.load(config.head)
-        threshold = artifact.resolve_threshold(config.threshold, config.operating_point)
+        artifact, threshold = load_served_judge(config)
         self.resolve = request_limit_resolver(config, artifact.config, threshold)
 
     def check(self, extra_args) -> None:
@@ -73,7 +79,7 @@ class RequestValidator:
 
 def build_runtime(vllm_config):
     """The model runner's JudgeRuntime, or None when the judge is off. Raises on bad input."""
-    from selfjudge_vllm.artifact import JudgeArtifact, check_target_matches, threshold_to_logit
+    from selfjudge_vllm.artifact import check_target_matches, threshold_to_logit
     from selfjudge_vllm.config import parse_section
     from selfjudge_vllm.judge import JudgeHead
     from selfjudge_vllm.metrics import MetricsSink, metrics_dir
@@ -82,9 +88,8 @@ def build_runtime(vllm_config):
     config = parse_section(vllm_config.additional_config)
     if config is None or not config.enabled:
         return None
-    artifact = JudgeArtifact.load(config.head)
+    artifact, threshold = load_served_judge(config)
     check_target_matches(artifact.config, served_target_identity(vllm_config))
-    threshold = artifact.resolve_threshold(config.threshold, config.operating_point)
     head = JudgeHead(artifact.weight, artifact.bias, threshold_to_logit(threshold))
     # Tensor-parallel ranks take identical decisions; only rank 0 publishes counters.
     rank = vllm_config.parallel_config.rank

@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 
 from selfjudge_vllm.config import SelfJudgeConfig, parse_section
+from selfjudge_vllm.request_control import has_options
 
 logger = logging.getLogger("vllm.selfjudge")
 
@@ -109,8 +110,6 @@ def _wrap_validate_params(original):
     def _validate_params(self, params, *args, **kwargs):
         result = original(self, params, *args, **kwargs)
         extra_args = getattr(params, "extra_args", None)
-        from selfjudge_vllm.request_control import has_options
-
         if has_options(extra_args):
             validator = self.__dict__.get("_selfjudge_validator")
             if validator is None:

@@ -4,24 +4,17 @@ judge's counters on /metrics next to vLLM's spec_decode counters, stopped by PID
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 
 import pytest
 import torch
 
-from selfjudge_vllm.testing.load import Server, free_port, serve_command
+from selfjudge_vllm.testing.load import Server, free_port, parse_metric, serve_command
 from selfjudge_vllm.testing.tiny_models import write_head
 from tests.engine_helpers import spec_config
 
 pytestmark = [pytest.mark.server]
-
-
-def _metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_path):
@@ -52,15 +45,15 @@ def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_pat
         deadline = time.monotonic() + 20
         while True:
             metrics = server.get("/metrics")
-            drafts = _metric(metrics, "vllm:spec_decode_num_draft_tokens_total")
-            judged = _metric(metrics, "vllm:spec_decode_selfjudge_draft_tokens_total")
+            drafts = parse_metric(metrics, "vllm:spec_decode_num_draft_tokens_total")
+            judged = parse_metric(metrics, "vllm:spec_decode_selfjudge_draft_tokens_total")
             if judged == drafts or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert drafts > 0 and judged == drafts
-        accepted = _metric(metrics, "vllm:spec_decode_num_accepted_tokens_total")
-        assert _metric(metrics, "vllm:spec_decode_selfjudge_judge_accepted_total") == accepted == drafts
-        assert _metric(metrics, "vllm:spec_decode_selfjudge_judge_deferred_total") == 0
+        accepted = parse_metric(metrics, "vllm:spec_decode_num_accepted_tokens_total")
+        assert parse_metric(metrics, "vllm:spec_decode_selfjudge_judge_accepted_total") == accepted == drafts
+        assert parse_metric(metrics, "vllm:spec_decode_selfjudge_judge_deferred_total") == 0
         assert "SelfJudge: draft tokens scored" in server.tail(200_000)
 
         # Per-request control through the OpenAI API's vllm_xargs: a lossless request works,

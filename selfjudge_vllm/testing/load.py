@@ -50,6 +50,14 @@ def serve_command(target, port, speculative_config, additional_config, model_nam
     return command + list(extra_args)
 
 
+def parse_metric(text: str, name: str) -> float:
+    """One sample of a Prometheus text exposition (the first series of that name)."""
+    match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M)
+    if not match:
+        raise KeyError(f"{name} not in /metrics")
+    return float(match.group(1))
+
+
 class Server:
     """A `vllm serve` subprocess on 127.0.0.1, stopped by its PID."""
 
@@ -82,10 +90,7 @@ class Server:
             return r.read().decode()
 
     def metric(self, name: str) -> float:
-        match = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", self.get("/metrics"), re.M)
-        if not match:
-            raise KeyError(name)
-        return float(match.group(1))
+        return parse_metric(self.get("/metrics"), name)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
