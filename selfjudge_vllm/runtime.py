@@ -147,7 +147,7 @@ class JudgeRuntime:
 
 def _publish_loop(runtime_ref, publish_interval_s: float, log_interval_s: float) -> None:
     next_log = time.monotonic() + log_interval_s
-    last_published = None
+    last_logged = None  # log only when the counts moved since the previous log line
     while True:
         time.sleep(publish_interval_s)
         runtime = runtime_ref()
@@ -156,10 +156,10 @@ def _publish_loop(runtime_ref, publish_interval_s: float, log_interval_s: float)
         try:
             counters = runtime.flush()
             snapshot = (counters.draft_tokens, counters.steps_judged)
-            if log_interval_s > 0 and time.monotonic() >= next_log and snapshot != last_published:
+            if log_interval_s > 0 and time.monotonic() >= next_log and snapshot != last_logged:
                 counters.log(logger)
                 next_log = time.monotonic() + log_interval_s
-            last_published = snapshot
+                last_logged = snapshot
         except Exception as exc:  # metrics must never take the worker down
             logger.warning("selfjudge metrics publisher: %s", exc)
         del runtime

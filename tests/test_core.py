@@ -211,3 +211,27 @@ def test_runtime_judges_only_its_own_step_and_fails_loudly_otherwise():
     counters = runtime.flush()
     assert (counters.draft_tokens, counters.judge_accepted, counters.steps_judged) == (2, 1, 1)
     assert counters.unmatched_calls == 1
+
+
+def test_publisher_logs_counts_that_changed_since_its_last_line(caplog):
+    import logging
+    import time
+
+    from selfjudge_vllm.runtime import JudgeRuntime
+
+    head = JudgeHead(torch.ones(2), torch.zeros(1), threshold_logit=0.0)
+    runtime = JudgeRuntime(head, sink=None, log_interval_s=0.3)
+    runtime.begin_step(torch.ones(2, 2), torch.tensor([1]), torch.tensor([0]))
+    runtime.judge_(runtime.pending.draft_token_ids, torch.zeros(1, 4))
+    runtime.end_step()  # counts change before the first log is due
+    # Attach directly: once vLLM is imported, its "vllm" logger does not propagate.
+    judge_logger = logging.getLogger("vllm.selfjudge")
+    judge_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="vllm.selfjudge"):
+            runtime.start_publisher(publish_interval_s=0.1)
+            time.sleep(1.0)
+    finally:
+        judge_logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if "SelfJudge:" in r.getMessage()]
+    assert len(lines) == 1 and "draft tokens scored: 1" in lines[0]
