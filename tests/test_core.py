@@ -213,7 +213,7 @@ def test_runtime_judges_only_its_own_step_and_fails_loudly_otherwise():
     assert counters.unmatched_calls == 1
 
 
-def test_publisher_logs_counts_that_changed_since_its_last_line(caplog):
+def test_publisher_logs_counts_that_changed_since_its_last_line():
     import logging
     import time
 
@@ -224,14 +224,25 @@ def test_publisher_logs_counts_that_changed_since_its_last_line(caplog):
     runtime.begin_step(torch.ones(2, 2), torch.tensor([1]), torch.tensor([0]))
     runtime.judge_(runtime.pending.draft_token_ids, torch.zeros(1, 4))
     runtime.end_step()  # counts change before the first log is due
-    # Attach directly: once vLLM is imported, its "vllm" logger does not propagate.
-    judge_logger = logging.getLogger("vllm.selfjudge")
-    judge_logger.addHandler(caplog.handler)
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    # Attached directly: once vLLM is imported, its "vllm" logger does not propagate.
+    judge_logger, handler = logging.getLogger("vllm.selfjudge"), Collect()
+    previous_level = judge_logger.level
+    judge_logger.addHandler(handler)
+    judge_logger.setLevel(logging.INFO)
     try:
-        with caplog.at_level(logging.INFO, logger="vllm.selfjudge"):
-            runtime.start_publisher(publish_interval_s=0.1)
-            time.sleep(1.0)
+        runtime.start_publisher(publish_interval_s=0.1)
+        time.sleep(1.0)
     finally:
-        judge_logger.removeHandler(caplog.handler)
-    lines = [r.getMessage() for r in caplog.records if "SelfJudge:" in r.getMessage()]
+        judge_logger.removeHandler(handler)
+        judge_logger.setLevel(previous_level)
+    lines = [line for line in handler.lines if "SelfJudge:" in line]
     assert len(lines) == 1 and "draft tokens scored: 1" in lines[0]
