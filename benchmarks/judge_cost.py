@@ -89,18 +89,21 @@ def instrument(timers: Timers) -> None:
 
 def _judge_timer(timers: Timers):
     """A function for collective_rpc: in the worker (this process, single-process mode),
-    time every runtime.judge_ call; returns the head's threshold logit."""
+    time every runtime.judge_ call; returns the server's threshold logit."""
 
     def install(worker):
         runtime = worker.model_runner._selfjudge_runtime
         runtime.judge_ = _timed(timers, "judge", runtime.judge_)
-        return runtime.head.threshold_logit
+        return runtime.default_rule.knob
 
     return install
 
 
 def _set_threshold(worker, threshold_logit):
-    worker.model_runner._selfjudge_runtime.head.threshold_logit = threshold_logit
+    from selfjudge_vllm.rules import JUDGE, RowRule
+
+    runtime = worker.model_runner._selfjudge_runtime
+    runtime.default_rule, runtime.request_rule = RowRule(JUDGE, threshold_logit), None
 
 
 def _tiny_setup(root: Path):

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from selfjudge_vllm.judge import JudgeHead
+from selfjudge_vllm.rules import JUDGE, JudgeHead, RowRule
 from selfjudge_vllm.runtime import JudgeRuntime
 
 # Peak HBM bandwidth by device name (vendor figures), for the achieved/peak ratio.
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                   + per_request).flatten()
     drafts = torch.randint(0, args.vocab, (n_drafts,), device=device, generator=gen).int()
     weight = torch.randn(args.hidden, device=device, generator=gen) / args.hidden**0.5
-    runtime = JudgeRuntime(JudgeHead(weight, torch.zeros(1, device=device), 0.0), None, 0)
+    runtime = JudgeRuntime(JudgeHead(weight, torch.zeros(1, device=device)), None, 0, RowRule(JUDGE, 0.0))
 
     processed = logits[target_idx].float()  # what vLLM hands to rejection_sample
 

@@ -9,13 +9,15 @@ sampling fix (see vllm_patches.py), which is what "judge off" means in the tests
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfjudge_vllm.artifact import Threshold
 
 SECTION = "selfjudge"
+
+RuleName = Literal["judge", "top_alpha", "entropy"]
 
 
 class ConfigError(ValueError):
@@ -26,12 +28,21 @@ class SelfJudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
+    # The acceptance rule requests get by default (rules.py): the trained judge, or one of
+    # the training-free baselines.
+    rule: RuleName = "judge"
+    # Rules a request may pick instead (selfjudge_rule); the server's `rule` always may.
+    request_rules: tuple[RuleName, ...] = ()
     head: Path | None = Field(default=None, description="judge artifact directory")
     # Exactly one of these picks the threshold; neither means the artifact's default.
     threshold: Threshold | None = None
     operating_point: str | None = None
     # Server policy: requests may not choose a threshold below this (loosen the judge).
     min_threshold: Threshold | None = None
+    # Knobs of the training-free rules (requests may override them when allowed the rule).
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_entropy: float = Field(default=1.0, ge=0.0)
+    entropy_window: int = Field(default=2, ge=0, le=16)
     # Serve on a vLLM version this release was not checked on. Explicit, off by default.
     allow_unsupported_vllm: bool = False
     # Seconds between the worker's judge log lines (only when counts changed); 0 disables.
@@ -39,11 +50,16 @@ class SelfJudgeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _head_when_enabled(self) -> "SelfJudgeConfig":
-        if self.enabled and self.head is None:
-            raise ValueError("'head' (the judge artifact directory) is required when enabled")
+        if self.enabled and self.head is None and "judge" in self.rules:
+            raise ValueError("'head' (the judge artifact directory) is required for the rule 'judge'")
         if self.threshold is not None and self.operating_point is not None:
             raise ValueError("give either 'threshold' or 'operating_point', not both")
         return self
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """Every rule this server serves, its default first."""
+        return (self.rule,) + tuple(r for r in self.request_rules if r != self.rule)
 
 
 def parse_section(additional_config: Any) -> SelfJudgeConfig | None:

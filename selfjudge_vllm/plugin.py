@@ -35,42 +35,33 @@ def served_target_identity(vllm_config):
     )
 
 
-def request_limit_resolver(config, artifact_config, server_threshold: float):
-    """extra_args -> threshold logit for this server's judge (raises ValueError)."""
-    from selfjudge_vllm.request_control import request_options, request_threshold_logit
-
-    def resolve(extra_args) -> float:
-        return request_threshold_logit(
-            request_options(extra_args), artifact_config, server_threshold, config.min_threshold
-        )
-
-    return resolve
-
-
-def load_served_judge(config):
-    """The artifact named by an enabled config section, and the threshold it serves with."""
+def load_served_policy(config):
+    """The rule policy of an enabled config section, and the judge artifact when one is served."""
     from selfjudge_vllm.artifact import JudgeArtifact
+    from selfjudge_vllm.request_control import RulePolicy
 
+    if config.head is None:
+        return RulePolicy(config), None
     artifact = JudgeArtifact.load(config.head)
-    return artifact, artifact.resolve_threshold(config.threshold, config.operating_point)
+    threshold = artifact.resolve_threshold(config.threshold, config.operating_point)
+    return RulePolicy(config, artifact.config, threshold), artifact
 
 
 class RequestValidator:
-    """Admission check of per-request judge options (API server / LLM front end)."""
+    """Admission check of per-request options (API server / LLM front end)."""
 
     def __init__(self, vllm_config):
         from selfjudge_vllm.config import parse_section
 
-        self.resolve = None
+        self.policy = None
         config = parse_section(getattr(vllm_config, "additional_config", None))
         if config is None or not config.enabled:
             return
-        artifact, threshold = load_served_judge(config)
-        self.resolve = request_limit_resolver(config, artifact.config, threshold)
+        self.policy, _ = load_served_policy(config)
 
     def check(self, extra_args) -> None:
-        if self.resolve is not None:
-            self.resolve(extra_args)
+        if self.policy is not None:
+            self.policy.for_request(extra_args)
         else:
             from selfjudge_vllm.request_control import request_options
 
@@ -78,26 +69,30 @@ class RequestValidator:
 
 
 def build_runtime(vllm_config):
-    """The model runner's JudgeRuntime, or None when the judge is off. Raises on bad input."""
-    from selfjudge_vllm.artifact import check_target_matches, threshold_to_logit
+    """The model runner's JudgeRuntime, or None when the plugin is off. Raises on bad input."""
+    from selfjudge_vllm.artifact import check_target_matches
     from selfjudge_vllm.config import parse_section
-    from selfjudge_vllm.judge import JudgeHead
     from selfjudge_vllm.metrics import MetricsSink, metrics_dir
+    from selfjudge_vllm.rules import JudgeHead
     from selfjudge_vllm.runtime import JudgeRuntime
 
     config = parse_section(vllm_config.additional_config)
     if config is None or not config.enabled:
         return None
-    artifact, threshold = load_served_judge(config)
-    check_target_matches(artifact.config, served_target_identity(vllm_config))
-    head = JudgeHead(artifact.weight, artifact.bias, threshold_to_logit(threshold))
+    policy, artifact = load_served_policy(config)
+    head = None
+    if artifact is not None:
+        check_target_matches(artifact.config, served_target_identity(vllm_config))
+        head = JudgeHead(artifact.weight, artifact.bias)
     # Tensor-parallel ranks take identical decisions; only rank 0 publishes counters.
     rank = vllm_config.parallel_config.rank
     sink = MetricsSink(metrics_dir(vllm_config.instance_id), rank) if rank == 0 else None
     logger.info(
-        "SelfJudge on: head %s (trained for %s), threshold %.4f", config.head,
-        artifact.config.target.name, threshold,
+        "SelfJudge on: default rule %s; requests may choose %s; head %s",
+        policy.default.describe(), ", ".join(config.rules), config.head,
     )
-    runtime = JudgeRuntime(head, sink, config.log_interval_s, request_limit_resolver(config, artifact.config, threshold))
+    runtime = JudgeRuntime(
+        head, sink, config.log_interval_s, policy.default, policy.for_request, config.entropy_window
+    )
     runtime.start_publisher()
     return runtime

@@ -1,11 +1,14 @@
-"""Per-request judge control (no vLLM import).
+"""Per-request control of the acceptance rule (no vLLM import).
 
 A request sets flat `selfjudge_*` keys in `SamplingParams.extra_args` (the OpenAI API's
 `vllm_xargs`, whose values must be flat, or `extra_args` offline):
 
     {"selfjudge_enabled": false}              verified losslessly (stock vLLM output)
-    {"selfjudge_threshold": 0.8}              its own threshold, in (0, 1)
+    {"selfjudge_threshold": 0.8}              the judge with its own threshold, in (0, 1)
     {"selfjudge_operating_point": "best_f1"}  a named threshold of the served artifact
+    {"selfjudge_rule": "top_alpha", "selfjudge_alpha": 0.3}
+                                              another rule the server allows (request_rules)
+    {"selfjudge_rule": "entropy", "selfjudge_min_entropy": 2.0}
 
 The server's `selfjudge.min_threshold` bounds how far a request may loosen the judge: a
 threshold (explicit or named) below it is refused. Invalid values raise ValueError, which
@@ -17,9 +20,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfjudge_vllm.artifact import JudgeArtifactConfig, Threshold, threshold_to_logit
+from selfjudge_vllm.config import RuleName, SelfJudgeConfig
+from selfjudge_vllm.rules import ENTROPY, JUDGE, LOSSLESS, RowRule
 
 KEY_PREFIX = "selfjudge_"
 # Threshold logit of a request with the judge off: no score reaches it.
@@ -30,8 +35,11 @@ class RequestJudgeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
+    rule: RuleName | None = None
     threshold: Threshold | None = None
     operating_point: str | None = None
+    alpha: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_entropy: float | None = Field(default=None, ge=0.0)
 
     @model_validator(mode="after")
     def _one_choice(self) -> "RequestJudgeOptions":
@@ -65,7 +73,7 @@ def request_threshold_logit(
     server_threshold: float,
     min_threshold: float | None,
 ) -> float:
-    """The threshold logit to verify this request with (JUDGE_OFF: lossless)."""
+    """The judge's threshold logit for this request (JUDGE_OFF: lossless)."""
     if options is None:
         return threshold_to_logit(server_threshold)
     if not options.enabled:
@@ -87,3 +95,50 @@ def request_threshold_logit(
             f"{min_threshold:.4f})"
         )
     return threshold_to_logit(threshold)
+
+
+# Which request keys belong to which rule (a key for another rule is a mistake worth a 400).
+_RULE_KEYS = {"judge": ("threshold", "operating_point"), "top_alpha": ("alpha",), "entropy": ("min_entropy",)}
+
+
+class RulePolicy:
+    """A server's rules: the default every request gets, and what a request may choose."""
+
+    def __init__(
+        self,
+        config: SelfJudgeConfig,
+        artifact: JudgeArtifactConfig | None = None,
+        server_threshold: float | None = None,
+    ):
+        self.config, self.artifact, self.server_threshold = config, artifact, server_threshold
+        self.default = self._rule(config.rule, RequestJudgeOptions())
+
+    def for_request(self, extra_args: Any) -> RowRule:
+        """The rule this request is verified with. Raises ValueError on bad options."""
+        options = request_options(extra_args)
+        if options is None:
+            return self.default
+        if not options.enabled:
+            return LOSSLESS
+        rule = options.rule or self.config.rule
+        if rule not in self.config.rules:
+            raise ValueError(
+                f"selfjudge_rule {rule!r} is not served here; this server allows: "
+                f"{', '.join(self.config.rules)} (selfjudge.request_rules)"
+            )
+        for other, keys in _RULE_KEYS.items():
+            for key in keys:
+                if other != rule and getattr(options, key) is not None:
+                    raise ValueError(f"{KEY_PREFIX}{key} belongs to the rule {other!r}, not {rule!r}")
+        return self._rule(rule, options)
+
+    def _rule(self, rule: str, options: RequestJudgeOptions) -> RowRule:
+        if rule == "judge":
+            limit = request_threshold_logit(
+                options, self.artifact, self.server_threshold, self.config.min_threshold
+            )
+            return RowRule(JUDGE, limit)
+        if rule == "top_alpha":
+            return RowRule.top_alpha(options.alpha if options.alpha is not None else self.config.alpha)
+        min_entropy = options.min_entropy if options.min_entropy is not None else self.config.min_entropy
+        return RowRule(ENTROPY, min_entropy)

@@ -1,4 +1,4 @@
-"""Per-worker judge state: the head on the model's device, decision counters, step tracking.
+"""Per-worker state: the rules and head on the model's device, decision counters, step tracking.
 
 No vLLM import: the adapter (vllm_patches.py) hands in plain tensors. One `JudgeRuntime`
 belongs to one model runner.
@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from selfjudge_vllm.judge import JudgeHead
+from selfjudge_vllm.rules import JUDGE, JudgeHead, RowRule, StepRules, decide_and_force_
 from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
 
 logger = logging.getLogger("vllm.selfjudge")
@@ -32,23 +32,26 @@ class PendingStep:
     sample_hidden_states: torch.Tensor  # [num_logits_rows, H], rows aligned with logits
     draft_token_ids: torch.Tensor  # [num_draft_tokens], the object vLLM will verify
     target_logits_indices: torch.Tensor  # [num_draft_tokens]
-    # Per-draft-token threshold logits when requests in the batch chose their own.
-    row_limits: torch.Tensor | None = None
+    rules: StepRules  # the rule and knob of every draft row
     judged: bool = False
 
 
 class JudgeRuntime:
     def __init__(
         self,
-        head: JudgeHead,
+        head: JudgeHead | None,
         sink: MetricsSink | None,
         log_interval_s: float,
-        request_limit: Callable[[Any], float] | None = None,
+        default_rule: RowRule,
+        request_rule: Callable[[Any], RowRule] | None = None,
+        entropy_window: int = 2,
     ):
         self.head = head
-        # extra_args of a request -> its threshold logit (validated at admission).
-        self.request_limit = request_limit
-        self._limits_by_request: dict[str, float] = {}
+        self.default_rule = default_rule
+        # extra_args of a request -> its rule (validated at admission).
+        self.request_rule = request_rule
+        self.entropy_window = entropy_window
+        self._rules_by_request: dict[str, RowRule] = {}
         self.sink = sink
         self.log_interval_s = log_interval_s
         self.pending: PendingStep | None = None
@@ -59,27 +62,23 @@ class JudgeRuntime:
 
     # -- step protocol, driven by the adapter -------------------------------------------
 
-    def begin_step(self, sample_hidden_states, draft_token_ids, target_logits_indices, row_limits=None) -> None:
-        self.pending = PendingStep(sample_hidden_states, draft_token_ids, target_logits_indices, row_limits)
+    def begin_step(self, sample_hidden_states, draft_token_ids, target_logits_indices, rules=None) -> None:
+        if rules is None:
+            rules = StepRules(self.default_rule, present=frozenset({self.default_rule.rule}))
+        self.pending = PendingStep(sample_hidden_states, draft_token_ids, target_logits_indices, rules)
 
-    def row_limits(self, requests: Iterable[tuple[str, int, Any]], device) -> torch.Tensor | None:
-        """Per-draft-token threshold logits for a batch of (request id, number of draft
-        tokens, extra_args), in batch order; None when every request uses the server's
-        threshold (the scalar fast path). Each request is resolved once."""
-        if self.request_limit is None:
-            return None
-        previous, self._limits_by_request = self._limits_by_request, {}
-        rows: list[float] = []
-        default = self.head.threshold_logit
+    def step_rules(self, requests: Iterable[tuple[str, int, Any]], device) -> StepRules:
+        """The rules of a batch of (request id, number of draft tokens, extra_args), in
+        batch order. Each request is resolved once, at its first step."""
+        previous, self._rules_by_request = self._rules_by_request, {}
+        rows = []
         for req_id, num_drafts, extra_args in requests:
-            limit = previous.get(req_id)
-            if limit is None:
-                limit = self.request_limit(extra_args)
-            self._limits_by_request[req_id] = limit
-            rows.extend([limit] * num_drafts)
-        if all(limit == default for limit in rows):
-            return None
-        return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+            rule = previous.get(req_id)
+            if rule is None:
+                rule = self.default_rule if self.request_rule is None else self.request_rule(extra_args)
+            self._rules_by_request[req_id] = rule
+            rows.append((rule, num_drafts))
+        return StepRules.build(rows, device)
 
     def end_step(self) -> None:
         step, self.pending = self.pending, None
@@ -106,9 +105,13 @@ class JudgeRuntime:
             return True
         # The hidden state at the draft token's own position is the row after the one whose
         # logits verify it (for the last draft token, the bonus row).
-        hidden = step.sample_hidden_states.index_select(0, step.target_logits_indices + 1)
-        head = self.head.to(target_logits.device)
-        accept, valid = head.apply_(hidden, draft_token_ids, target_logits, step.row_limits)
+        hidden = head = None
+        if self.head is not None and JUDGE in step.rules.present:
+            hidden = step.sample_hidden_states.index_select(0, step.target_logits_indices + 1)
+            head = self.head.to(target_logits.device)
+        accept, valid = decide_and_force_(
+            step.rules, draft_token_ids, target_logits, hidden, head, self.entropy_window
+        )
         self._count(valid, accept)
         return True
 

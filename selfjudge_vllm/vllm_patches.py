@@ -208,7 +208,7 @@ def _wrap_sample_tokens(original):
             state.sample_hidden_states,
             metadata.draft_token_ids,
             metadata.target_logits_indices,
-            runtime.row_limits(requests, metadata.draft_token_ids.device),
+            runtime.step_rules(requests, metadata.draft_token_ids.device),
         )
         _active_runtime = runtime
         try:

@@ -92,3 +92,68 @@ def hidden_states_of(target, prompt_ids, continuation) -> torch.Tensor:
     """Final-norm hidden states of prompt+continuation, one row per token."""
     _, hidden = _forward(target, list(prompt_ids) + list(continuation))
     return hidden
+
+
+@dataclass
+class RelaxedTrace:
+    # |statistic - knob| of every mismatch a rule decided (closeness to a tie).
+    margins: list[float] = field(default_factory=list)
+    statistics: list[float] = field(default_factory=list)
+    argmax_gaps: list[float] = field(default_factory=list)
+    mismatches: int = 0
+    accepted_mismatches: int = 0
+
+
+@torch.no_grad()
+def relaxed_greedy_sd(target, draft, prompt_ids, max_tokens, k, rule, knob, window, trace: RelaxedTrace) -> list[int]:
+    """Greedy SD where a mismatched draft token is also kept when a training-free rule says so:
+
+    top_alpha: p_target(token) >= knob * max p_target (knob = alpha);
+    entropy:   target entropy at the position >= knob (nats) and the target's argmax equals
+               the draft at each of the next `window` draft positions that exist in the
+               block, with at least one such position (window 0: the entropy alone).
+    Computed in float64 from the target's float32 logits."""
+    logits, _ = _forward(target, list(prompt_ids))
+    trace.argmax_gaps.append(_gap(logits[-1]))
+    out: list[int] = [int(logits[-1].argmax())]
+    ids = list(prompt_ids) + out
+    while len(out) < max_tokens:
+        proposal: list[int] = []
+        for _ in range(k):
+            dlogits, _ = _forward(draft, ids + proposal)
+            proposal.append(int(dlogits[-1].argmax()))
+        logits, _ = _forward(target, ids + proposal)
+        n = len(ids)
+        rows = [logits[n - 1 + i].double() for i in range(k + 1)]
+        emitted: list[int] = []
+        for i, token in enumerate(proposal):
+            row = rows[i]
+            trace.argmax_gaps.append(_gap(row))
+            if token == int(row.argmax()):
+                emitted.append(token)
+                continue
+            probs = torch.softmax(row, 0)
+            if rule == "top_alpha":
+                statistic = float(probs[token] / probs.max())
+                keep = statistic >= knob
+            else:
+                statistic = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
+                later = range(i + 1, min(i + window, k - 1) + 1)
+                keep = statistic >= knob and (
+                    window == 0 or len(later) > 0 and all(int(rows[j].argmax()) == proposal[j] for j in later)
+                )
+            trace.mismatches += 1
+            trace.statistics.append(statistic)
+            trace.margins.append(abs(statistic - knob))
+            if keep:
+                trace.accepted_mismatches += 1
+                emitted.append(token)
+                continue
+            emitted.append(int(row.argmax()))
+            break
+        else:
+            trace.argmax_gaps.append(_gap(rows[k]))
+            emitted.append(int(rows[k].argmax()))
+        ids += emitted
+        out += emitted
+    return out[:max_tokens]

@@ -18,7 +18,7 @@ from selfjudge_vllm.artifact import (
     threshold_to_logit,
 )
 from selfjudge_vllm.config import ConfigError, parse_section
-from selfjudge_vllm.judge import FORCED_LOGIT, JudgeHead
+from selfjudge_vllm.rules import FORCED_LOGIT, JUDGE, JudgeHead, RowRule, StepRules, decide_and_force_
 
 TARGET = TargetIdentity(
     name="tiny", architecture="LlamaForCausalLM", hidden_size=8, vocab_size=32, num_hidden_layers=2
@@ -138,14 +138,15 @@ def test_judge_decisions_and_forcing_against_a_direct_computation():
     n, hidden_size, vocab = 12, 8, 32
     hidden = torch.randn(n, hidden_size, generator=gen).to(torch.bfloat16)
     weight = torch.randn(hidden_size, generator=gen)
-    head = JudgeHead(weight, torch.tensor([0.1]), threshold_to_logit(0.5))
+    head = JudgeHead(weight, torch.tensor([0.1]))
     drafts = torch.randint(0, vocab, (n,), generator=gen)
     drafts[2] = -1  # padding
     logits = torch.randn(n, vocab, generator=gen)
     logits[5, drafts[5]] = float("-inf")  # banned / grammar-forbidden
     before = logits.clone()
 
-    accept, valid = head.apply_(hidden, drafts, logits)
+    step = StepRules.build([(RowRule(JUDGE, threshold_to_logit(0.5)), n)], "cpu")
+    accept, valid = decide_and_force_(step, drafts, logits, hidden, head)
     assert valid.tolist() == [i != 2 for i in range(n)]
     # Direct computation in float64, row by row.
     expected = []
@@ -168,13 +169,15 @@ def test_judge_decisions_and_forcing_against_a_direct_computation():
 
 
 def test_per_row_thresholds_and_ties():
-    head = JudgeHead(torch.ones(2), torch.zeros(1), threshold_logit=0.0)
+    head = JudgeHead(torch.ones(2), torch.zeros(1))
     hidden = torch.tensor([[1.0, 1.0], [0.5, 0.5], [-1.0, 0.0]])  # scores 2, 1, -1
     drafts = torch.tensor([0, 1, 2])
-    assert head.apply_(hidden, drafts, torch.zeros(3, 4))[0].tolist() == [True, True, False]
-    per_row = torch.tensor([2.0, 1.5, -1.0])  # ties accept
-    accept, _ = head.apply_(hidden, drafts, torch.zeros(3, 4), per_row)
-    assert accept.tolist() == [True, False, True]
+    uniform = StepRules.build([(RowRule(JUDGE, 0.0), 3)], "cpu")
+    assert uniform.uniform is not None and uniform.rule_ids is None  # no per-row tensors
+    assert decide_and_force_(uniform, drafts, torch.zeros(3, 4), hidden, head)[0].tolist() == [True, True, False]
+    per_row = StepRules.build([(RowRule(JUDGE, 2.0), 1), (RowRule(JUDGE, 1.5), 1), (RowRule(JUDGE, -1.0), 1)], "cpu")
+    accept, _ = decide_and_force_(per_row, drafts, torch.zeros(3, 4), hidden, head)
+    assert accept.tolist() == [True, False, True]  # ties accept
 
 
 def test_cli_inspect(tmp_path, capsys):
@@ -191,8 +194,8 @@ def test_cli_inspect(tmp_path, capsys):
 def test_runtime_judges_only_its_own_step_and_fails_loudly_otherwise():
     from selfjudge_vllm.runtime import JudgeNotAppliedError, JudgeRuntime
 
-    head = JudgeHead(torch.ones(2), torch.zeros(1), threshold_logit=0.0)
-    runtime = JudgeRuntime(head, sink=None, log_interval_s=0)
+    head = JudgeHead(torch.ones(2), torch.zeros(1))
+    runtime = JudgeRuntime(head, sink=None, log_interval_s=0, default_rule=RowRule(JUDGE, 0.0))
     # Rows: [draft0 verify, draft1 verify, bonus]; features of draft i are row i + 1.
     hidden = torch.tensor([[9.0, 9.0], [1.0, 1.0], [-1.0, -1.0]])
     drafts = torch.tensor([3, 2])
@@ -219,8 +222,8 @@ def test_publisher_logs_counts_that_changed_since_its_last_line():
 
     from selfjudge_vllm.runtime import JudgeRuntime
 
-    head = JudgeHead(torch.ones(2), torch.zeros(1), threshold_logit=0.0)
-    runtime = JudgeRuntime(head, sink=None, log_interval_s=0.3)
+    head = JudgeHead(torch.ones(2), torch.zeros(1))
+    runtime = JudgeRuntime(head, sink=None, log_interval_s=0.3, default_rule=RowRule(JUDGE, 0.0))
     runtime.begin_step(torch.ones(2, 2), torch.tensor([1]), torch.tensor([0]))
     runtime.judge_(runtime.pending.draft_token_ids, torch.zeros(1, 4))
     runtime.end_step()  # counts change before the first log is due
@@ -246,3 +249,62 @@ def test_publisher_logs_counts_that_changed_since_its_last_line():
         judge_logger.setLevel(previous_level)
     lines = [line for line in handler.lines if "SelfJudge:" in line]
     assert len(lines) == 1 and "draft tokens scored: 1" in lines[0]
+
+
+def test_training_free_rules_against_a_direct_computation():
+    """top_alpha and entropy decisions, row by row in float64, on a mixed batch."""
+    from selfjudge_vllm.rules import ENTROPY, TOP_ALPHA
+
+    gen = torch.Generator().manual_seed(3)
+    vocab, counts = 6, [4, 3, 5, 4]
+    n = sum(counts)
+    logits = torch.randn(n, vocab, generator=gen) * 1.5
+    drafts = torch.randint(0, vocab, (n,), generator=gen)
+    # Make the target agree with about half the drafts, so windows both pass and fail.
+    agree = torch.rand(n, generator=gen) < 0.6
+    logits[agree, drafts[agree]] = logits[agree].max(-1).values + 0.5
+    drafts[7] = -1
+    logits[2, drafts[2]] = float("-inf")
+    rules = [RowRule.top_alpha(0.3), RowRule(ENTROPY, 1.2), RowRule(ENTROPY, 0.8), RowRule.top_alpha(0.6)]
+    window = 2
+    before = logits.clone()
+    accept, _ = decide_and_force_(StepRules.build(zip(rules, counts), "cpu"), drafts, logits, entropy_window=window)
+
+    expected, row = [], 0
+    for rule, count in zip(rules, counts):
+        for i in range(count):
+            z = before[row].double()
+            p = torch.softmax(z, 0)
+            d = int(drafts[row])
+            ok = d >= 0 and z[d] != float("-inf")
+            if rule.rule == TOP_ALPHA:
+                ok = ok and p[d] >= math.exp(rule.knob) * p.max()
+            else:
+                entropy = -sum(float(q) * math.log(float(q)) for q in p if q > 0)
+                later = range(row + 1, row + 1 + min(window, count - 1 - i))
+                agrees = all(int(before[j].argmax()) == int(drafts[j]) for j in later)
+                ok = ok and entropy >= rule.knob and i < count - 1 and agrees
+            expected.append(bool(ok))
+            row += 1
+    assert accept.tolist() == expected
+    assert 3 <= sum(expected) <= n - 3  # the case exercises both outcomes
+    for i in range(n):
+        forced = logits[i] != before[i]
+        assert forced.any().item() == expected[i]
+
+
+def test_rules_the_step_does_not_use_cost_nothing_over_the_vocabulary():
+    """The judge-only step never touches a row's vocabulary beyond the draft entry."""
+
+    head = JudgeHead(torch.ones(2), torch.zeros(1))
+    step = StepRules.build([(RowRule(JUDGE, 0.0), 2)], "cpu")
+    logits = torch.zeros(2, 4)
+    calls = []
+    original_max, original_softmax = torch.Tensor.max, torch.softmax
+    try:
+        torch.Tensor.max = lambda *a, **k: calls.append("max") or original_max(*a, **k)
+        torch.softmax = lambda *a, **k: calls.append("softmax") or original_softmax(*a, **k)
+        decide_and_force_(step, torch.tensor([1, 2]), logits, torch.ones(2, 2), head)
+    finally:
+        torch.Tensor.max, torch.softmax = original_max, original_softmax
+    assert calls == []

@@ -117,6 +117,39 @@ def test_half_threshold_matches_independent_reference(workdir, tiny_pair):
     assert judged.token_ids != lossless.token_ids
 
 
+@pytest.mark.parametrize("rule,window", [("top_alpha", 0), ("entropy", 0), ("entropy", 1)])
+def test_training_free_rules_match_independent_reference(rule, window, tiny_pair):
+    """Greedy SD with a training-free rule equals a plain transformers loop (tests/reference.py)."""
+    target_dir, draft_dir = tiny_pair
+    k = 3
+    target, draft = reference.load(target_dir), reference.load(draft_dir)
+    lossless = run_engine(target_dir, spec_config("draft_model", draft_dir, k=k), PROMPTS, GREEDY,
+                          {"selfjudge": {"enabled": False}})
+    # Knob: alpha 0.3, or the median entropy at mismatches along lossless trajectories.
+    knob = 0.3
+    if rule == "entropy":
+        probe = reference.RelaxedTrace()
+        for p in lossless.prompt_token_ids:
+            reference.relaxed_greedy_sd(target, draft, p, GREEDY["max_tokens"], k, rule, float("inf"), window, probe)
+        knob = float(np.median(probe.statistics))
+    section = {"rule": rule, "alpha": knob} if rule == "top_alpha" else {
+        "rule": rule, "min_entropy": knob, "entropy_window": window}
+    relaxed = run_engine(target_dir, spec_config("draft_model", draft_dir, k=k), PROMPTS, GREEDY,
+                         {"selfjudge": section})
+    trace = reference.RelaxedTrace()
+    expected = [
+        reference.relaxed_greedy_sd(target, draft, p, GREEDY["max_tokens"], k, rule, knob, window, trace)
+        for p in relaxed.prompt_token_ids
+    ]
+    # No near-ties: vLLM and transformers differ by ~1e-5 in logprobs on these models, which
+    # moves an entropy or a probability ratio by about as much.
+    assert min(trace.margins) > 1e-4 and min(trace.argmax_gaps) > 1e-4
+    assert 0 < trace.accepted_mismatches < trace.mismatches
+    assert relaxed.token_ids == expected
+    assert relaxed.token_ids != lossless.token_ids
+    assert relaxed.judge["judge_accepted"] > 0
+
+
 SAMPLED = {"max_tokens": 24, "temperature": 0.8, "ignore_eos": True}
 
 

@@ -122,13 +122,13 @@ def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tin
 
     def capture(worker):
         runtime = worker.model_runner._selfjudge_runtime
-        apply = runtime.head.apply_
+        scores = runtime.head.scores
 
-        def spy(hidden, drafts, *args, **kwargs):
-            captured.append((hidden.clone(), drafts.clone()))
-            return apply(hidden, drafts, *args, **kwargs)
+        def spy(hidden):
+            captured.append((hidden.clone(), runtime.pending.draft_token_ids.clone()))
+            return scores(hidden)
 
-        runtime.head.apply_ = spy
+        runtime.head.scores = spy
 
     from vllm import LLM, SamplingParams
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfjudge_vllm.artifact import JudgeArtifactConfig, TargetIdentity, threshold_to_logit
-from selfjudge_vllm.judge import JudgeHead
+from selfjudge_vllm.rules import JudgeHead
 from selfjudge_vllm.request_control import JUDGE_OFF, request_options, request_threshold_logit
 from selfjudge_vllm.runtime import JudgeRuntime
 
@@ -50,17 +50,67 @@ def test_server_policy_bounds_loosening():
         resolve({"selfjudge_operating_point": "loose"}, min_threshold=0.6)
 
 
-def test_row_limits_follow_batch_order_and_draft_counts():
-    head = JudgeHead(torch.ones(2), torch.zeros(1), threshold_to_logit(0.5))
-    runtime = JudgeRuntime(head, None, 0, request_limit=resolve)
-    plain = [("a", 2, None), ("b", 3, {})]
-    assert runtime.row_limits(plain, "cpu") is None  # all on the server threshold
+def _policy(**config):
+    from selfjudge_vllm.config import SelfJudgeConfig
+    from selfjudge_vllm.request_control import RulePolicy
+
+    return RulePolicy(SelfJudgeConfig(head="h", **config), ARTIFACT, 0.5)
+
+
+def test_rule_choice_is_bounded_by_the_server():
+    from selfjudge_vllm.rules import ENTROPY, JUDGE, LOSSLESS, TOP_ALPHA, RowRule
+
+    only_judge = _policy()
+    assert only_judge.for_request(None) == RowRule(JUDGE, 0.0)
+    assert only_judge.for_request({"selfjudge_enabled": False}) == LOSSLESS
+    with pytest.raises(ValueError, match="'top_alpha' is not served here; this server allows: judge"):
+        only_judge.for_request({"selfjudge_rule": "top_alpha"})
+
+    served = _policy(rule="top_alpha", alpha=0.25, request_rules=("judge", "entropy"), min_entropy=1.5)
+    assert served.default == RowRule(TOP_ALPHA, math.log(0.25))
+    assert served.for_request({"selfjudge_alpha": "0.5"}) == RowRule(TOP_ALPHA, math.log(0.5))
+    assert served.for_request({"selfjudge_alpha": 0}).knob == -math.inf  # accept any allowed token
+    assert served.for_request({"selfjudge_rule": "entropy"}) == RowRule(ENTROPY, 1.5)
+    assert served.for_request({"selfjudge_rule": "entropy", "selfjudge_min_entropy": 3}) == RowRule(ENTROPY, 3.0)
+    judged = served.for_request({"selfjudge_rule": "judge", "selfjudge_threshold": 0.8})
+    assert judged.rule == JUDGE and judged.knob == pytest.approx(threshold_to_logit(0.8))
+    for extra, message in [
+        ({"selfjudge_rule": "judge", "selfjudge_alpha": 0.3}, "selfjudge_alpha belongs to the rule 'top_alpha', not 'judge'"),
+        ({"selfjudge_threshold": 0.3}, "selfjudge_threshold belongs to the rule 'judge', not 'top_alpha'"),
+        ({"selfjudge_alpha": 1.5}, "selfjudge_alpha: .*less than or equal to 1"),
+        ({"selfjudge_rule": "fly"}, "selfjudge_rule: Input should be 'judge', 'top_alpha' or 'entropy'"),
+        ({"selfjudge_rule": "entropy", "selfjudge_min_entropy": -1}, "selfjudge_min_entropy"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            served.for_request(extra)
+
+
+def test_training_free_rules_need_no_head():
+    from selfjudge_vllm.config import SelfJudgeConfig
+
+    assert SelfJudgeConfig(rule="entropy").head is None
+    with pytest.raises(ValueError, match="'head' .* is required for the rule 'judge'"):
+        SelfJudgeConfig(rule="entropy", request_rules=("judge",))
+
+
+def test_step_rules_follow_batch_order_and_draft_counts():
+    from selfjudge_vllm.rules import JUDGE, OFF, TOP_ALPHA, RowRule, decide_and_force_
+
+    policy = _policy(request_rules=("top_alpha",))
+    head = JudgeHead(torch.ones(2), torch.zeros(1))
+    runtime = JudgeRuntime(head, None, 0, policy.default, policy.for_request)
+    plain = runtime.step_rules([("a", 2, None), ("b", 3, {})], "cpu")
+    assert plain.uniform == RowRule(JUDGE, 0.0) and plain.rule_ids is None  # scalar fast path
     # Request ids are unique and their options never change, so each is resolved once.
-    mixed = [("a", 2, None), ("d", 1, {"selfjudge_enabled": False}), ("c", 2, {"selfjudge_threshold": 0.8})]
-    limits = runtime.row_limits(mixed, "cpu")
-    assert limits.tolist()[:3] == [0.0, 0.0, math.inf]
-    assert limits[3:].tolist() == pytest.approx([threshold_to_logit(0.8)] * 2)
-    # A judged-off row is never accepted, whatever its score.
-    hidden = torch.full((5, 2), 100.0)
-    accept, _ = head.apply_(hidden, torch.arange(5), torch.zeros(5, 8), limits)
-    assert accept.tolist() == [True, True, False, True, True]
+    mixed = [("a", 2, None), ("d", 1, {"selfjudge_enabled": False}), ("c", 2, {"selfjudge_threshold": 0.8}),
+             ("e", 2, {"selfjudge_rule": "top_alpha", "selfjudge_alpha": 0.5})]
+    step = runtime.step_rules(mixed, "cpu")
+    assert step.rule_ids.tolist() == [JUDGE, JUDGE, OFF, JUDGE, JUDGE, TOP_ALPHA, TOP_ALPHA]
+    assert step.knobs.tolist()[:3] == [0.0, 0.0, math.inf]
+    assert step.knobs[3:5].tolist() == pytest.approx([threshold_to_logit(0.8)] * 2)
+    # A judged-off row is never accepted, whatever its score; top_alpha rows ignore the head.
+    hidden = torch.full((7, 2), 100.0)
+    logits = torch.zeros(7, 8)
+    logits[5, 0] = 1.0  # row 5: p(draft 5) / p(top-1) = e^-1 < 0.5
+    accept, _ = decide_and_force_(step, torch.arange(7), logits, hidden, head)
+    assert accept.tolist() == [True, True, False, True, True, False, True]

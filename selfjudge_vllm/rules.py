@@ -1,0 +1,183 @@
+"""Relaxed-acceptance rules and how a verification step applies them (plain torch, no vLLM).
+
+Every draft token row of a step is decided by one rule with one knob:
+
+    judge       the trained SelfJudge head: accept when head(hidden) >= threshold logit
+    top_alpha   training-free: accept when p(draft) >= alpha * p(top-1), i.e.
+                logit(draft) - max logit >= log(alpha)
+    entropy     training-free, in the spirit of FLy (arXiv 2511.22972): accept a draft token
+                when the target's entropy there is >= min_entropy nats (several continuations
+                are plausible) and the target agrees with the next `window` draft tokens of
+                the same request (it does not "correct" the substitution right away)
+    off         lossless: nothing accepted beyond standard verification
+
+An accepted token is forced through verification by making it the only token with
+probability mass in its row; all other rows are left untouched, so vLLM's standard
+verification (greedy argmax match or rejection sampling, recovered token included) treats
+them exactly as without the plugin. A draft token whose processed logit is -inf (banned,
+outside top-k/top-p, forbidden by a grammar) is never accepted. Everything runs on the
+model's device without host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+OFF, JUDGE, TOP_ALPHA, ENTROPY = 0, 1, 2, 3
+RULE_IDS = {"judge": JUDGE, "top_alpha": TOP_ALPHA, "entropy": ENTROPY}
+RULE_NAMES = {OFF: "off", **{v: k for k, v in RULE_IDS.items()}}
+
+# A logit so large that softmax gives its token probability exactly 1.0 in float32 (every
+# other entry becomes exp(-1e30) == 0), yet finite, so `x - max` never computes inf - inf.
+FORCED_LOGIT = 1e30
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """One request's rule, with its knob in the units the step compares against:
+    judge: threshold logit; top_alpha: log(alpha); entropy: minimum entropy in nats."""
+
+    rule: int
+    knob: float
+
+    @staticmethod
+    def top_alpha(alpha: float) -> "RowRule":
+        return RowRule(TOP_ALPHA, math.log(alpha) if alpha > 0 else -math.inf)
+
+    def describe(self) -> str:
+        if self.rule == TOP_ALPHA:
+            return f"top_alpha (alpha {math.exp(self.knob):.4f})"
+        if self.rule == JUDGE:
+            return f"judge (threshold {1 / (1 + math.exp(-self.knob)):.4f})"
+        if self.rule == ENTROPY:
+            return f"entropy (min_entropy {self.knob:.4f} nats)"
+        return "off (lossless)"
+
+
+LOSSLESS = RowRule(OFF, math.inf)
+
+
+@dataclass
+class StepRules:
+    """The rules of one step's draft rows, built on the host before the step runs.
+
+    `uniform` is set when every row shares one rule (no per-row tensors, no copies);
+    otherwise `rule_ids`/`knobs` hold one entry per draft row. `drafts_after` (number of
+    draft tokens after each row within its request) exists when the entropy rule is used.
+    """
+
+    uniform: RowRule | None
+    rule_ids: torch.Tensor | None = None
+    knobs: torch.Tensor | None = None
+    present: frozenset[int] = frozenset()
+    drafts_after: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, rows: Iterable[tuple[RowRule, int]], device) -> "StepRules":
+        """rows: (rule, number of draft tokens) per request, in batch order."""
+        rules, counts = [], []
+        for rule, count in rows:
+            rules.append(rule)
+            counts.append(count)
+        present = frozenset(rule.rule for rule, count in zip(rules, counts) if count)
+        drafts_after = None
+        if ENTROPY in present:
+            after = [count - 1 - i for count in counts for i in range(count)]
+            drafts_after = torch.tensor(after, dtype=torch.int64).to(device, non_blocking=True)
+        distinct = set(rules)
+        if len(distinct) <= 1:
+            return cls(next(iter(distinct), LOSSLESS), present=present, drafts_after=drafts_after)
+        ids = [rule.rule for rule, count in zip(rules, counts) for _ in range(count)]
+        knobs = [rule.knob for rule, count in zip(rules, counts) for _ in range(count)]
+        return cls(
+            None,
+            torch.tensor(ids, dtype=torch.int8).to(device, non_blocking=True),
+            torch.tensor(knobs, dtype=torch.float32).to(device, non_blocking=True),
+            present,
+            drafts_after,
+        )
+
+    def selects(self, rule: int):
+        """Rows using `rule`: a bool, or a [n] mask when rows differ."""
+        if self.uniform is not None:
+            return self.uniform.rule == rule
+        return self.rule_ids == rule
+
+    def knob(self):
+        return self.uniform.knob if self.uniform is not None else self.knobs
+
+
+class JudgeHead:
+    """Logistic-regression head: score = hidden . weight + bias (a logit)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        self.weight = weight.to(torch.float32).reshape(-1)
+        self.bias = bias.to(torch.float32).reshape(())
+
+    def to(self, device: torch.device) -> "JudgeHead":
+        if self.weight.device != device:
+            self.weight = self.weight.to(device)
+            self.bias = self.bias.to(device)
+        return self
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] (any float dtype) -> [n] float32 logits."""
+        return torch.addmv(self.bias.expand(hidden.shape[0]), hidden.to(torch.float32), self.weight)
+
+
+def entropy_gate(logits: torch.Tensor, draft_token_ids: torch.Tensor, min_entropy, drafts_after, window: int):
+    """The entropy rule's decision per row (see the module docstring)."""
+    entropy = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
+    agrees = logits.argmax(-1) == draft_token_ids
+    # Evidence needs at least one later draft token; the window stops at the request's end.
+    confirmed = drafts_after > 0 if window > 0 else torch.ones_like(agrees)
+    n = agrees.shape[0]
+    for offset in range(1, window + 1):
+        later = torch.zeros_like(agrees)
+        later[: n - offset] = agrees[offset:]
+        confirmed &= later | (drafts_after < offset)
+    return (entropy >= min_entropy) & confirmed
+
+
+def decide_and_force_(
+    step: StepRules,
+    draft_token_ids: torch.Tensor,
+    processed_logits: torch.Tensor,
+    hidden: torch.Tensor | None = None,
+    head: JudgeHead | None = None,
+    entropy_window: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decide every draft row with its rule and force the accepted ones, in place.
+
+    draft_token_ids: [n] (padding is -1, never accepted).
+    processed_logits: [n, V] target logits after penalties, bans, grammar masks and
+        temperature/top-k/top-p. Each accepted row's draft entry becomes FORCED_LOGIT:
+        greedy verification sees argmax == draft, random verification sees
+        p_target(draft) == 1 >= any draw. Other rows are untouched.
+    hidden: [n, H] target hidden state at each draft token's own position (judge rule).
+
+    Returns (accept, valid) boolean [n] masks. Ties (at the knob) are accepted. Work over
+    the vocabulary happens only for rules present in the step.
+    """
+    index = draft_token_ids.clamp(min=0).long().unsqueeze(1)
+    draft_logit = processed_logits.gather(1, index).squeeze(1)
+    valid = draft_token_ids >= 0
+    accept = torch.zeros_like(valid)
+    knob = step.knob()
+    if JUDGE in step.present:
+        if head is None or hidden is None:
+            raise ValueError("the judge rule needs the head and the hidden states")
+        accept |= step.selects(JUDGE) & (head.scores(hidden) >= knob)
+    if TOP_ALPHA in step.present:
+        margin = draft_logit - processed_logits.max(-1).values
+        accept |= step.selects(TOP_ALPHA) & (margin >= knob)
+    if ENTROPY in step.present:
+        gate = entropy_gate(processed_logits, draft_token_ids, knob, step.drafts_after, entropy_window)
+        accept |= step.selects(ENTROPY) & gate
+    accept &= valid & (draft_logit > float("-inf"))
+    processed_logits.scatter_(1, index, torch.where(accept, FORCED_LOGIT, draft_logit).unsqueeze(1))
+    return accept, valid
