@@ -36,7 +36,8 @@ SHOTS = [
     ("What is 3 plus 4?", "7"),
     ("What is the plural of fox?", "foxes"),
 ]
-CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+PASSED = "__selfjudge_all_tests_ran__"
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif ", "\nprint(")  # the OpenAI API takes at most 4
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def code_passes(problem: dict, completion: str, timeout_s: float = 15.0) -> bool
     """HumanEval check: prompt + completion + the problem's tests, in a fresh isolated
     interpreter in an empty temporary folder, with memory, CPU and wall-clock limits.
     Model code is untrusted; this is isolation by process, not a sandbox."""
-    program = f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    program = (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+               f"print({PASSED!r})\n")
     with tempfile.TemporaryDirectory() as folder:
         try:
             done = subprocess.run(
@@ -145,7 +147,8 @@ def code_passes(problem: dict, completion: str, timeout_s: float = 15.0) -> bool
             )
         except subprocess.TimeoutExpired:
             return False
-    return done.returncode == 0
+    # An early exit with status 0 (os._exit, sys.exit in the completion) skips the marker.
+    return done.returncode == 0 and PASSED in done.stdout.decode(errors="replace")
 
 
 class Embedder:

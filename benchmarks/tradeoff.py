@@ -42,7 +42,7 @@ from benchmarks import tasks  # noqa: E402
 
 SWEEP = {
     "lossless": [None],
-    "judge": [0.9, 0.7, 0.5, 0.3],
+    "judge": [0.95, 0.85, 0.7, 0.5],
     "top_alpha": [0.5, 0.2],
     "entropy": [2.0, 1.0],
 }

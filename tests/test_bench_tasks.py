@@ -1,0 +1,41 @@
+"""The benchmark's task families and quality measures (no engine)."""
+
+from __future__ import annotations
+
+from benchmarks import tasks
+
+
+def test_train_and_eval_prompts_never_overlap():
+    train, evaluation = tasks.load_items("train"), tasks.load_items("eval")
+    assert not {i.id for i in train} & {i.id for i in evaluation}
+    assert not {i.prompt for i in train} & {i.prompt for i in evaluation}
+    for family in tasks.FAMILIES:
+        assert sum(i.family == family for i in evaluation) >= 40
+        assert sum(i.family == family for i in train) >= 18
+    # Few-shot examples are not questions of either split.
+    questions = {i.id for i in train + evaluation}
+    assert not {f"qa:{q}" for q, _ in tasks.SHOTS} & questions
+
+
+def test_short_answer_matching():
+    assert tasks.answer_correct(" Paris\nQ: What", ("Paris",))
+    assert tasks.answer_correct(" paris, France.", ("Paris",))
+    assert tasks.answer_correct(" 42.", ("42",))
+    assert not tasks.answer_correct(" Lyon", ("Paris",))
+    assert not tasks.answer_correct(" 420", ("42",))
+
+
+def test_code_check_runs_the_tests_in_a_limited_subprocess():
+    problem = next(i.problem for i in tasks.load_items("eval", ("code",)))
+    assert tasks.code_passes(problem, problem["canonical_solution"])
+    assert not tasks.code_passes(problem, "    return None\n")
+    assert not tasks.code_passes(problem, "    while True:\n        pass\n", timeout_s=3)
+    # Leaving early with status 0 is not a pass: the tests must have run to the end.
+    assert not tasks.code_passes(problem, "    import os; os._exit(0)\n" + problem["canonical_solution"])
+
+
+def test_intervals():
+    mean, low, high = tasks.mean_interval([1] * 90 + [0] * 10)
+    assert mean == 0.9 and 0.82 < low < 0.84 and 0.94 < high < 0.96  # Wilson
+    diff, dlow, dhigh = tasks.paired_difference([1, 1, 0, 1], [1, 1, 1, 1])
+    assert diff == -0.25 and dlow < -0.25 < dhigh
