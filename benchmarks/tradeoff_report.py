@@ -176,10 +176,11 @@ def _markdown(rows, headlines, setup, reference, plots) -> str:
               "continuation cosine; point estimates against the same server's lossless run):", ""]
     for h in headlines:
         j, f = h["judge"], h["best_training_free"]
-        line = (f"- {h['proposer']}, k={h['k']}: lossless {h['lossless_acceptance_length']:.2f} tokens/step; "
-                f"judge {('%.2f (threshold %s)' % (j['mean_acceptance_length'], j['knob'])) if j else 'no point qualifies'}"
-                f" = {_fmt(h['judge_vs_lossless'])}x lossless; best training-free "
-                f"{('%.2f (%s %s)' % (f['mean_acceptance_length'], f['method'], f['knob'])) if f else 'none qualifies'}")
+        judge = (f"judge {j['mean_acceptance_length']:.2f} (threshold {j['knob']}) = "
+                 f"{h['judge_vs_lossless']:.2f}x lossless" if j else "no judge point qualifies")
+        free = (f"best training-free {f['mean_acceptance_length']:.2f} ({f['method']} {f['knob']})"
+                if f else "no training-free point qualifies")
+        line = f"- {h['proposer']}, k={h['k']}: lossless {h['lossless_acceptance_length']:.2f} tokens/step; {judge}; {free}"
         if h["judge_vs_training_free"]:
             line += f"; judge / training-free {h['judge_vs_training_free']:.2f}x"
         if h["judge_fastest"]:
