@@ -293,7 +293,7 @@ def test_training_free_rules_against_a_direct_computation():
         assert forced.any().item() == expected[i]
 
 
-def test_rules_the_step_does_not_use_cost_nothing_over_the_vocabulary():
+def test_judge_only_step_does_no_vocabulary_wide_work():
     """The judge-only step never touches a row's vocabulary beyond the draft entry."""
 
     head = JudgeHead(torch.ones(2), torch.zeros(1))
