@@ -39,6 +39,22 @@ def _forward(model, ids):
     return out.logits[0], out.hidden_states[-1][0]
 
 
+def _prefill(target, prompt_ids, gaps: list[float]) -> list[int]:
+    """As in vLLM, the prefill step emits the target's own first token; drafting starts after."""
+    logits, _ = _forward(target, list(prompt_ids))
+    gaps.append(_gap(logits[-1]))
+    return [int(logits[-1].argmax())]
+
+
+def _propose(draft, ids: list[int], k: int) -> list[int]:
+    """k greedy draft tokens after ids."""
+    proposal: list[int] = []
+    for _ in range(k):
+        logits, _ = _forward(draft, ids + proposal)
+        proposal.append(int(logits[-1].argmax()))
+    return proposal
+
+
 def _gap(row: torch.Tensor) -> float:
     top = torch.topk(row, 2).values
     return float(top[0] - top[1])
@@ -50,16 +66,10 @@ def judged_greedy_sd(
 ) -> list[int]:
     w = torch.as_tensor(weight, dtype=torch.float64)
     limit = torch.logit(torch.tensor(threshold, dtype=torch.float64))
-    # As in vLLM, the prefill step emits the target's own first token; drafting starts after.
-    logits, _ = _forward(target, list(prompt_ids))
-    trace.argmax_gaps.append(_gap(logits[-1]))
-    out: list[int] = [int(logits[-1].argmax())]
+    out = _prefill(target, prompt_ids, trace.argmax_gaps)
     ids = list(prompt_ids) + out
     while len(out) < max_tokens:
-        proposal: list[int] = []
-        for _ in range(k):
-            logits, _ = _forward(draft, ids + proposal)
-            proposal.append(int(logits[-1].argmax()))
+        proposal = _propose(draft, ids, k)
         logits, hidden = _forward(target, ids + proposal)
         n = len(ids)
         emitted: list[int] = []
@@ -113,15 +123,10 @@ def relaxed_greedy_sd(target, draft, prompt_ids, max_tokens, k, rule, knob, wind
                the draft at each of the next `window` draft positions that exist in the
                block, with at least one such position (window 0: the entropy alone).
     Computed in float64 from the target's float32 logits."""
-    logits, _ = _forward(target, list(prompt_ids))
-    trace.argmax_gaps.append(_gap(logits[-1]))
-    out: list[int] = [int(logits[-1].argmax())]
+    out = _prefill(target, prompt_ids, trace.argmax_gaps)
     ids = list(prompt_ids) + out
     while len(out) < max_tokens:
-        proposal: list[int] = []
-        for _ in range(k):
-            dlogits, _ = _forward(draft, ids + proposal)
-            proposal.append(int(dlogits[-1].argmax()))
+        proposal = _propose(draft, ids, k)
         logits, _ = _forward(target, ids + proposal)
         n = len(ids)
         rows = [logits[n - 1 + i].double() for i in range(k + 1)]
