@@ -16,6 +16,7 @@ items only and every figure is measured on "eval" items.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -108,6 +109,16 @@ def load_items(split: str, families=FAMILIES) -> list[Item]:
     return [item for item in items if split_of(item.id) == split]
 
 
+def first_per_family(items: list[Item], n: int) -> list[Item]:
+    """The first n items of each family, families in FAMILIES order."""
+    return [item for family in FAMILIES for item in [i for i in items if i.family == family][:n]]
+
+
+def write_prompt_file(items: list[Item], path: Path) -> None:
+    """The items as a `selfjudge label` prompt file (JSONL with id and prompt)."""
+    Path(path).write_text("".join(json.dumps({"id": i.id, "prompt": i.prompt}) + "\n" for i in items))
+
+
 # -- quality measures ----------------------------------------------------------------------
 
 
@@ -181,30 +192,29 @@ def mean_interval(values, z: float = 1.96) -> tuple[float, float, float]:
         centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         return mean, centre - half, centre + half
-    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
-    half = z * math.sqrt(var / n)
-    return mean, mean - half, mean + half
+    return _normal_interval(values, z)
 
 
 def paired_difference(values, baseline, z: float = 1.96) -> tuple[float, float, float]:
     """Mean of (values - baseline) over the same items, with a 95% interval."""
-    diffs = [float(a) - float(b) for a, b in zip(values, baseline, strict=True)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
-    half = z * math.sqrt(var / n)
+    return _normal_interval([float(a) - float(b) for a, b in zip(values, baseline, strict=True)], z)
+
+
+def _normal_interval(values: list[float], z: float) -> tuple[float, float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    half = z * math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / n)
     return mean, mean - half, mean + half
 
 
 if __name__ == "__main__":
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description="Write a split's prompts as a `selfjudge label` JSONL file.")
     parser.add_argument("--split", choices=("train", "eval"), required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    rows = [{"id": item.id, "prompt": item.prompt} for item in load_items(args.split)]
-    Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
-    counts = {f: sum(1 for i in load_items(args.split) if i.family == f) for f in FAMILIES}
-    print(f"{len(rows)} prompts ({counts}) -> {args.out}")
+    split_items = load_items(args.split)
+    write_prompt_file(split_items, args.out)
+    counts = {f: sum(i.family == f for i in split_items) for f in FAMILIES}
+    print(f"{len(split_items)} prompts ({counts}) -> {args.out}")

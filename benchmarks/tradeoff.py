@@ -68,9 +68,9 @@ def ensure_judge(testbed: Path, draft: Path, work: Path, quick: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     items = tasks.load_items("train")
     if quick:
-        items = [i for f in tasks.FAMILIES for i in [x for x in items if x.family == f][:8]]
+        items = tasks.first_per_family(items, 8)
     prompts = folder / "train_prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": i.id, "prompt": i.prompt}) + "\n" for i in items))
+    tasks.write_prompt_file(items, prompts)
     cli = [sys.executable, "-m", "selfjudge_vllm.cli"]
     log(f"judge: labelling {len(items)} training prompts (progress below)")
     subprocess.run(cli + [
@@ -146,17 +146,6 @@ def start_server(testbed: Path, spec: dict | None, plugin: dict | None, log_path
     return Server(command, log_path, startup_timeout=600)
 
 
-# -- quality -----------------------------------------------------------------------------------
-
-
-def code_scores(items, results) -> list[int]:
-    return [int(tasks.code_passes(item.problem, r["text"])) for item, r in zip(items, results)]
-
-
-def answer_scores(items, results) -> list[int]:
-    return [int(tasks.answer_correct(r["text"], item.answers)) for item, r in zip(items, results)]
-
-
 # -- the sweep ---------------------------------------------------------------------------------
 
 
@@ -199,7 +188,7 @@ def main(argv=None) -> int:
         sys.exit(f"tradeoff: unknown task families {sorted(unknown)}; known: {', '.join(tasks.FAMILIES)}")
     items = tasks.load_items("eval", families)
     if args.quick:
-        items = [i for f in families for i in [x for x in items if x.family == f][:12]]
+        items = tasks.first_per_family(items, 12)
     started = time.monotonic()
 
     # Step 2: the target alone.
@@ -216,7 +205,7 @@ def main(argv=None) -> int:
         finally:
             server.stop()
         code = [(i, r) for i, r in zip(items, results) if i.family == "code"]
-        passed = code_scores([i for i, _ in code], [r for _, r in code])
+        passed = [tasks.code_passes(i.problem, r["text"]) for i, r in code]
         reference = {
             "texts": {i.id: r["text"] for i, r in zip(items, results)},
             "solved": [i.id for (i, _), ok in zip(code, passed) if ok],
