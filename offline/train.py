@@ -12,6 +12,11 @@ answer changed after substituting the draft token and letting the target finish"
 
 Training: StandardScaler + LogisticRegression, C chosen by ROC-AUC on a validation split by
 prompt (never by row); the scaler is folded into the exported weights.
+
+Operating points and the "mismatch" metrics are computed on the validation *mismatch* rows
+only: online the head decides nothing else (a draft equal to the target's choice is accepted
+by standard verification). The own-token rows are easy positives, so metrics over all rows
+(`validation_roc_auc`) flatter the head.
 """
 
 from __future__ import annotations
@@ -87,25 +92,26 @@ def fold_standardisation(coef: np.ndarray, intercept: float, mean: np.ndarray, s
     return weight, float(intercept - np.dot(weight, mean))
 
 
-def operating_points(y_true: np.ndarray, p_accept: np.ndarray, recall_target: float) -> dict[str, OperatingPoint]:
+def operating_points(y_true: np.ndarray, p_accept: np.ndarray, recall_target: float,
+                     rows: str = "validation") -> dict[str, OperatingPoint]:
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     points: dict[str, OperatingPoint] = {}
     precision, recall, thresholds = precision_recall_curve(y_true, p_accept)
     f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-12, None)
     best = int(np.argmax(f1))
-    points["best_f1"] = _point(thresholds[best], "maximises F1 of 'accept' on validation",
+    points["best_f1"] = _point(thresholds[best], f"maximises F1 of 'accept' on {rows}",
                                precision[best], recall[best])
     fpr, tpr, roc_thresholds = roc_curve(y_true, p_accept)
     finite = np.isfinite(roc_thresholds)
     j = int(np.argmax(np.where(finite, tpr - fpr, -np.inf)))
     prec_at = _precision_at(y_true, p_accept, roc_thresholds[j])
-    points["youden"] = _point(roc_thresholds[j], "maximises TPR - FPR on validation", prec_at, tpr[j])
+    points["youden"] = _point(roc_thresholds[j], f"maximises TPR - FPR on {rows}", prec_at, tpr[j])
     ok = np.where(recall[:-1] >= recall_target)[0]
     if len(ok):
         k = int(ok[-1])  # highest threshold that still reaches the recall target
         points[f"recall_{int(recall_target * 100)}"] = _point(
-            thresholds[k], f"highest threshold with validation recall >= {recall_target}",
+            thresholds[k], f"highest threshold with recall >= {recall_target} on {rows}",
             precision[k], recall[k])
     return points
 
@@ -172,7 +178,16 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     best_c = max(by_c, key=lambda c: by_c[c][0])
     auc, model = by_c[best_c]
     p_val = model.predict_proba(xs_val)[:, 1]
-    points = operating_points(y[val], p_val, settings.recall_target)
+    # The first rows of the validation block are the substituted ones (x = [substituted, original]).
+    mismatch_labels, mismatch_p = sub_label[is_val], p_val[: int(is_val.sum())]
+    both_outcomes = len(set(mismatch_labels)) == 2
+    if both_outcomes:
+        decision_labels, decision_p, decided_on = mismatch_labels, mismatch_p, "validation mismatches"
+    else:  # tiny runs: every validation mismatch has one label
+        decision_labels, decision_p, decided_on = y[val], p_val, "all validation rows"
+    points = operating_points(decision_labels, decision_p, settings.recall_target, decided_on)
+    for point in points.values():
+        point.metrics["mismatch_accept_share"] = float((mismatch_p >= point.threshold).mean())
     default = points["youden"].threshold
 
     weight, bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
@@ -190,8 +205,14 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         "C": best_c,
         "validation_roc_auc": float(auc),
         "roc_auc_by_C": {str(c): float(v[0]) for c, v in by_c.items()},
-        "validation_precision_at_default": float(precision_score(y[val], p_val >= default, zero_division=0)),
-        "validation_recall_at_default": float(recall_score(y[val], p_val >= default)),
+        "validation_mismatches": int(is_val.sum()),
+        "validation_mismatch_accept_label_share": float(mismatch_labels.mean()),
+        "validation_mismatch_roc_auc": float(roc_auc_score(mismatch_labels, mismatch_p)) if both_outcomes else None,
+        "operating_points_on": decided_on,
+        "validation_precision_at_default": float(
+            precision_score(decision_labels, decision_p >= default, zero_division=0)),
+        "validation_recall_at_default": float(recall_score(decision_labels, decision_p >= default)),
+        "validation_mismatch_accept_share_at_default": float((mismatch_p >= default).mean()),
     }
     config = JudgeArtifactConfig(
         target=TargetIdentity(**target),

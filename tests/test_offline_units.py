@@ -105,3 +105,33 @@ def test_tau_from_answer_outcomes_maximises_agreement():
     flipped[:30] = ~flipped[:30]  # noise: agreement drops below 1 but tau stays near 0.6
     tau, agreement = tau_from_outcomes(scores, flipped)
     assert 0.5 < agreement < 1.0 and 0.45 < tau < 0.75
+
+
+def test_training_report_judges_the_head_on_mismatches_only(tmp_path, monkeypatch):
+    """Own-token rows are easy positives; the head decides only mismatches online, so the
+    mismatch metrics and operating points must not count them."""
+    from selfjudge_vllm.offline import train as train_module
+
+    rng = np.random.default_rng(0)
+    n, hidden = 400, 4
+    scores = rng.uniform(0, 1, n)
+    records = [{"id": f"p{i % 40}", "m": i, "scores": {"max": {"5": float(s)}}} for i, s in enumerate(scores)]
+    # Mismatch features carry a weak hint of the label (dimension 0); own-token rows are far away.
+    substituted = torch.from_numpy(rng.normal(size=(n, hidden)))
+    substituted[:, 0] += torch.from_numpy((scores <= 0.3) * 0.5)
+    original = torch.from_numpy(rng.normal(size=(n, hidden)))
+    original[:, 1] += 8.0
+    monkeypatch.setattr(train_module, "load_run", lambda run_dir: (records, substituted, original))
+    (tmp_path / "target.json").write_text(json.dumps(
+        {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10, "num_hidden_layers": 1}))
+    report = train_module.train(tmp_path, tmp_path / "head", train_module.TrainSettings(suffix_length=5, tau=0.3))
+
+    assert report["validation_roc_auc"] > 0.8  # flattered by the own-token rows
+    assert 0.5 < report["validation_mismatch_roc_auc"] < report["validation_roc_auc"] - 0.1
+    assert report["operating_points_on"] == "validation mismatches"
+    assert report["validation_mismatches"] == split_by_prompt([r["id"] for r in records], 0.2, 0).sum()
+    config = json.loads((tmp_path / "head/config.json").read_text())
+    points = sorted(config["operating_points"].values(), key=lambda p: p["threshold"])
+    shares = [p["metrics"]["mismatch_accept_share"] for p in points]
+    assert all(0.0 <= s <= 1.0 for s in shares) and shares == sorted(shares, reverse=True)
+    assert all("validation mismatches" in p["description"] for p in points)
