@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
     parser.add_argument("--draft-lengths", default="3,5")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--batch1-items", type=int, default=4, help="continuation items timed at batch 1")
+    parser.add_argument("--batch1-items", type=int,
+                        help="continuation items timed at batch 1 (default 4; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="few items, one draft length, one knob per method")
     args = parser.parse_args(argv)
 
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
             sys.exit(f"tradeoff: {path} missing; run `selfjudge testbed --out {args.testbed} "
                      f"--draft-layers {args.draft_layers}` first")
     tag = "tradeoff_quick" if args.quick else "tradeoff"
+    if args.batch1_items is None:  # batch-1 passes dominate a quick run's time on CPU
+        args.batch1_items = 1 if args.quick else 4
     work = args.work / tag
     work.mkdir(parents=True, exist_ok=True)
     sweep = QUICK_SWEEP if args.quick else SWEEP

@@ -184,17 +184,16 @@ def _pair(entry) -> str:
 
 
 def _resolution(rows) -> str:
+    """What one item is worth, relative to the first lossless run (the others are alike)."""
+    lossless = next((r for r in rows if r["method"] == "lossless"), None)
+    if lossless is None:
+        return " n/a"
     parts = []
-    for r in rows:
-        if r["method"] != "lossless":
-            continue
-        for task in PRIMARY:
-            n, mean = r.get(f"{task}_n"), r.get(task)
-            if n and mean:
-                parts.append(f"{task} {100 / (n * mean):.1f}%" if task != "continuation"
-                             else f"{task} {n} items")
-        return f" {', '.join(parts)} (lossless {r['proposer']} k={r['k']})."
-    return " n/a"
+    for task in PRIMARY:
+        n, mean = lossless.get(f"{task}_n"), lossless.get(task)
+        if n and mean:
+            parts.append(f"{task} {n} items" if task == "continuation" else f"{task} {100 / (n * mean):.1f}%")
+    return f" {', '.join(parts)} (lossless {lossless['proposer']} k={lossless['k']})."
 
 
 def _markdown(rows, headlines, setup, reference, plots) -> str:

@@ -170,6 +170,36 @@ def test_prompts_to_served_judge(labelled_run, tiny_pair, tmp_path):
     assert result.judge["draft_tokens"] == result.num_draft_tokens > 0
 
 
+def test_judge_diagnostics_agree_with_the_training_report(labelled_run, tiny_pair, tmp_path):
+    """benchmarks/judge_diagnostics.py recomputes, from the folded artifact, what `train`
+    measured with scikit-learn; its log-probability ratios come from an independent
+    transformers pass."""
+    from benchmarks import judge_diagnostics
+
+    report = train(labelled_run.root, tmp_path / "head", TrainSettings(suffix_length=3, reject_share=0.5))
+    points = json.loads((tmp_path / "head/config.json").read_text())["operating_points"]
+    sweep = {"points": [{"proposer": "draft_model", "k": 3, "method": "lossless", "knob": None,
+                         "mean_acceptance_length": 1.5}]
+             + [{"proposer": "draft_model", "k": 3, "method": "judge", "knob": p["threshold"],
+                 "mean_acceptance_length": 2.0} for p in points.values()]}
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    out = tmp_path / "diagnostics.json"
+    diagnostics = judge_diagnostics.main(["--run", str(labelled_run.root), "--head", str(tmp_path / "head"),
+                                          "--sweep", str(tmp_path / "sweep.json"), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(diagnostics))
+    assert diagnostics["validation_mismatches"] == report["validation_mismatches"]
+    assert diagnostics["roc_auc"]["judge_head"] == pytest.approx(report["validation_mismatch_roc_auc"], abs=1e-6)
+    one_row = 1 / report["validation_mismatches"]  # a row exactly at a threshold may round either way
+    by_threshold = {row["threshold"]: row for row in diagnostics["thresholds"]}
+    for point in points.values():
+        row = by_threshold[point["threshold"]]
+        assert abs(row["mismatch_accept_share"] - point["metrics"]["mismatch_accept_share"]) <= one_row + 1e-12
+        assert row["acceptance_length"] == {"draft_model k=3": 2.0}
+    assert 0.0 < diagnostics["roc_auc"]["draft_log_ratio"] <= 1.0
+    shares = [row["mismatch_accept_share"] for row in diagnostics["top_alpha"]]
+    assert shares == sorted(shares)  # smaller alpha accepts more
+
+
 def _label_cli(tiny_pair, prompts, out, shard_size):
     target, draft = tiny_pair
     return [sys.executable, "-m", "selfjudge_vllm.cli", "label", "--target", str(target), "--draft", str(draft),
