@@ -1,7 +1,7 @@
 """Accepted tokens vs answer quality vs tokens/s: the trained judge against lossless SD and
 the training-free rules, on the Gemma 3 270M testbed, through vLLM's OpenAI server.
 
-    python benchmarks/tradeoff.py --testbed testbed               # the full sweep (~1 h here)
+    python benchmarks/tradeoff.py --testbed testbed               # the full sweep (~90 min here, 56 with a trained judge)
     python benchmarks/tradeoff.py --testbed testbed --quick       # ~9 min here, 5.5 with a trained judge
 
 Steps (each resumable: rerun the same command after an interruption):

@@ -185,9 +185,11 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         decision_labels, decision_p, decided_on = mismatch_labels, mismatch_p, "validation mismatches"
     else:  # tiny runs: every validation mismatch has one label
         decision_labels, decision_p, decided_on = y[val], p_val, "all validation rows"
-    points = operating_points(decision_labels, decision_p, settings.recall_target, decided_on)
-    for point in points.values():
-        point.metrics["mismatch_accept_share"] = float((mismatch_p >= point.threshold).mean())
+    points = {
+        name: point.model_copy(update={"metrics": {
+            **point.metrics, "mismatch_accept_share": float((mismatch_p >= point.threshold).mean())}})
+        for name, point in operating_points(decision_labels, decision_p, settings.recall_target, decided_on).items()
+    }
     default = points["youden"].threshold
 
     weight, bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
