@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -139,15 +140,24 @@ def run_engine_subprocess(spec: dict, env: dict | None = None, timeout: float = 
 
     full_env = dict(os.environ)
     full_env.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-    )
+    for attempt in (1, 2):
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+        )
+        # Seen once in CI: the CPU engine aborted natively while starting, after loading the
+        # weights and before any step ("terminate called without an active exception"; the
+        # same test then passed 6 of 6 times). Start it once more for that abort only; any
+        # other failure, or the same abort twice, fails the test.
+        native_abort = proc.returncode == -signal.SIGABRT and "terminate called" in proc.stderr
+        if not (native_abort and "RESULT " not in proc.stdout and attempt == 1):
+            break
+        print(f"engine subprocess aborted natively while starting; starting it again:\n{proc.stderr[-1000:]}")
     if proc.returncode != 0:
-        raise RuntimeError(f"engine subprocess failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"engine subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
     return EngineResult(**json.loads(line[len("RESULT "):]))
 
