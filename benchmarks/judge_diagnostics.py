@@ -86,6 +86,10 @@ def main(argv=None) -> dict:
                         help="tradeoff.py's JSON report (measured acceptance lengths)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/judge_diagnostics.json")
     args = parser.parse_args(argv)
+    for path in (args.run / "run.json", args.head / "training_report.json", args.sweep):
+        if not path.is_file():
+            sys.exit(f"judge_diagnostics: {path} missing; run benchmarks/tradeoff.py first (or pass "
+                     "--run/--head/--sweep)")
 
     from selfjudge_vllm.artifact import JudgeArtifact
     from selfjudge_vllm.offline.train import TrainSettings, load_run, split_by_prompt
