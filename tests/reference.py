@@ -61,41 +61,51 @@ def _gap(row: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def judged_greedy_sd(
-    target, draft, prompt_ids, max_tokens, k, weight, bias, threshold, trace: ReferenceTrace
-) -> list[int]:
-    w = torch.as_tensor(weight, dtype=torch.float64)
-    limit = torch.logit(torch.tensor(threshold, dtype=torch.float64))
-    out = _prefill(target, prompt_ids, trace.argmax_gaps)
+def _greedy_sd(target, draft, prompt_ids, max_tokens, k, argmax_gaps: list[float], keep_mismatch) -> list[int]:
+    """Greedy SD: a draft token equal to the target's argmax is kept, a mismatch is kept when
+    `keep_mismatch(block_logits, block_hidden, i, token, proposal)` says so (row i of the block
+    predicts draft token i; hidden row i is that token's own position), the first token kept
+    by neither is replaced by the argmax, and a fully kept block gets the bonus token."""
+    out = _prefill(target, prompt_ids, argmax_gaps)
     ids = list(prompt_ids) + out
     while len(out) < max_tokens:
         proposal = _propose(draft, ids, k)
         logits, hidden = _forward(target, ids + proposal)
         n = len(ids)
+        block_logits, block_hidden = logits[n - 1:], hidden[n:]
         emitted: list[int] = []
         for i, token in enumerate(proposal):
-            row = logits[n - 1 + i]
-            target_top = int(row.argmax())
-            trace.argmax_gaps.append(_gap(row))
-            if token == target_top:
+            row = block_logits[i]
+            argmax_gaps.append(_gap(row))
+            if token == int(row.argmax()) or keep_mismatch(block_logits, block_hidden, i, token, proposal):
                 emitted.append(token)
                 continue
-            score = float(hidden[n + i].double() @ w + bias)
-            trace.judged_mismatches += 1
-            trace.judge_margins.append(abs(score - float(limit)))
-            if score >= float(limit):
-                trace.judge_accepted_mismatches += 1
-                emitted.append(token)
-                continue
-            emitted.append(target_top)
+            emitted.append(int(row.argmax()))
             break
         else:
-            row = logits[n - 1 + k]
-            trace.argmax_gaps.append(_gap(row))
-            emitted.append(int(row.argmax()))
+            argmax_gaps.append(_gap(block_logits[k]))
+            emitted.append(int(block_logits[k].argmax()))
         ids += emitted
         out += emitted
     return out[:max_tokens]
+
+
+def judged_greedy_sd(
+    target, draft, prompt_ids, max_tokens, k, weight, bias, threshold, trace: ReferenceTrace
+) -> list[int]:
+    w = torch.as_tensor(weight, dtype=torch.float64)
+    limit = float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
+
+    def judge_keeps(block_logits, block_hidden, i, token, proposal) -> bool:
+        score = float(block_hidden[i].double() @ w + bias)
+        trace.judged_mismatches += 1
+        trace.judge_margins.append(abs(score - limit))
+        if score >= limit:
+            trace.judge_accepted_mismatches += 1
+            return True
+        return False
+
+    return _greedy_sd(target, draft, prompt_ids, max_tokens, k, trace.argmax_gaps, judge_keeps)
 
 
 def hidden_states_of(target, prompt_ids, continuation) -> torch.Tensor:
@@ -114,7 +124,6 @@ class RelaxedTrace:
     accepted_mismatches: int = 0
 
 
-@torch.no_grad()
 def relaxed_greedy_sd(target, draft, prompt_ids, max_tokens, k, rule, knob, window, trace: RelaxedTrace) -> list[int]:
     """Greedy SD where a mismatched draft token is also kept when a training-free rule says so:
 
@@ -123,42 +132,22 @@ def relaxed_greedy_sd(target, draft, prompt_ids, max_tokens, k, rule, knob, wind
                the draft at each of the next `window` draft positions that exist in the
                block, with at least one such position (window 0: the entropy alone).
     Computed in float64 from the target's float32 logits."""
-    out = _prefill(target, prompt_ids, trace.argmax_gaps)
-    ids = list(prompt_ids) + out
-    while len(out) < max_tokens:
-        proposal = _propose(draft, ids, k)
-        logits, _ = _forward(target, ids + proposal)
-        n = len(ids)
-        rows = [logits[n - 1 + i].double() for i in range(k + 1)]
-        emitted: list[int] = []
-        for i, token in enumerate(proposal):
-            row = rows[i]
-            trace.argmax_gaps.append(_gap(row))
-            if token == int(row.argmax()):
-                emitted.append(token)
-                continue
-            probs = torch.softmax(row, 0)
-            if rule == "top_alpha":
-                statistic = float(probs[token] / probs.max())
-                keep = statistic >= knob
-            else:
-                statistic = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
-                later = range(i + 1, min(i + window, k - 1) + 1)
-                keep = statistic >= knob and (
-                    window == 0 or len(later) > 0 and all(int(rows[j].argmax()) == proposal[j] for j in later)
-                )
-            trace.mismatches += 1
-            trace.statistics.append(statistic)
-            trace.margins.append(abs(statistic - knob))
-            if keep:
-                trace.accepted_mismatches += 1
-                emitted.append(token)
-                continue
-            emitted.append(int(row.argmax()))
-            break
+
+    def rule_keeps(block_logits, block_hidden, i, token, proposal) -> bool:
+        probs = torch.softmax(block_logits[i].double(), 0)
+        if rule == "top_alpha":
+            statistic = float(probs[token] / probs.max())
+            keep = statistic >= knob
         else:
-            trace.argmax_gaps.append(_gap(rows[k]))
-            emitted.append(int(rows[k].argmax()))
-        ids += emitted
-        out += emitted
-    return out[:max_tokens]
+            statistic = float(-(probs[probs > 0] * probs[probs > 0].log()).sum())
+            later = range(i + 1, min(i + window, k - 1) + 1)
+            keep = statistic >= knob and (
+                window == 0 or len(later) > 0 and all(int(block_logits[j].argmax()) == proposal[j] for j in later)
+            )
+        trace.mismatches += 1
+        trace.statistics.append(statistic)
+        trace.margins.append(abs(statistic - knob))
+        trace.accepted_mismatches += int(keep)
+        return keep
+
+    return _greedy_sd(target, draft, prompt_ids, max_tokens, k, trace.argmax_gaps, rule_keeps)
