@@ -99,9 +99,11 @@ def main(argv=None) -> dict:
     records, substituted, _ = load_run(run_dir)
     scores = np.array([r["scores"][training["suffix_mode"]][str(training["suffix_length"])] for r in records])
     acceptable = scores <= training["tau"]
-    # The same prompt split as `selfjudge train` (its defaults: tradeoff.py does not change them).
+    # The same prompt split as `selfjudge train` (reports written before it recorded the split
+    # used its defaults).
     defaults = TrainSettings()
-    is_val = split_by_prompt([r["id"] for r in records], defaults.validation_share, defaults.seed)
+    is_val = split_by_prompt([r["id"] for r in records], training.get("validation_share", defaults.validation_share),
+                             training.get("seed", defaults.seed))
     artifact = JudgeArtifact.load(head_dir)
     logits = (substituted.double() @ artifact.weight.double().reshape(-1) + float(artifact.bias)).numpy()
     p_accept = 1 / (1 + np.exp(-logits))

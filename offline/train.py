@@ -204,6 +204,8 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         "reject_share_of_mismatches": float((sub_label == 0).mean()),
         "tau_calibration": calibration,
         "validation_prompts": len({i for i, v in zip(ids, is_val) if v}),
+        "validation_share": settings.validation_share,  # with the seed: the prompt split, reproducible
+        "seed": settings.seed,
         "C": best_c,
         "validation_roc_auc": float(auc),
         "roc_auc_by_C": {str(c): float(v[0]) for c, v in by_c.items()},
