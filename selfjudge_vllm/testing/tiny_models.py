@@ -66,6 +66,7 @@ def build_tiny_llama(
     hidden_size: int = 64,
     truncate_from: Path | None = None,
     tokenizer_seed: int = 0,
+    max_positions: int = 512,
 ) -> Path:
     """Save a random Llama (float32) with the shared tokenizer into out_dir.
 
@@ -87,7 +88,7 @@ def build_tiny_llama(
         num_attention_heads=hidden_size // 32,
         num_key_value_heads=hidden_size // 32,
         head_dim=32,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=2,
@@ -118,11 +119,11 @@ def build_tiny_llama(
     return out_dir
 
 
-def build_target_and_draft(root: Path, seed: int = 0) -> tuple[Path, Path]:
+def build_target_and_draft(root: Path, seed: int = 0, max_positions: int = 512) -> tuple[Path, Path]:
     """A 4-layer target and its 1-layer truncation as draft, under root."""
-    target = build_tiny_llama(Path(root) / "target", num_layers=4, seed=seed)
+    target = build_tiny_llama(Path(root) / "target", num_layers=4, seed=seed, max_positions=max_positions)
     draft = build_tiny_llama(
-        Path(root) / "draft", num_layers=1, seed=seed, truncate_from=target
+        Path(root) / "draft", num_layers=1, seed=seed, truncate_from=target, max_positions=max_positions
     )
     return target, draft
 

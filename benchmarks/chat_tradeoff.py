@@ -1,0 +1,347 @@
+"""Accepted tokens vs answer changes vs tokens/s on an instruction-tuned pair (the Qwen2.5-Coder
+testbed: `selfjudge testbed --model qwen-coder`), GSM8K and HumanEval, through vLLM's OpenAI
+server. Built to be run in parts: every request's output is persisted as it completes, and a
+rerun of the same command continues where the last one stopped.
+
+    python benchmarks/chat_tradeoff.py --testbed testbed-qwen                  # the experiment
+    python benchmarks/chat_tradeoff.py --testbed testbed-qwen --max-minutes 140  # one sitting
+    python benchmarks/chat_tradeoff.py --testbed testbed-qwen --quick          # ~20 min here
+    python benchmarks/chat_tradeoff.py --testbed testbed-qwen --report-only    # tables from what exists
+
+The design (a full grid would take days on this machine's 2 cores):
+  1. judge: unless --head is given, `selfjudge label` + `selfjudge train` on the judge-training
+     prompts of benchmarks/chat_tasks.py (the GSM8K training slice and ShareGPT turns).
+  2. reference: the target alone (no speculative decoding) on the screening items, to check
+     that lossless SD answers exactly like it.
+  3. screen: for each server (proposer x draft length), every method and knob of SCREEN_SWEEP
+     on the fixed screening subset (SCREEN_ITEMS). Acceptance length is precise on few items;
+     answer changes are not, so this stage only chooses what to confirm.
+  4. confirm: per server, lossless and the frontier points (for the judge and for the
+     training-free rules: at each budget, the point with the highest acceptance length whose
+     screening answer-change rate is within it) on the confirmation set (CONFIRM_ITEMS, a
+     superset of the screening items; a point's items from both stages are pooled).
+  5. report: RESULTS/chat_tradeoff[_quick].{json,csv,md} and PNG plots; a point is "within
+     budget B" when the exact 95% upper bound of its answer-change rate is <= B.
+
+All points of one server are measured side by side on it, one point at a time with
+--concurrency requests in flight (vLLM's acceptance counters are per server, so points are
+not mixed), plus a batch-1 timing on a couple of items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+from benchmarks import chat_tasks  # noqa: E402
+from benchmarks.chat_tradeoff_report import BUDGETS, METHOD_FAMILIES, Outcomes, point_key, point_rows  # noqa: E402
+from benchmarks.tradeoff import KNOB_NAMES, _version, load_jsonl, log, spec_counters, xargs  # noqa: E402
+
+# Servers in the order they are worked on: the issue's headline configuration first.
+SERVERS = (("draft_model", 8), ("ngram", 8), ("draft_model", 4), ("ngram", 4))
+SCREEN_SWEEP = {
+    "lossless": [None],
+    "judge": [0.9, 0.7, 0.5],
+    "top_alpha": [0.5, 0.2, 0.05],
+    "entropy": [2.0, 0.5],
+}
+SCREEN_ITEMS = {"gsm8k": 40, "humaneval": 16}
+CONFIRM_ITEMS = {"gsm8k": 236, "humaneval": 164}  # 400: zero changes bound the rate at 0.75%
+QUICK = {"servers": (("draft_model", 8),), "items": {"gsm8k": 6, "humaneval": 2},
+         "sweep": {"lossless": [None], "top_alpha": [0.2]}, "judge_sweep": {"lossless": [None], "judge": [0.5]}}
+TAU = 0.0563  # SelfJudge's released GSM8K tau for N=20 (DESIGN.md section 2)
+BATCH1_ITEMS = 2
+REFERENCE = ("target", 0)  # the server without speculative decoding
+
+
+# -- step 1: the judge ---------------------------------------------------------------------------
+
+
+def ensure_judge(testbed: Path, work: Path, template, args) -> Path:
+    folder = work / "chat_judge"
+    head = folder / "head"
+    if (head / "config.json").is_file():
+        log(f"judge: using {head}")
+        return head
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = folder / "train_prompts.jsonl"
+    if not prompts.is_file():
+        rows = chat_tasks.train_prompt_rows(template, args.judge_sharegpt)
+        rows = ([r for r in rows if r["id"].startswith("gsm8k/")][: args.judge_gsm8k]
+                + [r for r in rows if r["id"].startswith("sharegpt/")])
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli = [sys.executable, "-m", "selfjudge_vllm.cli"]
+    log(f"judge: labelling {sum(1 for _ in prompts.open())} training prompts (resumable; progress below)")
+    subprocess.run(cli + [
+        "label", "--target", str(testbed / "target"), "--draft", str(testbed / "draft"), "--prompts", str(prompts),
+        "--out", str(folder / "label-run"), "--max-new-tokens", "256", "--dtype", "float32",
+        "--block-size", "32", "--max-model-len", "2048", "--suffix-lengths", "20", "--shard-size", "35",
+    ], check=True, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="6"))
+    subprocess.run(cli + ["train", "--run", str(folder / "label-run"), "--out", str(head),
+                          "--tau", str(TAU), "--suffix-length", "20"], check=True)
+    return head
+
+
+# -- the store: one line per finished request, one per finished segment ---------------------------
+
+
+class Store:
+    """`requests.jsonl`: {"point", "id", "text", "tokens", "latency_s"} per finished request;
+    `segments.jsonl`: {"point", "ids", "counters", "wall_s", "tokens"} per run of requests that
+    finished together (vLLM's counters are read around it), and batch-1 timings. A request
+    whose segment was cut off keeps its output; only its segment's counters are missing."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.requests_path, self.segments_path = folder / "requests.jsonl", folder / "segments.jsonl"
+        self.requests: dict[str, dict[str, dict]] = {}
+        for row in load_jsonl(self.requests_path):
+            self.requests.setdefault(row["point"], {})[row["id"]] = row
+        self.segments = load_jsonl(self.segments_path)
+
+    def done(self, point: str) -> dict[str, dict]:
+        return self.requests.get(point, {})
+
+    def add_request(self, row: dict) -> None:
+        self.requests.setdefault(row["point"], {})[row["id"]] = row
+        _append(self.requests_path, row)
+
+    def add_segment(self, row: dict) -> None:
+        self.segments.append(row)
+        _append(self.segments_path, row)
+
+    def batch1(self, point: str) -> dict | None:
+        return next((s for s in self.segments if s["point"] == point and s.get("batch1")), None)
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+async def _request(client, item, body):
+    start = time.monotonic()
+    out = await client.completions.create(
+        model="target", prompt=item.prompt, max_tokens=item.max_tokens, temperature=0.0,
+        stop=list(item.stop) or None, extra_body=body, timeout=3600,
+    )
+    return {"text": out.choices[0].text, "tokens": out.usage.completion_tokens,
+            "latency_s": time.monotonic() - start}
+
+
+async def run_items(base_url, items, extra, concurrency, on_done) -> float:
+    """All items with at most `concurrency` in flight; `on_done(item, result)` as each ends."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    gate, body = asyncio.Semaphore(concurrency), ({"vllm_xargs": extra} if extra else None)
+
+    async def one(item):
+        async with gate:
+            on_done(item, await _request(client, item, body))
+
+    start = time.monotonic()
+    try:
+        await asyncio.gather(*(one(item) for item in items))
+    finally:
+        await client.close()
+    return time.monotonic() - start
+
+
+class Progress:
+    """Requests done / planned, with an ETA from the tokens/s seen in this sitting."""
+
+    def __init__(self, planned: int, done: int):
+        self.planned, self.done, self.started, self.run_now = planned, done, time.monotonic(), 0
+
+    def tick(self, n=1):
+        self.done += n
+        self.run_now += n
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        left = self.planned - self.done
+        eta = f"{left * elapsed / self.run_now / 60:.0f} min" if self.run_now else "n/a"
+        return f"{self.done}/{self.planned} requests, ETA {eta} at this sitting's pace"
+
+
+def measure_point(server, store, key, items, extra, args, progress) -> None:
+    """Runs the point's missing items (persisting each) and, once, its batch-1 timing."""
+    pending = [i for i in items if i.id not in store.done(key)]
+    if pending:
+        before = spec_counters(server)  # zeros on a server without speculative decoding
+
+        def on_done(item, result):
+            store.add_request({"point": key, "id": item.id, **result})
+            progress.tick()
+
+        wall = asyncio.run(run_items(server.base, pending, extra, args.concurrency, on_done))
+        after = spec_counters(server)
+        store.add_segment({"point": key, "ids": [i.id for i in pending], "wall_s": wall,
+                           "tokens": sum(store.done(key)[i.id]["tokens"] for i in pending),
+                           "counters": {k: after[k] - before[k] for k in after},
+                           "measured": datetime.date.today().isoformat()})
+        log(f"  {key}: {len(pending)} requests in {wall / 60:.1f} min; {progress.line()}")
+    if store.batch1(key) is None:
+        b1 = items[: args.batch1_items]
+        results = []
+        wall = asyncio.run(run_items(server.base, b1, extra, 1, lambda item, r: results.append(r)))
+        store.add_segment({"point": key, "batch1": True, "ids": [i.id for i in b1], "wall_s": wall,
+                           "tokens": sum(r["tokens"] for r in results)})
+
+
+def start_server(testbed: Path, server, head: Path | None, work: Path, args):
+    from selfjudge_vllm.testing.load import Server, free_port, serve_command
+
+    proposer, k = server
+    spec, plugin = None, None
+    if proposer == "draft_model":
+        spec = {"method": "draft_model", "model": str(testbed / "draft"), "num_speculative_tokens": k}
+    elif proposer == "ngram":
+        spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    if spec is not None:
+        rules = ["top_alpha", "entropy"]
+        plugin = {"selfjudge": ({"head": str(head), "rule": "judge", "request_rules": rules} if head else
+                                {"rule": "top_alpha", "request_rules": rules})}
+    command = serve_command(testbed / "target", free_port(), spec, plugin, model_name="target",
+                            dtype="float32", max_model_len=args.max_model_len)
+    log(f"server: {proposer}" + (f", k={k}" if spec else " (no speculative decoding)") + "; starting (minutes)")
+    return Server(command, work / f"server-{proposer}-{k}.log", startup_timeout=900)
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+def frontier(store, server, screen_items, budgets=BUDGETS) -> list[tuple[str, float | None]]:
+    """(method, knob) to confirm on this server: per method family and budget, the screened
+    point with the highest acceptance length whose screening answer-change rate is within the
+    budget (point estimate; the confirmation decides)."""
+    rows = point_rows(store, Outcomes(screen_items), only_ids={i.id for i in screen_items}, server=server)
+    lossless = next((r for r in rows if r["method"] == "lossless"), None)
+    if lossless is None:
+        return []
+    chosen = []
+    for methods in METHOD_FAMILIES.values():
+        for budget in budgets:
+            ok = [r for r in rows if r["method"] in methods and "changes" in r and r["mean_acceptance_length"]
+                  and r["changes"] <= budget * r["paired_n"]]
+            best = max(ok, key=lambda r: r["mean_acceptance_length"], default=None)
+            if best and (best["method"], best["knob"]) not in chosen:
+                chosen.append((best["method"], best["knob"]))
+    return chosen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--testbed", type=Path, required=True, help="folder written by `selfjudge testbed --model qwen-coder`")
+    parser.add_argument("--head", type=Path, help="trained judge artifact (default: train one)")
+    parser.add_argument("--no-judge", action="store_true", help="training-free rules only (no judge points)")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench_work", help="resumable intermediate files")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--servers", help="proposer:k list to work on, e.g. draft_model:8,ngram:8 (default: all)")
+    parser.add_argument("--stages", default="reference,screen,confirm", help="stages to run (default: all)")
+    parser.add_argument("--max-minutes", type=float, help="start no new point after this many minutes")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--batch1-items", type=int, default=BATCH1_ITEMS)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--judge-gsm8k", type=int, default=150, help="GSM8K training prompts the judge is labelled on")
+    parser.add_argument("--judge-sharegpt", type=int, default=60, help="ShareGPT prompts the judge is labelled on")
+    parser.add_argument("--quick", action="store_true", help="8 items, one server, lossless + one relaxed point")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from what exists")
+    args = parser.parse_args(argv)
+
+    for role in ("target", "draft"):
+        if not (args.testbed / role / "config.json").is_file():
+            sys.exit(f"chat_tradeoff: {args.testbed / role} missing; run "
+                     f"`selfjudge testbed --model qwen-coder --out {args.testbed}` first")
+    tag = "chat_tradeoff_quick" if args.quick else "chat_tradeoff"
+    work = args.work / tag
+    store = Store(work)
+    template = chat_tasks.ChatTemplate(args.testbed / "target")
+    all_items = chat_tasks.eval_items(template)
+    screen = chat_tasks.first_of_each(all_items, QUICK["items"] if args.quick else SCREEN_ITEMS)
+    confirm = screen if args.quick else chat_tasks.first_of_each(all_items, CONFIRM_ITEMS)
+    confirm = screen + [i for i in confirm if i not in screen]
+    servers = QUICK["servers"] if args.quick else SERVERS
+    if args.servers:
+        servers = tuple((p, int(k)) for p, k in (s.split(":") for s in args.servers.split(",")))
+    head = None
+    if not args.no_judge and not args.report_only:
+        head = args.head or ensure_judge(args.testbed, args.work, template, args)
+    sweep = dict(QUICK["judge_sweep"] if head and args.quick else QUICK["sweep"] if args.quick else SCREEN_SWEEP)
+    if head is None:
+        sweep.pop("judge", None)
+    stages = set(args.stages.split(","))
+    started = time.monotonic()
+    out_of_time = lambda: args.max_minutes is not None and (time.monotonic() - started) / 60 > args.max_minutes  # noqa: E731
+
+    def work_on(server, plan) -> None:
+        """plan: [(key, items, extra)]; starts the server only if something is missing."""
+        todo = [(key, items, extra) for key, items, extra in plan
+                if any(i.id not in store.done(key) for i in items) or store.batch1(key) is None]
+        if not todo or out_of_time():
+            return
+        planned = sum(len(items) for _, items, _ in todo)
+        progress = Progress(planned, sum(sum(i.id in store.done(key) for i in items) for key, items, _ in todo))
+        srv = start_server(args.testbed, server, head, work, args)
+        try:
+            for key, items, extra in todo:
+                if out_of_time():
+                    log(f"--max-minutes reached; stopping before {key} (rerun to continue)")
+                    return
+                measure_point(srv, store, key, items, extra, args, progress)
+        finally:
+            srv.stop()
+
+    if not args.report_only:
+        if "reference" in stages:
+            work_on(REFERENCE, [(point_key(REFERENCE, "alone", None), screen, None)])
+        if "screen" in stages:
+            for server in servers:
+                work_on(server, [(point_key(server, m, knob), screen, xargs(m, knob))
+                                 for m, knobs in sweep.items() for knob in knobs])
+        if "confirm" in stages and not args.quick:
+            for server in servers:
+                chosen = [("lossless", None)] + frontier(store, server, screen)
+                if len(chosen) > 1:
+                    log(f"confirm {server}: {', '.join(f'{m} {k}' for m, k in chosen)}")
+                    work_on(server, [(point_key(server, m, knob), confirm, xargs(m, knob)) for m, knob in chosen])
+
+    from benchmarks import chat_tradeoff_report
+
+    chat_tradeoff_report.write(
+        store=store, items=confirm, screen_ids=[i.id for i in screen], results=args.results, tag=tag,
+        setup={
+            "date": max((s.get("measured", "") for s in store.segments), default="") or datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "vllm": _version("vllm-cpu") or _version("vllm"),
+            "target": "Qwen2.5-Coder-1.5B-Instruct (float32)", "draft": "Qwen2.5-Coder-0.5B-Instruct (float32)",
+            "head": str(head) if head else None, "concurrency": args.concurrency, "batch1_items": args.batch1_items,
+            "quick": args.quick, "screen_items": len(screen), "confirm_items": len(confirm),
+            "command": "python benchmarks/chat_tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        },
+    )
+    log(f"done in {(time.monotonic() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

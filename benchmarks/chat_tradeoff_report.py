@@ -1,0 +1,274 @@
+"""Per-point statistics, matched-quality table, CSV, plots and Markdown of
+benchmarks/chat_tradeoff.py, computed from its store (requests.jsonl, segments.jsonl) alone.
+
+Against the same server's lossless run, on the items both have, item by item:
+  answer changes   items whose final answer (GSM8K) or pass/fail result (HumanEval) differs
+                   from lossless, in either direction; rate with its exact one-sided 95% upper
+                   bound (Clopper-Pearson)
+  accuracy change  relaxed minus lossless accuracy, with the exact McNemar p-value
+A point is within budget B when that upper bound is <= B.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from benchmarks import chat_tasks, tasks
+
+BUDGETS = (0.01, 0.02, 0.05)
+METHOD_FAMILIES = {"judge": ("judge",), "training_free": ("top_alpha", "entropy")}
+METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "top_alpha": ("tab:blue", "^"),
+                "entropy": ("tab:green", "D")}
+METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "top_alpha": 2, "entropy": 3}
+
+
+def point_key(server: tuple[str, int], method: str, knob) -> str:
+    proposer, k = server
+    return f"{proposer}-k{k}/{method}" + ("" if knob is None else f"-{knob}")
+
+
+def parse_key(key: str) -> tuple[str, int, str, float | None]:
+    server, point = key.split("/")
+    proposer, k = server.rsplit("-k", 1)
+    method, _, knob = point.partition("-")
+    return proposer, int(k), method, (float(knob) if knob else None)
+
+
+class Outcomes:
+    """Final answer / pass result per (item, text), computed once (code runs in a subprocess)."""
+
+    def __init__(self, items):
+        self.items = {i.id: i for i in items}
+        self.cache: dict[tuple[str, str], dict] = {}
+
+    def __call__(self, item_id: str, text: str) -> dict:
+        key = (item_id, text)
+        if key not in self.cache:
+            self.cache[key] = chat_tasks.outcome(self.items[item_id], text)
+        return self.cache[key]
+
+
+def _acceptance(store, key: str, ids: set[str]) -> dict:
+    segments = [s for s in store.segments if s["point"] == key and not s.get("batch1") and set(s["ids"]) <= ids]
+    counts = {name: sum(s["counters"].get(name, 0.0) for s in segments) for name in ("drafts", "draft_tokens", "accepted")}
+    wall, tokens = sum(s["wall_s"] for s in segments), sum(s["tokens"] for s in segments)
+    batch1 = store.batch1(key)
+    return {
+        **counts,
+        "mean_acceptance_length": 1 + counts["accepted"] / counts["drafts"] if counts["drafts"] else None,
+        "acceptance_rate": counts["accepted"] / counts["draft_tokens"] if counts["draft_tokens"] else None,
+        "tokens_per_s": tokens / wall if wall else None,
+        "tokens_per_s_batch1": batch1["tokens"] / batch1["wall_s"] if batch1 else None,
+        "timed_items": sum(len(s["ids"]) for s in segments),
+    }
+
+
+def point_rows(store, outcomes: Outcomes, only_ids: set[str] | None = None, server=None) -> list[dict]:
+    """One row per point (of `server`, or all), restricted to `only_ids` when given."""
+    rows = []
+    keys = sorted(store.requests, key=lambda k: (parse_key(k)[:2], METHOD_ORDER[parse_key(k)[2]], -(parse_key(k)[3] or 0)))
+    for key in keys:
+        proposer, k, method, knob = parse_key(key)
+        if server is not None and (proposer, k) != tuple(server):
+            continue
+        done = {i: r for i, r in store.done(key).items() if i in outcomes.items and (only_ids is None or i in only_ids)}
+        if not done:
+            continue
+        results = {i: outcomes(i, r["text"]) for i, r in done.items()}
+        row = {"key": key, "proposer": proposer, "k": k, "method": method, "knob": knob, "n": len(done),
+               **_acceptance(store, key, set(done))}
+        for family in chat_tasks.FAMILIES:
+            ids = [i for i in done if outcomes.items[i].family == family]
+            row[f"{family}_n"] = len(ids)
+            row[f"{family}_accuracy"] = sum(results[i]["correct"] for i in ids) / len(ids) if ids else None
+        row["accuracy"] = sum(r["correct"] for r in results.values()) / len(results)
+        row["_results"], row["_texts"] = results, {i: r["text"] for i, r in done.items()}
+        rows.append(row)
+    _compare_with_lossless(rows)
+    return rows
+
+
+def _compare_with_lossless(rows: list[dict]) -> None:
+    lossless = {(r["proposer"], r["k"]): r for r in rows if r["method"] == "lossless"}
+    reference = next((r for r in rows if r["method"] == "alone"), None)
+    for row in rows:
+        base = lossless.get((row["proposer"], row["k"]))
+        if row["method"] == "lossless" and reference is not None:
+            common = [i for i in row["_texts"] if i in reference["_texts"]]
+            row["identical_to_target_alone"] = sum(row["_texts"][i] == reference["_texts"][i] for i in common)
+            row["compared_with_target_alone"] = len(common)
+        if base is None or row["method"] in ("lossless", "alone"):
+            continue
+        common = [i for i in row["_results"] if i in base["_results"]]
+        mine, theirs = row["_results"], base["_results"]
+        changed = [i for i in common if mine[i]["answer"] != theirs[i]["answer"]]
+        gained = sum(mine[i]["correct"] and not theirs[i]["correct"] for i in common)
+        lost = sum(theirs[i]["correct"] and not mine[i]["correct"] for i in common)
+        n = len(common)
+        row.update({
+            "paired_n": n, "changes": len(changed), "changed_ids": changed,
+            "change_rate": len(changed) / n if n else None,
+            "change_upper95": tasks.change_rate_upper_bound(len(changed), n),
+            "gained": gained, "lost": lost, "accuracy_change": (gained - lost) / n if n else None,
+            "mcnemar_p": tasks.mcnemar_exact_p(gained, lost),
+            "acceptance_length_vs_lossless": (row["mean_acceptance_length"] / base["mean_acceptance_length"]
+                                              if row["mean_acceptance_length"] and base["mean_acceptance_length"] else None),
+            "tokens_per_s_vs_lossless": _ratio(row["tokens_per_s"], base["tokens_per_s"]),
+            "tokens_per_s_batch1_vs_lossless": _ratio(row["tokens_per_s_batch1"], base["tokens_per_s_batch1"]),
+        })
+        for budget in BUDGETS:
+            row[f"within_{budget:g}"] = row["change_upper95"] <= budget
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def headlines(rows: list[dict]) -> list[dict]:
+    """Per server: lossless acceptance length, and for the judge and the best training-free
+    rule the highest acceptance length within each answer-change budget."""
+    out = []
+    for server in sorted({(r["proposer"], r["k"]) for r in rows if r["method"] == "lossless"}):
+        group = [r for r in rows if (r["proposer"], r["k"]) == server]
+        lossless = next(r for r in group if r["method"] == "lossless")
+        entry = {"proposer": server[0], "k": server[1], "lossless_acceptance_length": lossless["mean_acceptance_length"],
+                 "lossless_n": lossless["n"], "lossless_accuracy": lossless["accuracy"],
+                 "lossless_tokens_per_s": lossless["tokens_per_s"],
+                 "lossless_tokens_per_s_batch1": lossless["tokens_per_s_batch1"], "budgets": {}}
+        for budget in BUDGETS:
+            entry["budgets"][f"{budget:g}"] = {
+                family: _summary(max((r for r in group if r["method"] in methods and r.get(f"within_{budget:g}")
+                                      and r["mean_acceptance_length"]),
+                                     key=lambda r: r["mean_acceptance_length"], default=None))
+                for family, methods in METHOD_FAMILIES.items()}
+        out.append(entry)
+    return out
+
+
+def _summary(row):
+    if row is None:
+        return None
+    return {k: row[k] for k in ("method", "knob", "n", "paired_n", "changes", "change_upper95", "mean_acceptance_length",
+                                "acceptance_length_vs_lossless", "tokens_per_s_vs_lossless",
+                                "tokens_per_s_batch1_vs_lossless", "accuracy_change", "mcnemar_p")}
+
+
+def _fmt(value, spec=".2f"):
+    return "n/a" if value is None else format(value, spec)
+
+
+def _cell(s) -> str:
+    if s is None:
+        return "-"
+    name = s["method"] if s["knob"] is None else f"{s['method']} {s['knob']:g}"
+    return (f"{s['mean_acceptance_length']:.2f} ({_fmt(s['acceptance_length_vs_lossless'])}x; {name}; "
+            f"{s['changes']}/{s['paired_n']} changed, bound {100 * s['change_upper95']:.2f}%)")
+
+
+def _markdown(rows, heads, setup) -> str:
+    reference = next((r for r in rows if r["method"] == "alone"), None)
+    lines = [
+        f"Measured {setup['date']} on {setup['machine']}, vLLM {setup['vllm']}; target {setup['target']}, "
+        f"draft_model draft {setup['draft']}. Greedy; chat template; concurrent = up to {setup['concurrency']} "
+        f"requests in flight; batch 1 = {setup['batch1_items']} items one at a time. Screening subset "
+        f"{setup['screen_items']} items, confirmation set {setup['confirm_items']} (GSM8K items after the judge's "
+        f"training slice, all HumanEval problems). Command: `{setup['command']}`.",
+        "",
+    ]
+    if reference is not None:
+        lines.append(f"Target alone (no SD): {reference['n']} items, accuracy {reference['accuracy']:.3f}, "
+                     f"{_fmt(reference['tokens_per_s'], '.1f')} tok/s concurrent, "
+                     f"{_fmt(reference['tokens_per_s_batch1'], '.1f')} at batch 1.")
+    for r in rows:
+        if r["method"] == "lossless" and "compared_with_target_alone" in r:
+            lines.append(f"- Lossless {r['proposer']} k={r['k']}: identical text to the target alone on "
+                         f"{r['identical_to_target_alone']} of {r['compared_with_target_alone']} items.")
+    lines += ["", "| proposer | k | method | knob | items | accept. length | accept. rate | tok/s conc. | tok/s batch 1 "
+              "| GSM8K acc. (n) | HumanEval pass (n) | answer changes vs lossless | 95% upper bound | acc. change | McNemar p |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['proposer']} | {r['k'] or ''} | {r['method']} | {'' if r['knob'] is None else r['knob']} | {r['n']} "
+            f"| {_fmt(r['mean_acceptance_length'])} | {_fmt(r['acceptance_rate'], '.3f')} | {_fmt(r['tokens_per_s'], '.1f')} "
+            f"| {_fmt(r['tokens_per_s_batch1'], '.1f')} | {_fmt(r['gsm8k_accuracy'], '.3f')} ({r['gsm8k_n']}) "
+            f"| {_fmt(r['humaneval_accuracy'], '.3f')} ({r['humaneval_n']}) "
+            + (f"| {r['changes']}/{r['paired_n']} | {100 * r['change_upper95']:.2f}% | {100 * r['accuracy_change']:+.2f}% "
+               f"| {r['mcnemar_p']:.3f} |" if "changes" in r else "| | | | |"))
+    lines += ["", "Matched quality: highest mean acceptance length (tokens per step) within each answer-change budget "
+              "(exact 95% upper bound of the share of items whose answer differs from lossless); judge / best "
+              "training-free rule (-: no point qualifies):", "",
+              "| proposer | k | lossless | " + " | ".join(f"judge <= {100 * b:g}%" for b in BUDGETS) + " | "
+              + " | ".join(f"training-free <= {100 * b:g}%" for b in BUDGETS) + " |",
+              "|---|---|---|" + "---|" * (2 * len(BUDGETS))]
+    for h in heads:
+        cells = [_cell(h["budgets"][f"{b:g}"]["judge"]) for b in BUDGETS]
+        cells += [_cell(h["budgets"][f"{b:g}"]["training_free"]) for b in BUDGETS]
+        lines.append(f"| {h['proposer']} | {h['k']} | {_fmt(h['lossless_acceptance_length'])} (n={h['lossless_n']}) | "
+                     + " | ".join(cells) + " |")
+    n = max((r.get("paired_n", 0) for r in rows), default=0)
+    if n:
+        lines += ["", f"Resolution: with {n} paired items, 0 changes bound the change rate at "
+                  f"{100 * tasks.change_rate_upper_bound(0, n):.2f}% and 1 change at "
+                  f"{100 * tasks.change_rate_upper_bound(1, n):.2f}%."]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(rows, results: Path, tag: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for proposer in sorted({r["proposer"] for r in rows if r["method"] != "alone"}):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in rows:
+            if r["proposer"] != proposer or "changes" not in r or not r["mean_acceptance_length"]:
+                continue
+            color, marker = METHOD_STYLE[r["method"]]
+            ax.errorbar(100 * r["change_rate"], r["mean_acceptance_length"],
+                        xerr=[[0], [100 * (r["change_upper95"] - r["change_rate"])]], color=color, marker=marker,
+                        markersize=4 + r["k"] / 2, alpha=0.8, capsize=2)
+        for r in rows:
+            if r["proposer"] == proposer and r["method"] == "lossless" and r["mean_acceptance_length"]:
+                ax.scatter(0, r["mean_acceptance_length"], color="black", marker="o", s=20 + 4 * r["k"])
+        for b in BUDGETS:
+            ax.axvline(100 * b, color="grey", linestyle=":", linewidth=0.8)
+        for method, (color, marker) in METHOD_STYLE.items():
+            ax.scatter([], [], color=color, marker=marker, label=method)
+        ax.legend(fontsize=8, title="size: draft length; bar: 95% upper bound")
+        ax.set_xlabel("answer changes vs lossless (% of items)")
+        ax.set_ylabel("mean acceptance length (tokens/step)")
+        ax.set_title(f"{proposer}: Qwen2.5-Coder 1.5B target, GSM8K + HumanEval")
+        fig.tight_layout()
+        path = results / f"{tag}_{proposer}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    return files
+
+
+def write(store, items, screen_ids, results: Path, tag: str, setup: dict) -> dict:
+    results.mkdir(parents=True, exist_ok=True)
+    outcomes = Outcomes(items)
+    rows = point_rows(store, outcomes)
+    screen_rows = point_rows(store, outcomes, only_ids=set(screen_ids))
+    heads = headlines(rows)
+    plots = _plots(rows, results, tag) if rows else []
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    report = {"setup": setup, "headlines": heads, "points": public,
+              "screening": [{k: v for k, v in r.items() if not k.startswith("_")} for r in screen_rows],
+              "outcomes": {r["key"]: r["_results"] for r in rows}}
+    (results / f"{tag}.json").write_text(json.dumps(report, indent=1))
+    fields = list(dict.fromkeys(k for r in public for k, v in r.items() if not isinstance(v, (list, dict))))
+    with (results / f"{tag}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(public)
+    markdown = _markdown(rows, heads, setup) + ("\nPlots: " + ", ".join(f"`benchmarks/results/{p}`" for p in plots) + "\n"
+                                                if plots else "")
+    (results / f"{tag}.md").write_text(markdown)
+    print(markdown)
+    return report

