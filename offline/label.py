@@ -6,7 +6,8 @@ a stage has work left):
   responses   target greedy responses (token ids), through vLLM's offline API
   mismatches  the draft's teacher-forced top-1 along each response (draft prompt_logprobs)
   scores      S_orig - S_sub for every mismatch, every suffix length, both suffix modes
-              (target prompt_logprobs on the response and on each substituted window)
+              (target prompt_logprobs on the response and on each substituted window), and
+              the log-probability evidence verification holds for the draft token
   features    the target's final-norm hidden state at position m of y' and of y (vLLM
               pooling engine: the same numbers the plugin reads at serving time)
 """
@@ -23,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from selfjudge_vllm.features import evidence_from_logprobs
 from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
 from selfjudge_vllm.offline.prompts import Prompt, read_prompt_file, tokenize_prompts
 from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
@@ -158,7 +160,8 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
                 settings.suffix_lengths,
             )
             scores_by_mode = {mode: {str(n): v for n, v in by_n.items()} for mode, by_n in s.items()}
-            out.append(dict(it, scores=scores_by_mode, cached_prefix=sub.cached_tokens))
+            out.append(dict(it, scores=scores_by_mode, cached_prefix=sub.cached_tokens,
+                            evidence=verification_evidence(originals[it["id"]], sub, m, end)))
         run.write_records("scores", i, out)
 
     def features(llm, i):
@@ -202,6 +205,13 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
         _run_stage(run, "outcomes", shards, target_engine, outcomes, progress)
         run.write_provenance("outcomes", dict(info, answer_pattern=settings.answer_pattern))
     return run
+
+
+def verification_evidence(original, substituted, m: int, end: int) -> dict[str, float | None]:
+    """The logit features (selfjudge_vllm/features.py) of the mismatch at m, from the
+    response's and the substituted window's prompt_logprobs."""
+    return evidence_from_logprobs(
+        substituted.actual[m], original.top1[m], substituted.top1[m + 1] if m + 1 < end else None)
 
 
 def final_answer(text: str, pattern: re.Pattern) -> str | None:

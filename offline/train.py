@@ -13,6 +13,17 @@ answer changed after substituting the draft token and letting the target finish"
 Training: StandardScaler + LogisticRegression, C chosen by ROC-AUC on a validation split by
 prompt (never by row); the scaler is folded into the exported weights.
 
+Feature sets (`--features`, selfjudge_vllm/features.py): `hidden` is the paper's head above
+(the ablation); `logits` is a logistic regression on the logit features of each mismatch
+(draft_logratio, verify_confidence, next_confidence; runs labelled by this release record
+them); `both` stacks the two: an out-of-fold hidden-state score (the hidden head refitted on
+the other folds' prompts) and the logit features go into a small second logistic regression,
+so L2 does not drown three scalars among thousands of hidden dimensions; the stack folds
+into one dot product plus three scalar products. Those two are fitted, and their C chosen,
+on mismatch rows only (the rows the head decides online). `auto` (default) fits every set
+the run supports, reports them side by side and serves the best by validation mismatch
+ROC-AUC.
+
 Operating points and the "mismatch" metrics are computed on the validation *mismatch* rows
 only: online the head decides nothing else (a draft equal to the target's choice is accepted
 by standard verification). The own-token rows are easy positives, so metrics over all rows
@@ -29,11 +40,14 @@ import numpy as np
 import torch
 
 from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, OperatingPoint, TargetIdentity
+from selfjudge_vllm.features import FEATURE_SETS, HIDDEN, LOGIT_FEATURES
 from selfjudge_vllm.offline.label import InputError, load_run
 from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
 from selfjudge_vllm.offline.store import provenance
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+STACK_FOLDS = 5
+FEATURE_CHOICES = ("auto", *FEATURE_SETS)
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,7 @@ class TrainSettings:
     validation_share: float = 0.2
     recall_target: float = 0.8
     seed: int = 0
+    features: str = "auto"
 
 
 def tau_from_outcomes(scores: np.ndarray, changed: np.ndarray) -> tuple[float, float]:
@@ -127,6 +142,80 @@ def _point(threshold: float, description: str, precision: float, recall: float) 
                           metrics={"precision": float(precision), "recall": float(recall)})
 
 
+@dataclass
+class _Head:
+    """A fitted head in serving form: logit = x . weight + evidence . scalar + bias."""
+
+    features: tuple[str, ...]
+    weight: np.ndarray | None
+    scalar: np.ndarray | None
+    bias: float
+    C: float
+
+    def logits(self, x_rows: np.ndarray, evidence: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+        out = np.full(len(x_rows), self.bias)
+        if self.weight is not None:
+            out = out + x_rows @ self.weight
+        if self.scalar is not None:
+            out = out + evidence[rows] @ self.scalar
+        return out
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def evidence_matrix(records: list[dict]) -> np.ndarray | None:
+    """[mismatches, len(LOGIT_FEATURES)] logit features (NaN where one does not exist), or
+    None for a run labelled before they were recorded."""
+    if not all("evidence" in r for r in records):
+        return None
+    return np.array([[np.nan if r["evidence"][f] is None else r["evidence"][f] for f in LOGIT_FEATURES]
+                     for r in records], dtype=np.float64)
+
+
+def _fit_scalar_head(features: np.ndarray, labels: np.ndarray, fit_rows, eval_rows, seed: int, names) -> _Head:
+    """Standardised logistic regression on a few scalar columns, C by validation ROC-AUC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(features[fit_rows])
+    by_c = {}
+    for c in C_GRID:
+        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaler.transform(features[fit_rows]), labels[fit_rows])
+        by_c[c] = (roc_auc_score(labels[eval_rows], model.decision_function(scaler.transform(features[eval_rows]))), model)
+    best = max(by_c, key=lambda c: by_c[c][0])
+    model = by_c[best][1]
+    scalar, bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
+    return _Head(tuple(names), None, scalar, bias, best)
+
+
+def _out_of_fold_hidden_logits(x, y, ids, is_val, c, seed, served_logits) -> np.ndarray:
+    """The hidden-state head's logit for every mismatch, as stacking needs it: for a training
+    prompt, from a head fitted (paper's rows: substituted and own-token) on the other folds'
+    training prompts; for a validation prompt, the served hidden head's (`served_logits`)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    n = len(ids)
+    out = np.array(served_logits, dtype=np.float64)
+    train_prompts = sorted({i for i, v in zip(ids, is_val) if not v})
+    order = np.random.default_rng(seed).permutation(train_prompts)
+    fold_of = {p: k % STACK_FOLDS for k, p in enumerate(order)}
+    row_fold = np.array([fold_of.get(i, -1) for i in ids] * 2)  # x = [substituted, original]
+    for fold in range(min(STACK_FOLDS, len(train_prompts))):
+        fit = (row_fold >= 0) & (row_fold != fold)
+        if len(set(y[fit])) < 2:
+            continue
+        scaler = StandardScaler().fit(x[fit])
+        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaler.transform(x[fit]), y[fit])
+        held = np.where(row_fold[:n] == fold)[0]
+        if len(held):
+            out[held] = model.decision_function(scaler.transform(x[held]))
+    return out
+
+
 def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import precision_score, recall_score, roc_auc_score
@@ -177,14 +266,48 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         by_c[c] = (roc_auc_score(y[val], model.predict_proba(xs_val)[:, 1]), model)
     best_c = max(by_c, key=lambda c: by_c[c][0])
     auc, model = by_c[best_c]
-    p_val = model.predict_proba(xs_val)[:, 1]
-    # The first rows of the validation block are the substituted ones (x = [substituted, original]).
-    mismatch_labels, mismatch_p = sub_label[is_val], p_val[: int(is_val.sum())]
+    hidden_weight, hidden_bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
+    x_sub = x[: len(records)]
+    heads = {"hidden": _Head((HIDDEN,), hidden_weight, None, hidden_bias, best_c)}
+    evidence = evidence_matrix(records)
+    if settings.features not in FEATURE_CHOICES:
+        raise InputError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
+    if settings.features not in ("auto", "hidden"):
+        if evidence is None:
+            raise InputError(f"--features {settings.features} needs the logit features, which this run lacks: "
+                             "label it again with this release (`selfjudge label` records them in the scores stage)")
+    # The rows every head is compared on: validation mismatches with all logit features
+    # (the feature after the last response token does not exist offline).
+    complete = np.isfinite(evidence).all(1) if evidence is not None else np.ones(len(records), dtype=bool)
+    fit_rows, eval_rows = ~is_val & complete, is_val & complete
+    if evidence is not None and settings.features != "hidden" and len(set(sub_label[fit_rows])) == 2 \
+            and len(set(sub_label[eval_rows])) == 2:
+        heads["logits"] = _fit_scalar_head(evidence, sub_label, fit_rows, eval_rows, settings.seed, LOGIT_FEATURES)
+        stacked = np.column_stack([
+            _out_of_fold_hidden_logits(x, y, ids, is_val, best_c, settings.seed, x_sub @ hidden_weight + hidden_bias),
+            evidence])
+        stack = _fit_scalar_head(stacked, sub_label, fit_rows, eval_rows, settings.seed, ("stacked_hidden",) + LOGIT_FEATURES)
+        heads["both"] = _Head((HIDDEN,) + LOGIT_FEATURES, stack.scalar[0] * hidden_weight, stack.scalar[1:],
+                              stack.bias + stack.scalar[0] * hidden_bias, stack.C)
+    elif settings.features not in ("auto", "hidden"):
+        raise InputError("the logit-feature heads need both labels among training and validation mismatches")
+    mismatch_labels = sub_label[eval_rows]
     both_outcomes = len(set(mismatch_labels)) == 2
+    comparison = {name: {"features": list(h.features), "C": h.C,
+                         "validation_mismatch_roc_auc": float(roc_auc_score(mismatch_labels, h.logits(x_sub[eval_rows], evidence, eval_rows)))
+                         if both_outcomes else None}
+                  for name, h in heads.items()}
+    if settings.features == "auto":
+        chosen = max(heads, key=lambda n: comparison[n]["validation_mismatch_roc_auc"] or 0.0) if both_outcomes else "hidden"
+    else:
+        chosen = settings.features
+    head = heads[chosen]
+
+    mismatch_p = _sigmoid(head.logits(x_sub[eval_rows], evidence, eval_rows))
     if both_outcomes:
         decision_labels, decision_p, decided_on = mismatch_labels, mismatch_p, "validation mismatches"
-    else:  # tiny runs: every validation mismatch has one label
-        decision_labels, decision_p, decided_on = y[val], p_val, "all validation rows"
+    else:  # tiny runs: every validation mismatch has one label; the hidden head on all validation rows
+        decision_labels, decision_p, decided_on = y[val], model.predict_proba(xs_val)[:, 1], "all validation rows"
     points = {
         name: point.model_copy(update={"metrics": {
             **point.metrics, "mismatch_accept_share": float((mismatch_p >= point.threshold).mean())}})
@@ -192,7 +315,6 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     }
     default = points["youden"].threshold
 
-    weight, bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
     target = json.loads((Path(run_dir) / "target.json").read_text())
     report = {
         "mismatches": len(records),
@@ -206,12 +328,16 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         "validation_prompts": len({i for i, v in zip(ids, is_val) if v}),
         "validation_share": settings.validation_share,  # with the seed: the prompt split, reproducible
         "seed": settings.seed,
+        # The served head, and every feature set side by side on the same validation mismatches.
+        "features": chosen,
+        "feature_sets": comparison,
+        # The hidden-state head (the paper's), on all validation rows.
         "C": best_c,
         "validation_roc_auc": float(auc),
         "roc_auc_by_C": {str(c): float(v[0]) for c, v in by_c.items()},
-        "validation_mismatches": int(is_val.sum()),
+        "validation_mismatches": int(eval_rows.sum()),
         "validation_mismatch_accept_label_share": float(mismatch_labels.mean()),
-        "validation_mismatch_roc_auc": float(roc_auc_score(mismatch_labels, mismatch_p)) if both_outcomes else None,
+        "validation_mismatch_roc_auc": comparison[chosen]["validation_mismatch_roc_auc"],
         "operating_points_on": decided_on,
         "validation_precision_at_default": float(
             precision_score(decision_labels, decision_p >= default, zero_division=0)),
@@ -219,11 +345,15 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         "validation_mismatch_accept_share_at_default": float((mismatch_p >= default).mean()),
     }
     config = JudgeArtifactConfig(
+        format_version=1 if head.features == (HIDDEN,) else 2,
+        features=head.features,
         target=TargetIdentity(**target),
         default_threshold=default,
         operating_points=points,
         provenance=provenance({"run": str(run_dir), "seed": settings.seed, "report": report}),
     )
-    JudgeArtifact(config, torch.from_numpy(weight).float(), torch.tensor([bias])).save(out_dir)
+    JudgeArtifact(config, None if head.weight is None else torch.from_numpy(head.weight).float(),
+                  torch.tensor([head.bias]),
+                  None if head.scalar is None else torch.from_numpy(np.asarray(head.scalar)).float()).save(out_dir)
     (Path(out_dir) / "training_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -1,8 +1,16 @@
 """The judge artifact: a directory with `config.json` and `model.safetensors`.
 
 `config.json` is validated by a versioned pydantic schema; `model.safetensors` holds the
-logistic-regression weight vector and bias with any input standardisation already folded
-in, so serving is one dot product. Nothing here imports vLLM, and nothing is pickled.
+logistic-regression weights with any input standardisation (and stacking) already folded in,
+so serving is one dot product plus a few scalar products:
+
+    score = hidden . weight + scalar_weight . [logit features] + bias      (a logit)
+
+Format 1 (the SelfJudge paper's head) reads the hidden state only. Format 2 names the
+features it reads in `features` (selfjudge_vllm/features.py, versioned by
+`feature_set_version`): `weight` exists when "hidden" is among them, `scalar_weight` holds
+one entry per logit feature in the listed order. Format-1 artifacts load unchanged. Nothing
+here imports vLLM, and nothing is pickled.
 """
 
 from __future__ import annotations
@@ -17,8 +25,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from selfjudge_vllm.features import ALL_FEATURES, FEATURE_SET_VERSION, HIDDEN
+
 FORMAT_NAME = "selfjudge-head"
-FORMAT_VERSION = 1
+# The newest format this package reads. A head that reads the hidden state only is still
+# written as format 1, so older releases keep serving it.
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # The only feature the plugin can capture (DESIGN.md section 3).
@@ -62,13 +74,36 @@ class OperatingPoint(_Strict):
 
 class JudgeArtifactConfig(_Strict):
     format: Literal["selfjudge-head"] = FORMAT_NAME
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1, 2] = 1
     target: TargetIdentity
     feature: Literal["final_norm_hidden_state_at_draft_position"] = FEATURE_FINAL_NORM_AT_DRAFT
+    # Format 2: what the head reads, in weight order (format 1: the hidden state only).
+    features: tuple[str, ...] = (HIDDEN,)
+    feature_set_version: int = Field(default=FEATURE_SET_VERSION, ge=1)
     # The head outputs P(accepting the draft token keeps the meaning); accept when >= this.
     default_threshold: Threshold
     operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
     provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _features_are_computable(self) -> "JudgeArtifactConfig":
+        if self.format_version == 1 and self.features != (HIDDEN,):
+            raise ValueError(f"a format-1 artifact reads the hidden state only; features {list(self.features)} "
+                             "need format_version 2")
+        if not self.features or len(set(self.features)) != len(self.features):
+            raise ValueError(f"features must be non-empty and distinct, got {list(self.features)}")
+        unknown = [f for f in self.features if f not in ALL_FEATURES]
+        if unknown or self.feature_set_version > FEATURE_SET_VERSION:
+            raise ValueError(
+                f"the head reads features {list(self.features)} (feature set v{self.feature_set_version}); "
+                f"this selfjudge-vllm computes {list(ALL_FEATURES)} (feature set v{FEATURE_SET_VERSION}): "
+                "upgrade selfjudge-vllm or retrain the head"
+            )
+        return self
+
+    @property
+    def logit_features(self) -> tuple[str, ...]:
+        return tuple(f for f in self.features if f != HIDDEN)
 
     @model_validator(mode="after")
     def _names_are_plain(self) -> "JudgeArtifactConfig":
@@ -83,23 +118,36 @@ class JudgeArtifactConfig(_Strict):
 
 
 class JudgeArtifact:
-    """A loaded, validated judge head (float32 weight [hidden_size] and bias)."""
+    """A loaded, validated judge head: float32 `weight` [hidden_size] (None when the head does
+    not read the hidden state), `scalar_weight` [number of logit features] and `bias` [1]."""
 
-    def __init__(self, config: JudgeArtifactConfig, weight: torch.Tensor, bias: torch.Tensor):
-        weight = weight.detach().to(torch.float32).reshape(-1).contiguous()
-        bias = bias.detach().to(torch.float32).reshape(-1).contiguous()
-        if weight.numel() != config.hidden_size:
-            raise ArtifactError(
-                f"weight has {weight.numel()} entries but config says hidden_size="
-                f"{config.hidden_size}"
-            )
+    def __init__(self, config: JudgeArtifactConfig, weight: torch.Tensor | None, bias: torch.Tensor,
+                 scalar_weight: torch.Tensor | None = None):
+        def flat(t):
+            return None if t is None else t.detach().to(torch.float32).reshape(-1).contiguous()
+
+        weight, bias, scalar_weight = flat(weight), flat(bias), flat(scalar_weight)
+        if HIDDEN in config.features:
+            if weight is None or weight.numel() != config.hidden_size:
+                raise ArtifactError(
+                    f"weight has {None if weight is None else weight.numel()} entries but config says "
+                    f"hidden_size={config.hidden_size}"
+                )
+        elif weight is not None:
+            raise ArtifactError("the head does not read the hidden state but has a hidden-state weight")
+        n_scalar = len(config.logit_features)
+        if n_scalar and (scalar_weight is None or scalar_weight.numel() != n_scalar):
+            raise ArtifactError(f"scalar_weight must hold one entry per logit feature {list(config.logit_features)}")
+        if not n_scalar and scalar_weight is not None:
+            raise ArtifactError("scalar_weight given but the head reads no logit feature")
         if bias.numel() != 1:
             raise ArtifactError(f"bias must hold exactly one value, got {bias.numel()}")
-        if not torch.isfinite(weight).all() or not torch.isfinite(bias).all():
+        if not all(torch.isfinite(t).all() for t in (weight, bias, scalar_weight) if t is not None):
             raise ArtifactError("weight or bias contains NaN or infinity")
         self.config = config
         self.weight = weight
         self.bias = bias
+        self.scalar_weight = scalar_weight
 
     def resolve_threshold(self, threshold: float | None, operating_point: str | None) -> float:
         """The threshold to serve with: explicit value, named point, or the default."""
@@ -119,11 +167,13 @@ class JudgeArtifact:
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"weight": self.weight, "bias": self.bias},
-            str(directory / WEIGHTS_FILE),
-            metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)},
-        )
+        tensors = {"bias": self.bias}
+        if self.weight is not None:
+            tensors["weight"] = self.weight
+        if self.scalar_weight is not None:
+            tensors["scalar_weight"] = self.scalar_weight
+        save_file(tensors, str(directory / WEIGHTS_FILE),
+                  metadata={"format": FORMAT_NAME, "format_version": str(self.config.format_version)})
         (directory / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2) + "\n")
         return directory
 
@@ -146,11 +196,13 @@ class JudgeArtifact:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise ArtifactError(f"judge artifact {weights_path}: unreadable ({exc})") from exc
-        missing = {"weight", "bias"} - tensors.keys()
+        needed = {"bias"} | ({"weight"} if HIDDEN in config.features else set())
+        needed |= {"scalar_weight"} if config.logit_features else set()
+        missing = needed - tensors.keys()
         if missing:
             raise ArtifactError(f"judge artifact {weights_path}: missing tensors {sorted(missing)}")
         try:
-            return cls(config, tensors["weight"], tensors["bias"])
+            return cls(config, tensors.get("weight"), tensors["bias"], tensors.get("scalar_weight"))
         except ArtifactError as exc:
             raise ArtifactError(f"judge artifact {directory}: {exc}") from exc
 

@@ -31,7 +31,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"judge artifact {args.head} (format v{config.format_version})")
     print(f"  target: {target.name} ({target.architecture}, hidden {target.hidden_size}, "
           f"vocab {target.vocab_size}, {target.num_hidden_layers} layers)")
-    print(f"  feature: {config.feature}")
+    print(f"  features: {', '.join(config.features)} (feature set v{config.feature_set_version})")
     print(f"  default threshold: {config.default_threshold:.4f}")
     for name, point in sorted(config.operating_points.items()):
         extra = ", ".join(f"{k}={v:.3f}" for k, v in sorted(point.metrics.items()))
@@ -85,6 +85,7 @@ def _train(args: argparse.Namespace) -> int:
         tau_from_answers=args.tau_from_answers,
         validation_share=args.validation_share,
         seed=args.seed,
+        features=args.features,
     )
     try:
         report = train(args.run, args.out, settings)
@@ -170,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--suffix-length", type=int, default=20, help="N of the score (default 20)")
     train.add_argument("--suffix-mode", choices=["max", "kept"], default="max",
                        help="suffix term: target's top-1 (max, default) or kept token (kept)")
+    train.add_argument("--features", choices=("auto", "hidden", "logits", "both"), default="auto",
+                       help="what the head reads: hidden (the paper's hidden-state head), logits "
+                       "(the draft's log-probability ratio and the target's confidence at the verifying "
+                       "row and the row after), both (stacked); auto (default) fits each, reports them "
+                       "side by side in training_report.json and serves the best on validation mismatches")
     train.add_argument("--validation-share", type=float, default=0.2)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)

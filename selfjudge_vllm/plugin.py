@@ -83,7 +83,7 @@ def build_runtime(vllm_config):
     head = None
     if artifact is not None:
         check_target_matches(artifact.config, served_target_identity(vllm_config))
-        head = JudgeHead(artifact.weight, artifact.bias)
+        head = JudgeHead.from_artifact(artifact)
     # Tensor-parallel ranks take identical decisions; only rank 0 publishes counters.
     rank = vllm_config.parallel_config.rank
     sink = MetricsSink(metrics_dir(vllm_config.instance_id), rank) if rank == 0 else None

@@ -112,21 +112,46 @@ class StepRules:
 
 
 class JudgeHead:
-    """Logistic-regression head: score = hidden . weight + bias (a logit)."""
+    """The trained head: score = hidden . weight + evidence . scalar_weight + bias (a logit).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        self.weight = weight.to(torch.float32).reshape(-1)
+    `weight` is None for a head that does not read the hidden state; `logit_features` names
+    the columns of `evidence` (selfjudge_vllm/features.py) that `scalar_weight` multiplies."""
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor,
+                 scalar_weight: torch.Tensor | None = None, logit_features: tuple[str, ...] = ()):
+        self.weight = None if weight is None else weight.to(torch.float32).reshape(-1)
         self.bias = bias.to(torch.float32).reshape(())
+        self.scalar_weight = None if scalar_weight is None else scalar_weight.to(torch.float32).reshape(-1)
+        self.logit_features = tuple(logit_features)
+        if (self.scalar_weight is None) != (not self.logit_features) or (
+                self.scalar_weight is not None and self.scalar_weight.numel() != len(self.logit_features)):
+            raise ValueError("scalar_weight needs one entry per logit feature")
+
+    @classmethod
+    def from_artifact(cls, artifact) -> "JudgeHead":
+        return cls(artifact.weight, artifact.bias, artifact.scalar_weight, artifact.config.logit_features)
+
+    @property
+    def reads_hidden(self) -> bool:
+        return self.weight is not None
 
     def to(self, device: torch.device) -> "JudgeHead":
-        if self.weight.device != device:
-            self.weight = self.weight.to(device)
+        if self.bias.device != device:
             self.bias = self.bias.to(device)
+            self.weight = None if self.weight is None else self.weight.to(device)
+            self.scalar_weight = None if self.scalar_weight is None else self.scalar_weight.to(device)
         return self
 
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] (any float dtype) -> [n] float32 logits."""
-        return torch.addmv(self.bias.expand(hidden.shape[0]), hidden.to(torch.float32), self.weight)
+    def scores(self, hidden: torch.Tensor | None, evidence: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [n, H] (any float dtype) and/or evidence [n, len(logit_features)] -> [n]
+        float32 logits."""
+        rows = (hidden if hidden is not None else evidence).shape[0]
+        out = self.bias.expand(rows)
+        if self.weight is not None:
+            out = torch.addmv(out, hidden.to(torch.float32), self.weight)
+        if self.scalar_weight is not None:
+            out = torch.addmv(out, evidence.to(torch.float32), self.scalar_weight)
+        return out
 
 
 def entropy_gate(logits: torch.Tensor, draft_token_ids: torch.Tensor, min_entropy, drafts_after, window: int):
@@ -150,6 +175,7 @@ def decide_and_force_(
     hidden: torch.Tensor | None = None,
     head: JudgeHead | None = None,
     entropy_window: int = 2,
+    evidence: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decide every draft row with its rule and force the accepted ones, in place.
 
@@ -159,6 +185,7 @@ def decide_and_force_(
         greedy verification sees argmax == draft, random verification sees
         p_target(draft) == 1 >= any draw. Other rows are untouched.
     hidden: [n, H] target hidden state at each draft token's own position (judge rule).
+    evidence: [n, k] the head's logit features of each draft row (features.py).
 
     Returns (accept, valid) boolean [n] masks. Ties (at the knob) are accepted. Work over
     the vocabulary happens only for rules present in the step.
@@ -169,9 +196,9 @@ def decide_and_force_(
     accept = torch.zeros_like(valid)
     knob = step.knob()
     if JUDGE in step.present:
-        if head is None or hidden is None:
-            raise ValueError("the judge rule needs the head and the hidden states")
-        accept |= step.selects(JUDGE) & (head.scores(hidden) >= knob)
+        if head is None or (head.reads_hidden and hidden is None) or (head.logit_features and evidence is None):
+            raise ValueError("the judge rule needs the head and the features it reads")
+        accept |= step.selects(JUDGE) & (head.scores(hidden, evidence) >= knob)
     if TOP_ALPHA in step.present:
         margin = draft_logit - processed_logits.max(-1).values
         accept |= step.selects(TOP_ALPHA) & (margin >= knob)

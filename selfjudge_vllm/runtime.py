@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from selfjudge_vllm.features import evidence_from_logits
 from selfjudge_vllm.rules import JUDGE, JudgeHead, RowRule, StepRules, decide_and_force_
 from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
 
@@ -30,6 +31,7 @@ class PendingStep:
     """What `sample_tokens` kept for the rejection sampler call of the same step."""
 
     sample_hidden_states: torch.Tensor  # [num_logits_rows, H], rows aligned with logits
+    logits: torch.Tensor | None  # [num_logits_rows, V], before any sampling processing
     draft_token_ids: torch.Tensor  # [num_draft_tokens], the object vLLM will verify
     target_logits_indices: torch.Tensor  # [num_draft_tokens]
     rules: StepRules  # the rule and knob of every draft row
@@ -62,10 +64,11 @@ class JudgeRuntime:
 
     # -- step protocol, driven by the adapter -------------------------------------------
 
-    def begin_step(self, sample_hidden_states, draft_token_ids, target_logits_indices, rules=None) -> None:
+    def begin_step(self, sample_hidden_states, draft_token_ids, target_logits_indices, rules=None,
+                   logits=None) -> None:
         if rules is None:
             rules = StepRules(self.default_rule, present=frozenset({self.default_rule.rule}))
-        self.pending = PendingStep(sample_hidden_states, draft_token_ids, target_logits_indices, rules)
+        self.pending = PendingStep(sample_hidden_states, logits, draft_token_ids, target_logits_indices, rules)
 
     def step_rules(self, requests: Iterable[tuple[str, int, Any]], device) -> StepRules:
         """The rules of a batch of (request id, number of draft tokens, extra_args), in
@@ -105,12 +108,18 @@ class JudgeRuntime:
             return True
         # The hidden state at the draft token's own position is the row after the one whose
         # logits verify it (for the last draft token, the bonus row).
-        hidden = head = None
+        hidden = head = evidence = None
         if self.head is not None and JUDGE in step.rules.present:
-            hidden = step.sample_hidden_states.index_select(0, step.target_logits_indices + 1)
             head = self.head.to(target_logits.device)
+            if head.reads_hidden:
+                hidden = step.sample_hidden_states.index_select(0, step.target_logits_indices + 1)
+            if head.logit_features:
+                if step.logits is None:
+                    raise JudgeNotAppliedError("selfjudge: the step's logits were not kept; the head needs them")
+                evidence = evidence_from_logits(step.logits, step.target_logits_indices, draft_token_ids,
+                                                head.logit_features)
         accept, valid = decide_and_force_(
-            step.rules, draft_token_ids, target_logits, hidden, head, self.entropy_window
+            step.rules, draft_token_ids, target_logits, hidden, head, self.entropy_window, evidence
         )
         self._count(valid, accept)
         return True

@@ -19,7 +19,7 @@ Patches, in the order a worker meets them:
    loads the judge artifact, checks it against the served model, attaches a JudgeRuntime
    to the runner. Errors here fail the engine at start-up.
 3. `vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens`: keeps
-   `execute_model_state.sample_hidden_states` and `.spec_decode_metadata`, which the
+   `execute_model_state.sample_hidden_states`, `.logits` and `.spec_decode_metadata`, which the
    original clears before verification, and checks afterwards that a step with draft
    tokens was judged (so a vLLM change cannot switch the judge off silently).
 4. `vllm.v1.sample.rejection_sampler.rejection_sample` (module function, looked up by name
@@ -209,6 +209,10 @@ def _wrap_sample_tokens(original):
             metadata.draft_token_ids,
             metadata.target_logits_indices,
             runtime.step_rules(requests, metadata.draft_token_ids.device),
+            # The model's own logits (vLLM masks grammar-forbidden tokens in this tensor in
+            # place; penalties, temperature and top-k/top-p go to a copy): the logit
+            # features read the model's own distribution (features.py).
+            logits=state.logits,
         )
         _active_runtime = runtime
         try:

@@ -308,3 +308,60 @@ def test_judge_only_step_does_no_vocabulary_wide_work():
     finally:
         torch.Tensor.max, torch.softmax = original_max, original_softmax
     assert calls == []
+
+
+def test_logit_features_match_a_float64_log_softmax_reference():
+    """features.evidence_from_logits against a row-by-row float64 computation: chunked rows
+    (more rows than one chunk), a masked (-inf) entry, padding, the bonus row as the last
+    draft's next row."""
+    from selfjudge_vllm import features
+
+    torch.manual_seed(3)
+    rows, vocab = features.CHUNK_ROWS + 7, 50
+    logits = torch.randn(rows, vocab) * 3
+    logits[5, 7] = float("-inf")
+    verify_rows = torch.arange(0, rows - 1, 2)  # each verify row's next row exists
+    drafts = torch.randint(0, vocab, (len(verify_rows),))
+    drafts[0] = -1
+    got = features.evidence_from_logits(logits, verify_rows, drafts)
+    assert got.shape == (len(verify_rows), 3) and got.dtype == torch.float32
+    lp = torch.log_softmax(logits.double(), -1)
+    for j, (row, draft) in enumerate(zip(verify_rows.tolist(), drafts.tolist())):
+        expected = features.evidence_from_logprobs(
+            float(lp[row, max(draft, 0)]), float(lp[row].max()), float(lp[row + 1].max()))
+        for k, name in enumerate(features.LOGIT_FEATURES):
+            assert abs(float(got[j, k]) - expected[name]) < 1e-5, (j, name)
+    # A subset of the features comes back in the asked order.
+    sub = features.evidence_from_logits(logits, verify_rows, drafts, (features.NEXT_CONFIDENCE, features.DRAFT_LOGRATIO))
+    assert torch.equal(sub, got[:, [2, 0]])
+
+
+def test_head_with_logit_features_scores_one_dot_product_plus_scalars():
+    weight, scalar = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0, -1.0])
+    head = JudgeHead(weight, torch.tensor([0.25]), scalar, ("draft_logratio", "verify_confidence", "next_confidence"))
+    hidden = torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.bfloat16)
+    evidence = torch.tensor([[-1.0, -0.5, -0.1], [0.0, 0.0, -2.0]])
+    expected = hidden.float() @ weight + evidence @ scalar + 0.25
+    assert torch.allclose(head.scores(hidden, evidence), expected)
+    logits_only = JudgeHead(None, torch.tensor([0.0]), scalar, ("draft_logratio", "verify_confidence", "next_confidence"))
+    assert torch.allclose(logits_only.scores(None, evidence), evidence @ scalar)
+    with pytest.raises(ValueError, match="one entry per logit feature"):
+        JudgeHead(weight, torch.tensor([0.0]), scalar, ("draft_logratio",))
+
+
+def test_format2_artifact_round_trips_and_refuses_features_it_cannot_compute(tmp_path):
+    config = JudgeArtifactConfig(target=TARGET, default_threshold=0.5, format_version=2,
+                                 features=("draft_logratio", "next_confidence"))
+    JudgeArtifact(config, None, torch.tensor([0.5]), torch.tensor([1.0, -1.0])).save(tmp_path / "v2")
+    loaded = JudgeArtifact.load(tmp_path / "v2")
+    assert loaded.weight is None and torch.equal(loaded.scalar_weight, torch.tensor([1.0, -1.0]))
+    assert loaded.config.logit_features == ("draft_logratio", "next_confidence")
+    _edit_config(tmp_path / "v2", lambda c: c.update(features=["draft_logratio", "attention_entropy"]))
+    with pytest.raises(ArtifactError, match="attention_entropy.*upgrade selfjudge-vllm"):
+        JudgeArtifact.load(tmp_path / "v2")
+    _edit_config(tmp_path / "v2", lambda c: c.update(features=["draft_logratio", "next_confidence"], format_version=1))
+    with pytest.raises(ArtifactError, match="need format_version 2"):
+        JudgeArtifact.load(tmp_path / "v2")
+    _edit_config(tmp_path / "v2", lambda c: c.update(format_version=2, feature_set_version=9))
+    with pytest.raises(ArtifactError, match="feature set v9"):
+        JudgeArtifact.load(tmp_path / "v2")

@@ -124,9 +124,9 @@ def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tin
         runtime = worker.model_runner._selfjudge_runtime
         scores = runtime.head.scores
 
-        def spy(hidden):
+        def spy(hidden, evidence=None):
             captured.append((hidden.clone(), runtime.pending.draft_token_ids.clone()))
-            return scores(hidden)
+            return scores(hidden, evidence)
 
         runtime.head.scores = spy
 
@@ -158,6 +158,66 @@ def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tin
     diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(rows, offline))
     print(f"max |offline - serving| feature difference = {diff:.2e} over {len(rows)} rows")
     assert diff < 1e-4, diff
+
+
+def test_offline_logit_features_equal_what_the_plugin_computes_at_serving(workdir, tiny_pair):
+    """The logit features the plugin computes for every draft row while serving (format-2
+    head, reject-all so output is lossless) equal the label pipeline's, computed from vLLM's
+    prompt_logprobs at the same positions."""
+    from selfjudge_vllm.features import LOGIT_FEATURES
+    from selfjudge_vllm.offline.engine import prompt_logprobs
+    from selfjudge_vllm.offline.label import verification_evidence
+    from selfjudge_vllm.testing.tiny_models import write_head
+
+    target, draft = tiny_pair
+    head = write_head(workdir / "heads/capture-v2", target, torch.zeros(64), bias=-20.0,
+                      scalar_weight=[0.0, 0.0, 0.0], logit_features=LOGIT_FEATURES)
+    captured = []
+
+    def capture(worker):
+        runtime = worker.model_runner._selfjudge_runtime
+        scores = runtime.head.scores
+
+        def spy(hidden, evidence=None):
+            captured.append((evidence.clone(), runtime.pending.draft_token_ids.clone()))
+            return scores(hidden, evidence)
+
+        runtime.head.scores = spy
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(target), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+              speculative_config=spec_config("draft_model", draft),
+              additional_config={"selfjudge": {"head": str(head)}})
+    try:
+        llm.collective_rpc(capture)
+        out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
+    finally:
+        del llm
+    prompt, tokens = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+    # Each draft row's context (batch 1, lossless): the verified text before it, then the
+    # draft token and any token after it, so entry m+1 (the row after d) exists.
+    sequences, rows, done = [], [], 1
+    for evidence, drafts in captured:
+        drafts = drafts.tolist()
+        for i, d in enumerate(drafts):
+            sequences.append(prompt + tokens[:done] + drafts[:i] + [d, 0])
+            rows.append(evidence[i])
+        accepted = 0
+        while accepted < len(drafts) and done + accepted < len(tokens) and drafts[accepted] == tokens[done + accepted]:
+            accepted += 1
+        done += accepted + 1
+    assert len(rows) >= 8
+    with engine(str(target), ENGINE) as llm:
+        logprobs = prompt_logprobs(llm, sequences)
+    worst = 0.0
+    for seq, lp, online in zip(sequences, logprobs, rows):
+        m = len(seq) - 2
+        offline = verification_evidence(lp, lp, m, len(seq))
+        worst = max(worst, max(abs(offline[f] - float(online[k])) for k, f in enumerate(LOGIT_FEATURES)))
+    mismatches = sum(float(r[0]) < 0 for r in rows)
+    print(f"max |offline - serving| logit feature difference = {worst:.2e} over {len(rows)} rows ({mismatches} mismatches)")
+    assert mismatches > 0 and worst < 1e-4, worst
 
 
 def test_prompts_to_served_judge(labelled_run, tiny_pair, tmp_path):

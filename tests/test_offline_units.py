@@ -135,3 +135,56 @@ def test_training_report_judges_the_head_on_mismatches_only(tmp_path, monkeypatc
     shares = [p["metrics"]["mismatch_accept_share"] for p in points]
     assert all(0.0 <= s <= 1.0 for s in shares) and shares == sorted(shares, reverse=True)
     assert all("validation mismatches" in p["description"] for p in points)
+
+
+def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_trained(tmp_path, monkeypatch):
+    """Labels driven by the draft's log-probability ratio, with a weak hint in the hidden
+    state: the report compares the feature sets on the same validation mismatches, auto
+    serves a logit-feature head, and the served artifact (format 2, folded) scores those
+    mismatches exactly as training did."""
+    from sklearn.metrics import roc_auc_score
+
+    from selfjudge_vllm.artifact import JudgeArtifact
+    from selfjudge_vllm.features import LOGIT_FEATURES
+    from selfjudge_vllm.offline import train as train_module
+    from selfjudge_vllm.rules import JudgeHead
+
+    rng = np.random.default_rng(1)
+    n, hidden = 600, 6
+    logratio = -rng.exponential(2.0, n)
+    confidence = -rng.exponential(0.5, n)
+    scores = -0.6 * logratio + rng.normal(0, 0.5, n)  # accept (score <= tau) when the ratio is near 0
+    records = [{"id": f"p{i % 60}", "m": i, "scores": {"max": {"5": float(s)}},
+                "evidence": {"draft_logratio": float(r), "verify_confidence": float(c),
+                             "next_confidence": None if i == 7 else float(c / 2)}}
+               for i, (s, r, c) in enumerate(zip(scores, logratio, confidence))]
+    substituted = torch.from_numpy(rng.normal(size=(n, hidden)))
+    substituted[:, 0] += torch.from_numpy((scores <= 1.0) * 0.4)
+    original = torch.from_numpy(rng.normal(size=(n, hidden)))
+    monkeypatch.setattr(train_module, "load_run", lambda run_dir: (records, substituted, original))
+    (tmp_path / "target.json").write_text(json.dumps(
+        {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10, "num_hidden_layers": 1}))
+    report = train_module.train(tmp_path, tmp_path / "head", train_module.TrainSettings(suffix_length=5, tau=1.0))
+
+    aucs = {name: entry["validation_mismatch_roc_auc"] for name, entry in report["feature_sets"].items()}
+    assert set(aucs) == {"hidden", "logits", "both"}
+    assert aucs["logits"] > aucs["hidden"] + 0.1 and aucs["both"] > aucs["hidden"] + 0.1
+    assert report["features"] in ("logits", "both") and report["validation_mismatch_roc_auc"] == max(aucs.values())
+
+    artifact = JudgeArtifact.load(tmp_path / "head")
+    assert artifact.config.format_version == 2
+    assert artifact.config.logit_features == LOGIT_FEATURES
+    head = JudgeHead.from_artifact(artifact)
+    is_val = split_by_prompt([r["id"] for r in records], 0.2, 0)
+    rows = [k for k in range(n) if is_val[k] and k != 7]  # mismatch 7 has no next_confidence
+    evidence = torch.tensor([[records[k]["evidence"][f] for f in LOGIT_FEATURES] for k in rows])
+    served = head.scores(substituted[rows].float() if head.reads_hidden else None, evidence)
+    labels = [int(scores[k] <= 1.0) for k in rows]
+    assert report["validation_mismatches"] == len(rows)
+    assert roc_auc_score(labels, served.numpy()) == pytest.approx(report["validation_mismatch_roc_auc"], abs=1e-6)
+
+    # --features hidden keeps the paper's head: format 1, hidden state only.
+    hidden_report = train_module.train(tmp_path, tmp_path / "hidden-head",
+                                       train_module.TrainSettings(suffix_length=5, tau=1.0, features="hidden"))
+    assert hidden_report["features"] == "hidden" and set(hidden_report["feature_sets"]) == {"hidden"}
+    assert JudgeArtifact.load(tmp_path / "hidden-head").config.format_version == 1

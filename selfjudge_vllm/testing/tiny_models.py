@@ -135,8 +135,12 @@ def write_head(
     bias: float,
     threshold: float = 0.5,
     operating_points: dict | None = None,
+    scalar_weight=None,
+    logit_features: tuple[str, ...] = (),
 ) -> Path:
-    """Write a judge artifact with the given head for the model in target_dir."""
+    """Write a judge artifact with the given head for the model in target_dir: format 1
+    (hidden state only), or format 2 when `logit_features` are given (weight None: the head
+    reads no hidden state)."""
     import torch
 
     from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, TargetIdentity
@@ -153,7 +157,10 @@ def write_head(
         default_threshold=threshold,
         operating_points=operating_points or {},
         provenance={"made_by": "selfjudge_vllm.testing.write_head"},
+        format_version=2 if logit_features else 1,
+        features=(("hidden",) if weight is not None else ()) + tuple(logit_features),
     )
-    weight = torch.as_tensor(weight, dtype=torch.float32)
-    JudgeArtifact(config, weight, torch.tensor([bias])).save(out_dir)
+    weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+    scalar = None if scalar_weight is None else torch.as_tensor(scalar_weight, dtype=torch.float32)
+    JudgeArtifact(config, weight, torch.tensor([bias]), scalar).save(out_dir)
     return Path(out_dir)
