@@ -10,18 +10,23 @@ rerun of the same command continues where the last one stopped.
 
 The design (a full grid would take days on this machine's 2 cores):
   1. judge: unless --head is given, `selfjudge label` + `selfjudge train` on the judge-training
-     prompts of benchmarks/chat_tasks.py (the GSM8K training slice and ShareGPT turns).
+     prompts of benchmarks/chat_tasks.py (the GSM8K training slice and ShareGPT turns): the
+     served head (features chosen by validation) and the hidden-only ablation head.
   2. reference: the target alone (no speculative decoding) on the screening items, to check
      that lossless SD answers exactly like it.
   3. screen: for each server (proposer x draft length), every method and knob of SCREEN_SWEEP
-     on the fixed screening subset (SCREEN_ITEMS). Acceptance length is precise on few items;
-     answer changes are not, so this stage only chooses what to confirm.
+     on the fixed screening subset (SCREEN_ITEMS); the judge at its `accepts_*` operating
+     points. Acceptance length is precise on few items; answer changes are not, so this stage
+     only chooses what to confirm. ablation: on the first server, the paper's hidden-state
+     head (`judge_hidden`) on the same items.
   4. confirm: per server, lossless and the frontier points (for the judge and for the
      training-free rules: at each budget, the point with the highest acceptance length whose
      screening answer-change rate is within it) on the confirmation set (CONFIRM_ITEMS, a
      superset of the screening items; a point's items from both stages are pooled).
   5. report: RESULTS/chat_tradeoff[_quick].{json,csv,md} and PNG plots; a point is "within
      budget B" when the exact 95% upper bound of its answer-change rate is <= B.
+The per-request store (RESULTS/chat_tradeoff_store/) and the judge heads (RESULTS/chat_judge/)
+are kept with the results, so a sitting on a fresh machine continues the same experiment.
 
 All points of one server are measured side by side on it, one point at a time with
 --concurrency requests in flight (vLLM's acceptance counters are per server, so points are
@@ -70,12 +75,17 @@ REFERENCE = ("target", 0)  # the server without speculative decoding
 # -- step 1: the judge ---------------------------------------------------------------------------
 
 
-def ensure_judge(testbed: Path, work: Path, template, args) -> Path:
+def ensure_judge(testbed: Path, work: Path, template, args) -> tuple[Path, Path]:
+    """(served head, hidden-only head): the head `selfjudge train` picks by validation
+    (--features auto) and the SelfJudge paper's hidden-state head (the ablation), both
+    trained on one label run."""
     folder = work / "chat_judge"
-    head = folder / "head"
-    if (head / "config.json").is_file():
-        log(f"judge: using {head}")
-        return head
+    # The heads are small and kept with the results, so a later sitting on a fresh machine
+    # serves the same heads without labelling again.
+    heads = args.results / "chat_judge" / "head", args.results / "chat_judge" / "head-hidden"
+    if all((h / "config.json").is_file() for h in heads):
+        log(f"judge: using {heads[0]} (ablation: {heads[1]})")
+        return heads
     folder.mkdir(parents=True, exist_ok=True)
     prompts = folder / "train_prompts.jsonl"
     if not prompts.is_file():
@@ -90,9 +100,20 @@ def ensure_judge(testbed: Path, work: Path, template, args) -> Path:
         "--out", str(folder / "label-run"), "--max-new-tokens", "256", "--dtype", "float32",
         "--block-size", "32", "--max-model-len", "2048", "--suffix-lengths", "20", "--shard-size", "35",
     ], check=True, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="6"))
-    subprocess.run(cli + ["train", "--run", str(folder / "label-run"), "--out", str(head),
-                          "--tau", str(TAU), "--suffix-length", "20"], check=True)
-    return head
+    for head, features in zip(heads, ("auto", "hidden")):
+        subprocess.run(cli + ["train", "--run", str(folder / "label-run"), "--out", str(head), "--tau", str(TAU),
+                              "--suffix-length", "20", "--features", features], check=True)
+    return heads
+
+
+def judge_thresholds(head: Path) -> list[float]:
+    """The head's `accepts_*` operating points (the share of validation mismatches it
+    accepts), loosest last; SCREEN_SWEEP's thresholds for a head without them."""
+    from selfjudge_vllm.artifact import JudgeArtifact
+
+    points = JudgeArtifact.load(head).config.operating_points
+    named = sorted((p.threshold for name, p in points.items() if name.startswith("accepts_")), reverse=True)
+    return [round(t, 6) for t in named] or SCREEN_SWEEP["judge"]
 
 
 # -- the store: one line per finished request, one per finished segment ---------------------------
@@ -254,10 +275,11 @@ def main(argv=None) -> int:
     parser.add_argument("--testbed", type=Path, required=True, help="folder written by `selfjudge testbed --model qwen-coder`")
     parser.add_argument("--head", type=Path, help="trained judge artifact (default: train one)")
     parser.add_argument("--no-judge", action="store_true", help="training-free rules only (no judge points)")
-    parser.add_argument("--work", type=Path, default=ROOT / "bench_work", help="resumable intermediate files")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench_work", help="label run and server logs")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results",
+                        help="report, per-request store (RESULTS/chat_tradeoff_store/) and judge heads")
     parser.add_argument("--servers", help="proposer:k list to work on, e.g. draft_model:8,ngram:8 (default: all)")
-    parser.add_argument("--stages", default="reference,screen,confirm", help="stages to run (default: all)")
+    parser.add_argument("--stages", default="reference,screen,ablation,confirm", help="stages to run (default: all)")
     parser.add_argument("--max-minutes", type=float, help="start no new point after this many minutes")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--batch1-items", type=int, default=BATCH1_ITEMS)
@@ -274,7 +296,10 @@ def main(argv=None) -> int:
                      f"`selfjudge testbed --model qwen-coder --out {args.testbed}` first")
     tag = "chat_tradeoff_quick" if args.quick else "chat_tradeoff"
     work = args.work / tag
-    store = Store(work)
+    work.mkdir(parents=True, exist_ok=True)
+    # Every request's output lives beside the results (committed), so the experiment can be
+    # continued in a later sitting on another machine.
+    store = Store(args.results / f"{tag}_store")
     template = chat_tasks.ChatTemplate(args.testbed / "target")
     all_items = chat_tasks.eval_items(template)
     screen = chat_tasks.first_of_each(all_items, QUICK["items"] if args.quick else SCREEN_ITEMS)
@@ -283,17 +308,21 @@ def main(argv=None) -> int:
     servers = QUICK["servers"] if args.quick else SERVERS
     if args.servers:
         servers = tuple((p, int(k)) for p, k in (s.split(":") for s in args.servers.split(",")))
-    head = None
-    if not args.no_judge and not args.report_only:
-        head = args.head or ensure_judge(args.testbed, args.work, template, args)
+    head = hidden_head = None
+    if args.head:
+        head = args.head
+    elif not args.no_judge and not args.report_only:
+        head, hidden_head = ensure_judge(args.testbed, args.work, template, args)
     sweep = dict(QUICK["judge_sweep"] if head and args.quick else QUICK["sweep"] if args.quick else SCREEN_SWEEP)
     if head is None:
         sweep.pop("judge", None)
+    elif not args.quick:
+        sweep["judge"] = judge_thresholds(head)
     stages = set(args.stages.split(","))
     started = time.monotonic()
     out_of_time = lambda: args.max_minutes is not None and (time.monotonic() - started) / 60 > args.max_minutes  # noqa: E731
 
-    def work_on(server, plan) -> None:
+    def work_on(server, plan, served_head=head) -> None:
         """plan: [(key, items, extra)]; starts the server only if something is missing."""
         todo = [(key, items, extra) for key, items, extra in plan
                 if any(i.id not in store.done(key) for i in items) or store.batch1(key) is None]
@@ -301,7 +330,7 @@ def main(argv=None) -> int:
             return
         planned = sum(len(items) for _, items, _ in todo)
         progress = Progress(planned, sum(sum(i.id in store.done(key) for i in items) for key, items, _ in todo))
-        srv = start_server(args.testbed, server, head, work, args)
+        srv = start_server(args.testbed, server, served_head, work, args)
         try:
             for key, items, extra in todo:
                 if out_of_time():
@@ -318,6 +347,10 @@ def main(argv=None) -> int:
             for server in servers:
                 work_on(server, [(point_key(server, m, knob), screen, xargs(m, knob))
                                  for m, knobs in sweep.items() for knob in knobs])
+                if hidden_head is not None and server == servers[0] and "ablation" in stages:
+                    # The paper's hidden-state head on the headline server, same items.
+                    work_on(server, [(point_key(server, "judge_hidden", t), screen, xargs("judge", t))
+                                     for t in judge_thresholds(hidden_head)], served_head=hidden_head)
         if "confirm" in stages and not args.quick:
             for server in servers:
                 chosen = [("lossless", None)] + frontier(store, server, screen)
@@ -334,7 +367,8 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
             "vllm": _version("vllm-cpu") or _version("vllm"),
             "target": "Qwen2.5-Coder-1.5B-Instruct (float32)", "draft": "Qwen2.5-Coder-0.5B-Instruct (float32)",
-            "head": str(head) if head else None, "concurrency": args.concurrency, "batch1_items": args.batch1_items,
+            "head": str(head) if head else None, "hidden_head": str(hidden_head) if hidden_head else None,
+            "concurrency": args.concurrency, "batch1_items": args.batch1_items,
             "quick": args.quick, "screen_items": len(screen), "confirm_items": len(confirm),
             "command": "python benchmarks/chat_tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         },

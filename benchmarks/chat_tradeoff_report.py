@@ -19,9 +19,9 @@ from benchmarks import chat_tasks, tasks
 
 BUDGETS = (0.01, 0.02, 0.05)
 METHOD_FAMILIES = {"judge": ("judge",), "training_free": ("top_alpha", "entropy")}
-METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "top_alpha": ("tab:blue", "^"),
-                "entropy": ("tab:green", "D")}
-METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "top_alpha": 2, "entropy": 3}
+METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "judge_hidden": ("tab:orange", "v"),
+                "top_alpha": ("tab:blue", "^"), "entropy": ("tab:green", "D")}
+METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "judge_hidden": 2, "top_alpha": 3, "entropy": 4}
 
 
 def point_key(server: tuple[str, int], method: str, knob) -> str:

@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
                      "--run/--head/--sweep)")
 
     from selfjudge_vllm.artifact import JudgeArtifact
-    from selfjudge_vllm.offline.train import TrainSettings, load_run, split_by_prompt
+    from selfjudge_vllm.features import LOGIT_FEATURES
+    from selfjudge_vllm.offline.train import TrainSettings, evidence_matrix, load_run, split_by_prompt
 
     run_dir, head_dir = args.run, args.head
     training = json.loads((head_dir / "training_report.json").read_text())
@@ -105,7 +106,16 @@ def main(argv=None) -> dict:
     is_val = split_by_prompt([r["id"] for r in records], training.get("validation_share", defaults.validation_share),
                              training.get("seed", defaults.seed))
     artifact = JudgeArtifact.load(head_dir)
-    logits = (substituted.double() @ artifact.weight.double().reshape(-1) + float(artifact.bias)).numpy()
+    logits = np.full(len(records), float(artifact.bias))
+    if artifact.weight is not None:
+        logits += (substituted.double() @ artifact.weight.double()).numpy()
+    # The logit features, as `train` compared the heads: mismatches where all of them exist.
+    evidence = evidence_matrix(records)
+    if evidence is not None:
+        is_val &= np.isfinite(evidence).all(1)
+    if artifact.scalar_weight is not None:
+        columns = [LOGIT_FEATURES.index(f) for f in artifact.config.logit_features]
+        logits += np.nan_to_num(evidence[:, columns]) @ artifact.scalar_weight.double().numpy()
     p_accept = 1 / (1 + np.exp(-logits))
 
     family_of = {item.id: item.family for item in tasks.load_items("train")}

