@@ -278,18 +278,22 @@ def _write_target_identity(run: RunDir, settings: LabelSettings) -> None:
     path.write_text(json.dumps(identity, indent=2))
 
 
-def load_run(out_dir: str | Path) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
-    """All scored mismatches with their two feature rows, in shard order."""
+def load_run(out_dir: str | Path, with_hidden: bool = True) -> tuple[list[dict], torch.Tensor | None, torch.Tensor | None]:
+    """All scored mismatches with their two feature rows, in shard order (without the
+    feature rows, and without needing the features stage, when `with_hidden` is False)."""
     run = RunDir(out_dir)
     records, subs, origs = [], [], []
     index = 0
-    while run.has("features", index, "safetensors") and run.has("features", index):
-        scored = run.read_records("scores", index)
-        tensors = run.read_tensors("features", index)
-        records += scored
-        subs.append(tensors["substituted"])
-        origs.append(tensors["original"])
+    stage, ext = ("features", "safetensors") if with_hidden else ("scores", "jsonl")
+    while run.has(stage, index, ext) and run.has(stage, index):
+        records += run.read_records("scores", index)
+        if with_hidden:
+            tensors = run.read_tensors("features", index)
+            subs.append(tensors["substituted"])
+            origs.append(tensors["original"])
         index += 1
     if not records:
         raise InputError(f"{out_dir}: no labelled mismatches (run `selfjudge label` first)")
+    if not with_hidden:
+        return records, None, None
     return records, torch.cat(subs), torch.cat(origs)

@@ -242,7 +242,11 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
 
     if sum([settings.tau is not None, settings.reject_share is not None, settings.tau_from_answers]) != 1:
         raise InputError("give exactly one of --tau, --reject-share or --tau-from-answers")
-    records, substituted, original = load_run(run_dir)
+    if settings.features not in FEATURE_CHOICES:
+        raise InputError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
+    # A logits-only head needs no hidden states: the run's scores stage is enough.
+    with_hidden = settings.features != "logits"
+    records, substituted, original = load_run(run_dir, with_hidden=with_hidden)
     n_key = str(settings.suffix_length)
     try:
         scores = np.array([r["scores"][settings.suffix_mode][n_key] for r in records])
@@ -271,26 +275,26 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
                        "balanced_accuracy": agreement}
     sub_label = (scores <= tau).astype(int)  # 1 = accept
 
-    x = torch.cat([substituted, original]).double().numpy()
-    y = np.concatenate([sub_label, np.ones(len(records), dtype=int)])
-    val = np.concatenate([is_val, is_val])
-    if len(set(y[~val])) < 2 or len(set(y[val])) < 2:
-        raise InputError("both labels must occur in the training and the validation split; adjust tau")
-
-    scaler = StandardScaler().fit(x[~val])
-    xs_train, xs_val = scaler.transform(x[~val]), scaler.transform(x[val])
-    by_c = {}
-    for c in C_GRID:
-        model = LogisticRegression(C=c, max_iter=2000, random_state=settings.seed).fit(xs_train, y[~val])
-        by_c[c] = (roc_auc_score(y[val], model.predict_proba(xs_val)[:, 1]), model)
-    best_c = max(by_c, key=lambda c: by_c[c][0])
-    auc, model = by_c[best_c]
-    hidden_weight, hidden_bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
-    x_sub = x[: len(records)]
-    heads = {"hidden": _Head((HIDDEN,), hidden_weight, None, hidden_bias, best_c)}
+    heads, model, best_c, auc, by_c = {}, None, None, None, {}
+    if with_hidden:
+        x = torch.cat([substituted, original]).double().numpy()
+        y = np.concatenate([sub_label, np.ones(len(records), dtype=int)])
+        val = np.concatenate([is_val, is_val])
+        if len(set(y[~val])) < 2 or len(set(y[val])) < 2:
+            raise InputError("both labels must occur in the training and the validation split; adjust tau")
+        scaler = StandardScaler().fit(x[~val])
+        xs_train, xs_val = scaler.transform(x[~val]), scaler.transform(x[val])
+        for c in C_GRID:
+            fitted = LogisticRegression(C=c, max_iter=2000, random_state=settings.seed).fit(xs_train, y[~val])
+            by_c[c] = (roc_auc_score(y[val], fitted.predict_proba(xs_val)[:, 1]), fitted)
+        best_c = max(by_c, key=lambda c: by_c[c][0])
+        auc, model = by_c[best_c]
+        hidden_weight, hidden_bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
+        x_sub = x[: len(records)]
+        heads["hidden"] = _Head((HIDDEN,), hidden_weight, None, hidden_bias, best_c)
+    else:
+        x_sub = np.zeros((len(records), 0))
     evidence = evidence_matrix(records)
-    if settings.features not in FEATURE_CHOICES:
-        raise InputError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
     if settings.features not in ("auto", "hidden"):
         if evidence is None:
             raise InputError(f"--features {settings.features} needs the logit features, which this run lacks: "
@@ -302,13 +306,14 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     if evidence is not None and settings.features != "hidden" and len(set(sub_label[fit_rows])) == 2 \
             and len(set(sub_label[eval_rows])) == 2:
         heads["logits"] = _fit_scalar_head(evidence, sub_label, fit_rows, eval_rows, settings.seed, LOGIT_FEATURES)
+    if "hidden" in heads and "logits" in heads:
         stacked = np.column_stack([
             _out_of_fold_hidden_logits(x, y, ids, is_val, best_c, settings.seed, x_sub @ hidden_weight + hidden_bias),
             evidence])
         stack = _fit_scalar_head(stacked, sub_label, fit_rows, eval_rows, settings.seed, ("stacked_hidden",) + LOGIT_FEATURES)
         heads["both"] = _Head((HIDDEN,) + LOGIT_FEATURES, stack.scalar[0] * hidden_weight, stack.scalar[1:],
                               stack.bias + stack.scalar[0] * hidden_bias, stack.C)
-    elif settings.features not in ("auto", "hidden"):
+    if settings.features != "auto" and settings.features not in heads:
         raise InputError("the logit-feature heads need both labels among training and validation mismatches")
     mismatch_labels = sub_label[eval_rows]
     both_outcomes = len(set(mismatch_labels)) == 2
@@ -325,8 +330,10 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     mismatch_p = _sigmoid(head.logits(x_sub[eval_rows], evidence, eval_rows))
     if both_outcomes:
         decision_labels, decision_p, decided_on = mismatch_labels, mismatch_p, "validation mismatches"
-    else:  # tiny runs: every validation mismatch has one label; the hidden head on all validation rows
+    elif model is not None:  # tiny runs: every validation mismatch has one label; the hidden head on all rows
         decision_labels, decision_p, decided_on = y[val], model.predict_proba(xs_val)[:, 1], "all validation rows"
+    else:
+        raise InputError("both labels must occur among the validation mismatches; adjust tau")
     points = {
         name: point.model_copy(update={"metrics": {
             **point.metrics, "mismatch_accept_share": float((mismatch_p >= point.threshold).mean())}})
@@ -339,7 +346,7 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     target = json.loads((Path(run_dir) / "target.json").read_text())
     report = {
         "mismatches": len(records),
-        "rows": int(len(y)),
+        "rows": int(len(records) * (2 if with_hidden else 1)),
         "tau": tau,
         "suffix_length": settings.suffix_length,
         "suffix_mode": settings.suffix_mode,
@@ -354,7 +361,7 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         "feature_sets": comparison,
         # The hidden-state head (the paper's), on all validation rows.
         "C": best_c,
-        "validation_roc_auc": float(auc),
+        "validation_roc_auc": None if auc is None else float(auc),
         "roc_auc_by_C": {str(c): float(v[0]) for c, v in by_c.items()},
         "validation_mismatches": int(eval_rows.sum()),
         "validation_mismatch_accept_label_share": float(mismatch_labels.mean()),

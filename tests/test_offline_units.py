@@ -121,7 +121,8 @@ def test_training_report_judges_the_head_on_mismatches_only(tmp_path, monkeypatc
     substituted[:, 0] += torch.from_numpy((scores <= 0.3) * 0.5)
     original = torch.from_numpy(rng.normal(size=(n, hidden)))
     original[:, 1] += 8.0
-    monkeypatch.setattr(train_module, "load_run", lambda run_dir: (records, substituted, original))
+    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True: (records, substituted if with_hidden else None,
+                                                                original if with_hidden else None))
     (tmp_path / "target.json").write_text(json.dumps(
         {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10, "num_hidden_layers": 1}))
     report = train_module.train(tmp_path, tmp_path / "head", train_module.TrainSettings(suffix_length=5, tau=0.3))
@@ -161,7 +162,8 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
     substituted = torch.from_numpy(rng.normal(size=(n, hidden)))
     substituted[:, 0] += torch.from_numpy((scores <= 1.0) * 0.4)
     original = torch.from_numpy(rng.normal(size=(n, hidden)))
-    monkeypatch.setattr(train_module, "load_run", lambda run_dir: (records, substituted, original))
+    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True: (records, substituted if with_hidden else None,
+                                                                original if with_hidden else None))
     (tmp_path / "target.json").write_text(json.dumps(
         {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10, "num_hidden_layers": 1}))
     report = train_module.train(tmp_path, tmp_path / "head", train_module.TrainSettings(suffix_length=5, tau=1.0))
@@ -195,3 +197,29 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
                                        train_module.TrainSettings(suffix_length=5, tau=1.0, features="hidden"))
     assert hidden_report["features"] == "hidden" and set(hidden_report["feature_sets"]) == {"hidden"}
     assert JudgeArtifact.load(tmp_path / "hidden-head").config.format_version == 1
+
+
+def test_logits_only_head_trains_without_the_features_stage(tmp_path):
+    """--features logits reads the scores stage alone (no hidden states needed)."""
+    from selfjudge_vllm.artifact import JudgeArtifact
+    from selfjudge_vllm.offline import train as train_module
+
+    rng = np.random.default_rng(2)
+    run = RunDir(tmp_path / "run")
+    for shard in range(2):
+        rows = []
+        for i in range(150):
+            ratio = -float(rng.exponential(2.0))
+            rows.append({"id": f"s{shard}p{i % 15}", "m": i, "draft": 1, "target": 2,
+                         "scores": {"max": {"5": -0.6 * ratio + float(rng.normal(0, 0.5))}},
+                         "evidence": {"draft_logratio": ratio, "verify_confidence": -0.3, "next_confidence": -0.2}})
+        run.write_records("scores", shard, rows)
+    (tmp_path / "run/target.json").write_text(json.dumps(
+        {"name": "t", "architecture": "A", "hidden_size": 4, "vocab_size": 10, "num_hidden_layers": 1}))
+    report = train_module.train(tmp_path / "run", tmp_path / "head",
+                                train_module.TrainSettings(suffix_length=5, tau=1.0, features="logits"))
+    assert report["features"] == "logits" and set(report["feature_sets"]) == {"logits"}
+    assert report["mismatches"] == 300 and report["validation_mismatch_roc_auc"] > 0.8
+    assert JudgeArtifact.load(tmp_path / "head").weight is None
+    with pytest.raises(InputError, match="no labelled mismatches"):
+        train_module.train(tmp_path / "run", tmp_path / "head2", train_module.TrainSettings(suffix_length=5, tau=1.0))
