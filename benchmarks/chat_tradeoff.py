@@ -229,6 +229,18 @@ def measure_point(server, store, key, items, extra, args, progress) -> None:
                            "tokens": sum(r["tokens"] for r in results)})
 
 
+def interleaved(sweep: dict) -> list[tuple[str, float | None]]:
+    """(method, knob) pairs taking each method's knobs in turn, tightest first, so a sitting
+    cut short has measured every method at comparable settings."""
+    queues = {m: list(knobs) for m, knobs in sweep.items()}
+    out = []
+    while any(queues.values()):
+        for method, queue in queues.items():
+            if queue:
+                out.append((method, queue.pop(0)))
+    return out
+
+
 def start_server(testbed: Path, server, head: Path | None, work: Path, args):
     from selfjudge_vllm.testing.load import Server, free_port, serve_command
 
@@ -345,8 +357,7 @@ def main(argv=None) -> int:
             work_on(REFERENCE, [(point_key(REFERENCE, "alone", None), screen, None)])
         if "screen" in stages:
             for server in servers:
-                work_on(server, [(point_key(server, m, knob), screen, xargs(m, knob))
-                                 for m, knobs in sweep.items() for knob in knobs])
+                work_on(server, [(point_key(server, m, knob), screen, xargs(m, knob)) for m, knob in interleaved(sweep)])
                 if hidden_head is not None and server == servers[0] and "ablation" in stages:
                     # The paper's hidden-state head on the headline server, same items.
                     work_on(server, [(point_key(server, "judge_hidden", t), screen, xargs("judge", t))
