@@ -25,8 +25,9 @@ The design (a full grid would take days on this machine's 2 cores):
      superset of the screening items; a point's items from both stages are pooled).
   5. report: RESULTS/chat_tradeoff[_quick].{json,csv,md} and PNG plots; a point is "within
      budget B" when the exact 95% upper bound of its answer-change rate is <= B.
-The per-request store (RESULTS/chat_tradeoff_store/) and the judge heads (RESULTS/chat_judge/)
-are kept with the results, so a sitting on a fresh machine continues the same experiment.
+The per-request store (RESULTS/chat_tradeoff_store/) and the judge's label run and heads
+(RESULTS/chat_judge/) are kept with the results, so a sitting on a fresh machine continues
+the same experiment.
 
 All points of one server are measured side by side on it, one point at a time with
 --concurrency requests in flight (vLLM's acceptance counters are per server, so points are
@@ -75,15 +76,17 @@ REFERENCE = ("target", 0)  # the server without speculative decoding
 # -- step 1: the judge ---------------------------------------------------------------------------
 
 
-def ensure_judge(testbed: Path, work: Path, template, args) -> tuple[Path, Path]:
+def ensure_judge(testbed: Path, template, args) -> tuple[Path, Path]:
     """(served head, hidden-only head): the head `selfjudge train` picks by validation
     (--features auto) and the SelfJudge paper's hidden-state head (the ablation), both
     trained on one label run."""
-    folder = work / "chat_judge"
-    # The heads are small and kept with the results, so a later sitting on a fresh machine
-    # serves the same heads without labelling again.
-    heads = args.results / "chat_judge" / "head", args.results / "chat_judge" / "head-hidden"
-    if all((h / "config.json").is_file() for h in heads):
+    # The prompts, the label run's records and the heads are small and kept with the results,
+    # so a later sitting on a fresh machine resumes the same run and serves the same heads
+    # (the features stage's tensors are not committed: .gitignore).
+    folder = args.results / "chat_judge"
+    heads = folder / "head", folder / "head-hidden"
+    missing = [(h, f) for h, f in zip(heads, ("auto", "hidden")) if not (h / "config.json").is_file()]
+    if not missing:
         log(f"judge: using {heads[0]} (ablation: {heads[1]})")
         return heads
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,10 +103,26 @@ def ensure_judge(testbed: Path, work: Path, template, args) -> tuple[Path, Path]
         "--out", str(folder / "label-run"), "--max-new-tokens", "256", "--dtype", "float32",
         "--block-size", "32", "--max-model-len", "2048", "--suffix-lengths", "20", "--shard-size", "35",
     ], check=True, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="6"))
-    for head, features in zip(heads, ("auto", "hidden")):
+    for head, features in missing:  # a head that exists is never retrained: results depend on it
         subprocess.run(cli + ["train", "--run", str(folder / "label-run"), "--out", str(head), "--tau", str(TAU),
                               "--suffix-length", "20", "--features", features], check=True)
     return heads
+
+
+def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None]) -> None:
+    """The store's judge points belong to the heads that produced them: record the heads'
+    SHA-256 at first use and refuse to go on with other heads."""
+    import hashlib
+
+    now = {name: hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+           for name, path in heads.items() if path is not None}
+    record = store_folder / "heads.json"
+    before = json.loads(record.read_text()) if record.is_file() else {}
+    changed = [name for name in now if name in before and before[name] != now[name]]
+    if changed:
+        sys.exit(f"chat_tradeoff: the {', '.join(changed)} head differs from the one {store_folder} was measured "
+                 "with; use another --results folder or the original head")
+    record.write_text(json.dumps({**before, **now}, indent=1))
 
 
 def judge_thresholds(head: Path) -> list[float]:
@@ -127,6 +146,7 @@ class Store:
 
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
         self.requests_path, self.segments_path = folder / "requests.jsonl", folder / "segments.jsonl"
         self.requests: dict[str, dict[str, dict]] = {}
         for row in load_jsonl(self.requests_path):
@@ -287,9 +307,10 @@ def main(argv=None) -> int:
     parser.add_argument("--testbed", type=Path, required=True, help="folder written by `selfjudge testbed --model qwen-coder`")
     parser.add_argument("--head", type=Path, help="trained judge artifact (default: train one)")
     parser.add_argument("--no-judge", action="store_true", help="training-free rules only (no judge points)")
-    parser.add_argument("--work", type=Path, default=ROOT / "bench_work", help="label run and server logs")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench_work", help="server logs")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results",
-                        help="report, per-request store (RESULTS/chat_tradeoff_store/) and judge heads")
+                        help="report, per-request store (RESULTS/chat_tradeoff_store/), judge label run and heads "
+                        "(RESULTS/chat_judge/)")
     parser.add_argument("--servers", help="proposer:k list to work on, e.g. draft_model:8,ngram:8 (default: all)")
     parser.add_argument("--stages", default="reference,screen,ablation,confirm", help="stages to run (default: all)")
     parser.add_argument("--max-minutes", type=float, help="start no new point after this many minutes")
@@ -324,7 +345,9 @@ def main(argv=None) -> int:
     if args.head:
         head = args.head
     elif not args.no_judge and not args.report_only:
-        head, hidden_head = ensure_judge(args.testbed, args.work, template, args)
+        head, hidden_head = ensure_judge(args.testbed, template, args)
+    if not args.report_only:
+        check_heads_unchanged(store.folder, {"judge": head, "judge_hidden": hidden_head})
     sweep = dict(QUICK["judge_sweep"] if head and args.quick else QUICK["sweep"] if args.quick else SCREEN_SWEEP)
     if head is None:
         sweep.pop("judge", None)
