@@ -99,8 +99,10 @@ def ensure_judge(testbed: Path, template, args) -> tuple[Path, Path]:
     cli = [sys.executable, "-m", "selfjudge_vllm.cli"]
     log(f"judge: labelling {sum(1 for _ in prompts.open())} training prompts (resumable; progress below)")
     subprocess.run(cli + [
-        "label", "--target", str(testbed / "target"), "--draft", str(testbed / "draft"), "--prompts", str(prompts),
-        "--out", str(folder / "label-run"), "--max-new-tokens", "256", "--dtype", "float32",
+        # Relative paths: the run folder records them, and a later sitting may run elsewhere.
+        "label", "--target", os.path.relpath(testbed / "target"), "--draft", os.path.relpath(testbed / "draft"),
+        "--prompts", os.path.relpath(prompts), "--out", os.path.relpath(folder / "label-run"),
+        "--max-new-tokens", "256", "--dtype", "float32",
         "--block-size", "32", "--max-model-len", "2048", "--suffix-lengths", "20", "--shard-size", "35",
     ], check=True, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="6"))
     for head, features in missing:  # a head that exists is never retrained: results depend on it
