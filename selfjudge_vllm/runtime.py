@@ -31,7 +31,7 @@ class PendingStep:
     """What `sample_tokens` kept for the rejection sampler call of the same step."""
 
     sample_hidden_states: torch.Tensor  # [num_logits_rows, H], rows aligned with logits
-    logits: torch.Tensor | None  # [num_logits_rows, V], before any sampling processing
+    logits: torch.Tensor | None  # [num_logits_rows, V], the model's own (grammar masks only)
     draft_token_ids: torch.Tensor  # [num_draft_tokens], the object vLLM will verify
     target_logits_indices: torch.Tensor  # [num_draft_tokens]
     rules: StepRules  # the rule and knob of every draft row
