@@ -35,8 +35,16 @@ ALL_FEATURES = (HIDDEN,) + LOGIT_FEATURES
 FEATURE_SET_VERSION = 1
 # The named sets `selfjudge train --features` offers.
 FEATURE_SETS = {"hidden": (HIDDEN,), "logits": LOGIT_FEATURES, "both": ALL_FEATURES}
-# Rows per chunk of the vocabulary-wide reductions (bounds the float32 temporaries).
-CHUNK_ROWS = 256
+# Elements per chunk of the vocabulary-wide reduction: bounds its float32 temporary (the
+# chunk's log-softmax). On CPU a few rows that stay in cache are several times faster than
+# large chunks (measured at 72 x 151,936: ~35 ms at 256 rows, ~11 ms at 4 rows); a GPU wants
+# chunks large enough that kernel launches do not dominate.
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
+
+
+def chunk_rows_for(logits: torch.Tensor) -> int:
+    elements = CHUNK_ELEMENTS.get(logits.device.type, CHUNK_ELEMENTS["cuda"])
+    return max(1, elements // max(1, logits.shape[-1]))
 
 
 def evidence_from_logprobs(draft_logprob: float, verify_top1_logprob: float,
@@ -51,17 +59,19 @@ def evidence_from_logprobs(draft_logprob: float, verify_top1_logprob: float,
     }
 
 
-def row_max_and_logsumexp(logits: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of [rows, V] logits (any float dtype): the max and the log-sum-exp, in float32,
-    a chunk of rows at a time."""
+def row_max_and_top1_logprob(logits: torch.Tensor, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of [rows, V] logits (any float dtype): the max logit and the max log-probability
+    (max of the float32 log-softmax, as vLLM computes logprobs), a chunk of rows at a time:
+    one fused log-softmax plus one max per chunk."""
     rows = logits.shape[0]
+    chunk_rows = chunk_rows or chunk_rows_for(logits)
     row_max = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    row_lse = torch.empty_like(row_max)
+    top1_logprob = torch.empty_like(row_max)
     for start in range(0, rows, chunk_rows):
-        chunk = logits[start : start + chunk_rows].float()
+        chunk = logits[start : start + chunk_rows]
         row_max[start : start + chunk_rows] = chunk.amax(-1)
-        row_lse[start : start + chunk_rows] = torch.logsumexp(chunk, -1)
-    return row_max, row_lse
+        top1_logprob[start : start + chunk_rows] = torch.log_softmax(chunk, -1, dtype=torch.float32).amax(-1)
+    return row_max, top1_logprob
 
 
 def evidence_from_logits(logits: torch.Tensor, verify_rows: torch.Tensor, draft_token_ids: torch.Tensor,
@@ -74,8 +84,7 @@ def evidence_from_logits(logits: torch.Tensor, verify_rows: torch.Tensor, draft_
         row after it is the next draft's verifying row or the request's bonus row.
     draft_token_ids: [n] (padding -1 gives finite garbage; the caller never accepts it).
     """
-    row_max, row_lse = row_max_and_logsumexp(logits)
-    log_norm_verify = row_lse.index_select(0, verify_rows)
+    row_max, top1_logprob = row_max_and_top1_logprob(logits)
     verify_max = row_max.index_select(0, verify_rows)
     columns = []
     for name in names:
@@ -83,10 +92,9 @@ def evidence_from_logits(logits: torch.Tensor, verify_rows: torch.Tensor, draft_
             draft_logit = logits[verify_rows, draft_token_ids.clamp(min=0).long()].float()
             columns.append(draft_logit - verify_max)
         elif name == VERIFY_CONFIDENCE:
-            columns.append(verify_max - log_norm_verify)
+            columns.append(top1_logprob.index_select(0, verify_rows))
         elif name == NEXT_CONFIDENCE:
-            next_rows = verify_rows + 1
-            columns.append(row_max.index_select(0, next_rows) - row_lse.index_select(0, next_rows))
+            columns.append(top1_logprob.index_select(0, verify_rows + 1))
         else:
             raise ValueError(f"unknown logit feature {name!r}; known: {', '.join(LOGIT_FEATURES)}")
     return torch.stack(columns, 1)

@@ -317,7 +317,7 @@ def test_logit_features_match_a_float64_log_softmax_reference():
     from selfjudge_vllm import features
 
     torch.manual_seed(3)
-    rows, vocab = features.CHUNK_ROWS + 7, 50
+    rows, vocab = features.CHUNK_ELEMENTS["cpu"] // 50_000 + 7, 50_000
     logits = torch.randn(rows, vocab) * 3
     logits[5, 7] = float("-inf")
     verify_rows = torch.arange(0, rows - 1, 2)  # each verify row's next row exists
@@ -365,3 +365,13 @@ def test_format2_artifact_round_trips_and_refuses_features_it_cannot_compute(tmp
     _edit_config(tmp_path / "v2", lambda c: c.update(format_version=2, feature_set_version=9))
     with pytest.raises(ArtifactError, match="feature set v9"):
         JudgeArtifact.load(tmp_path / "v2")
+
+
+def test_judge_step_benchmark_decisions_match_its_float64_reference_on_cpu():
+    """benchmarks/judge_step_cuda.py's decision check (hidden, logits and both heads against
+    a float64 computation of the head's score from the definitions) passes on the CPU, so the
+    GPU figures it reports rest on a checked computation."""
+    from benchmarks import judge_step_cuda
+
+    assert judge_step_cuda.main(["--cpu-check", "--requests", "6", "--drafts", "3", "--hidden", "32",
+                                 "--vocab", "700", "--repeats", "1"]) == 0
