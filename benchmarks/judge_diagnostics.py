@@ -42,12 +42,7 @@ def draft_log_ratios(run_dir: Path, records: list[dict]) -> np.ndarray:
 
     from selfjudge_vllm.offline.store import RunDir
 
-    run = RunDir(run_dir)
-    sequences, index = {}, 0
-    while run.has("responses", index):
-        for r in run.read_records("responses", index):
-            sequences[r["id"]] = r["prompt"] + r["response"]
-        index += 1
+    sequences = {r["id"]: r["prompt"] + r["response"] for r in RunDir(run_dir).read_stage("responses")}
     target = json.loads((run_dir / "run.json").read_text())["target"]
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     by_prompt: dict[str, list[int]] = {}

@@ -112,8 +112,7 @@ def main(argv=None) -> int:
     quiet = lambda items, **_: items  # noqa: E731
     run_label(settings, run_dir, progress=quiet)  # full run once (also warms caches)
     run = RunDir(run_dir)
-    shards = len(list((run_dir / "responses").glob("shard-*.jsonl")))
-    responses = [r for i in range(shards) for r in run.read_records("responses", i)]
+    responses = run.read_stage("responses")
 
     # Pipeline: redo the mismatches + scores stages (features are not the baseline's work).
     for stage in ("mismatches", "scores", "features"):
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
     run_label(settings, run_dir, progress=timer)
     pipeline_s = timer.seconds["mismatches"] + timer.seconds["scores"]
     ours = {(r["id"], r["m"]): r["scores"]["max"][str(args.suffix_length)]
-            for i in range(shards) for r in run.read_records("scores", i)}
+            for r in run.read_stage("scores")}
 
     theirs, baseline_s = baseline_scores(args.target, args.draft, responses, args.suffix_length, args.dtype)
 
@@ -140,8 +139,7 @@ def main(argv=None) -> int:
                   "max_new_tokens": args.max_new_tokens, "suffix_length": args.suffix_length,
                   "dtype": args.dtype, "block_size": args.block_size,
                   "cached_prefix_tokens_mean": sum(
-                      r.get("cached_prefix", 0) for i in range(shards) for r in run.read_records("scores", i)
-                  ) / max(1, len(ours))},
+                      r.get("cached_prefix", 0) for r in run.read_stage("scores")) / max(1, len(ours))},
     }
     figures["speedup"] = figures["pipeline_mismatches_per_s"] / figures["baseline_mismatches_per_s"]
     print(json.dumps(figures, indent=2))

@@ -103,6 +103,8 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
     run = RunDir(out_dir)
     run.bind_settings(json.loads(json.dumps(asdict(settings))))
     shards = _shards(prompts, settings.shard_size)
+    run.bind_shard_count(len(shards))
+    write_target_identity(run, settings.target)
     eng = settings.engine
     target_engine = lambda: engine(settings.target, eng)  # noqa: E731
     max_n = max(settings.suffix_lengths)
@@ -166,8 +168,8 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
 
     def features(llm, i):
         items = run.read_records("scores", i)
-        if not items:
-            empty = torch.zeros(0, 0)
+        if not items:  # zero rows of the hidden width, so every shard concatenates
+            empty = torch.zeros(0, run.read_json("target.json")["hidden_size"])
             run.write_tensors("features", i, {"substituted": empty, "original": empty})
             run.write_records("features", i, [])
             return
@@ -191,7 +193,6 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
     run.write_provenance("mismatches", info)
     _run_stage(run, "scores", shards, target_engine, scores, progress)
     run.write_provenance("scores", info)
-    _write_target_identity(run, settings)
     _run_stage(run, "features", shards, lambda: engine(settings.target, eng, pooling=True), features, progress)
     run.write_provenance("features", info)
     if settings.answer_pattern is not None:
@@ -258,40 +259,47 @@ def answer_outcomes(llm, responses: list[dict], items: list[dict], pattern, max_
     return records
 
 
-def _write_target_identity(run: RunDir, settings: LabelSettings) -> None:
+def write_target_identity(run: RunDir, target: str) -> None:
     """The served-model identity the artifact will carry, from the target's HF config
     (the same fields the plugin checks at start-up)."""
-    path = run.root / "target.json"
-    if path.is_file():
+    if (run.root / "target.json").is_file():
         return
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(settings.target)
+    config = AutoConfig.from_pretrained(target)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    identity = {
-        "name": settings.target,
+    run.write_json("target.json", {
+        "name": target,
         "architecture": (config.architectures or ["unknown"])[0],
         "hidden_size": text.hidden_size,
         "vocab_size": text.vocab_size,
         "num_hidden_layers": text.num_hidden_layers,
-    }
-    path.write_text(json.dumps(identity, indent=2))
+    })
 
 
-def load_run(out_dir: str | Path, with_hidden: bool = True) -> tuple[list[dict], torch.Tensor | None, torch.Tensor | None]:
+def usable_shards(run: RunDir, with_hidden: bool, allow_partial: bool = False) -> list[int]:
+    """The shards training reads: scored (and with features, when `with_hidden`)."""
+    done = run.complete_shards("scores", allow_partial=allow_partial)
+    if with_hidden:
+        with_features = set(run.complete_shards("features", ("jsonl", "safetensors"), allow_partial=allow_partial))
+        done = [i for i in done if i in with_features]
+    return done
+
+
+def load_run(out_dir: str | Path, with_hidden: bool = True,
+             allow_partial: bool = False) -> tuple[list[dict], torch.Tensor | None, torch.Tensor | None]:
     """All scored mismatches with their two feature rows, in shard order (without the
-    feature rows, and without needing the features stage, when `with_hidden` is False)."""
+    feature rows, and without needing the features stage, when `with_hidden` is False).
+    A run missing shards of the stages read is refused unless `allow_partial`."""
     run = RunDir(out_dir)
     records, subs, origs = [], [], []
-    index = 0
-    stage, ext = ("features", "safetensors") if with_hidden else ("scores", "jsonl")
-    while run.has(stage, index, ext) and run.has(stage, index):
+    for index in usable_shards(run, with_hidden, allow_partial):
         records += run.read_records("scores", index)
         if with_hidden:
             tensors = run.read_tensors("features", index)
-            subs.append(tensors["substituted"])
-            origs.append(tensors["original"])
-        index += 1
+            if tensors["substituted"].shape[0]:  # an empty shard adds no rows (older runs wrote [0, 0])
+                subs.append(tensors["substituted"])
+                origs.append(tensors["original"])
     if not records:
         raise InputError(f"{out_dir}: no labelled mismatches (run `selfjudge label` first)")
     if not with_hidden:

@@ -1,6 +1,9 @@
 """The on-disk layout of a labelling run: one folder per stage, one file per shard.
 
     RUN/run.json                     the run's settings (a rerun must match them)
+    RUN/shards.json                  how many shards the run has (every stage has them all
+                                     once complete)
+    RUN/target.json                  the target's identity, which the judge artifact carries
     RUN/<stage>/shard-00003.jsonl    records of shard 3, written atomically
     RUN/<stage>/shard-00003.safetensors
     RUN/<stage>/provenance.json      command, versions, models, seed of that stage
@@ -25,6 +28,22 @@ from safetensors.torch import load_file, save_file
 
 class RunError(ValueError):
     """The run folder belongs to another configuration or is damaged."""
+
+
+class IncompleteRunError(RunError):
+    """A stage of the run lacks shards; reading it would silently drop their prompts."""
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            out.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(out)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -65,6 +84,52 @@ class RunDir:
 
     def read_tensors(self, stage: str, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.shard(stage, index, "safetensors")))
+
+    def write_json(self, name: str, value: Any) -> None:
+        _atomic_write(self.root / name, lambda p: p.write_text(json.dumps(value, indent=2)))
+
+    def read_json(self, name: str) -> Any:
+        path = self.root / name
+        if not path.is_file():
+            raise RunError(f"{path} missing: {self.root} is not a finished `selfjudge label` run folder")
+        return json.loads(path.read_text())
+
+    def bind_shard_count(self, count: int) -> None:
+        """Record how many shards the run has, or check it on a rerun."""
+        path = self.root / "shards.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())["shards"]
+            if previous != count:
+                raise RunError(f"{self.root} has {previous} shards but these prompts make {count}; "
+                               "the prompts changed: use a new output folder")
+            return
+        self.write_json("shards.json", {"shards": count})
+
+    def shard_count(self) -> int:
+        """The run's number of shards (runs older than shards.json: the responses written)."""
+        path = self.root / "shards.json"
+        if path.is_file():
+            return int(json.loads(path.read_text())["shards"])
+        written = [int(p.stem.split("-")[1]) for p in (self.root / "responses").glob("shard-*.jsonl")]
+        return max(written) + 1 if written else 0
+
+    def complete_shards(self, stage: str, exts: tuple[str, ...] = ("jsonl",), allow_partial: bool = False) -> list[int]:
+        """Indices of the shards of `stage` that exist (with every extension in `exts`). Raises
+        IncompleteRunError naming the missing ones unless `allow_partial`."""
+        total = self.shard_count()
+        done = [i for i in range(total) if all(self.has(stage, i, ext) for ext in exts)]
+        missing = sorted(set(range(total)) - set(done))
+        if missing and not allow_partial:
+            raise IncompleteRunError(
+                f"{self.root}: stage {stage!r} lacks shard(s) {_ranges(missing)} of {total} (shards 0-{total - 1}); "
+                "rerun the same `selfjudge label` command to finish it, or accept a partial run explicitly "
+                f"(`selfjudge train --allow-partial-run` uses the {len(done)} complete shard(s))"
+            )
+        return done
+
+    def read_stage(self, stage: str, allow_partial: bool = False) -> list[dict]:
+        """Every record of `stage`, in shard order: the one reader of a stage's records."""
+        return [r for i in self.complete_shards(stage, allow_partial=allow_partial) for r in self.read_records(stage, i)]
 
     def bind_settings(self, settings: dict[str, Any]) -> None:
         """Record the run's settings, or check that a rerun uses the same ones."""

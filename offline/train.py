@@ -41,9 +41,9 @@ import torch
 
 from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, OperatingPoint, TargetIdentity
 from selfjudge_vllm.features import FEATURE_SETS, HIDDEN, LOGIT_FEATURES
-from selfjudge_vllm.offline.label import InputError, load_run
+from selfjudge_vllm.offline.label import InputError, load_run, usable_shards
 from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
-from selfjudge_vllm.offline.store import provenance
+from selfjudge_vllm.offline.store import RunDir, provenance
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 STACK_FOLDS = 5
@@ -61,6 +61,8 @@ class TrainSettings:
     recall_target: float = 0.8
     seed: int = 0
     features: str = "auto"
+    # Train on the complete shards of a run that lacks some (recorded in the report).
+    allow_partial_run: bool = False
 
 
 def tau_from_outcomes(scores: np.ndarray, changed: np.ndarray) -> tuple[float, float]:
@@ -80,16 +82,9 @@ def tau_from_outcomes(scores: np.ndarray, changed: np.ndarray) -> tuple[float, f
     return best_tau, best_acc
 
 
-def load_outcomes(run_dir: str | Path) -> dict[tuple[str, int], bool]:
+def load_outcomes(run_dir: str | Path, allow_partial: bool = False) -> dict[tuple[str, int], bool]:
     """(prompt id, m) -> final answer unchanged, from the run's outcomes stage."""
-    from selfjudge_vllm.offline.store import RunDir
-
-    run, out, index = RunDir(run_dir), {}, 0
-    while run.has("outcomes", index):
-        for r in run.read_records("outcomes", index):
-            out[(r["id"], r["m"])] = bool(r["unchanged"])
-        index += 1
-    return out
+    return {(r["id"], r["m"]): bool(r["unchanged"]) for r in RunDir(run_dir).read_stage("outcomes", allow_partial)}
 
 
 def split_by_prompt(ids: list[str], validation_share: float, seed: int) -> np.ndarray:
@@ -246,7 +241,7 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         raise InputError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
     # A logits-only head needs no hidden states: the run's scores stage is enough.
     with_hidden = settings.features != "logits"
-    records, substituted, original = load_run(run_dir, with_hidden=with_hidden)
+    records, substituted, original = load_run(run_dir, with_hidden=with_hidden, allow_partial=settings.allow_partial_run)
     n_key = str(settings.suffix_length)
     try:
         scores = np.array([r["scores"][settings.suffix_mode][n_key] for r in records])
@@ -264,7 +259,7 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     if settings.reject_share is not None:
         tau = float(np.quantile(scores[~is_val], 1.0 - settings.reject_share))
     elif settings.tau_from_answers:
-        outcomes = load_outcomes(run_dir)
+        outcomes = load_outcomes(run_dir, settings.allow_partial_run)
         rows = [k for k, r in enumerate(records) if is_val[k] and (r["id"], r["m"]) in outcomes]
         if len(rows) < 2:
             raise InputError("--tau-from-answers needs answer outcomes on validation prompts "
@@ -343,8 +338,10 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         points.update(accept_share_points(mismatch_labels, mismatch_p))
     default = points["youden"].threshold
 
-    target = json.loads((Path(run_dir) / "target.json").read_text())
+    run = RunDir(run_dir)
+    target = run.read_json("target.json")
     report = {
+        "shards": {"total": run.shard_count(), "used": usable_shards(run, with_hidden, allow_partial=True)},
         "mismatches": len(records),
         "rows": int(len(records) * (2 if with_hidden else 1)),
         "tau": tau,

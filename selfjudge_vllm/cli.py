@@ -75,6 +75,7 @@ def _train(args: argparse.Namespace) -> int:
     import json
 
     from selfjudge_vllm.offline.label import InputError
+    from selfjudge_vllm.offline.store import RunError
     from selfjudge_vllm.offline.train import TrainSettings, train
 
     settings = TrainSettings(
@@ -86,10 +87,11 @@ def _train(args: argparse.Namespace) -> int:
         validation_share=args.validation_share,
         seed=args.seed,
         features=args.features,
+        allow_partial_run=args.allow_partial_run,
     )
     try:
         report = train(args.run, args.out, settings)
-    except InputError as exc:
+    except (InputError, RunError) as exc:
         print(f"selfjudge train: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
@@ -178,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "side by side in training_report.json and serves the best on validation mismatches")
     train.add_argument("--validation-share", type=float, default=0.2)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--allow-partial-run", action="store_true",
+                       help="train on the complete shards of a run whose stages lack some (refused by default; "
+                       "training_report.json lists the shards used)")
     train.set_defaults(func=_train)
 
     testbed = sub.add_parser(

@@ -12,7 +12,7 @@ from selfjudge_vllm.offline.engine import EngineSettings
 from selfjudge_vllm.offline.label import InputError, LabelSettings, check_inputs
 from selfjudge_vllm.offline.prompts import PromptFileError
 from selfjudge_vllm.offline.scores import semantic_preservation_scores
-from selfjudge_vllm.offline.store import RunDir, RunError
+from selfjudge_vllm.offline.store import IncompleteRunError, RunDir, RunError
 from selfjudge_vllm.offline.train import fold_standardisation, split_by_prompt, tau_from_outcomes
 
 
@@ -121,7 +121,7 @@ def test_training_report_judges_the_head_on_mismatches_only(tmp_path, monkeypatc
     substituted[:, 0] += torch.from_numpy((scores <= 0.3) * 0.5)
     original = torch.from_numpy(rng.normal(size=(n, hidden)))
     original[:, 1] += 8.0
-    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True: (records, substituted if with_hidden else None,
+    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True, **_: (records, substituted if with_hidden else None,
                                                                 original if with_hidden else None))
     (tmp_path / "target.json").write_text(json.dumps(
         {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10, "num_hidden_layers": 1}))
@@ -162,7 +162,7 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
     substituted = torch.from_numpy(rng.normal(size=(n, hidden)))
     substituted[:, 0] += torch.from_numpy((scores <= 1.0) * 0.4)
     original = torch.from_numpy(rng.normal(size=(n, hidden)))
-    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True: (records, substituted if with_hidden else None,
+    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True, **_: (records, substituted if with_hidden else None,
                                                                 original if with_hidden else None))
     (tmp_path / "target.json").write_text(json.dumps(
         {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10, "num_hidden_layers": 1}))
@@ -206,6 +206,7 @@ def test_logits_only_head_trains_without_the_features_stage(tmp_path):
 
     rng = np.random.default_rng(2)
     run = RunDir(tmp_path / "run")
+    run.bind_shard_count(2)
     for shard in range(2):
         rows = []
         for i in range(150):
@@ -221,5 +222,77 @@ def test_logits_only_head_trains_without_the_features_stage(tmp_path):
     assert report["features"] == "logits" and set(report["feature_sets"]) == {"logits"}
     assert report["mismatches"] == 300 and report["validation_mismatch_roc_auc"] > 0.8
     assert JudgeArtifact.load(tmp_path / "head").weight is None
-    with pytest.raises(InputError, match="no labelled mismatches"):
+    with pytest.raises(IncompleteRunError, match="stage 'features' lacks shard\\(s\\) 0-1 of 2"):
         train_module.train(tmp_path / "run", tmp_path / "head2", train_module.TrainSettings(suffix_length=5, tau=1.0))
+
+
+def _scored_run(root, shards: dict[int, int], total: int, hidden: int = 4) -> RunDir:
+    """A run folder with `shards` {index: mismatches} scored and with features, of `total` shards."""
+    run = RunDir(root)
+    run.bind_shard_count(total)
+    run.write_json("target.json", {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10,
+                                   "num_hidden_layers": 1})
+    for index, count in shards.items():
+        rows = [{"id": f"s{index}p{i}", "m": i, "scores": {"max": {"5": 0.1 * i}},
+                 "evidence": {"draft_logratio": -0.5 * i, "verify_confidence": -0.3, "next_confidence": -0.2}}
+                for i in range(count)]
+        run.write_records("scores", index, rows)
+        run.write_records("features", index, [{"id": r["id"], "m": r["m"]} for r in rows])
+        # Older runs wrote an empty shard's tensors as [0, 0].
+        width = hidden if count else 0
+        run.write_tensors("features", index, {"substituted": torch.full((count, width), float(index)),
+                                              "original": torch.zeros(count, width)})
+    return run
+
+
+def test_a_run_with_an_empty_shard_loads_as_zero_rows_of_the_hidden_width(tmp_path):
+    from selfjudge_vllm.offline.label import load_run
+
+    _scored_run(tmp_path / "run", {0: 2, 1: 0, 2: 3}, total=3)
+    records, substituted, original = load_run(tmp_path / "run")
+    assert len(records) == 5 and substituted.shape == (5, 4) and original.shape == (5, 4)
+    assert substituted[:, 0].tolist() == [0, 0, 2, 2, 2]
+
+
+def test_a_run_missing_shards_is_refused_naming_them_unless_partial_is_asked_for(tmp_path):
+    from selfjudge_vllm.offline import train as train_module
+    from selfjudge_vllm.offline.label import load_run
+
+    run = _scored_run(tmp_path / "run", {0: 40, 2: 40, 3: 40}, total=5)
+    with pytest.raises(IncompleteRunError, match="stage 'scores' lacks shard\\(s\\) 1, 4 of 5"):
+        load_run(tmp_path / "run", with_hidden=False)
+    with pytest.raises(IncompleteRunError, match="lacks shard"):
+        train_module.load_outcomes(tmp_path / "run")
+    records, _, _ = load_run(tmp_path / "run", with_hidden=False, allow_partial=True)
+    assert [r["id"][:2] for r in records] == ["s0"] * 40 + ["s2"] * 40 + ["s3"] * 40
+    assert run.read_stage("scores", allow_partial=True) == records
+    report = train_module.train(tmp_path / "run", tmp_path / "head", train_module.TrainSettings(
+        suffix_length=5, tau=1.5, features="logits", allow_partial_run=True))
+    assert report["shards"] == {"total": 5, "used": [0, 2, 3]}
+
+
+def test_shard_count_is_bound_to_the_run(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.bind_shard_count(3)
+    run.bind_shard_count(3)
+    with pytest.raises(RunError, match="has 3 shards but these prompts make 4"):
+        run.bind_shard_count(4)
+    assert run.shard_count() == 3
+
+
+def test_target_identity_is_written_atomically_into_the_run_store(tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
+    from selfjudge_vllm.offline import store
+    from selfjudge_vllm.offline.label import write_target_identity
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=300, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "target")
+    written = []
+    real = store._atomic_write
+    monkeypatch.setattr(store, "_atomic_write", lambda path, write: written.append(path.name) or real(path, write))
+    run = RunDir(tmp_path / "run")
+    write_target_identity(run, str(tmp_path / "target"))
+    assert written == ["target.json"]
+    assert run.read_json("target.json") == {"name": str(tmp_path / "target"), "architecture": "LlamaForCausalLM",
+                                            "hidden_size": 64, "vocab_size": 300, "num_hidden_layers": 2}
