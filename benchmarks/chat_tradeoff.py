@@ -54,7 +54,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import chat_tasks  # noqa: E402
 from benchmarks.chat_tradeoff_report import BUDGETS, METHOD_FAMILIES, Outcomes, point_key, point_rows  # noqa: E402
-from benchmarks.tradeoff import KNOB_NAMES, _version, load_jsonl, log, spec_counters, xargs  # noqa: E402
+from benchmarks.tradeoff import _version, load_jsonl, log, spec_counters, xargs  # noqa: E402
 
 # Servers in the order they are worked on: the headline configuration first.
 SERVERS = (("draft_model", 8), ("ngram", 8), ("draft_model", 4), ("ngram", 4))
@@ -306,7 +306,8 @@ def frontier(store, server, screen_items, budgets=BUDGETS) -> list[tuple[str, fl
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--testbed", type=Path, required=True, help="folder written by `selfjudge testbed --model qwen-coder`")
+    parser.add_argument("--testbed", type=Path, required=True,
+                        help="folder written by `selfjudge testbed --model qwen-coder`")
     parser.add_argument("--head", type=Path, help="trained judge artifact (default: train one)")
     parser.add_argument("--no-judge", action="store_true", help="training-free rules only (no judge points)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench_work", help="server logs")

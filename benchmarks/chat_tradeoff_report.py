@@ -186,12 +186,14 @@ def _markdown(rows, heads, setup) -> str:
             lines.append(f"- Lossless {r['proposer']} k={r['k']}: identical text to the target alone on "
                          f"{r['identical_to_target_alone']} of {r['compared_with_target_alone']} items.")
     lines += ["", "| proposer | k | method | knob | items | accept. length | accept. rate | tok/s conc. | tok/s batch 1 "
-              "| GSM8K acc. (n) | HumanEval pass (n) | answer changes vs lossless | 95% upper bound | acc. change | McNemar p |",
+              "| GSM8K acc. (n) | HumanEval pass (n) | answer changes vs lossless | 95% upper bound | acc. change "
+              "| McNemar p |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['proposer']} | {r['k'] or ''} | {r['method']} | {'' if r['knob'] is None else r['knob']} | {r['n']} "
-            f"| {_fmt(r['mean_acceptance_length'])} | {_fmt(r['acceptance_rate'], '.3f')} | {_fmt(r['tokens_per_s'], '.1f')} "
+            f"| {_fmt(r['mean_acceptance_length'])} | {_fmt(r['acceptance_rate'], '.3f')} "
+            f"| {_fmt(r['tokens_per_s'], '.1f')} "
             f"| {_fmt(r['tokens_per_s_batch1'], '.1f')} | {_fmt(r['gsm8k_accuracy'], '.3f')} ({r['gsm8k_n']}) "
             f"| {_fmt(r['humaneval_accuracy'], '.3f')} ({r['humaneval_n']}) "
             + (f"| {r['changes']}/{r['paired_n']} | {100 * r['change_upper95']:.2f}% | {100 * r['accuracy_change']:+.2f}% "

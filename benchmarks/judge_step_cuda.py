@@ -17,6 +17,7 @@ greedy: argmax; random: temperature + softmax). Also, per step kind:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
         rows.div_(0.8).softmax(dim=-1)
 
     processed = logits[target_idx].float()  # what vLLM hands to rejection_sample
-    figures = {"device": torch.cuda.get_device_name() if cuda else "cpu (decision check only)", "requests": args.requests, "drafts": args.drafts,
+    figures = {"device": torch.cuda.get_device_name() if cuda else "cpu (decision check only)",
+               "requests": args.requests, "drafts": args.drafts,
                "hidden": args.hidden, "vocab": args.vocab, "steps": {}}
     greedy_ms = _time(verify_greedy_proxy, args.repeats)
     random_ms = _time(verify_random_proxy, args.repeats)
@@ -130,10 +132,10 @@ def main(argv=None) -> int:
     for name, judge_step in steps.items():
         work = processed.clone()
         judge_step(work)
-        ms = _time(lambda: judge_step(work), args.repeats)
+        ms = _time(functools.partial(judge_step, work), args.repeats)
         entry = {"ms": ms, "share_of_greedy_verify": ms / greedy_ms, "share_of_random_verify": ms / random_ms}
         if cuda:
-            entry.update(device_checks(lambda: judge_step(work)))
+            entry.update(device_checks(functools.partial(judge_step, work)))
         if name.startswith("judge_"):
             head = heads[name.removeprefix("judge_")]
             fresh = processed.clone()

@@ -27,8 +27,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 def main(argv=None) -> int:
     from selfjudge_vllm.testing.load import (
-        LoadReport, Server, check_lossless, drive, free_port, lossless_greedy_indices,
-        make_requests, reference_texts, serve_command,
+        LoadReport,
+        Server,
+        check_lossless,
+        drive,
+        free_port,
+        lossless_greedy_indices,
+        make_requests,
+        reference_texts,
+        serve_command,
     )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -210,7 +210,7 @@ def _markdown(rows, headlines, setup, reference, plots) -> str:
     ]
     order = {"lossless": 0, "judge": 1, "top_alpha": 2, "entropy": 3}
     for r in sorted(rows, key=lambda r: (r["proposer"], r["k"], order[r["method"]], -(r["knob"] or 0))):
-        def q(task, digits=3):
+        def q(task, digits=3, r=r):
             if not r.get(f"{task}_n"):
                 return "n/a"
             low, high = r[f"{task}_ci95"]
@@ -230,7 +230,7 @@ def _markdown(rows, headlines, setup, reference, plots) -> str:
         if r["method"] == "lossless" or "quality_loss" not in r:
             continue
 
-        def change(task):
+        def change(task, r=r):
             if f"{task}_rel_change" not in r:
                 return "n/a"
             if r[f"{task}_n"] < MIN_ITEMS_FOR_INTERVAL:

@@ -23,12 +23,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-
-from selfjudge_vllm.features import evidence_from_logprobs
 from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
 from selfjudge_vllm.offline.prompts import Prompt, read_prompt_file, tokenize_prompts
 from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
 from selfjudge_vllm.offline.store import RunDir
+
+from selfjudge_vllm.features import evidence_from_logprobs
 
 logger = logging.getLogger("selfjudge.label")
 STAGES = ("responses", "mismatches", "scores", "features", "outcomes")
@@ -226,9 +226,8 @@ def final_answer(text: str, pattern: re.Pattern) -> str | None:
 def answer_outcomes(llm, responses: list[dict], items: list[dict], pattern, max_new_tokens: int) -> list[dict]:
     """Substitute d_m, let the target finish greedily within the original length budget,
     and compare final answers with the original response's."""
-    from vllm import SamplingParams
-
     from selfjudge_vllm.offline.engine import tokens_prompt
+    from vllm import SamplingParams
 
     by_id = {r["id"]: r for r in responses if r.get("answer") is not None}
     items = [it for it in items if it["id"] in by_id]

@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # The final answer of a response: the last match of this regex (the last number).
 DEFAULT_ANSWER_PATTERN = r"-?\d+(?:\.\d+)?"
 

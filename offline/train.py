@@ -38,12 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, OperatingPoint, TargetIdentity
-from selfjudge_vllm.features import FEATURE_SETS, HIDDEN, LOGIT_FEATURES
 from selfjudge_vllm.offline.label import InputError, load_run, usable_shards
 from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
 from selfjudge_vllm.offline.store import RunDir, provenance
+
+from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, OperatingPoint, TargetIdentity
+from selfjudge_vllm.features import FEATURE_SETS, HIDDEN, LOGIT_FEATURES
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 STACK_FOLDS = 5
@@ -76,7 +76,9 @@ def tau_from_outcomes(scores: np.ndarray, changed: np.ndarray) -> tuple[float, f
         raise InputError("all calibration scores are equal; no tau separates them")
     best_tau, best_acc = float(candidates[0]), -1.0
     for tau in candidates:
-        acc = balanced_accuracy_score(changed, scores > tau) if len(set(changed)) > 1 else float(np.mean(changed == (scores > tau)))
+        accepted = scores > tau
+        acc = (balanced_accuracy_score(changed, accepted) if len(set(changed)) > 1
+               else float(np.mean(changed == accepted)))
         if acc >= best_acc:
             best_tau, best_acc = float(tau), float(acc)
     return best_tau, best_acc
@@ -197,7 +199,8 @@ def _fit_scalar_head(features: np.ndarray, labels: np.ndarray, fit_rows, eval_ro
     scaler = StandardScaler().fit(features[fit_rows])
     by_c = {}
     for c in C_GRID:
-        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaler.transform(features[fit_rows]), labels[fit_rows])
+        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(
+            scaler.transform(features[fit_rows]), labels[fit_rows])
         by_c[c] = (roc_auc_score(labels[eval_rows], model.decision_function(scaler.transform(features[eval_rows]))), model)
     best = max(by_c, key=lambda c: by_c[c][0])
     model = by_c[best][1]
@@ -305,15 +308,16 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         stacked = np.column_stack([
             _out_of_fold_hidden_logits(x, y, ids, is_val, best_c, settings.seed, x_sub @ hidden_weight + hidden_bias),
             evidence])
-        stack = _fit_scalar_head(stacked, sub_label, fit_rows, eval_rows, settings.seed, ("stacked_hidden",) + LOGIT_FEATURES)
+        stack = _fit_scalar_head(stacked, sub_label, fit_rows, eval_rows, settings.seed,
+                                 ("stacked_hidden",) + LOGIT_FEATURES)
         heads["both"] = _Head((HIDDEN,) + LOGIT_FEATURES, stack.scalar[0] * hidden_weight, stack.scalar[1:],
                               stack.bias + stack.scalar[0] * hidden_bias, stack.C)
     if settings.features != "auto" and settings.features not in heads:
         raise InputError("the logit-feature heads need both labels among training and validation mismatches")
     mismatch_labels = sub_label[eval_rows]
     both_outcomes = len(set(mismatch_labels)) == 2
-    comparison = {name: {"features": list(h.features), "C": h.C,
-                         "validation_mismatch_roc_auc": float(roc_auc_score(mismatch_labels, h.logits(x_sub[eval_rows], evidence, eval_rows)))
+    comparison = {name: {"features": list(h.features), "C": h.C, "validation_mismatch_roc_auc": float(
+                             roc_auc_score(mismatch_labels, h.logits(x_sub[eval_rows], evidence, eval_rows)))
                          if both_outcomes else None}
                   for name, h in heads.items()}
     if settings.features == "auto":

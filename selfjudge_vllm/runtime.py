@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from selfjudge_vllm.features import evidence_from_logits
-from selfjudge_vllm.rules import JUDGE, JudgeHead, RowRule, StepRules, decide_and_force_
 from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
+from selfjudge_vllm.rules import JUDGE, JudgeHead, RowRule, StepRules, decide_and_force_
 
 logger = logging.getLogger("vllm.selfjudge")
 

@@ -27,8 +27,8 @@ below, dequantised to HF float32 folders `target/` and `draft/`, and hashed into
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path

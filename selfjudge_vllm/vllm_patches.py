@@ -23,9 +23,9 @@ Patches, in the order a worker meets them:
    original clears before verification, and checks afterwards that a step with draft
    tokens was judged (so a vLLM change cannot switch the judge off silently).
 4. `vllm.v1.sample.rejection_sampler.rejection_sample` (module function, looked up by name
-   at call time by RejectionSampler.forward): applies each row's rule (judge, top_alpha, entropy; rules.py) to `target_logits`, which
-   at that point already carry penalties, bans, grammar masks and temperature/top-k/top-p,
-   then calls the original unchanged.
+   at call time by RejectionSampler.forward): applies each row's rule (judge, top_alpha, entropy;
+   rules.py) to `target_logits`, which at that point already carry penalties, bans, grammar
+   masks and temperature/top-k/top-p, then calls the original unchanged.
 5. `vllm.v1.engine.input_processor.InputProcessor._validate_params` (always, from
    register(); API server / LLM front end): checks a request's `selfjudge_*` extra_args at
    admission, so a bad value is an HTTP 400 naming the problem (custom logits processors,

@@ -158,7 +158,7 @@ def run_engine_subprocess(spec: dict, env: dict | None = None, timeout: float = 
         print(f"engine subprocess aborted natively while starting; starting it again:\n{proc.stderr[-1000:]}")
     if proc.returncode != 0:
         raise RuntimeError(f"engine subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")][-1]
     return EngineResult(**json.loads(line[len("RESULT "):]))
 
 

@@ -14,7 +14,6 @@ import pytest
 from benchmarks import chat_tasks, tasks
 from benchmarks.chat_tradeoff_report import Outcomes, headlines, parse_key, point_key, point_rows
 
-
 # -- testbed: joining split GGUF part packages ------------------------------------------------
 
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from selfjudge_vllm.offline.engine import EngineSettings
 from selfjudge_vllm.offline.label import InputError, LabelSettings, check_inputs
 from selfjudge_vllm.offline.prompts import PromptFileError
@@ -121,8 +120,8 @@ def test_training_report_judges_the_head_on_mismatches_only(tmp_path, monkeypatc
     substituted[:, 0] += torch.from_numpy((scores <= 0.3) * 0.5)
     original = torch.from_numpy(rng.normal(size=(n, hidden)))
     original[:, 1] += 8.0
-    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True, **_: (records, substituted if with_hidden else None,
-                                                                original if with_hidden else None))
+    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True, **_: (
+        records, substituted if with_hidden else None, original if with_hidden else None))
     (tmp_path / "target.json").write_text(json.dumps(
         {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10, "num_hidden_layers": 1}))
     report = train_module.train(tmp_path, tmp_path / "head", train_module.TrainSettings(suffix_length=5, tau=0.3))
@@ -143,11 +142,11 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
     state: the report compares the feature sets on the same validation mismatches, auto
     serves a logit-feature head, and the served artifact (format 2, folded) scores those
     mismatches exactly as training did."""
+    from selfjudge_vllm.offline import train as train_module
     from sklearn.metrics import roc_auc_score
 
     from selfjudge_vllm.artifact import JudgeArtifact
     from selfjudge_vllm.features import LOGIT_FEATURES
-    from selfjudge_vllm.offline import train as train_module
     from selfjudge_vllm.rules import JudgeHead
 
     rng = np.random.default_rng(1)
@@ -162,8 +161,8 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
     substituted = torch.from_numpy(rng.normal(size=(n, hidden)))
     substituted[:, 0] += torch.from_numpy((scores <= 1.0) * 0.4)
     original = torch.from_numpy(rng.normal(size=(n, hidden)))
-    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True, **_: (records, substituted if with_hidden else None,
-                                                                original if with_hidden else None))
+    monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True, **_: (
+        records, substituted if with_hidden else None, original if with_hidden else None))
     (tmp_path / "target.json").write_text(json.dumps(
         {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10, "num_hidden_layers": 1}))
     report = train_module.train(tmp_path, tmp_path / "head", train_module.TrainSettings(suffix_length=5, tau=1.0))
@@ -201,8 +200,9 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
 
 def test_logits_only_head_trains_without_the_features_stage(tmp_path):
     """--features logits reads the scores stage alone (no hidden states needed)."""
-    from selfjudge_vllm.artifact import JudgeArtifact
     from selfjudge_vllm.offline import train as train_module
+
+    from selfjudge_vllm.artifact import JudgeArtifact
 
     rng = np.random.default_rng(2)
     run = RunDir(tmp_path / "run")
@@ -281,10 +281,9 @@ def test_shard_count_is_bound_to_the_run(tmp_path):
 
 
 def test_target_identity_is_written_atomically_into_the_run_store(tmp_path, monkeypatch):
-    from transformers import LlamaConfig
-
     from selfjudge_vllm.offline import store
     from selfjudge_vllm.offline.label import write_target_identity
+    from transformers import LlamaConfig
 
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 vocab_size=300, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "target")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from selfjudge_vllm.artifact import JudgeArtifactConfig, TargetIdentity, threshold_to_logit
-from selfjudge_vllm.rules import JudgeHead
 from selfjudge_vllm.request_control import JUDGE_OFF, request_options, request_threshold_logit
+from selfjudge_vllm.rules import JudgeHead
 from selfjudge_vllm.runtime import JudgeRuntime
 
 ARTIFACT = JudgeArtifactConfig(
@@ -75,7 +75,8 @@ def test_rule_choice_is_bounded_by_the_server():
     judged = served.for_request({"selfjudge_rule": "judge", "selfjudge_threshold": 0.8})
     assert judged.rule == JUDGE and judged.knob == pytest.approx(threshold_to_logit(0.8))
     for extra, message in [
-        ({"selfjudge_rule": "judge", "selfjudge_alpha": 0.3}, "selfjudge_alpha belongs to the rule 'top_alpha', not 'judge'"),
+        ({"selfjudge_rule": "judge", "selfjudge_alpha": 0.3},
+         "selfjudge_alpha belongs to the rule 'top_alpha', not 'judge'"),
         ({"selfjudge_threshold": 0.3}, "selfjudge_threshold belongs to the rule 'judge', not 'top_alpha'"),
         ({"selfjudge_alpha": 1.5}, "selfjudge_alpha: .*less than or equal to 1"),
         ({"selfjudge_rule": "fly"}, "selfjudge_rule: Input should be 'judge', 'top_alpha' or 'entropy'"),
