@@ -68,7 +68,7 @@ SCREEN_ITEMS = {"gsm8k": 40, "humaneval": 16}
 CONFIRM_ITEMS = {"gsm8k": 236, "humaneval": 164}  # 400: zero changes bound the rate at 0.75%
 QUICK = {"servers": (("draft_model", 8),), "items": {"gsm8k": 6, "humaneval": 2},
          "sweep": {"lossless": [None], "top_alpha": [0.2]}, "judge_sweep": {"lossless": [None], "judge": [0.5]}}
-TAU = 0.0563  # SelfJudge's released GSM8K tau for N=20 (DESIGN.md section 2)
+TAU = 0.0563  # SelfJudge's released GSM8K tau for N=20
 BATCH1_ITEMS = 2
 REFERENCE = ("target", 0)  # the server without speculative decoding
 

@@ -49,7 +49,6 @@ SWEEP = {
 QUICK_SWEEP = {"lossless": [None], "judge": [0.5], "top_alpha": [0.3], "entropy": [1.5]}
 KNOB_NAMES = {"judge": "threshold", "top_alpha": "alpha", "entropy": "min_entropy"}
 TAU = 0.1  # semantic-preservation score above which a substitution is labelled reject (N=20)
-MAX_QUALITY_LOSS = 0.01  # relative, per task
 
 
 def log(message: str) -> None:

@@ -31,7 +31,6 @@ from selfjudge_vllm.offline.store import RunDir
 from selfjudge_vllm.features import evidence_from_logprobs
 
 logger = logging.getLogger("selfjudge.label")
-STAGES = ("responses", "mismatches", "scores", "features", "outcomes")
 
 
 class InputError(ValueError):

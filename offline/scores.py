@@ -1,6 +1,6 @@
 """Semantic preservation scores from per-position log-probabilities (pure numpy).
 
-Notation (DESIGN.md section 2): y is prompt + greedy response, m a response position where
+Notation (the SelfJudge paper's semantic preservation score): y is prompt + greedy response, m a response position where
 the draft's teacher-forced argmax d_m differs from y_m, y' = y[:m] + [d_m] + y[m+1:], and
 "entry i" of a sequence is log p(token i | tokens before i), i.e. the target's log-softmax at
 position i-1 (vLLM's prompt_logprobs[i]).

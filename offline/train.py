@@ -1,6 +1,6 @@
 """`selfjudge train`: labels from scores, logistic regression, the judge artifact.
 
-Labels: each mismatch gives two rows (DESIGN.md section 2): the hidden state at m of y'
+Labels: each mismatch gives two rows (scores.py has the score): the hidden state at m of y'
 labelled "accept" when score <= tau (the substitution keeps the meaning), and the hidden
 state at m of y, always "accept" (the target's own token). The head predicts P(accept).
 

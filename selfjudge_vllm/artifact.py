@@ -33,7 +33,7 @@ FORMAT_NAME = "selfjudge-head"
 FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-# The only feature the plugin can capture (DESIGN.md section 3).
+# The hidden-state feature's name in format-1 artifacts (features.HIDDEN in format 2).
 FEATURE_FINAL_NORM_AT_DRAFT = "final_norm_hidden_state_at_draft_position"
 
 

@@ -2,12 +2,12 @@
 (from vLLM's prompt_logprobs) and the plugin (from the logits the verification step holds).
 Plain torch, no vLLM import.
 
-For a draft token d at response position m (DESIGN.md section 2; "row" = the target's
+For a draft token d at response position m (offline/scores.py has the score; "row" = the target's
 log-softmax over the vocabulary at one position, computed from the model's own logits,
 before penalties, temperature, top-k/top-p):
 
     hidden             the final-norm hidden state at the position whose input is d (the
-                       SelfJudge paper's feature; DESIGN.md section 3)
+                       SelfJudge paper's feature)
     draft_logratio     l_{m-1}(d | y) - max_v l_{m-1}(v | y): the draft's log-probability
                        minus the top-1's in the row that verifies d (<= 0; 0 = no mismatch)
     verify_confidence  max_v l_{m-1}(v | y): the target's confidence in that row (its

@@ -28,8 +28,6 @@ from typing import Iterable
 import torch
 
 OFF, JUDGE, TOP_ALPHA, ENTROPY = 0, 1, 2, 3
-RULE_IDS = {"judge": JUDGE, "top_alpha": TOP_ALPHA, "entropy": ENTROPY}
-RULE_NAMES = {OFF: "off", **{v: k for k, v in RULE_IDS.items()}}
 
 # A logit so large that softmax gives its token probability exactly 1.0 in float32 (every
 # other entry becomes exp(-1e30) == 0), yet finite, so `x - max` never computes inf - inf.

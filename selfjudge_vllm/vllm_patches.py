@@ -90,11 +90,6 @@ def _install(target: str, make_wrapper: Callable[[Callable], Callable]) -> None:
     setattr(owner, attr, wrapper)
 
 
-def is_installed(target: str) -> bool:
-    owner, attr = _resolve(target)
-    return getattr(getattr(owner, attr), _WRAPPED, None) is not None
-
-
 # -- 1. worker start-up ----------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 _WORK = Path(os.environ.get("SELFJUDGE_TEST_WORKDIR") or tempfile.mkdtemp(prefix="selfjudge-tests-"))
-# vLLM hygiene on these machines (DESIGN.md section 7): no hub, small KV cache, caches and
+# vLLM hygiene on these machines: no hub, small KV cache, caches and
 # IPC paths inside the workspace.
 for key, value in {
     "HF_HUB_OFFLINE": "1",
