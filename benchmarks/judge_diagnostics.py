@@ -38,8 +38,9 @@ def draft_log_ratios(run_dir: Path, records: list[dict]) -> np.ndarray:
     """log p_target(draft) - max log p_target at each mismatch's position, from the run's
     responses (position m of prompt + response is predicted by position m - 1)."""
     import torch
-    from selfjudge_vllm.offline.store import RunDir
     from transformers import AutoModelForCausalLM
+
+    from selfjudge_vllm.offline.store import RunDir
 
     sequences = {r["id"]: r["prompt"] + r["response"] for r in RunDir(run_dir).read_stage("responses")}
     target = json.loads((run_dir / "run.json").read_text())["target"]
@@ -85,10 +86,9 @@ def main(argv=None) -> dict:
             sys.exit(f"judge_diagnostics: {path} missing; run benchmarks/tradeoff.py first (or pass "
                      "--run/--head/--sweep)")
 
-    from selfjudge_vllm.offline.train import TrainSettings, evidence_matrix, load_run, split_by_prompt
-
     from selfjudge_vllm.artifact import JudgeArtifact
     from selfjudge_vllm.features import LOGIT_FEATURES
+    from selfjudge_vllm.offline.train import TrainSettings, evidence_matrix, load_run, split_by_prompt
 
     run_dir, head_dir = args.run, args.head
     training = json.loads((head_dir / "training_report.json").read_text())

@@ -23,12 +23,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
-from selfjudge_vllm.offline.prompts import Prompt, read_prompt_file, tokenize_prompts
-from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
-from selfjudge_vllm.offline.store import RunDir
 
 from selfjudge_vllm.features import evidence_from_logprobs
+from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
+from selfjudge_vllm.offline.prompts import Prompt, read_prompt_file, tokenize_prompts
+from selfjudge_vllm.offline.proposers import NgramSettings, ngram_mismatches
+from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
+from selfjudge_vllm.offline.store import RunDir
 
 logger = logging.getLogger("selfjudge.label")
 
@@ -46,6 +47,9 @@ class LabelSettings:
     max_new_tokens: int = 128
     shard_size: int = 64
     engine: EngineSettings = EngineSettings()
+    # Also label the mismatches vLLM's ngram proposer would meet along each response, so one
+    # head is trained on what each served proposer drafts (records then name their proposers).
+    ngram: NgramSettings | None = None
     # With a pattern: for every mismatch of a prompt that has a reference "answer", let the
     # target finish the substituted response and record whether its final answer (the last
     # match of this regex) is unchanged. `selfjudge train --tau-from-answers` uses these.
@@ -65,6 +69,8 @@ def check_inputs(settings: LabelSettings) -> list[Prompt]:
     _check_model_dir(settings.draft, "draft")
     if any(n < 0 for n in settings.suffix_lengths) or not settings.suffix_lengths:
         raise InputError("suffix lengths must be non-negative and at least one")
+    if settings.ngram is not None and not (settings.ngram.k >= 1 and 1 <= settings.ngram.min_n <= settings.ngram.max_n):
+        raise InputError(f"ngram proposer settings {settings.ngram}: need k >= 1 and 1 <= min_n <= max_n")
     if settings.answer_pattern is not None:
         try:
             re.compile(settings.answer_pattern)
@@ -125,9 +131,15 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> Ru
         seqs = [r["prompt"] + r["response"] for r in records]
         out = []
         for r, seq, lp in zip(records, seqs, prompt_logprobs(llm, seqs)):
-            for m in range(len(r["prompt"]), len(seq)):
-                if lp.top1_id[m] != seq[m]:
-                    out.append({"id": r["id"], "m": m, "draft": int(lp.top1_id[m]), "target": seq[m]})
+            # The draft model's greedy token at every response position (teacher-forced).
+            found = {(m, int(lp.top1_id[m])): ["draft_model"]
+                     for m in range(len(r["prompt"]), len(seq)) if lp.top1_id[m] != seq[m]}
+            if settings.ngram is not None:
+                for key in ngram_mismatches(seq, len(r["prompt"]), settings.ngram, eng.max_model_len):
+                    found.setdefault(key, []).append("ngram")
+            for (m, draft), proposers in sorted(found.items()):
+                record = {"id": r["id"], "m": m, "draft": draft, "target": seq[m]}
+                out.append(record if settings.ngram is None else dict(record, proposers=proposers))
         run.write_records("mismatches", i, out)
 
     def scores(llm, i):
@@ -225,8 +237,9 @@ def final_answer(text: str, pattern: re.Pattern) -> str | None:
 def answer_outcomes(llm, responses: list[dict], items: list[dict], pattern, max_new_tokens: int) -> list[dict]:
     """Substitute d_m, let the target finish greedily within the original length budget,
     and compare final answers with the original response's."""
-    from selfjudge_vllm.offline.engine import tokens_prompt
     from vllm import SamplingParams
+
+    from selfjudge_vllm.offline.engine import tokens_prompt
 
     by_id = {r["id"]: r for r in responses if r.get("answer") is not None}
     items = [it for it in items if it["id"] in by_id]

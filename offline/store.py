@@ -136,6 +136,8 @@ class RunDir:
         path = self.root / "run.json"
         if path.is_file():
             previous = json.loads(path.read_text())
+            # A setting added after the run started, left at None, is what the run did.
+            previous = dict({k: None for k, v in settings.items() if v is None}, **previous)
             if previous != settings:
                 changed = sorted(k for k in set(previous) | set(settings)
                                  if previous.get(k) != settings.get(k))

@@ -38,12 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from selfjudge_vllm.offline.label import InputError, load_run, usable_shards
-from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
-from selfjudge_vllm.offline.store import RunDir, provenance
 
 from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, OperatingPoint, TargetIdentity
 from selfjudge_vllm.features import FEATURE_SETS, HIDDEN, LOGIT_FEATURES
+from selfjudge_vllm.offline.label import InputError, load_run, usable_shards
+from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
+from selfjudge_vllm.offline.store import RunDir, provenance
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 STACK_FOLDS = 5
@@ -82,6 +82,11 @@ def tau_from_outcomes(scores: np.ndarray, changed: np.ndarray) -> tuple[float, f
         if acc >= best_acc:
             best_tau, best_acc = float(tau), float(acc)
     return best_tau, best_acc
+
+
+def proposers_of(record: dict) -> list[str]:
+    """The proposers that draft a mismatch (runs labelled without --ngram-k: the draft model)."""
+    return record.get("proposers", ["draft_model"])
 
 
 def load_outcomes(run_dir: str | Path, allow_partial: bool = False) -> dict[tuple[str, int], bool]:
@@ -341,6 +346,18 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     if both_outcomes:
         points.update(accept_share_points(mismatch_labels, mismatch_p))
     default = points["youden"].threshold
+    # One head serves every proposer: its validation mismatches per proposer that drafted them.
+    proposers = [proposers_of(records[k]) for k in np.flatnonzero(eval_rows)]
+    per_proposer = {}
+    for name in sorted({p for names in proposers for p in names}):
+        mine = np.array([name in names for names in proposers])
+        labels_here = mismatch_labels[mine]
+        per_proposer[name] = {
+            "validation_mismatches": int(mine.sum()),
+            "accept_label_share": float(labels_here.mean()),
+            "roc_auc": float(roc_auc_score(labels_here, mismatch_p[mine])) if len(set(labels_here)) == 2 else None,
+            "accept_share_at_default": float((mismatch_p[mine] >= default).mean()),
+        }
 
     run = RunDir(run_dir)
     target = run.read_json("target.json")
@@ -367,6 +384,7 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         "validation_mismatches": int(eval_rows.sum()),
         "validation_mismatch_accept_label_share": float(mismatch_labels.mean()),
         "validation_mismatch_roc_auc": comparison[chosen]["validation_mismatch_roc_auc"],
+        "per_proposer": per_proposer,
         "operating_points_on": decided_on,
         "validation_precision_at_default": float(
             precision_score(decision_labels, decision_p >= default, zero_division=0)),

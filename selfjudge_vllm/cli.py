@@ -48,6 +48,7 @@ def _label(args: argparse.Namespace) -> int:
     from selfjudge_vllm.offline.engine import EngineSettings
     from selfjudge_vllm.offline.label import InputError, LabelSettings, run_label
     from selfjudge_vllm.offline.prompts import PromptFileError
+    from selfjudge_vllm.offline.proposers import NgramSettings
     from selfjudge_vllm.offline.store import RunError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -61,6 +62,7 @@ def _label(args: argparse.Namespace) -> int:
         engine=EngineSettings(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
                               block_size=args.block_size),
         answer_pattern=args.answer_pattern,
+        ngram=NgramSettings(args.ngram_k, args.ngram_min, args.ngram_max) if args.ngram_k else None,
     )
     try:
         run = run_label(settings, args.out)
@@ -151,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also record, for prompts with an \"answer\", whether the final "
                        "answer (last match of this regex; default: the last number) survives "
                        "each substitution; enables `train --tau-from-answers`")
+    label.add_argument("--ngram-k", type=int, default=0, metavar="K",
+                       help="also label the mismatches vLLM's ngram proposer meets with K draft tokens (its "
+                       "lookup replayed along each response), so the head is trained for ngram serving too "
+                       "(default 0: draft-model mismatches only)")
+    label.add_argument("--ngram-min", type=int, default=2, help="prompt_lookup_min of the ngram proposer (default 2)")
+    label.add_argument("--ngram-max", type=int, default=5, help="prompt_lookup_max of the ngram proposer (default 5)")
     label.add_argument("--seed", type=int, default=0)
     label.set_defaults(func=_label)
 

@@ -237,3 +237,22 @@ def test_plugin_is_active_in_the_worker_process_of_default_multiprocess_mode(tin
     assert result.judge is not None and result.judge["pid"] != os.getpid()
     assert result.num_draft_tokens > 0
     assert result.num_accepted_tokens == result.num_draft_tokens == result.judge["judge_accepted"]
+
+
+@pytest.mark.parametrize("k,max_tokens", [(4, 24), (3, 40)])
+def test_ngram_replay_of_a_greedy_response_equals_vllms_counters(tiny_pair, k, max_tokens):
+    """The labeller's replay of lossless ngram serving (offline/proposers.py) drafts and
+    accepts what vLLM's ngram proposer and verification did for the same greedy responses:
+    the number of drafting steps, draft tokens and accepted tokens all agree."""
+    from selfjudge_vllm.offline.proposers import NgramSettings, replay_ngram_decode
+
+    target, _ = tiny_pair
+    spec = dict(spec_config("ngram", None, k=k))
+    settings = NgramSettings(k, spec["prompt_lookup_min"], spec["prompt_lookup_max"])
+    sampling = dict(GREEDY, max_tokens=max_tokens)
+    served = run_engine(target, spec, NGRAM_PROMPTS, sampling, {"selfjudge": {"enabled": False}})
+    steps = [s for prompt, out in zip(served.prompt_token_ids, served.token_ids)
+             for s in replay_ngram_decode(prompt + out, len(prompt), settings, max_model_len=256) if s.proposed]
+    assert served.num_draft_tokens > 50 and 0 < served.num_accepted_tokens < served.num_draft_tokens
+    assert (len(steps), sum(s.proposed for s in steps), sum(s.accepted for s in steps)) == (
+        served.num_drafts, served.num_draft_tokens, served.num_accepted_tokens)

@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
+
 from selfjudge_vllm.offline.engine import EngineSettings, engine, hidden_states
 from selfjudge_vllm.offline.label import LabelSettings, load_run, run_label
 from selfjudge_vllm.offline.store import RunDir
 from selfjudge_vllm.offline.train import TrainSettings, train
-
 from tests import reference
 from tests.engine_helpers import PROMPTS, run_engine, spec_config
 
@@ -172,10 +172,9 @@ def test_offline_logit_features_equal_what_the_plugin_computes_at_serving(workdi
     """The logit features the plugin computes for every draft row while serving (format-2
     head, reject-all so output is lossless) equal the label pipeline's, computed from vLLM's
     prompt_logprobs at the same positions."""
+    from selfjudge_vllm.features import LOGIT_FEATURES
     from selfjudge_vllm.offline.engine import prompt_logprobs
     from selfjudge_vllm.offline.label import verification_evidence
-
-    from selfjudge_vllm.features import LOGIT_FEATURES
     from selfjudge_vllm.testing.tiny_models import write_head
 
     head = write_head(workdir / "heads/capture-v2", tiny_pair[0], None, bias=-20.0,
@@ -279,8 +278,9 @@ def test_answer_outcomes_equal_a_transformers_continuation(labelled_run, tiny_pa
     """Each outcome is the target's greedy continuation after the substitution."""
     import re
 
-    from selfjudge_vllm.offline.label import final_answer
     from transformers import AutoTokenizer
+
+    from selfjudge_vllm.offline.label import final_answer
 
     target_dir, _ = tiny_pair
     target = reference.load(target_dir)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from selfjudge_vllm.offline.engine import EngineSettings
 from selfjudge_vllm.offline.label import InputError, LabelSettings, check_inputs
 from selfjudge_vllm.offline.prompts import PromptFileError
@@ -142,11 +143,11 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
     state: the report compares the feature sets on the same validation mismatches, auto
     serves a logit-feature head, and the served artifact (format 2, folded) scores those
     mismatches exactly as training did."""
-    from selfjudge_vllm.offline import train as train_module
     from sklearn.metrics import roc_auc_score
 
     from selfjudge_vllm.artifact import JudgeArtifact
     from selfjudge_vllm.features import LOGIT_FEATURES
+    from selfjudge_vllm.offline import train as train_module
     from selfjudge_vllm.rules import JudgeHead
 
     rng = np.random.default_rng(1)
@@ -200,9 +201,8 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
 
 def test_logits_only_head_trains_without_the_features_stage(tmp_path):
     """--features logits reads the scores stage alone (no hidden states needed)."""
-    from selfjudge_vllm.offline import train as train_module
-
     from selfjudge_vllm.artifact import JudgeArtifact
+    from selfjudge_vllm.offline import train as train_module
 
     rng = np.random.default_rng(2)
     run = RunDir(tmp_path / "run")
@@ -213,7 +213,8 @@ def test_logits_only_head_trains_without_the_features_stage(tmp_path):
             ratio = -float(rng.exponential(2.0))
             rows.append({"id": f"s{shard}p{i % 15}", "m": i, "draft": 1, "target": 2,
                          "scores": {"max": {"5": -0.6 * ratio + float(rng.normal(0, 0.5))}},
-                         "evidence": {"draft_logratio": ratio, "verify_confidence": -0.3, "next_confidence": -0.2}})
+                         "evidence": {"draft_logratio": ratio, "verify_confidence": -0.3, "next_confidence": -0.2},
+                         "proposers": [["draft_model"], ["ngram"], ["draft_model", "ngram"]][i % 3]})
         run.write_records("scores", shard, rows)
     (tmp_path / "run/target.json").write_text(json.dumps(
         {"name": "t", "architecture": "A", "hidden_size": 4, "vocab_size": 10, "num_hidden_layers": 1}))
@@ -221,6 +222,15 @@ def test_logits_only_head_trains_without_the_features_stage(tmp_path):
                                 train_module.TrainSettings(suffix_length=5, tau=1.0, features="logits"))
     assert report["features"] == "logits" and set(report["feature_sets"]) == {"logits"}
     assert report["mismatches"] == 300 and report["validation_mismatch_roc_auc"] > 0.8
+    # Validation metrics per proposer: each mismatch counts for every proposer that drafts it.
+    per = report["per_proposer"]
+    assert set(per) == {"draft_model", "ngram"}
+    records = run.read_stage("scores")
+    is_val = split_by_prompt([r["id"] for r in records], 0.2, 0)
+    for name in ("draft_model", "ngram"):
+        assert per[name]["validation_mismatches"] == sum(
+            1 for r, v in zip(records, is_val) if v and name in r["proposers"])
+    assert all(0.5 < p["roc_auc"] <= 1.0 for p in per.values())
     assert JudgeArtifact.load(tmp_path / "head").weight is None
     with pytest.raises(IncompleteRunError, match="stage 'features' lacks shard\\(s\\) 0-1 of 2"):
         train_module.train(tmp_path / "run", tmp_path / "head2", train_module.TrainSettings(suffix_length=5, tau=1.0))
@@ -281,9 +291,10 @@ def test_shard_count_is_bound_to_the_run(tmp_path):
 
 
 def test_target_identity_is_written_atomically_into_the_run_store(tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
     from selfjudge_vllm.offline import store
     from selfjudge_vllm.offline.label import write_target_identity
-    from transformers import LlamaConfig
 
     LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 vocab_size=300, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "target")
@@ -295,3 +306,45 @@ def test_target_identity_is_written_atomically_into_the_run_store(tmp_path, monk
     assert written == ["target.json"]
     assert run.read_json("target.json") == {"name": str(tmp_path / "target"), "architecture": "LlamaForCausalLM",
                                             "hidden_size": 64, "vocab_size": 300, "num_hidden_layers": 2}
+
+
+def test_ngram_lookup_equals_vllms_own_function():
+    """offline/proposers.ngram_proposal against vLLM's numba lookup, on random sequences over
+    small alphabets (many repeats, ties between occurrences, overlapping matches). vLLM's
+    function runs in its own interpreter: importing numba here would break later engines."""
+    import subprocess
+    import sys
+
+    from selfjudge_vllm.offline.proposers import NgramSettings, ngram_proposal
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(1, 40))).tolist(),
+              int(rng.integers(1, 3)), int(rng.integers(3, 6)), int(rng.integers(1, 6)), int(rng.integers(5, 60)))
+             for _ in range(300)]
+    code = (
+        "import json, sys, numpy as np\n"
+        "from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens as f\n"
+        "cases = json.load(sys.stdin)\n"
+        "print(json.dumps([f(np.array(t, dtype=np.int32), lo, hi, mml, k).tolist() for t, lo, hi, k, mml in cases]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(cases), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = [ngram_proposal(np.array(t, dtype=np.int64), NgramSettings(k, lo, hi), mml).tolist()
+            for t, lo, hi, k, mml in cases]
+    assert sum(bool(p) for p in theirs) > 100  # the cases exercise proposals, not just empties
+    assert ours == theirs
+
+
+def test_ngram_replay_walks_the_lossless_decode():
+    from selfjudge_vllm.offline.proposers import NgramSettings, NgramStep, ngram_mismatches, replay_ngram_decode
+
+    settings = NgramSettings(k=3, min_n=2, max_n=3)
+    prompt = [1, 2, 3, 4, 1, 2]
+    response = [3, 4, 1, 9, 5]  # position 6 from prefill; "1 2 3" then proposes 4 1 2 at 7
+    steps = replay_ngram_decode(prompt + response, len(prompt), settings, max_model_len=100)
+    # At 7 (after "... 1 2 3"): proposes [4, 1, 2]; 4, 1 match, 2 != 9: two accepted, 9 from the target.
+    # At 10 (after "... 4 1 9"): "1 9" / "4 1 9" never occurred before, no proposal.
+    assert steps == [NgramStep(7, 3, 2), NgramStep(10, 0, 0)]
+    assert ngram_mismatches(prompt + response, len(prompt), settings, 100) == [(9, 2)]
