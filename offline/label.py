@@ -261,7 +261,7 @@ def answer_outcomes(llm, responses: list[dict], items: list[dict], pattern, max_
         original_answer = final_answer(tokenizer.decode(r["response"]), pattern)
         substituted_answer = final_answer(tokenizer.decode(substituted), pattern)
         records.append({
-            "id": it["id"], "m": it["m"],
+            "id": it["id"], "m": it["m"], "draft": it["draft"],
             "original_answer": original_answer,
             "substituted_answer": substituted_answer,
             "reference": str(r["answer"]),

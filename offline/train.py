@@ -89,9 +89,20 @@ def proposers_of(record: dict) -> list[str]:
     return record.get("proposers", ["draft_model"])
 
 
-def load_outcomes(run_dir: str | Path, allow_partial: bool = False) -> dict[tuple[str, int], bool]:
-    """(prompt id, m) -> final answer unchanged, from the run's outcomes stage."""
-    return {(r["id"], r["m"]): bool(r["unchanged"]) for r in RunDir(run_dir).read_stage("outcomes", allow_partial)}
+class Outcomes:
+    """Whether the final answer stayed unchanged after each mismatch's substitution, from the
+    run's outcomes stage (runs labelled before outcomes named the draft: one per position)."""
+
+    def __init__(self, run_dir: str | Path, allow_partial: bool = False):
+        self._unchanged = {(r["id"], r["m"], r.get("draft")): bool(r["unchanged"])
+                           for r in RunDir(run_dir).read_stage("outcomes", allow_partial)}
+
+    def changed(self, record: dict) -> bool | None:
+        """None where the mismatch has no outcome (its prompt has no reference answer)."""
+        for key in ((record["id"], record["m"], record["draft"]), (record["id"], record["m"], None)):
+            if key in self._unchanged:
+                return not self._unchanged[key]
+        return None
 
 
 def split_by_prompt(ids: list[str], validation_share: float, seed: int) -> np.ndarray:
@@ -149,6 +160,45 @@ def accept_share_points(labels: np.ndarray, p_accept: np.ndarray) -> dict[str, O
                        _precision_at(labels, p_accept, threshold), labels[chosen].sum() / max(labels.sum(), 1))
         points[f"accepts_{round(share * 100)}pct"] = point.model_copy(
             update={"metrics": {**point.metrics, "mismatch_accept_share": float(chosen.mean())}})
+    return points
+
+
+CHANGE_BUDGETS = (0.01, 0.02, 0.05)
+
+
+def response_change_share(response_of: np.ndarray, m: np.ndarray, p_accept: np.ndarray, changed: np.ndarray,
+                          threshold: float) -> float:
+    """Estimated share of responses whose final answer changes when the head accepts at
+    `threshold`: a response changes when the first mismatch the head accepts (in response
+    order) changed the answer in the outcomes stage. Later substitutions happen on a
+    continuation the run never saw, so this is a lower bound."""
+    responses = np.unique(response_of)
+    changed_responses = 0
+    for response in responses:
+        mine = np.flatnonzero((response_of == response) & (p_accept >= threshold))
+        if len(mine):
+            changed_responses += bool(changed[mine[np.argmin(m[mine])]])
+    return changed_responses / len(responses)
+
+
+def answer_change_points(response_of: np.ndarray, m: np.ndarray, p_accept: np.ndarray,
+                         changed: np.ndarray) -> dict[str, OperatingPoint]:
+    """`changes_Npct`: the lowest threshold at which, and at every threshold above it, the
+    estimated share of changed responses (response_change_share) is at most N%."""
+    candidates = np.concatenate([[np.nextafter(p_accept.max(), 1.0)], np.unique(p_accept)[::-1]])
+    shares = np.array([response_change_share(response_of, m, p_accept, changed, t) for t in candidates])
+    # Non-decreasing as the threshold falls (the envelope), so each budget's point is safe.
+    envelope = np.maximum.accumulate(shares)
+    n = len(np.unique(response_of))
+    points = {}
+    for budget in CHANGE_BUDGETS:
+        last_ok = int(np.flatnonzero(envelope <= budget + 1e-12).max(initial=0))
+        threshold = float(candidates[last_ok])
+        points[f"changes_{round(budget * 100)}pct"] = OperatingPoint(
+            threshold=float(np.clip(threshold, 1e-6, 1 - 1e-6)),
+            description=f"estimated at most {budget:.0%} of responses change their final answer ({n} validation "
+                        "responses with answer outcomes; first accepted substitution per response, a lower bound)",
+            metrics={"estimated_response_change_share": float(envelope[last_ok]), "responses": float(n)})
     return points
 
 
@@ -267,12 +317,12 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     if settings.reject_share is not None:
         tau = float(np.quantile(scores[~is_val], 1.0 - settings.reject_share))
     elif settings.tau_from_answers:
-        outcomes = load_outcomes(run_dir, settings.allow_partial_run)
-        rows = [k for k, r in enumerate(records) if is_val[k] and (r["id"], r["m"]) in outcomes]
+        outcomes = Outcomes(run_dir, settings.allow_partial_run)
+        rows = [k for k, r in enumerate(records) if is_val[k] and outcomes.changed(r) is not None]
         if len(rows) < 2:
             raise InputError("--tau-from-answers needs answer outcomes on validation prompts "
                              "(run `selfjudge label --answer-pattern ...` on prompts with \"answer\")")
-        changed = np.array([not outcomes[(records[k]["id"], records[k]["m"])] for k in rows])
+        changed = np.array([outcomes.changed(records[k]) for k in rows])
         tau, agreement = tau_from_outcomes(scores[rows], changed)
         calibration = {"mismatches": len(rows), "answer_changed": int(changed.sum()),
                        "balanced_accuracy": agreement}
@@ -345,6 +395,20 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
     }
     if both_outcomes:
         points.update(accept_share_points(mismatch_labels, mismatch_p))
+    # Budget points in answer terms, where the run has answer outcomes.
+    if RunDir(run_dir).complete_shards("outcomes", allow_partial=True):
+        outcomes = Outcomes(run_dir, settings.allow_partial_run)
+        eval_index = np.flatnonzero(eval_rows)
+        changed = [outcomes.changed(records[k]) for k in eval_index]
+        known = np.array([c is not None for c in changed], dtype=bool)
+        if known.sum() >= 2:
+            rows = eval_index[known]
+            budget_points = answer_change_points(
+                np.array([records[k]["id"] for k in rows]), np.array([records[k]["m"] for k in rows]),
+                mismatch_p[known], np.array([c for c in changed if c is not None], dtype=bool))
+            for name, point in budget_points.items():
+                points[name] = point.model_copy(update={"metrics": {
+                    **point.metrics, "mismatch_accept_share": float((mismatch_p >= point.threshold).mean())}})
     default = points["youden"].threshold
     # One head serves every proposer: its validation mismatches per proposer that drafted them.
     proposers = [proposers_of(records[k]) for k in np.flatnonzero(eval_rows)]

@@ -36,7 +36,7 @@ def _inspect(args: argparse.Namespace) -> int:
     for name, point in sorted(config.operating_points.items()):
         extra = ", ".join(f"{k}={v:.3f}" for k, v in sorted(point.metrics.items()))
         print(f"  operating point {name}: threshold {point.threshold:.4f}"
-              + (f" ({extra})" if extra else ""))
+              + (f" ({extra})" if extra else "") + (f"\n      {point.description}" if point.description else ""))
     for key, value in sorted(config.provenance.items()):
         print(f"  provenance {key}: {value}")
     return 0

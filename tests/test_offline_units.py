@@ -272,7 +272,7 @@ def test_a_run_missing_shards_is_refused_naming_them_unless_partial_is_asked_for
     with pytest.raises(IncompleteRunError, match="stage 'scores' lacks shard\\(s\\) 1, 4 of 5"):
         load_run(tmp_path / "run", with_hidden=False)
     with pytest.raises(IncompleteRunError, match="lacks shard"):
-        train_module.load_outcomes(tmp_path / "run")
+        train_module.Outcomes(tmp_path / "run")
     records, _, _ = load_run(tmp_path / "run", with_hidden=False, allow_partial=True)
     assert [r["id"][:2] for r in records] == ["s0"] * 40 + ["s2"] * 40 + ["s3"] * 40
     assert run.read_stage("scores", allow_partial=True) == records
@@ -348,3 +348,24 @@ def test_ngram_replay_walks_the_lossless_decode():
     # At 10 (after "... 4 1 9"): "1 9" / "4 1 9" never occurred before, no proposal.
     assert steps == [NgramStep(7, 3, 2), NgramStep(10, 0, 0)]
     assert ngram_mismatches(prompt + response, len(prompt), settings, 100) == [(9, 2)]
+
+
+def test_answer_change_points_follow_the_first_accepted_substitution_of_each_response():
+    from selfjudge_vllm.offline.train import answer_change_points, response_change_share
+
+    # Response a: the first accepted substitution decides; b changes at 0.8; c never changes.
+    response = np.array(["a", "a", "b", "c", "c"])
+    m = np.array([10, 20, 5, 3, 7])
+    p = np.array([0.9, 0.5, 0.8, 0.3, 0.95])
+    changed = np.array([False, True, True, False, False])
+    assert response_change_share(response, m, p, changed, 0.96) == 0.0
+    assert response_change_share(response, m, p, changed, 0.9) == 0.0
+    assert response_change_share(response, m, p, changed, 0.8) == pytest.approx(1 / 3)
+    # At 0.5, a's first accepted mismatch (m=10) keeps the answer; its later one does not count.
+    assert response_change_share(response, m, p, changed, 0.5) == pytest.approx(1 / 3)
+    points = answer_change_points(response, m, p, changed)
+    assert set(points) == {"changes_1pct", "changes_2pct", "changes_5pct"}
+    assert all(pt.threshold == 0.9 and pt.metrics["estimated_response_change_share"] == 0.0 for pt in points.values())
+    # If the tightest acceptance already changes an answer, the point accepts nothing.
+    strict = answer_change_points(response, m, p, np.ones(5, dtype=bool))
+    assert strict["changes_5pct"].threshold > p.max()
