@@ -4,10 +4,25 @@ final-norm hidden states from a pooling engine (the numbers the plugin sees at s
 from __future__ import annotations
 
 import gc
+import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
+
+logger = logging.getLogger("selfjudge.label")
+
+# On CPU, vLLM sizes the KV cache from a share of the node's memory, which fails on a shared
+# machine (24 GiB here: it asked for 21.7 GiB with 21.3 free); labelling needs little: at
+# most this, and at most half of the memory free when the engine starts.
+CPU_KV_CACHE_GIB = 4.0
+CPU_KV_CACHE_FREE_SHARE = 0.5
+
+
+class EngineStartError(RuntimeError):
+    """vLLM could not build an engine; the message says what to change in selfjudge terms."""
 
 
 @dataclass(frozen=True)
@@ -20,23 +35,66 @@ class EngineSettings:
     # KV block size; the prefix cache shares whole blocks, so smaller blocks let more of a
     # substituted window's prefix come from the cache. None: vLLM's default.
     block_size: int | None = None
+    # KV cache size in GiB. None: CPU_KV_CACHE_GIB on CPU (unless VLLM_CPU_KVCACHE_SPACE is
+    # set), vLLM's own sizing on GPUs.
+    kv_cache_gib: float | None = None
+    # Further LLM() arguments (`--engine-args` JSON), passed through as given.
+    extra: dict | None = None
+
+
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def engine_arguments(model: str, settings: EngineSettings, on_cpu: bool, native_bf16: bool,
+                     free_gib: float = float("inf")) -> tuple[dict, list[str]]:
+    """LLM() arguments for `settings`, with the CPU defaults filled in, and a note for each
+    default chosen (logged). free_gib: memory free now."""
+    kwargs = dict(model=model, dtype=settings.dtype, max_model_len=settings.max_model_len, seed=settings.seed,
+                  enforce_eager=settings.enforce_eager, max_num_seqs=settings.max_num_seqs)
+    notes = []
+    if settings.block_size is not None:
+        kwargs["block_size"] = settings.block_size
+    if on_cpu and settings.dtype == "auto" and not native_bf16:
+        # Without AVX512-BF16/AMX, bfloat16 matmuls fall back to plain torch, several times
+        # slower than float32.
+        kwargs["dtype"] = "float32"
+        notes.append("CPU without native bfloat16 (no AVX512-BF16/AMX): models run in float32 (--dtype to change)")
+    if settings.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * 2**30)
+    elif on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        gib = round(min(CPU_KV_CACHE_GIB, CPU_KV_CACHE_FREE_SHARE * free_gib), 2)
+        kwargs["kv_cache_memory_bytes"] = int(gib * 2**30)
+        notes.append(f"CPU: KV cache bounded to {gib:g} GiB (--kv-cache-gib to change)")
+    kwargs.update(settings.extra or {})
+    return kwargs, notes
+
+
+def start_failure_message(kwargs: dict, exc: BaseException) -> str:
+    kv = kwargs.get("kv_cache_memory_bytes")
+    kv_text = f"{kv / 2**30:g} GiB" if kv else "vLLM's own sizing"
+    return (
+        f"vLLM could not start an engine for {kwargs['model']} ({type(exc).__name__}: {exc}). "
+        "vLLM's log above has the cause. Common ones: the KV cache does not fit in free memory "
+        f"(now {kv_text}: --kv-cache-gib), the context is too long for it (--max-model-len), "
+        "or an argument vLLM refuses (--engine-args)."
+    )
 
 
 @contextmanager
 def engine(model: str, settings: EngineSettings, pooling: bool = False):
     """An LLM for the duration of one stage (stages never hold two at once)."""
     from vllm import LLM
+    from vllm.platforms import current_platform
 
-    kwargs = dict(
-        model=model,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        seed=settings.seed,
-        enforce_eager=settings.enforce_eager,
-        max_num_seqs=settings.max_num_seqs,
-    )
-    if settings.block_size is not None:
-        kwargs["block_size"] = settings.block_size
+    on_cpu = current_platform.is_cpu()
+    free_gib = psutil.virtual_memory().available / 2**30
+    kwargs, notes = engine_arguments(model, settings, on_cpu, on_cpu and cpu_has_native_bf16(), free_gib)
+    for note in notes:
+        logger.info("selfjudge: %s", note)
     if pooling:
         from vllm.config import PoolerConfig
 
@@ -48,7 +106,10 @@ def engine(model: str, settings: EngineSettings, pooling: bool = False):
         )
     else:
         kwargs.update(max_logprobs=1)
-    llm = LLM(**kwargs)
+    try:
+        llm = LLM(**kwargs)
+    except Exception as exc:  # vLLM raises many types here; the message names what to change
+        raise EngineStartError(start_failure_message(kwargs, exc)) from exc
     try:
         yield llm
     finally:

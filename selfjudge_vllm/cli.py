@@ -45,7 +45,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _label(args: argparse.Namespace) -> int:
     import logging
 
-    from selfjudge_vllm.offline.engine import EngineSettings
+    from selfjudge_vllm.offline.engine import EngineSettings, EngineStartError
     from selfjudge_vllm.offline.label import InputError, LabelSettings, run_label
     from selfjudge_vllm.offline.prompts import PromptFileError
     from selfjudge_vllm.offline.proposers import NgramSettings
@@ -60,13 +60,13 @@ def _label(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         shard_size=args.shard_size,
         engine=EngineSettings(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-                              block_size=args.block_size),
+                              block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, extra=args.engine_args),
         answer_pattern=args.answer_pattern,
         ngram=NgramSettings(args.ngram_k, args.ngram_min, args.ngram_max) if args.ngram_k else None,
     )
     try:
         run = run_label(settings, args.out)
-    except (InputError, PromptFileError, RunError) as exc:
+    except (InputError, PromptFileError, RunError, EngineStartError) as exc:
         print(f"selfjudge label: {exc}", file=sys.stderr)
         return 2
     print(f"selfjudge label: done; scores and features in {run.root}")
@@ -114,6 +114,18 @@ def _testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -145,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--max-new-tokens", type=int, default=128, help="response length (default 128)")
     label.add_argument("--max-model-len", type=int, default=2048, help="context length (default 2048)")
     label.add_argument("--shard-size", type=int, default=64, help="prompts per shard (default 64)")
-    label.add_argument("--dtype", default="auto", help="model dtype as vLLM takes it (default auto)")
+    label.add_argument("--dtype", default="auto", help="model dtype as vLLM takes it (default auto: the model's own; "
+                       "float32 on a CPU without native bfloat16)")
     label.add_argument("--block-size", type=int, default=None,
                        help="KV block size; smaller blocks let substituted windows reuse more "
                        "of the response's prefix from vLLM's prefix cache (default: vLLM's)")
@@ -159,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default 0: draft-model mismatches only)")
     label.add_argument("--ngram-min", type=int, default=2, help="prompt_lookup_min of the ngram proposer (default 2)")
     label.add_argument("--ngram-max", type=int, default=5, help="prompt_lookup_max of the ngram proposer (default 5)")
+    label.add_argument("--kv-cache-gib", type=float, default=None,
+                       help="KV cache size in GiB (default: 4 on CPU unless VLLM_CPU_KVCACHE_SPACE is set; "
+                       "vLLM's own sizing on GPUs)")
+    label.add_argument("--engine-args", type=_json_object, default=None,
+                       help='further vLLM LLM() arguments as a JSON object, e.g. \'{"max_num_batched_tokens": 4096}\'')
     label.add_argument("--seed", type=int, default=0)
     label.set_defaults(func=_label)
 

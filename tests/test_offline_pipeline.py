@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +315,45 @@ def test_train_with_tau_calibrated_on_answers(labelled_run, tmp_path):
     budgets = [points[f"changes_{b}pct"] for b in (1, 2, 5)]
     assert [p["threshold"] for p in budgets] == sorted((p["threshold"] for p in budgets), reverse=True)
     assert all(p["metrics"]["estimated_response_change_share"] <= b / 100 for p, b in zip(budgets, (1, 2, 5)))
+
+
+@pytest.fixture(scope="module")
+def readme_pair(workdir):
+    """Tiny models with the 2048 positions the README's default context (--max-model-len) needs."""
+    from selfjudge_vllm.testing.tiny_models import build_target_and_draft
+
+    return build_target_and_draft(workdir / "models-2048", max_positions=2048)
+
+
+def _user_env() -> dict:
+    """A user's shell: none of the engine settings the test suite sets for itself."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+
+
+def test_readme_label_command_runs_as_written_with_the_engine_variables_unset(tmp_path, readme_pair):
+    """README: `selfjudge label --target ... --draft ... --prompts prompts.jsonl --out runs/r1
+    --max-new-tokens 128`, nothing else: the CPU defaults (bounded KV cache, float32 without
+    native bf16) let it start and finish, and the log says which defaults it chose."""
+    target, draft = readme_pair
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", PROMPTS[:3])
+    selfjudge = str(Path(sys.executable).parent / "selfjudge")
+    proc = subprocess.run([selfjudge, "label", "--target", str(target), "--draft", str(draft), "--prompts", str(prompts),
+                           "--out", str(tmp_path / "runs/r1"), "--max-new-tokens", "128"],
+                          env=_user_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "selfjudge: CPU: KV cache bounded to" in proc.stderr
+    run = RunDir(tmp_path / "runs/r1")
+    assert run.complete_shards("features", ("jsonl", "safetensors")) == [0]
+
+
+def test_an_engine_that_cannot_start_is_reported_in_selfjudge_terms(tmp_path, readme_pair):
+    target, draft = readme_pair
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", PROMPTS[:1])
+    proc = subprocess.run([sys.executable, "-m", "selfjudge_vllm.cli", "label", "--target", str(target),
+                           "--draft", str(draft), "--prompts", str(prompts), "--out", str(tmp_path / "run"),
+                           "--kv-cache-gib", "100000"],
+                          env=_user_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("selfjudge label:")]
+    assert len(ours) == 1 and "vLLM could not start an engine for" in ours[0] and "100000 GiB: --kv-cache-gib" in ours[0]

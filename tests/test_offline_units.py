@@ -369,3 +369,28 @@ def test_answer_change_points_follow_the_first_accepted_substitution_of_each_res
     # If the tightest acceptance already changes an answer, the point accepts nothing.
     strict = answer_change_points(response, m, p, np.ones(5, dtype=bool))
     assert strict["changes_5pct"].threshold > p.max()
+
+
+def test_engine_arguments_choose_safe_cpu_defaults_and_say_so(monkeypatch):
+    from selfjudge_vllm.offline.engine import CPU_KV_CACHE_GIB, engine_arguments, start_failure_message
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    kwargs, notes = engine_arguments("m", EngineSettings(), on_cpu=True, native_bf16=False)
+    assert kwargs["dtype"] == "float32" and kwargs["kv_cache_memory_bytes"] == int(CPU_KV_CACHE_GIB * 2**30)
+    assert len(notes) == 2 and "float32" in notes[0] and "KV cache bounded to 4 GiB" in notes[1]
+    # Little memory free: half of it.
+    tight, tight_notes = engine_arguments("m", EngineSettings(), on_cpu=True, native_bf16=False, free_gib=3.0)
+    assert tight["kv_cache_memory_bytes"] == int(1.5 * 2**30) and "1.5 GiB" in tight_notes[1]
+    # Native bf16: the model's own dtype; GPU: vLLM's own sizing and dtype.
+    assert engine_arguments("m", EngineSettings(), on_cpu=True, native_bf16=True)[0]["dtype"] == "auto"
+    gpu, gpu_notes = engine_arguments("m", EngineSettings(), on_cpu=False, native_bf16=False)
+    assert gpu["dtype"] == "auto" and "kv_cache_memory_bytes" not in gpu and gpu_notes == []
+    # What the user sets wins: dtype, --kv-cache-gib, VLLM_CPU_KVCACHE_SPACE, --engine-args.
+    given, _ = engine_arguments("m", EngineSettings(dtype="bfloat16", kv_cache_gib=1.5, extra={"max_num_seqs": 3}),
+                                on_cpu=True, native_bf16=False)
+    assert given["dtype"] == "bfloat16" and given["kv_cache_memory_bytes"] == int(1.5 * 2**30)
+    assert given["max_num_seqs"] == 3
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert "kv_cache_memory_bytes" not in engine_arguments("m", EngineSettings(), on_cpu=True, native_bf16=False)[0]
+    message = start_failure_message(kwargs, RuntimeError("Engine core initialization failed"))
+    assert "--kv-cache-gib" in message and "4 GiB" in message and "Engine core initialization failed" in message
