@@ -91,132 +91,185 @@ def _shards(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
     return [prompts[i : i + size] for i in range(0, len(prompts), size)]
 
 
-def _run_stage(run: RunDir, stage: str, shards, needs_engine, work: Callable, progress) -> None:
-    run.remove_partial_files(stage)
-    pending = [i for i in range(len(shards)) if not run.has(stage, i)]
-    if not pending:
+@dataclass
+class LabelJob:
+    """What every stage reads: the settings, the run store and the prompts of each shard."""
+
+    settings: LabelSettings
+    run: RunDir
+    shards: list[list[Prompt]]
+
+    def sequences(self, i: int) -> dict[str, list[int]]:
+        """Prompt + response token ids of shard i, by prompt id."""
+        return {r["id"]: r["prompt"] + r["response"] for r in self.run.read_records("responses", i)}
+
+
+# -- the stages: each writes one shard of its folder from its inputs on the run store ----------
+
+
+def responses_shard(llm, job: LabelJob, i: int) -> None:
+    """The target's greedy response to each prompt of shard i."""
+    shard = job.shards[i]
+    outs = greedy_responses(llm, [list(p.token_ids) for p in shard], job.settings.max_new_tokens)
+    job.run.write_records("responses", i, [
+        {"id": p.id, "prompt": list(p.token_ids), "response": out, "answer": p.answer}
+        for p, out in zip(shard, outs)
+    ])
+
+
+def mismatches_shard(llm, job: LabelJob, i: int) -> None:
+    """Every response position where a served proposer drafts another token than the target."""
+    settings = job.settings
+    records = job.run.read_records("responses", i)
+    seqs = [r["prompt"] + r["response"] for r in records]
+    out = []
+    for r, seq, lp in zip(records, seqs, prompt_logprobs(llm, seqs)):
+        # The draft model's greedy token at every response position (teacher-forced).
+        found = {(m, int(lp.top1_id[m])): ["draft_model"]
+                 for m in range(len(r["prompt"]), len(seq)) if lp.top1_id[m] != seq[m]}
+        if settings.ngram is not None:
+            for key in ngram_mismatches(seq, len(r["prompt"]), settings.ngram, settings.engine.max_model_len):
+                found.setdefault(key, []).append("ngram")
+        for (m, draft), proposers in sorted(found.items()):
+            record = {"id": r["id"], "m": m, "draft": draft, "target": seq[m]}
+            out.append(record if settings.ngram is None else dict(record, proposers=proposers))
+    job.run.write_records("mismatches", i, out)
+
+
+def scores_shard(llm, job: LabelJob, i: int) -> None:
+    """The semantic preservation scores and the logit features of each mismatch."""
+    items = job.run.read_records("mismatches", i)
+    if not items:  # a shard whose responses the draft predicted perfectly
+        job.run.write_records("scores", i, [])
         return
-    with needs_engine() as llm:
-        for i in progress(pending, desc=stage, unit="shard"):
-            work(llm, i)
+    max_n = max(job.settings.suffix_lengths)
+    seqs = job.sequences(i)
+    originals = dict(zip(seqs, prompt_logprobs(llm, list(seqs.values()))))
+    windows = []
+    for it in items:
+        y = seqs[it["id"]]
+        end = window_end(it["m"], max_n, len(y))
+        windows.append(y[: it["m"]] + [it["draft"]] + y[it["m"] + 1 : end])
+    # A window shares y[:m] with the response just scored, so its prefix comes from
+    # vLLM's prefix cache (whole blocks). When the cache covers position m itself (m on
+    # a block boundary), entry m is missing: score that window again without the cache.
+    subs = prompt_logprobs(llm, windows, read_prefix_cache=True)
+    redo = [k for k, (it, sub) in enumerate(zip(items, subs)) if sub.cached_tokens >= it["m"]]
+    if redo:
+        for k, sub in zip(redo, prompt_logprobs(llm, [windows[k] for k in redo])):
+            subs[k] = sub
+    out = []
+    for it, window, sub in zip(items, windows, subs):
+        m, y = it["m"], seqs[it["id"]]
+        end = len(window)
+        if np.isnan(sub.actual[m:end]).any() or np.isnan(sub.top1[m + 1 : end]).any():
+            raise RuntimeError(f"prompt {it['id']!r}, position {m}: vLLM returned no log-prob")
+        s = semantic_preservation_scores(
+            m, len(y), originals[it["id"]].actual[m:end], sub.actual[m:end], sub.top1[m:end],
+            job.settings.suffix_lengths,
+        )
+        scores_by_mode = {mode: {str(n): v for n, v in by_n.items()} for mode, by_n in s.items()}
+        out.append(dict(it, scores=scores_by_mode, cached_prefix=sub.cached_tokens,
+                        evidence=verification_evidence(originals[it["id"]], sub, m, end)))
+    job.run.write_records("scores", i, out)
 
 
-def run_label(settings: LabelSettings, out_dir: str | Path, progress=None) -> RunDir:
-    if progress is None:
-        from tqdm.auto import tqdm as progress
+def features_shard(llm, job: LabelJob, i: int) -> None:
+    """The target's final-norm hidden state at m of the substituted and the original sequence."""
+    run = job.run
+    items = run.read_records("scores", i)
+    if not items:  # zero rows of the hidden width, so every shard concatenates
+        empty = torch.zeros(0, run.read_json("target.json")["hidden_size"])
+        run.write_tensors("features", i, {"substituted": empty, "original": empty})
+        run.write_records("features", i, [])
+        return
+    seqs = job.sequences(i)
+    # y' only matters up to position m (causal): feed y'[:m+1] and take its last row.
+    substituted = [seqs[it["id"]][: it["m"]] + [it["draft"]] for it in items]
+    sub_rows = [h[-1] for h in hidden_states(llm, substituted)]
+    ids_with_items = sorted({it["id"] for it in items})
+    full = dict(zip(ids_with_items, hidden_states(llm, [seqs[r] for r in ids_with_items])))
+    orig_rows = [full[it["id"]][it["m"]] for it in items]
+    run.write_tensors("features", i, {
+        "substituted": torch.stack(sub_rows).float(),
+        "original": torch.stack(orig_rows).float(),
+    })
+    run.write_records("features", i, [{"id": it["id"], "m": it["m"]} for it in items])
+
+
+def outcomes_shard(llm, job: LabelJob, i: int) -> None:
+    """Whether each mismatch's substitution changes the final answer (prompts with answers)."""
+    job.run.write_records("outcomes", i, answer_outcomes(
+        llm, job.run.read_records("responses", i), job.run.read_records("scores", i),
+        re.compile(job.settings.answer_pattern), job.settings.max_new_tokens))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    work: Callable  # (llm, job, shard index) -> None, writes the stage's shard
+    engine: str  # which engine it needs: "target", "draft" or "pooling" (the target's hidden states)
+    inputs: tuple[str, ...]  # stages whose shards it reads
+
+
+STAGES = (
+    Stage("responses", responses_shard, "target", ()),
+    Stage("mismatches", mismatches_shard, "draft", ("responses",)),
+    Stage("scores", scores_shard, "target", ("responses", "mismatches")),
+    Stage("features", features_shard, "pooling", ("responses", "scores")),
+    Stage("outcomes", outcomes_shard, "target", ("responses", "scores")),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def run_stage(job: LabelJob, stage: Stage, progress) -> None:
+    """Run `stage` on every shard it lacks (its inputs must be complete), then record its
+    provenance."""
+    run, settings = job.run, job.settings
+    for needed in stage.inputs:
+        run.complete_shards(needed)  # raises IncompleteRunError naming the missing shards
+    run.remove_partial_files(stage.name)
+    pending = [i for i in range(len(job.shards)) if not run.has(stage.name, i)]
+    if pending:
+        model = settings.draft if stage.engine == "draft" else settings.target
+        with engine(model, settings.engine, pooling=stage.engine == "pooling") as llm:
+            for i in progress(pending, desc=stage.name, unit="shard"):
+                stage.work(llm, job, i)
+    info = {"target": settings.target, "draft": settings.draft, "seed": settings.engine.seed}
+    if stage.name == "outcomes":
+        info["answer_pattern"] = settings.answer_pattern
+    run.write_provenance(stage.name, info)
+
+
+def prepare_job(settings: LabelSettings, out_dir: str | Path) -> LabelJob:
+    """Check the inputs and bind them to the run folder (settings, shard count, target)."""
     prompts = check_inputs(settings)
     run = RunDir(out_dir)
     run.bind_settings(json.loads(json.dumps(asdict(settings))))
     shards = _shards(prompts, settings.shard_size)
     run.bind_shard_count(len(shards))
     write_target_identity(run, settings.target)
-    eng = settings.engine
-    target_engine = lambda: engine(settings.target, eng)  # noqa: E731
-    max_n = max(settings.suffix_lengths)
+    return LabelJob(settings, run, shards)
 
-    def responses(llm, i):
-        shard = shards[i]
-        outs = greedy_responses(llm, [list(p.token_ids) for p in shard], settings.max_new_tokens)
-        run.write_records("responses", i, [
-            {"id": p.id, "prompt": list(p.token_ids), "response": out, "answer": p.answer}
-            for p, out in zip(shard, outs)
-        ])
 
-    def sequences(i) -> dict[str, list[int]]:
-        """Prompt + response token ids of shard i, by prompt id."""
-        return {r["id"]: r["prompt"] + r["response"] for r in run.read_records("responses", i)}
-
-    def mismatches(llm, i):
-        records = run.read_records("responses", i)
-        seqs = [r["prompt"] + r["response"] for r in records]
-        out = []
-        for r, seq, lp in zip(records, seqs, prompt_logprobs(llm, seqs)):
-            # The draft model's greedy token at every response position (teacher-forced).
-            found = {(m, int(lp.top1_id[m])): ["draft_model"]
-                     for m in range(len(r["prompt"]), len(seq)) if lp.top1_id[m] != seq[m]}
-            if settings.ngram is not None:
-                for key in ngram_mismatches(seq, len(r["prompt"]), settings.ngram, eng.max_model_len):
-                    found.setdefault(key, []).append("ngram")
-            for (m, draft), proposers in sorted(found.items()):
-                record = {"id": r["id"], "m": m, "draft": draft, "target": seq[m]}
-                out.append(record if settings.ngram is None else dict(record, proposers=proposers))
-        run.write_records("mismatches", i, out)
-
-    def scores(llm, i):
-        items = run.read_records("mismatches", i)
-        if not items:  # a shard whose responses the draft predicted perfectly
-            run.write_records("scores", i, [])
-            return
-        seqs = sequences(i)
-        originals = dict(zip(seqs, prompt_logprobs(llm, list(seqs.values()))))
-        windows = []
-        for it in items:
-            y = seqs[it["id"]]
-            end = window_end(it["m"], max_n, len(y))
-            windows.append(y[: it["m"]] + [it["draft"]] + y[it["m"] + 1 : end])
-        # A window shares y[:m] with the response just scored, so its prefix comes from
-        # vLLM's prefix cache (whole blocks). When the cache covers position m itself (m on
-        # a block boundary), entry m is missing: score that window again without the cache.
-        subs = prompt_logprobs(llm, windows, read_prefix_cache=True)
-        redo = [k for k, (it, sub) in enumerate(zip(items, subs)) if sub.cached_tokens >= it["m"]]
-        if redo:
-            for k, sub in zip(redo, prompt_logprobs(llm, [windows[k] for k in redo])):
-                subs[k] = sub
-        out = []
-        for it, window, sub in zip(items, windows, subs):
-            m, y = it["m"], seqs[it["id"]]
-            end = len(window)
-            if np.isnan(sub.actual[m:end]).any() or np.isnan(sub.top1[m + 1 : end]).any():
-                raise RuntimeError(f"prompt {it['id']!r}, position {m}: vLLM returned no log-prob")
-            s = semantic_preservation_scores(
-                m, len(y), originals[it["id"]].actual[m:end], sub.actual[m:end], sub.top1[m:end],
-                settings.suffix_lengths,
-            )
-            scores_by_mode = {mode: {str(n): v for n, v in by_n.items()} for mode, by_n in s.items()}
-            out.append(dict(it, scores=scores_by_mode, cached_prefix=sub.cached_tokens,
-                            evidence=verification_evidence(originals[it["id"]], sub, m, end)))
-        run.write_records("scores", i, out)
-
-    def features(llm, i):
-        items = run.read_records("scores", i)
-        if not items:  # zero rows of the hidden width, so every shard concatenates
-            empty = torch.zeros(0, run.read_json("target.json")["hidden_size"])
-            run.write_tensors("features", i, {"substituted": empty, "original": empty})
-            run.write_records("features", i, [])
-            return
-        seqs = sequences(i)
-        # y' only matters up to position m (causal): feed y'[:m+1] and take its last row.
-        substituted = [seqs[it["id"]][: it["m"]] + [it["draft"]] for it in items]
-        sub_rows = [h[-1] for h in hidden_states(llm, substituted)]
-        ids_with_items = sorted({it["id"] for it in items})
-        full = dict(zip(ids_with_items, hidden_states(llm, [seqs[r] for r in ids_with_items])))
-        orig_rows = [full[it["id"]][it["m"]] for it in items]
-        run.write_tensors("features", i, {
-            "substituted": torch.stack(sub_rows).float(),
-            "original": torch.stack(orig_rows).float(),
-        })
-        run.write_records("features", i, [{"id": it["id"], "m": it["m"]} for it in items])
-
-    info = {"target": settings.target, "draft": settings.draft, "seed": eng.seed}
-    _run_stage(run, "responses", shards, target_engine, responses, progress)
-    run.write_provenance("responses", info)
-    _run_stage(run, "mismatches", shards, lambda: engine(settings.draft, eng), mismatches, progress)
-    run.write_provenance("mismatches", info)
-    _run_stage(run, "scores", shards, target_engine, scores, progress)
-    run.write_provenance("scores", info)
-    _run_stage(run, "features", shards, lambda: engine(settings.target, eng, pooling=True), features, progress)
-    run.write_provenance("features", info)
-    if settings.answer_pattern is not None:
-        pattern = re.compile(settings.answer_pattern)
-
-        def outcomes(llm, i):
-            run.write_records("outcomes", i, answer_outcomes(
-                llm, run.read_records("responses", i), run.read_records("scores", i),
-                pattern, settings.max_new_tokens))
-
-        _run_stage(run, "outcomes", shards, target_engine, outcomes, progress)
-        run.write_provenance("outcomes", dict(info, answer_pattern=settings.answer_pattern))
-    return run
+def run_label(settings: LabelSettings, out_dir: str | Path, progress=None,
+              stages: tuple[str, ...] | None = None) -> RunDir:
+    """Every stage in order (outcomes only with an answer pattern), or just `stages`."""
+    if progress is None:
+        from tqdm.auto import tqdm as progress
+    unknown = set(stages or ()) - set(STAGE_NAMES)
+    if unknown:
+        raise InputError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGE_NAMES)}")
+    if "outcomes" in (stages or ()) and settings.answer_pattern is None:
+        raise InputError("the outcomes stage needs --answer-pattern")
+    job = prepare_job(settings, out_dir)
+    for stage in STAGES:
+        if stages is not None and stage.name not in stages:
+            continue
+        if stage.name == "outcomes" and settings.answer_pattern is None:
+            continue
+        run_stage(job, stage, progress)
+    return job.run
 
 
 def verification_evidence(original, substituted, m: int, end: int) -> dict[str, float | None]:

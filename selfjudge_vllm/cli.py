@@ -65,7 +65,7 @@ def _label(args: argparse.Namespace) -> int:
         ngram=NgramSettings(args.ngram_k, args.ngram_min, args.ngram_max) if args.ngram_k else None,
     )
     try:
-        run = run_label(settings, args.out)
+        run = run_label(settings, args.out, stages=tuple(args.stage) if args.stage else None)
     except (InputError, PromptFileError, RunError, EngineStartError) as exc:
         print(f"selfjudge label: {exc}", file=sys.stderr)
         return 2
@@ -131,6 +131,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from selfjudge_vllm.offline.label import STAGE_NAMES
     from selfjudge_vllm.offline.prompts import DEFAULT_ANSWER_PATTERN
 
     parser = argparse.ArgumentParser(
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "vLLM's own sizing on GPUs)")
     label.add_argument("--engine-args", type=_json_object, default=None,
                        help='further vLLM LLM() arguments as a JSON object, e.g. \'{"max_num_batched_tokens": 4096}\'')
+    label.add_argument("--stage", action="append", choices=STAGE_NAMES, default=None,
+                       help="run only this stage (repeatable; its input stages must be complete); default: all, "
+                       "in order (outcomes only with --answer-pattern)")
     label.add_argument("--seed", type=int, default=0)
     label.set_defaults(func=_label)
 

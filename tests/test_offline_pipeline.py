@@ -265,14 +265,21 @@ def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair):
     assert 1 <= written < 5
     subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env=env, check=True,
                    capture_output=True, timeout=600)
-    whole, cut = RunDir(tmp_path / "whole"), RunDir(tmp_path / "cut")
+    # Stage by stage (`--stage`), in a third folder; a stage whose inputs are missing is refused.
+    staged_cli = _label_cli(tiny_pair, prompts, tmp_path / "staged", 2)
+    early = subprocess.run(staged_cli + ["--stage", "scores"], env=env, capture_output=True, text=True, timeout=600)
+    assert early.returncode == 2 and "stage 'responses' lacks shard(s) 0-4 of 5" in early.stderr
     for stage in ("responses", "mismatches", "scores", "features"):
+        subprocess.run(staged_cli + ["--stage", stage], env=env, check=True, capture_output=True, timeout=600)
+    whole = RunDir(tmp_path / "whole")
+    for other in (RunDir(tmp_path / "cut"), RunDir(tmp_path / "staged")):
+        for stage in ("responses", "mismatches", "scores", "features"):
+            for i in range(5):
+                assert other.read_records(stage, i) == whole.read_records(stage, i), (other.root, stage, i)
+            assert not list((other.root / stage).glob(".*tmp"))
         for i in range(5):
-            assert cut.read_records(stage, i) == whole.read_records(stage, i), (stage, i)
-        assert not list((tmp_path / "cut" / stage).glob(".*tmp"))
-    for i in range(5):
-        a, b = cut.read_tensors("features", i), whole.read_tensors("features", i)
-        assert all(torch.equal(a[k], b[k]) for k in a)
+            a, b = other.read_tensors("features", i), whole.read_tensors("features", i)
+            assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_answer_outcomes_equal_a_transformers_continuation(labelled_run, tiny_pair):
