@@ -91,11 +91,18 @@ def proposers_of(record: dict) -> list[str]:
 
 class Outcomes:
     """Whether the final answer stayed unchanged after each mismatch's substitution, from the
-    run's outcomes stage (runs labelled before outcomes named the draft: one per position)."""
+    runs' outcomes stages (runs labelled before outcomes named the draft: one per position)."""
 
-    def __init__(self, run_dir: str | Path, allow_partial: bool = False):
-        self._unchanged = {(r["id"], r["m"], r.get("draft")): bool(r["unchanged"])
-                           for r in RunDir(run_dir).read_stage("outcomes", allow_partial)}
+    def __init__(self, run_dir: str | Path | None = None, allow_partial: bool = False,
+                 runs: list[tuple[str, RunDir]] | None = None):
+        """One run folder, or (record id prefix, run) pairs (load_training_data's)."""
+        runs = runs if runs is not None else [("", RunDir(run_dir))]
+        self._unchanged = {(prefix + r["id"], r["m"], r.get("draft")): bool(r["unchanged"])
+                           for prefix, run in runs if run.complete_shards("outcomes", allow_partial=True)
+                           for r in run.read_stage("outcomes", allow_partial)}
+
+    def __bool__(self) -> bool:
+        return bool(self._unchanged)
 
     def changed(self, record: dict) -> bool | None:
         """None where the mismatch has no outcome (its prompt has no reference answer)."""
@@ -288,70 +295,156 @@ def _out_of_fold_hidden_logits(x, y, ids, is_val, c, seed, served_logits) -> np.
     return out
 
 
-def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> dict:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import precision_score, recall_score, roc_auc_score
-    from sklearn.preprocessing import StandardScaler
+# -- training, in steps: data, labels (tau), heads, the served head, operating points, report --
 
-    if sum([settings.tau is not None, settings.reject_share is not None, settings.tau_from_answers]) != 1:
-        raise InputError("give exactly one of --tau, --reject-share or --tau-from-answers")
-    if settings.features not in FEATURE_CHOICES:
-        raise InputError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
-    # A logits-only head needs no hidden states: the run's scores stage is enough.
-    with_hidden = settings.features != "logits"
-    records, substituted, original = load_run(run_dir, with_hidden=with_hidden, allow_partial=settings.allow_partial_run)
+
+# Run settings that must agree for runs to train one head (the prompts, lengths, shard sizes
+# and engine sizing may differ: they change which mismatches exist, not what a label means).
+AGREEING_SETTINGS = ("suffix_lengths", "engine.dtype")
+
+
+@dataclass
+class TrainingData:
+    """Every scored mismatch of the runs (ids prefixed "<k>:" when there are several, so the
+    split stays by prompt), their hidden-state rows, the target and what was read."""
+
+    records: list[dict]
+    substituted: torch.Tensor | None
+    original: torch.Tensor | None
+    target: dict
+    shards: list[dict]
+    outcomes: Outcomes
+
+
+def _setting(settings: dict, dotted: str):
+    value = settings
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def check_runs_agree(runs: list[RunDir]) -> None:
+    """Refuse runs labelled for another target (architecture, sizes) or with other label
+    settings (AGREEING_SETTINGS), naming the difference."""
+    if len(runs) < 2:
+        return
+    first = runs[0]
+    first_target = {k: v for k, v in first.read_json("target.json").items() if k != "name"}
+    first_settings = first.read_json("run.json")
+    for run in runs[1:]:
+        target = {k: v for k, v in run.read_json("target.json").items() if k != "name"}
+        differ = sorted(k for k in set(target) | set(first_target) if target.get(k) != first_target.get(k))
+        if differ:
+            raise InputError(f"runs {first.root} and {run.root} were labelled for different targets "
+                             f"({', '.join(f'{k}: {first_target.get(k)} vs {target.get(k)}' for k in differ)})")
+        settings = run.read_json("run.json")
+        for key in AGREEING_SETTINGS:
+            if _setting(settings, key) != _setting(first_settings, key):
+                raise InputError(f"runs {first.root} and {run.root} differ in {key} "
+                                 f"({_setting(first_settings, key)} vs {_setting(settings, key)}); "
+                                 "label them with the same setting to train one head")
+
+
+def load_training_data(run_dirs: list[str | Path], with_hidden: bool, allow_partial: bool) -> TrainingData:
+    runs = [RunDir(d) for d in run_dirs]
+    if len({run.root.resolve() for run in runs}) < len(runs):
+        raise InputError("a run folder is given twice")
+    check_runs_agree(runs)
+    prefixes = [""] if len(runs) == 1 else [f"{k}:" for k in range(len(runs))]
+    records, subs, origs, shards = [], [], [], []
+    for prefix, run in zip(prefixes, runs):
+        run_records, sub, orig = load_run(run.root, with_hidden=with_hidden, allow_partial=allow_partial)
+        records += [dict(r, id=prefix + r["id"]) for r in run_records] if prefix else run_records
+        subs.append(sub)
+        origs.append(orig)
+        shards.append({"run": str(run.root), "total": run.shard_count(),
+                       "used": usable_shards(run, with_hidden, allow_partial=True)})
+    substituted = torch.cat(subs) if with_hidden else None
+    original = torch.cat(origs) if with_hidden else None
+    return TrainingData(records, substituted, original, runs[0].read_json("target.json"), shards,
+                        Outcomes(runs=list(zip(prefixes, runs)), allow_partial=allow_partial))
+
+
+def label_scores(records: list[dict], settings: TrainSettings) -> np.ndarray:
+    """Each mismatch's semantic preservation score at the settings' N and suffix mode."""
     n_key = str(settings.suffix_length)
     try:
-        scores = np.array([r["scores"][settings.suffix_mode][n_key] for r in records])
+        return np.array([r["scores"][settings.suffix_mode][n_key] for r in records])
     except KeyError:
         raise InputError(
             f"the run has no scores for suffix mode {settings.suffix_mode!r} and length "
             f"{settings.suffix_length}; it has lengths {sorted(records[0]['scores']['max'], key=int)}"
         ) from None
-    ids = [r["id"] for r in records]
-    is_val = split_by_prompt(ids, settings.validation_share, settings.seed)
-    if not is_val.any() or is_val.all():
-        raise InputError("need mismatches from at least two prompts to split train/validation")
-    tau = settings.tau
-    calibration = None
-    if settings.reject_share is not None:
-        tau = float(np.quantile(scores[~is_val], 1.0 - settings.reject_share))
-    elif settings.tau_from_answers:
-        outcomes = Outcomes(run_dir, settings.allow_partial_run)
-        rows = [k for k, r in enumerate(records) if is_val[k] and outcomes.changed(r) is not None]
-        if len(rows) < 2:
-            raise InputError("--tau-from-answers needs answer outcomes on validation prompts "
-                             "(run `selfjudge label --answer-pattern ...` on prompts with \"answer\")")
-        changed = np.array([outcomes.changed(records[k]) for k in rows])
-        tau, agreement = tau_from_outcomes(scores[rows], changed)
-        calibration = {"mismatches": len(rows), "answer_changed": int(changed.sum()),
-                       "balanced_accuracy": agreement}
-    sub_label = (scores <= tau).astype(int)  # 1 = accept
 
-    heads, model, best_c, auc, by_c = {}, None, None, None, {}
+
+def choose_tau(scores: np.ndarray, is_val: np.ndarray, data: TrainingData,
+               settings: TrainSettings) -> tuple[float, dict | None]:
+    """tau as given, from the reject share (training prompts), or calibrated on the
+    validation prompts' answer outcomes; with the calibration's figures."""
+    if settings.reject_share is not None:
+        return float(np.quantile(scores[~is_val], 1.0 - settings.reject_share)), None
+    if not settings.tau_from_answers:
+        return settings.tau, None
+    rows = [k for k, r in enumerate(data.records) if is_val[k] and data.outcomes.changed(r) is not None]
+    if len(rows) < 2:
+        raise InputError("--tau-from-answers needs answer outcomes on validation prompts "
+                         "(run `selfjudge label --answer-pattern ...` on prompts with \"answer\")")
+    changed = np.array([data.outcomes.changed(data.records[k]) for k in rows])
+    tau, agreement = tau_from_outcomes(scores[rows], changed)
+    return tau, {"mismatches": len(rows), "answer_changed": int(changed.sum()), "balanced_accuracy": agreement}
+
+
+@dataclass
+class FittedHeads:
+    """Every head fitted, and the rows they are compared on."""
+
+    heads: dict[str, _Head]
+    x_sub: np.ndarray  # [mismatches, H] substituted hidden rows (H = 0 without them)
+    evidence: np.ndarray | None  # [mismatches, len(LOGIT_FEATURES)]
+    eval_rows: np.ndarray  # validation mismatches with every logit feature
+    # The hidden-state head on all rows (the paper's), for the report and tiny runs.
+    hidden_model: object | None = None
+    xs_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    best_c: float | None = None
+    auc: float | None = None
+    by_c: dict | None = None
+
+
+def fit_heads(data: TrainingData, sub_label: np.ndarray, is_val: np.ndarray, settings: TrainSettings,
+              with_hidden: bool) -> FittedHeads:
+    """The hidden-state head (paper's rows), the logit-feature head and their stack."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    records = data.records
+    ids = [r["id"] for r in records]
+    heads, fitted = {}, FittedHeads({}, np.zeros((len(records), 0)), None, np.zeros(0, dtype=bool))
     if with_hidden:
-        x = torch.cat([substituted, original]).double().numpy()
+        x = torch.cat([data.substituted, data.original]).double().numpy()
         y = np.concatenate([sub_label, np.ones(len(records), dtype=int)])
         val = np.concatenate([is_val, is_val])
         if len(set(y[~val])) < 2 or len(set(y[val])) < 2:
             raise InputError("both labels must occur in the training and the validation split; adjust tau")
         scaler = StandardScaler().fit(x[~val])
         xs_train, xs_val = scaler.transform(x[~val]), scaler.transform(x[val])
+        by_c = {}
         for c in C_GRID:
-            fitted = LogisticRegression(C=c, max_iter=2000, random_state=settings.seed).fit(xs_train, y[~val])
-            by_c[c] = (roc_auc_score(y[val], fitted.predict_proba(xs_val)[:, 1]), fitted)
+            model = LogisticRegression(C=c, max_iter=2000, random_state=settings.seed).fit(xs_train, y[~val])
+            by_c[c] = (roc_auc_score(y[val], model.predict_proba(xs_val)[:, 1]), model)
         best_c = max(by_c, key=lambda c: by_c[c][0])
         auc, model = by_c[best_c]
-        hidden_weight, hidden_bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
-        x_sub = x[: len(records)]
+        hidden_weight, hidden_bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_,
+                                                          scaler.scale_)
+        fitted.x_sub = x[: len(records)]
         heads["hidden"] = _Head((HIDDEN,), hidden_weight, None, hidden_bias, best_c)
-    else:
-        x_sub = np.zeros((len(records), 0))
+        fitted.hidden_model, fitted.xs_val, fitted.y_val = model, xs_val, y[val]
+        fitted.best_c, fitted.auc, fitted.by_c = best_c, auc, by_c
     evidence = evidence_matrix(records)
-    if settings.features not in ("auto", "hidden"):
-        if evidence is None:
-            raise InputError(f"--features {settings.features} needs the logit features, which this run lacks: "
-                             "label it again with this release (`selfjudge label` records them in the scores stage)")
+    if settings.features not in ("auto", "hidden") and evidence is None:
+        raise InputError(f"--features {settings.features} needs the logit features, which this run lacks: "
+                         "label it again with this release (`selfjudge label` records them in the scores stage)")
     # The rows every head is compared on: validation mismatches with all logit features
     # (the feature after the last response token does not exist offline).
     complete = np.isfinite(evidence).all(1) if evidence is not None else np.ones(len(records), dtype=bool)
@@ -361,7 +454,8 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         heads["logits"] = _fit_scalar_head(evidence, sub_label, fit_rows, eval_rows, settings.seed, LOGIT_FEATURES)
     if "hidden" in heads and "logits" in heads:
         stacked = np.column_stack([
-            _out_of_fold_hidden_logits(x, y, ids, is_val, best_c, settings.seed, x_sub @ hidden_weight + hidden_bias),
+            _out_of_fold_hidden_logits(x, y, ids, is_val, fitted.best_c, settings.seed,
+                                       fitted.x_sub @ hidden_weight + hidden_bias),
             evidence])
         stack = _fit_scalar_head(stacked, sub_label, fit_rows, eval_rows, settings.seed,
                                  ("stacked_hidden",) + LOGIT_FEATURES)
@@ -369,23 +463,50 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
                               stack.bias + stack.scalar[0] * hidden_bias, stack.C)
     if settings.features != "auto" and settings.features not in heads:
         raise InputError("the logit-feature heads need both labels among training and validation mismatches")
-    mismatch_labels = sub_label[eval_rows]
-    both_outcomes = len(set(mismatch_labels)) == 2
-    comparison = {name: {"features": list(h.features), "C": h.C, "validation_mismatch_roc_auc": float(
-                             roc_auc_score(mismatch_labels, h.logits(x_sub[eval_rows], evidence, eval_rows)))
-                         if both_outcomes else None}
-                  for name, h in heads.items()}
-    if settings.features == "auto":
-        chosen = max(heads, key=lambda n: comparison[n]["validation_mismatch_roc_auc"] or 0.0) if both_outcomes else "hidden"
-    else:
-        chosen = settings.features
-    head = heads[chosen]
+    fitted.heads, fitted.evidence, fitted.eval_rows = heads, evidence, eval_rows
+    return fitted
 
-    mismatch_p = _sigmoid(head.logits(x_sub[eval_rows], evidence, eval_rows))
+
+def choose_head(fitted: FittedHeads, sub_label: np.ndarray, settings: TrainSettings) -> tuple[str, dict]:
+    """The served head (auto: the best validation mismatch ROC-AUC) and every head's figures."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = sub_label[fitted.eval_rows]
+    both_outcomes = len(set(labels)) == 2
+    comparison = {name: {"features": list(h.features), "C": h.C, "validation_mismatch_roc_auc": float(
+                             roc_auc_score(labels, h.logits(fitted.x_sub[fitted.eval_rows], fitted.evidence,
+                                                            fitted.eval_rows)))
+                         if both_outcomes else None}
+                  for name, h in fitted.heads.items()}
+    if settings.features != "auto":
+        return settings.features, comparison
+    if not both_outcomes:
+        return "hidden", comparison
+    return max(fitted.heads, key=lambda n: comparison[n]["validation_mismatch_roc_auc"] or 0.0), comparison
+
+
+@dataclass
+class ServingPoints:
+    points: dict[str, OperatingPoint]
+    default: float
+    mismatch_p: np.ndarray  # the served head's P(accept) on the validation mismatches
+    decision_labels: np.ndarray
+    decision_p: np.ndarray
+    decided_on: str
+
+
+def serving_points(head: _Head, fitted: FittedHeads, sub_label: np.ndarray, data: TrainingData,
+                   settings: TrainSettings) -> ServingPoints:
+    """Named thresholds: youden/best_f1/recall on validation mismatches, accepted shares, and
+    answer-change budgets where the runs have outcomes."""
+    labels = sub_label[fitted.eval_rows]
+    mismatch_p = _sigmoid(head.logits(fitted.x_sub[fitted.eval_rows], fitted.evidence, fitted.eval_rows))
+    both_outcomes = len(set(labels)) == 2
     if both_outcomes:
-        decision_labels, decision_p, decided_on = mismatch_labels, mismatch_p, "validation mismatches"
-    elif model is not None:  # tiny runs: every validation mismatch has one label; the hidden head on all rows
-        decision_labels, decision_p, decided_on = y[val], model.predict_proba(xs_val)[:, 1], "all validation rows"
+        decision_labels, decision_p, decided_on = labels, mismatch_p, "validation mismatches"
+    elif fitted.hidden_model is not None:  # tiny runs: every validation mismatch has one label
+        decision_labels, decision_p = fitted.y_val, fitted.hidden_model.predict_proba(fitted.xs_val)[:, 1]
+        decided_on = "all validation rows"
     else:
         raise InputError("both labels must occur among the validation mismatches; adjust tau")
     points = {
@@ -394,39 +515,70 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         for name, point in operating_points(decision_labels, decision_p, settings.recall_target, decided_on).items()
     }
     if both_outcomes:
-        points.update(accept_share_points(mismatch_labels, mismatch_p))
-    # Budget points in answer terms, where the run has answer outcomes.
-    if RunDir(run_dir).complete_shards("outcomes", allow_partial=True):
-        outcomes = Outcomes(run_dir, settings.allow_partial_run)
-        eval_index = np.flatnonzero(eval_rows)
-        changed = [outcomes.changed(records[k]) for k in eval_index]
+        points.update(accept_share_points(labels, mismatch_p))
+    if data.outcomes:
+        eval_index = np.flatnonzero(fitted.eval_rows)
+        changed = [data.outcomes.changed(data.records[k]) for k in eval_index]
         known = np.array([c is not None for c in changed], dtype=bool)
         if known.sum() >= 2:
             rows = eval_index[known]
             budget_points = answer_change_points(
-                np.array([records[k]["id"] for k in rows]), np.array([records[k]["m"] for k in rows]),
+                np.array([data.records[k]["id"] for k in rows]), np.array([data.records[k]["m"] for k in rows]),
                 mismatch_p[known], np.array([c for c in changed if c is not None], dtype=bool))
             for name, point in budget_points.items():
                 points[name] = point.model_copy(update={"metrics": {
                     **point.metrics, "mismatch_accept_share": float((mismatch_p >= point.threshold).mean())}})
-    default = points["youden"].threshold
-    # One head serves every proposer: its validation mismatches per proposer that drafted them.
+    return ServingPoints(points, points["youden"].threshold, mismatch_p, decision_labels, decision_p, decided_on)
+
+
+def per_proposer_metrics(records: list[dict], eval_rows: np.ndarray, labels: np.ndarray,
+                         mismatch_p: np.ndarray, default: float) -> dict[str, dict]:
+    """One head serves every proposer: its validation mismatches per proposer that drafted them."""
+    from sklearn.metrics import roc_auc_score
+
     proposers = [proposers_of(records[k]) for k in np.flatnonzero(eval_rows)]
-    per_proposer = {}
+    out = {}
     for name in sorted({p for names in proposers for p in names}):
         mine = np.array([name in names for names in proposers])
-        labels_here = mismatch_labels[mine]
-        per_proposer[name] = {
+        labels_here = labels[mine]
+        out[name] = {
             "validation_mismatches": int(mine.sum()),
             "accept_label_share": float(labels_here.mean()),
             "roc_auc": float(roc_auc_score(labels_here, mismatch_p[mine])) if len(set(labels_here)) == 2 else None,
             "accept_share_at_default": float((mismatch_p[mine] >= default).mean()),
         }
+    return out
 
-    run = RunDir(run_dir)
-    target = run.read_json("target.json")
+
+def train(run_dirs: str | Path | list[str | Path], out_dir: str | Path, settings: TrainSettings) -> dict:
+    """Train the judge on one or several label runs and write the artifact and its report."""
+    from sklearn.metrics import precision_score, recall_score
+
+    if sum([settings.tau is not None, settings.reject_share is not None, settings.tau_from_answers]) != 1:
+        raise InputError("give exactly one of --tau, --reject-share or --tau-from-answers")
+    if settings.features not in FEATURE_CHOICES:
+        raise InputError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
+    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    # A logits-only head needs no hidden states: the run's scores stage is enough.
+    with_hidden = settings.features != "logits"
+    data = load_training_data(run_dirs, with_hidden, settings.allow_partial_run)
+    records = data.records
+    scores = label_scores(records, settings)
+    ids = [r["id"] for r in records]
+    is_val = split_by_prompt(ids, settings.validation_share, settings.seed)
+    if not is_val.any() or is_val.all():
+        raise InputError("need mismatches from at least two prompts to split train/validation")
+    tau, calibration = choose_tau(scores, is_val, data, settings)
+    sub_label = (scores <= tau).astype(int)  # 1 = accept
+
+    fitted = fit_heads(data, sub_label, is_val, settings, with_hidden)
+    chosen, comparison = choose_head(fitted, sub_label, settings)
+    head = fitted.heads[chosen]
+    serving = serving_points(head, fitted, sub_label, data, settings)
+    default, mismatch_labels = serving.default, sub_label[fitted.eval_rows]
     report = {
-        "shards": {"total": run.shard_count(), "used": usable_shards(run, with_hidden, allow_partial=True)},
+        "runs": [str(d) for d in run_dirs],
+        "shards": data.shards,
         "mismatches": len(records),
         "rows": int(len(records) * (2 if with_hidden else 1)),
         "tau": tau,
@@ -442,29 +594,34 @@ def train(run_dir: str | Path, out_dir: str | Path, settings: TrainSettings) -> 
         "features": chosen,
         "feature_sets": comparison,
         # The hidden-state head (the paper's), on all validation rows.
-        "C": best_c,
-        "validation_roc_auc": None if auc is None else float(auc),
-        "roc_auc_by_C": {str(c): float(v[0]) for c, v in by_c.items()},
-        "validation_mismatches": int(eval_rows.sum()),
+        "C": fitted.best_c,
+        "validation_roc_auc": None if fitted.auc is None else float(fitted.auc),
+        "roc_auc_by_C": {str(c): float(v[0]) for c, v in (fitted.by_c or {}).items()},
+        "validation_mismatches": int(fitted.eval_rows.sum()),
         "validation_mismatch_accept_label_share": float(mismatch_labels.mean()),
         "validation_mismatch_roc_auc": comparison[chosen]["validation_mismatch_roc_auc"],
-        "per_proposer": per_proposer,
-        "operating_points_on": decided_on,
+        "per_proposer": per_proposer_metrics(records, fitted.eval_rows, mismatch_labels, serving.mismatch_p, default),
+        "operating_points_on": serving.decided_on,
         "validation_precision_at_default": float(
-            precision_score(decision_labels, decision_p >= default, zero_division=0)),
-        "validation_recall_at_default": float(recall_score(decision_labels, decision_p >= default)),
-        "validation_mismatch_accept_share_at_default": float((mismatch_p >= default).mean()),
+            precision_score(serving.decision_labels, serving.decision_p >= default, zero_division=0)),
+        "validation_recall_at_default": float(recall_score(serving.decision_labels, serving.decision_p >= default)),
+        "validation_mismatch_accept_share_at_default": float((serving.mismatch_p >= default).mean()),
     }
+    write_artifact(out_dir, head, data.target, serving, settings, report)
+    return report
+
+
+def write_artifact(out_dir: str | Path, head: _Head, target: dict, serving: ServingPoints, settings: TrainSettings,
+                   report: dict) -> None:
     config = JudgeArtifactConfig(
         format_version=1 if head.features == (HIDDEN,) else 2,
         features=head.features,
         target=TargetIdentity(**target),
-        default_threshold=default,
-        operating_points=points,
-        provenance=provenance({"run": str(run_dir), "seed": settings.seed, "report": report}),
+        default_threshold=serving.default,
+        operating_points=serving.points,
+        provenance=provenance({"runs": report["runs"], "seed": settings.seed, "report": report}),
     )
     JudgeArtifact(config, None if head.weight is None else torch.from_numpy(head.weight).float(),
                   torch.tensor([head.bias]),
                   None if head.scalar is None else torch.from_numpy(np.asarray(head.scalar)).float()).save(out_dir)
     (Path(out_dir) / "training_report.json").write_text(json.dumps(report, indent=2))
-    return report

@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "logistic regression (C chosen by validation ROC-AUC, split by prompt) and writes "
         "the judge artifact with its operating points.",
     )
-    train.add_argument("--run", required=True, help="run folder written by `selfjudge label`")
+    train.add_argument("--run", required=True, action="append",
+                       help="run folder written by `selfjudge label`; repeat to train one head on several runs "
+                       "(same target, suffix lengths and dtype; the split stays by prompt)")
     train.add_argument("--out", required=True, help="judge artifact folder to write")
     tau = train.add_mutually_exclusive_group(required=True)
     tau.add_argument("--tau", type=float, help="reject a substitution whose score exceeds this")

@@ -243,7 +243,7 @@ def _scored_run(root, shards: dict[int, int], total: int, hidden: int = 4) -> Ru
     run.write_json("target.json", {"name": "t", "architecture": "A", "hidden_size": hidden, "vocab_size": 10,
                                    "num_hidden_layers": 1})
     for index, count in shards.items():
-        rows = [{"id": f"s{index}p{i}", "m": i, "scores": {"max": {"5": 0.1 * i}},
+        rows = [{"id": f"s{index}p{i}", "m": i, "draft": 5, "scores": {"max": {"5": 0.1 * i}},
                  "evidence": {"draft_logratio": -0.5 * i, "verify_confidence": -0.3, "next_confidence": -0.2}}
                 for i in range(count)]
         run.write_records("scores", index, rows)
@@ -271,14 +271,17 @@ def test_a_run_missing_shards_is_refused_naming_them_unless_partial_is_asked_for
     run = _scored_run(tmp_path / "run", {0: 40, 2: 40, 3: 40}, total=5)
     with pytest.raises(IncompleteRunError, match="stage 'scores' lacks shard\\(s\\) 1, 4 of 5"):
         load_run(tmp_path / "run", with_hidden=False)
-    with pytest.raises(IncompleteRunError, match="lacks shard"):
+    assert not train_module.Outcomes(tmp_path / "run")  # no outcomes stage at all: none
+    run.write_records("outcomes", 0, [{"id": "s0p1", "m": 1, "draft": 5, "unchanged": False}])
+    with pytest.raises(IncompleteRunError, match="stage 'outcomes' lacks shard\\(s\\) 1-4 of 5"):
         train_module.Outcomes(tmp_path / "run")
+    assert train_module.Outcomes(tmp_path / "run", allow_partial=True).changed({"id": "s0p1", "m": 1, "draft": 5})
     records, _, _ = load_run(tmp_path / "run", with_hidden=False, allow_partial=True)
     assert [r["id"][:2] for r in records] == ["s0"] * 40 + ["s2"] * 40 + ["s3"] * 40
     assert run.read_stage("scores", allow_partial=True) == records
     report = train_module.train(tmp_path / "run", tmp_path / "head", train_module.TrainSettings(
         suffix_length=5, tau=1.5, features="logits", allow_partial_run=True))
-    assert report["shards"] == {"total": 5, "used": [0, 2, 3]}
+    assert report["shards"] == [{"run": str(tmp_path / "run"), "total": 5, "used": [0, 2, 3]}]
 
 
 def test_shard_count_is_bound_to_the_run(tmp_path):
@@ -394,3 +397,33 @@ def test_engine_arguments_choose_safe_cpu_defaults_and_say_so(monkeypatch):
     assert "kv_cache_memory_bytes" not in engine_arguments("m", EngineSettings(), on_cpu=True, native_bf16=False)[0]
     message = start_failure_message(kwargs, RuntimeError("Engine core initialization failed"))
     assert "--kv-cache-gib" in message and "4 GiB" in message and "Engine core initialization failed" in message
+
+
+def test_several_runs_train_one_head_on_their_union_and_disagreeing_runs_are_refused(tmp_path):
+    from selfjudge_vllm.offline import train as train_module
+
+    settings = {"suffix_lengths": [5], "engine": {"dtype": "float32"}, "prompts": "a.jsonl"}
+    runs = []
+    for k in range(2):
+        run = _scored_run(tmp_path / f"run{k}", {0: 60, 1: 60}, total=2)
+        run.bind_settings(dict(settings, prompts=f"{k}.jsonl"))  # other prompts: allowed
+        runs.append(run.root)
+    one = train_module.train(runs[0], tmp_path / "one", train_module.TrainSettings(
+        suffix_length=5, tau=1.5, features="logits"))
+    both = train_module.train(runs, tmp_path / "both", train_module.TrainSettings(
+        suffix_length=5, tau=1.5, features="logits"))
+    assert both["mismatches"] == 2 * one["mismatches"] == 240
+    # The same prompt ids in both runs are different prompts: the split keeps them apart.
+    assert both["validation_prompts"] > one["validation_prompts"]
+    assert [s["run"] for s in both["shards"]] == [str(r) for r in runs]
+
+    other = _scored_run(tmp_path / "other-target", {0: 60, 1: 60}, total=2, hidden=8)
+    other.bind_settings(settings)
+    with pytest.raises(InputError, match="different targets \\(hidden_size: 4 vs 8\\)"):
+        train_module.train([runs[0], other.root], tmp_path / "x", train_module.TrainSettings(suffix_length=5, tau=1.5))
+    other_n = _scored_run(tmp_path / "other-n", {0: 60, 1: 60}, total=2)
+    other_n.bind_settings(dict(settings, suffix_lengths=[5, 20]))
+    with pytest.raises(InputError, match="differ in suffix_lengths"):
+        train_module.train([runs[0], other_n.root], tmp_path / "x", train_module.TrainSettings(suffix_length=5, tau=1.5))
+    with pytest.raises(InputError, match="given twice"):
+        train_module.train([runs[0], runs[0]], tmp_path / "x", train_module.TrainSettings(suffix_length=5, tau=1.5))
