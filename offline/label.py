@@ -220,21 +220,35 @@ STAGES = (
     Stage("outcomes", outcomes_shard, "target", ("responses", "scores")),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
-def run_stage(job: LabelJob, stage: Stage, progress) -> None:
-    """Run `stage` on every shard it lacks (its inputs must be complete), then record its
-    provenance."""
+def stage_done(run: RunDir, stage: str, i: int) -> bool:
+    """Shard i of the stage is complete (the features stage writes records and tensors)."""
+    return run.has(stage, i) and (stage != "features" or run.has(stage, i, "safetensors"))
+
+
+def run_stage_shards(job: LabelJob, stage: Stage, indices: list[int], progress=None) -> None:
+    """One engine for `stage`, then its work on each of the shards (what a Ray task runs)."""
+    settings = job.settings
+    model = settings.draft if stage.engine == "draft" else settings.target
+    with engine(model, settings.engine, pooling=stage.engine == "pooling") as llm:
+        for i in progress(indices, desc=stage.name, unit="shard") if progress else indices:
+            stage.work(llm, job, i)
+
+
+def run_stage(job: LabelJob, stage: Stage, progress, executor=None) -> None:
+    """Run `stage` on every shard it lacks (its inputs must be complete), here or on
+    `executor` (offline/ray_label.py), then record its provenance."""
     run, settings = job.run, job.settings
     for needed in stage.inputs:
         run.complete_shards(needed)  # raises IncompleteRunError naming the missing shards
     run.remove_partial_files(stage.name)
-    pending = [i for i in range(len(job.shards)) if not run.has(stage.name, i)]
-    if pending:
-        model = settings.draft if stage.engine == "draft" else settings.target
-        with engine(model, settings.engine, pooling=stage.engine == "pooling") as llm:
-            for i in progress(pending, desc=stage.name, unit="shard"):
-                stage.work(llm, job, i)
+    pending = [i for i in range(len(job.shards)) if not stage_done(run, stage.name, i)]
+    if pending and executor is None:
+        run_stage_shards(job, stage, pending, progress)
+    elif pending:
+        executor.run(job, stage, pending, progress)
     info = {"target": settings.target, "draft": settings.draft, "seed": settings.engine.seed}
     if stage.name == "outcomes":
         info["answer_pattern"] = settings.answer_pattern
@@ -253,8 +267,9 @@ def prepare_job(settings: LabelSettings, out_dir: str | Path) -> LabelJob:
 
 
 def run_label(settings: LabelSettings, out_dir: str | Path, progress=None,
-              stages: tuple[str, ...] | None = None) -> RunDir:
-    """Every stage in order (outcomes only with an answer pattern), or just `stages`."""
+              stages: tuple[str, ...] | None = None, executor=None) -> RunDir:
+    """Every stage in order (outcomes only with an answer pattern), or just `stages`; the
+    shards of each stage here, or as tasks of `executor` (offline/ray_label.RayExecutor)."""
     if progress is None:
         from tqdm.auto import tqdm as progress
     unknown = set(stages or ()) - set(STAGE_NAMES)
@@ -268,7 +283,7 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None,
             continue
         if stage.name == "outcomes" and settings.answer_pattern is None:
             continue
-        run_stage(job, stage, progress)
+        run_stage(job, stage, progress, executor)
     return job.run
 
 

@@ -64,8 +64,23 @@ def _label(args: argparse.Namespace) -> int:
         answer_pattern=args.answer_pattern,
         ngram=NgramSettings(args.ngram_k, args.ngram_min, args.ngram_max) if args.ngram_k else None,
     )
+    stages = tuple(args.stage) if args.stage else None
     try:
-        run = run_label(settings, args.out, stages=tuple(args.stage) if args.stage else None)
+        if args.ray is None:
+            run = run_label(settings, args.out, stages=stages)
+        else:
+            try:
+                from selfjudge_vllm.offline.ray_label import RayExecutor, RayTaskError
+            except ImportError as exc:
+                print(f"selfjudge label: --ray needs Ray (pip install -e \".[ray]\"): {exc}", file=sys.stderr)
+                return 2
+            address = None if args.ray == "local" else args.ray
+            try:
+                with RayExecutor(address, args.ray_workers, args.ray_task_cpus, args.ray_task_gpus) as executor:
+                    run = run_label(settings, args.out, stages=stages, executor=executor)
+            except RayTaskError as exc:
+                print(f"selfjudge label: {exc}", file=sys.stderr)
+                return 1
     except (InputError, PromptFileError, RunError, EngineStartError) as exc:
         print(f"selfjudge label: {exc}", file=sys.stderr)
         return 2
@@ -181,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--stage", action="append", choices=STAGE_NAMES, default=None,
                        help="run only this stage (repeatable; its input stages must be complete); default: all, "
                        "in order (outcomes only with --answer-pattern)")
+    label.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run each stage's shards as Ray tasks, each with its own engine: on the cluster at "
+                       "ADDRESS (e.g. auto, ray://head:10001; the run folder, models and this package at the same "
+                       "paths on every node), or without ADDRESS on a local Ray started for the run")
+    label.add_argument("--ray-workers", type=int, default=None,
+                       help="tasks per stage (default: as many as the cluster's CPUs/GPUs fit)")
+    label.add_argument("--ray-task-cpus", type=float, default=1.0, help="CPUs per task (default 1)")
+    label.add_argument("--ray-task-gpus", type=float, default=0.0, help="GPUs per task (default 0; 1 on a GPU cluster)")
     label.add_argument("--seed", type=int, default=0)
     label.set_defaults(func=_label)
 

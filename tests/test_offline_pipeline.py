@@ -364,3 +364,39 @@ def test_an_engine_that_cannot_start_is_reported_in_selfjudge_terms(tmp_path, re
     assert proc.returncode == 2, proc.stderr[-3000:]
     ours = [line for line in proc.stderr.splitlines() if line.startswith("selfjudge label:")]
     assert len(ours) == 1 and "vLLM could not start an engine for" in ours[0] and "100000 GiB: --kv-cache-gib" in ours[0]
+
+
+def test_label_on_local_ray_equals_a_local_run_and_resumes_after_a_kill(tmp_path, tiny_pair):
+    """`selfjudge label --ray` on a local Ray (2 tasks per stage, each with its own engine)
+    writes the same run, record for record and tensor for tensor, as a run here; killed in
+    the scores stage and run again on Ray, it loses and duplicates nothing."""
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", PROMPTS[:10])
+    # Ray kills tasks when the whole node is above 95% memory, which a shared test machine can
+    # be while the tiny engines need little: its memory monitor is off for this test.
+    env = dict(os.environ, RAY_memory_monitor_refresh_ms="0")
+    subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "local", 2), env=env, check=True,
+                   capture_output=True, timeout=600)
+    ray_cli = _label_cli(tiny_pair, prompts, tmp_path / "ray", 2) + ["--ray", "--ray-workers", "2"]
+    proc = subprocess.Popen(ray_cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    scores_dir = tmp_path / "ray" / "scores"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(scores_dir.glob("shard-*.jsonl"))) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and every task
+    proc.wait()
+    assert 1 <= len(list(scores_dir.glob("shard-*.jsonl"))) < 5
+    done = subprocess.run(ray_cli, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(ray, 2 tasks)" in done.stderr
+    local, ray_run = RunDir(tmp_path / "local"), RunDir(tmp_path / "ray")
+    for stage in ("responses", "mismatches", "scores", "features"):
+        for i in range(5):
+            assert ray_run.read_records(stage, i) == local.read_records(stage, i), (stage, i)
+        assert not list((ray_run.root / stage).glob(".*tmp"))
+    for i in range(5):
+        a, b = ray_run.read_tensors("features", i), local.read_tensors("features", i)
+        assert all(torch.equal(a[k], b[k]) for k in a)
