@@ -116,6 +116,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_vllm(args: argparse.Namespace) -> int:
+    from selfjudge_vllm.vllm_seams import SEAMS, missing_in_installed_vllm, missing_in_wheel
+
+    source = args.source or "the installed vllm"
+    missing = missing_in_wheel(args.source) if args.source else missing_in_installed_vllm()
+    for seam in SEAMS:
+        print(f"{'MISSING' if seam in missing else 'ok':7s} {seam.kind:7s} {seam.name}")
+    print(f"selfjudge check-vllm: {source}: {len(SEAMS) - len(missing)} of {len(SEAMS)} seams present"
+          + ("" if not missing else "; the plugin cannot run on it as is"))
+    return 1 if missing else 0
+
+
 def _testbed(args: argparse.Namespace) -> int:
     from selfjudge_vllm.testbed import TestbedError, build_testbed
 
@@ -239,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on the complete shards of a run whose stages lack some (refused by default; "
                        "training_report.json lists the shards used)")
     train.set_defaults(func=_train)
+
+    check = sub.add_parser(
+        "check-vllm",
+        help="check a vLLM version's source against every internal the plugin patches or reads",
+        description="Checks, from source alone, that a vLLM wheel (`pip download --no-deps vllm==X`) or source "
+        "folder defines every attribute in selfjudge_vllm/vllm_seams.py; without an argument, the installed "
+        "vLLM. Names only: a seam whose meaning changed passes; run the tests on that version to know more.",
+    )
+    check.add_argument("source", nargs="?", help="vLLM wheel (.whl) or folder holding vllm/ (default: installed)")
+    check.set_defaults(func=_check_vllm)
 
     testbed = sub.add_parser(
         "testbed",

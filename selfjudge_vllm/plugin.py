@@ -1,16 +1,12 @@
-"""vLLM entry points: `register` (vllm.general_plugins) and the runtime factory.
+"""vLLM entry point: `register` (vllm.general_plugins).
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), before
 any model runner exists and without the configuration. It only installs the worker start-up
 hook and the request-admission check; everything else happens in a worker whose config
-carries a `selfjudge` section.
+carries a `selfjudge` section (vllm_patches.py, which builds through factories.py).
 """
 
 from __future__ import annotations
-
-import logging
-
-logger = logging.getLogger("vllm.selfjudge")
 
 
 def register() -> None:
@@ -18,81 +14,3 @@ def register() -> None:
 
     install_worker_hook()
     install_admission_hook()
-
-
-def served_target_identity(vllm_config):
-    """What the served model is, in the artifact's terms."""
-    from selfjudge_vllm.artifact import TargetIdentity
-
-    model_config = vllm_config.model_config
-    text_config = model_config.hf_text_config
-    return TargetIdentity(
-        name=str(model_config.model),
-        architecture=(model_config.architectures or ["unknown"])[0],
-        hidden_size=model_config.get_hidden_size(),
-        vocab_size=model_config.get_vocab_size(),
-        num_hidden_layers=text_config.num_hidden_layers,
-    )
-
-
-def load_served_policy(config):
-    """The rule policy of an enabled config section, and the judge artifact when one is served."""
-    from selfjudge_vllm.artifact import JudgeArtifact
-    from selfjudge_vllm.request_control import RulePolicy
-
-    if config.head is None:
-        return RulePolicy(config), None
-    artifact = JudgeArtifact.load(config.head)
-    threshold = artifact.resolve_threshold(config.threshold, config.operating_point)
-    return RulePolicy(config, artifact.config, threshold), artifact
-
-
-class RequestValidator:
-    """Admission check of per-request options (API server / LLM front end)."""
-
-    def __init__(self, vllm_config):
-        from selfjudge_vllm.config import parse_section
-
-        self.policy = None
-        config = parse_section(getattr(vllm_config, "additional_config", None))
-        if config is None or not config.enabled:
-            return
-        self.policy, _ = load_served_policy(config)
-
-    def check(self, extra_args) -> None:
-        if self.policy is not None:
-            self.policy.for_request(extra_args)
-        else:
-            from selfjudge_vllm.request_control import request_options
-
-            request_options(extra_args)  # still reject malformed options
-
-
-def build_runtime(vllm_config):
-    """The model runner's JudgeRuntime, or None when the plugin is off. Raises on bad input."""
-    from selfjudge_vllm.artifact import check_target_matches
-    from selfjudge_vllm.config import parse_section
-    from selfjudge_vllm.metrics import MetricsSink, metrics_dir
-    from selfjudge_vllm.rules import JudgeHead
-    from selfjudge_vllm.runtime import JudgeRuntime
-
-    config = parse_section(vllm_config.additional_config)
-    if config is None or not config.enabled:
-        return None
-    policy, artifact = load_served_policy(config)
-    head = None
-    if artifact is not None:
-        check_target_matches(artifact.config, served_target_identity(vllm_config))
-        head = JudgeHead.from_artifact(artifact)
-    # Tensor-parallel ranks take identical decisions; only rank 0 publishes counters.
-    rank = vllm_config.parallel_config.rank
-    sink = MetricsSink(metrics_dir(vllm_config.instance_id), rank) if rank == 0 else None
-    logger.info(
-        "SelfJudge on: default rule %s; requests may choose %s; head %s",
-        policy.default.describe(), ", ".join(config.rules), config.head,
-    )
-    runtime = JudgeRuntime(
-        head, sink, config.log_interval_s, policy.default, policy.for_request, config.entropy_window
-    )
-    runtime.start_publisher()
-    return runtime

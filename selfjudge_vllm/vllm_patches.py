@@ -1,4 +1,6 @@
-"""Every vLLM attribute this plugin patches, why, and the vLLM versions it was checked on.
+"""The adapter: every vLLM attribute this plugin patches, why, and the vLLM versions it was
+checked on. The register of everything patched or read, checked at worker start-up and
+against other vLLM versions' source, is vllm_seams.SEAMS.
 
 vLLM has no registry for rejection samplers, so the plugin wraps a few attributes at run
 time (no vLLM file is changed, no vLLM method is copied). This module is the one place that
@@ -26,69 +28,29 @@ Patches, in the order a worker meets them:
    at call time by RejectionSampler.forward): applies each row's rule (judge, top_alpha, entropy;
    rules.py) to `target_logits`, which at that point already carry penalties, bans, grammar
    masks and temperature/top-k/top-p, then calls the original unchanged.
-5. `vllm.v1.engine.input_processor.InputProcessor._validate_params` (always, from
-   register(); API server / LLM front end): checks a request's `selfjudge_*` extra_args at
-   admission, so a bad value is an HTTP 400 naming the problem (custom logits processors,
+5. `vllm.v1.engine.input_processor.InputProcessor.__init__` and `._validate_params`
+   (always, from register(); API server / LLM front end): builds the request validator at
+   start-up (a missing head fails the front end there) and checks a request's `selfjudge_*`
+   extra_args at admission, so a bad value is an HTTP 400 naming the problem (custom logits processors,
    vLLM's own hook for this, are refused with speculative decoding).
    Patch 3 also reads each request's `extra_args` from `GPUModelRunner.requests` to give
    it its own threshold.
-6. `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`: replaced only when a probe at
-   worker start shows upstream bug vllm-project/vllm#55005 (CPU: the C++ replacement of the
-   expand kernel writes into a temporary, so the rejection sampler reads uninitialised
-   temperature/top-k/top-p). Installed whenever the `selfjudge` section is present, judge
-   on or off, so sampled speculative decoding is right on CPU either way.
+6. `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`: the CPU fix of upstream bug
+   vllm-project/vllm#55005, in cpu_fix.py (patching.py has the wrapping mechanics).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
-from typing import Any, Callable
-
-import torch
 
 from selfjudge_vllm.config import SelfJudgeConfig, parse_section
+from selfjudge_vllm.cpu_fix import fix_cpu_expand_bug_if_present
+from selfjudge_vllm.patching import SUPPORTED_VLLM_VERSIONS, UnsupportedConfiguration, _install
 from selfjudge_vllm.request_control import has_options
 
 logger = logging.getLogger("vllm.selfjudge")
 
-SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
 SUPPORTED_METHODS = ("draft_model", "ngram")
-
-_WRAPPED = "__selfjudge_original__"
-
-
-class UnsupportedConfiguration(RuntimeError):
-    """The configuration asks for the judge where it cannot run."""
-
-
-def _resolve(target: str) -> tuple[Any, str]:
-    """'pkg.module:Class.attr' -> (owner object, attribute name); fail loudly if absent."""
-    module_name, _, path = target.partition(":")
-    owner: Any = importlib.import_module(module_name)
-    *parents, attr = path.split(".")
-    for name in parents:
-        owner = getattr(owner, name)
-    if not hasattr(owner, attr):
-        raise UnsupportedConfiguration(
-            f"selfjudge: vLLM has no {target}; this vLLM version is not supported "
-            f"(checked: {', '.join(SUPPORTED_VLLM_VERSIONS)})"
-        )
-    return owner, attr
-
-
-def _install(target: str, make_wrapper: Callable[[Callable], Callable]) -> None:
-    """Wrap `target` once (idempotent across repeated plugin loads)."""
-    owner, attr = _resolve(target)
-    current = getattr(owner, attr)
-    if getattr(current, _WRAPPED, None) is not None:
-        return
-    wrapper = make_wrapper(current)
-    functools.update_wrapper(wrapper, current)
-    setattr(wrapper, _WRAPPED, current)
-    setattr(owner, attr, wrapper)
-
 
 # -- 1. worker start-up ----------------------------------------------------------------
 
@@ -98,7 +60,21 @@ def install_worker_hook() -> None:
 
 
 def install_admission_hook() -> None:
+    _install("vllm.v1.engine.input_processor:InputProcessor.__init__", _wrap_input_processor_init)
     _install("vllm.v1.engine.input_processor:InputProcessor._validate_params", _wrap_validate_params)
+
+
+def _wrap_input_processor_init(original):
+    def __init__(self, vllm_config, *args, **kwargs):
+        original(self, vllm_config, *args, **kwargs)
+        # Built at start-up, so a bad section or a missing head fails the front end now,
+        # not at the first request that carries selfjudge_* options.
+        if parse_section(getattr(vllm_config, "additional_config", None)) is not None:
+            from selfjudge_vllm.factories import RequestValidator
+
+            self._selfjudge_validator = RequestValidator(vllm_config)
+
+    return __init__
 
 
 def _wrap_validate_params(original):
@@ -108,7 +84,7 @@ def _wrap_validate_params(original):
         if has_options(extra_args):
             validator = self.__dict__.get("_selfjudge_validator")
             if validator is None:
-                from selfjudge_vllm.plugin import RequestValidator
+                from selfjudge_vllm.factories import RequestValidator
 
                 validator = self._selfjudge_validator = RequestValidator(self.vllm_config)
             try:
@@ -127,11 +103,26 @@ def _wrap_worker_init(original):
         original(self, vllm_config, *args, **kwargs)
         config = parse_section(getattr(vllm_config, "additional_config", None))
         if config is not None:
+            check_seams_present()
             check_serving_configuration(vllm_config, config)
             _install_step_hooks()
             fix_cpu_expand_bug_if_present()
 
     return __init__
+
+
+def check_seams_present() -> None:
+    """Every vLLM internal the plugin patches or reads exists (vllm_seams.SEAMS), so a renamed
+    one fails the engine at start-up with its name, not the first verification step."""
+    from selfjudge_vllm.vllm_seams import missing_in_installed_vllm
+
+    missing = missing_in_installed_vllm()
+    if missing:
+        raise UnsupportedConfiguration(
+            "selfjudge: this vLLM lacks internals the plugin relies on: "
+            + "; ".join(f"{s.name} ({s.kind}: {s.why})" for s in missing)
+            + f". Checked versions: {', '.join(SUPPORTED_VLLM_VERSIONS)}"
+        )
 
 
 def check_serving_configuration(vllm_config, config: SelfJudgeConfig) -> None:
@@ -176,7 +167,7 @@ def _install_step_hooks() -> None:
 def _wrap_runner_init(original):
     def __init__(self, vllm_config, *args, **kwargs):
         original(self, vllm_config, *args, **kwargs)
-        from selfjudge_vllm.plugin import build_runtime
+        from selfjudge_vllm.factories import build_runtime
 
         self._selfjudge_runtime = build_runtime(vllm_config)
 
@@ -238,49 +229,3 @@ def _wrap_rejection_sample(original):
         return original(*args, **kwargs)
 
     return rejection_sample
-
-
-# -- 5. upstream CPU bug #55005 -----------------------------------------------------------
-
-
-def expand_batch_to_tokens_fixed(
-    x: torch.Tensor,
-    cu_num_tokens: torch.Tensor,
-    num_tokens: int,
-    replace_from: int = 0,
-    replace_to: int = 0,
-) -> torch.Tensor:
-    """[batch] -> [num_tokens], repeating x[i] for request i's tokens (vLLM's contract)."""
-    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1)).long()
-    expanded = x.repeat_interleave(counts, output_size=num_tokens)
-    return expanded.masked_fill(expanded == replace_from, replace_to)
-
-
-def _expand_is_broken(expand) -> bool:
-    x = torch.tensor([0.0, 0.25, 3.5], dtype=torch.float32)
-    cu = torch.tensor([2, 3, 6], dtype=torch.int32)
-    expected = torch.tensor([1.0, 1.0, 0.25, 3.5, 3.5, 3.5])
-    got = expand(x, cu, 6, replace_from=0, replace_to=1)
-    return not torch.equal(got, expected)
-
-
-def fix_cpu_expand_bug_if_present() -> bool:
-    """Replace expand_batch_to_tokens if (and only if) it is wrong here. Returns whether
-    the fix is in place."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return False  # the bug lives in the CPU replacement kernel only
-    owner, attr = _resolve("vllm.v1.sample.rejection_sampler:expand_batch_to_tokens")
-    current = getattr(owner, attr)
-    if getattr(current, _WRAPPED, None) is not None:
-        return True
-    if not _expand_is_broken(current):
-        return False
-    logger.info("selfjudge: vLLM bug #55005 present; replacing expand_batch_to_tokens")
-    _install(
-        "vllm.v1.sample.rejection_sampler:expand_batch_to_tokens",
-        # A fresh function each time, so wrapping never renames the shared one.
-        lambda _original: lambda *a, **k: expand_batch_to_tokens_fixed(*a, **k),
-    )
-    return True

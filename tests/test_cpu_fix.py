@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfjudge_vllm.vllm_patches import _expand_is_broken, expand_batch_to_tokens_fixed
+from selfjudge_vllm.cpu_fix import _expand_is_broken, expand_batch_to_tokens_fixed
 
 
 def test_fixed_expand_matches_the_documented_contract():

@@ -90,3 +90,13 @@ class TestEngineRefusesToStart:
             self._start(tiny_pair, {"head": str(good_head)})
         result = self._start(tiny_pair, {"head": str(good_head), "allow_unsupported_vllm": True})
         assert result.judge is not None and result.judge["steps_judged"] > 0
+
+
+def test_a_missing_vllm_internal_is_refused_at_worker_start_naming_it(monkeypatch):
+    """The worker start-up check of the register (vllm_seams): what it raises."""
+    from selfjudge_vllm import vllm_patches, vllm_seams
+
+    seam = next(s for s in vllm_seams.SEAMS if s.path == "ExecuteModelState.sample_hidden_states")
+    monkeypatch.setattr(vllm_seams, "missing_in_installed_vllm", lambda: [seam])
+    with pytest.raises(UnsupportedConfiguration, match="ExecuteModelState.sample_hidden_states \\(read: the hidden"):
+        vllm_patches.check_seams_present()
