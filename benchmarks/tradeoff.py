@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import tasks  # noqa: E402
+from selfjudge_vllm.rules import RULES  # noqa: E402
 
 SWEEP = {
     "lossless": [None],
@@ -47,7 +48,7 @@ SWEEP = {
     "entropy": [2.0, 1.0],
 }
 QUICK_SWEEP = {"lossless": [None], "judge": [0.5], "top_alpha": [0.3], "entropy": [1.5]}
-KNOB_NAMES = {"judge": "threshold", "top_alpha": "alpha", "entropy": "min_entropy"}
+KNOB_NAMES = {name: spec.knob for name, spec in RULES.items()}
 TAU = 0.1  # semantic-preservation score above which a substitution is labelled reject (N=20)
 
 

@@ -16,7 +16,6 @@ here imports vLLM, and nothing is pickled.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -220,5 +219,7 @@ def check_target_matches(artifact: JudgeArtifactConfig, served: TargetIdentity) 
 
 
 def threshold_to_logit(threshold: float) -> float:
-    """sigmoid(z) >= t  <=>  z >= log(t / (1 - t)); comparing logits skips the sigmoid."""
-    return math.log(threshold) - math.log1p(-threshold)
+    """The judge's threshold in the units the step compares (rules.RULES["judge"])."""
+    from selfjudge_vllm.rules import RULES
+
+    return RULES["judge"].to_step(threshold)

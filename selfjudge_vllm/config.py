@@ -14,10 +14,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfjudge_vllm.artifact import Threshold
+from selfjudge_vllm.rules import RULE_NAMES
 
 SECTION = "selfjudge"
 
-RuleName = Literal["judge", "top_alpha", "entropy"]
+RuleName = Literal[RULE_NAMES]
 
 
 class ConfigError(ValueError):

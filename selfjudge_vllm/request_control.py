@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from selfjudge_vllm.artifact import JudgeArtifactConfig, Threshold, threshold_to_logit
 from selfjudge_vllm.config import RuleName, SelfJudgeConfig
-from selfjudge_vllm.rules import ENTROPY, JUDGE, LOSSLESS, RowRule
+from selfjudge_vllm.rules import LOSSLESS, RULES, RowRule
 
 KEY_PREFIX = "selfjudge_"
 # Threshold logit of a request with the judge off: no score reaches it.
@@ -97,10 +97,6 @@ def request_threshold_logit(
     return threshold_to_logit(threshold)
 
 
-# Which request keys belong to which rule (a key for another rule is a mistake worth a 400).
-_RULE_KEYS = {"judge": ("threshold", "operating_point"), "top_alpha": ("alpha",), "entropy": ("min_entropy",)}
-
-
 class RulePolicy:
     """A server's rules: the default every request gets, and what a request may choose."""
 
@@ -126,19 +122,19 @@ class RulePolicy:
                 f"selfjudge_rule {rule!r} is not served here; this server allows: "
                 f"{', '.join(self.config.rules)} (selfjudge.request_rules)"
             )
-        for other, keys in _RULE_KEYS.items():
-            for key in keys:
-                if other != rule and getattr(options, key) is not None:
-                    raise ValueError(f"{KEY_PREFIX}{key} belongs to the rule {other!r}, not {rule!r}")
+        # A key of another rule is a mistake worth a 400.
+        for other in RULES.values():
+            for key in other.request_keys:
+                if other.name != rule and getattr(options, key) is not None:
+                    raise ValueError(f"{KEY_PREFIX}{key} belongs to the rule {other.name!r}, not {rule!r}")
         return self._rule(rule, options)
 
     def _rule(self, rule: str, options: RequestJudgeOptions) -> RowRule:
-        if rule == "judge":
+        spec = RULES[rule]
+        if rule == "judge":  # thresholds come from the artifact, named points and the server's floor
             limit = request_threshold_logit(
                 options, self.artifact, self.server_threshold, self.config.min_threshold
             )
-            return RowRule(JUDGE, limit)
-        if rule == "top_alpha":
-            return RowRule.top_alpha(options.alpha if options.alpha is not None else self.config.alpha)
-        min_entropy = options.min_entropy if options.min_entropy is not None else self.config.min_entropy
-        return RowRule(ENTROPY, min_entropy)
+            return RowRule(spec.rule_id, limit)
+        knob = getattr(options, spec.knob)
+        return RowRule.named(rule, knob if knob is not None else getattr(self.config, spec.knob))

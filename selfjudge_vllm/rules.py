@@ -23,11 +23,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
 OFF, JUDGE, TOP_ALPHA, ENTROPY = 0, 1, 2, 3
+
+
+def _logit(threshold: float) -> float:
+    """sigmoid(z) >= t  <=>  z >= log(t / (1 - t)); comparing logits skips the sigmoid."""
+    return math.log(threshold) - math.log1p(-threshold)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One acceptance rule, as config validation, request admission, the step and the
+    benchmarks all see it."""
+
+    name: str  # in the config section, `selfjudge_rule` and the benchmarks
+    rule_id: int  # what the step compares (RowRule.rule)
+    knob: str  # its knob: config key and request key `selfjudge_<knob>`
+    to_step: Callable[[float], float]  # knob -> the units the step compares against
+    from_step: Callable[[float], float]  # and back, for messages
+    request_keys: tuple[str, ...]  # request keys that belong to this rule
+    description: str
+
+
+RULES = {spec.name: spec for spec in (
+    RuleSpec("judge", JUDGE, "threshold", _logit, lambda z: 1 / (1 + math.exp(-z)),
+             ("threshold", "operating_point"), "the trained head: accept when P(keeps meaning) >= threshold"),
+    RuleSpec("top_alpha", TOP_ALPHA, "alpha", lambda a: math.log(a) if a > 0 else -math.inf, math.exp,
+             ("alpha",), "accept when p(draft) >= alpha x p(top-1)"),
+    RuleSpec("entropy", ENTROPY, "min_entropy", float, float, ("min_entropy",),
+             "accept when the target's entropy >= min_entropy nats and it agrees with the next drafts"),
+)}
+RULE_NAMES = tuple(RULES)
+RULE_BY_ID = {spec.rule_id: spec for spec in RULES.values()}
 
 # A logit so large that softmax gives its token probability exactly 1.0 in float32 (every
 # other entry becomes exp(-1e30) == 0), yet finite, so `x - max` never computes inf - inf.
@@ -43,17 +74,20 @@ class RowRule:
     knob: float
 
     @staticmethod
+    def named(name: str, knob: float) -> "RowRule":
+        """The rule `name` (RULES) with its knob in user units (threshold, alpha, nats)."""
+        spec = RULES[name]
+        return RowRule(spec.rule_id, spec.to_step(knob))
+
+    @staticmethod
     def top_alpha(alpha: float) -> "RowRule":
-        return RowRule(TOP_ALPHA, math.log(alpha) if alpha > 0 else -math.inf)
+        return RowRule.named("top_alpha", alpha)
 
     def describe(self) -> str:
-        if self.rule == TOP_ALPHA:
-            return f"top_alpha (alpha {math.exp(self.knob):.4f})"
-        if self.rule == JUDGE:
-            return f"judge (threshold {1 / (1 + math.exp(-self.knob)):.4f})"
-        if self.rule == ENTROPY:
-            return f"entropy (min_entropy {self.knob:.4f} nats)"
-        return "off (lossless)"
+        spec = RULE_BY_ID.get(self.rule)
+        if spec is None:
+            return "off (lossless)"
+        return f"{spec.name} ({spec.knob} {spec.from_step(self.knob):.4f})"
 
 
 LOSSLESS = RowRule(OFF, math.inf)

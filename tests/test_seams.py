@@ -78,3 +78,12 @@ def test_the_readme_table_lists_every_seam():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for seam in SEAMS:
         assert f"| `{seam.name}` | {seam.kind} | {seam.why} |" in readme, seam.name
+
+
+def test_the_readme_rule_table_is_the_rule_register():
+    from selfjudge_vllm.rules import RULES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for rule in RULES.values():
+        keys = ", ".join(f"`selfjudge_{k}`" for k in rule.request_keys)
+        assert f"| `{rule.name}` | `{rule.knob}` | {keys} | {rule.description} |" in readme, rule.name
