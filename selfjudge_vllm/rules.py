@@ -98,8 +98,10 @@ class StepRules:
     """The rules of one step's draft rows, built on the host before the step runs.
 
     `uniform` is set when every row shares one rule (no per-row tensors, no copies);
-    otherwise `rule_ids`/`knobs` hold one entry per draft row. `drafts_after` (number of
-    draft tokens after each row within its request) exists when the entropy rule is used.
+    otherwise `rule_ids`/`knobs` hold one entry per draft row. When the entropy rule is
+    used, `entropy_rows` holds the draft rows of the requests using it (None: every row),
+    and `drafts_after` the number of draft tokens after each of those rows in its request:
+    the vocabulary-wide entropy is computed on those rows only.
     """
 
     uniform: RowRule | None
@@ -107,6 +109,7 @@ class StepRules:
     knobs: torch.Tensor | None = None
     present: frozenset[int] = frozenset()
     drafts_after: torch.Tensor | None = None
+    entropy_rows: torch.Tensor | None = None
 
     @classmethod
     def build(cls, rows: Iterable[tuple[RowRule, int]], device) -> "StepRules":
@@ -116,11 +119,18 @@ class StepRules:
             rules.append(rule)
             counts.append(count)
         present = frozenset(rule.rule for rule, count in zip(rules, counts) if count)
-        drafts_after = None
-        if ENTROPY in present:
-            after = [count - 1 - i for count in counts for i in range(count)]
-            drafts_after = torch.tensor(after, dtype=torch.int64).to(device, non_blocking=True)
         distinct = set(rules)
+        drafts_after = entropy_rows = None
+        if ENTROPY in present:
+            after, rows, row = [], [], 0
+            for rule, count in zip(rules, counts):
+                if rule.rule == ENTROPY:
+                    after += [count - 1 - i for i in range(count)]
+                    rows += range(row, row + count)
+                row += count
+            drafts_after = torch.tensor(after, dtype=torch.int64).to(device, non_blocking=True)
+            if len(distinct) > 1:
+                entropy_rows = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
         if len(distinct) <= 1:
             return cls(next(iter(distinct), LOSSLESS), present=present, drafts_after=drafts_after)
         ids = [rule.rule for rule, count in zip(rules, counts) for _ in range(count)]
@@ -131,6 +141,7 @@ class StepRules:
             torch.tensor(knobs, dtype=torch.float32).to(device, non_blocking=True),
             present,
             drafts_after,
+            entropy_rows,
         )
 
     def selects(self, rule: int):
@@ -186,9 +197,22 @@ class JudgeHead:
         return out
 
 
+def row_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row's softmax, a bounded chunk of rows at a time."""
+    from selfjudge_vllm.features import chunk_rows_for
+
+    chunk_rows = chunk_rows_for(logits)
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[start : start + chunk_rows]
+        out[start : start + chunk_rows] = torch.special.entr(torch.softmax(chunk, dim=-1, dtype=torch.float32)).sum(-1)
+    return out
+
+
 def entropy_gate(logits: torch.Tensor, draft_token_ids: torch.Tensor, min_entropy, drafts_after, window: int):
-    """The entropy rule's decision per row (see the module docstring)."""
-    entropy = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
+    """The entropy rule's decision per row (see the module docstring), for rows that are
+    every draft row of their requests, in order."""
+    entropy = row_entropy(logits)
     agrees = logits.argmax(-1) == draft_token_ids
     # Evidence needs at least one later draft token; the window stops at the request's end.
     confirmed = drafts_after > 0 if window > 0 else torch.ones_like(agrees)
@@ -235,8 +259,13 @@ def decide_and_force_(
         margin = draft_logit - processed_logits.max(-1).values
         accept |= step.selects(TOP_ALPHA) & (margin >= knob)
     if ENTROPY in step.present:
-        gate = entropy_gate(processed_logits, draft_token_ids, knob, step.drafts_after, entropy_window)
-        accept |= step.selects(ENTROPY) & gate
+        if step.entropy_rows is None:  # every row uses it
+            accept |= entropy_gate(processed_logits, draft_token_ids, knob, step.drafts_after, entropy_window)
+        else:  # the vocabulary-wide work on the entropy requests' rows only
+            rows = step.entropy_rows
+            gate = entropy_gate(processed_logits.index_select(0, rows), draft_token_ids.index_select(0, rows),
+                                knob.index_select(0, rows), step.drafts_after, entropy_window)
+            accept.index_put_((rows,), accept.index_select(0, rows) | gate)
     accept &= valid & (draft_logit > float("-inf"))
     processed_logits.scatter_(1, index, torch.where(accept, FORCED_LOGIT, draft_logit).unsqueeze(1))
     return accept, valid

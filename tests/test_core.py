@@ -375,3 +375,26 @@ def test_judge_step_benchmark_decisions_match_its_float64_reference_on_cpu():
 
     assert judge_step_cuda.main(["--cpu-check", "--requests", "6", "--drafts", "3", "--hidden", "32",
                                  "--vocab", "700", "--repeats", "1"]) == 0
+
+
+def test_entropy_is_computed_on_the_entropy_requests_rows_only():
+    """In a mixed step, the vocabulary-wide softmax sees only the rows of requests using
+    the entropy rule, and the decisions equal the same requests served alone."""
+    from selfjudge_vllm.rules import ENTROPY
+
+    gen = torch.Generator().manual_seed(5)
+    counts = [3, 4, 2]
+    rules = [RowRule.top_alpha(0.5), RowRule(ENTROPY, 0.5), RowRule.top_alpha(0.2)]
+    logits = torch.randn(sum(counts), 50, generator=gen)
+    drafts = logits.argmax(-1)
+    drafts[4] = (drafts[4] + 1) % 50
+    seen = []
+    original = torch.softmax
+    torch.softmax = lambda x, *a, **k: seen.append(x.shape[0]) or original(x, *a, **k)
+    try:
+        mixed, _ = decide_and_force_(StepRules.build(zip(rules, counts), "cpu"), drafts, logits.clone())
+    finally:
+        torch.softmax = original
+    assert sum(seen) == 4  # the entropy request's rows, not all 9
+    alone, _ = decide_and_force_(StepRules.build([(rules[1], 4)], "cpu"), drafts[3:7], logits[3:7].clone())
+    assert torch.equal(mixed[3:7], alone)
