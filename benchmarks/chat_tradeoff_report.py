@@ -2,6 +2,7 @@
 benchmarks/chat_tradeoff.py, computed from its store (requests.jsonl, segments.jsonl) alone.
 
 Against the same server's lossless run, on the items both have, item by item:
+  text differs     items whose response text differs at all (the answer may still agree)
   answer changes   items whose final answer (GSM8K) or pass/fail result (HumanEval) differs
                    from lossless, in either direction; rate with its exact one-sided 95% upper
                    bound (Clopper-Pearson)
@@ -104,11 +105,14 @@ def _compare_with_lossless(rows: list[dict]) -> None:
         common = [i for i in row["_results"] if i in base["_results"]]
         mine, theirs = row["_results"], base["_results"]
         changed = [i for i in common if mine[i]["answer"] != theirs[i]["answer"]]
+        # Responses whose text differs at all: how often a relaxed response keeps its answer.
+        text_changed = sum(row["_texts"][i] != base["_texts"][i] for i in common)
         gained = sum(mine[i]["correct"] and not theirs[i]["correct"] for i in common)
         lost = sum(theirs[i]["correct"] and not mine[i]["correct"] for i in common)
         n = len(common)
         row.update({
-            "paired_n": n, "changes": len(changed), "changed_ids": changed,
+            "paired_n": n, "changes": len(changed), "changed_ids": changed, "text_changes": text_changed,
+            "answer_kept_share_of_changed_texts": 1 - len(changed) / text_changed if text_changed else None,
             "change_rate": len(changed) / n if n else None,
             "change_upper95": tasks.change_rate_upper_bound(len(changed), n),
             "gained": gained, "lost": lost, "accuracy_change": (gained - lost) / n if n else None,
@@ -186,9 +190,9 @@ def _markdown(rows, heads, setup) -> str:
             lines.append(f"- Lossless {r['proposer']} k={r['k']}: identical text to the target alone on "
                          f"{r['identical_to_target_alone']} of {r['compared_with_target_alone']} items.")
     lines += ["", "| proposer | k | method | knob | items | accept. length | accept. rate | tok/s conc. | tok/s batch 1 "
-              "| GSM8K acc. (n) | HumanEval pass (n) | answer changes vs lossless | 95% upper bound | acc. change "
-              "| McNemar p |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| GSM8K acc. (n) | HumanEval pass (n) | text differs | answer changes vs lossless | 95% upper bound "
+              "| acc. change | McNemar p |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['proposer']} | {r['k'] or ''} | {r['method']} | {'' if r['knob'] is None else r['knob']} | {r['n']} "
@@ -196,8 +200,9 @@ def _markdown(rows, heads, setup) -> str:
             f"| {_fmt(r['tokens_per_s'], '.1f')} "
             f"| {_fmt(r['tokens_per_s_batch1'], '.1f')} | {_fmt(r['gsm8k_accuracy'], '.3f')} ({r['gsm8k_n']}) "
             f"| {_fmt(r['humaneval_accuracy'], '.3f')} ({r['humaneval_n']}) "
-            + (f"| {r['changes']}/{r['paired_n']} | {100 * r['change_upper95']:.2f}% | {100 * r['accuracy_change']:+.2f}% "
-               f"| {r['mcnemar_p']:.3f} |" if "changes" in r else "| | | | |"))
+            + (f"| {r['text_changes']}/{r['paired_n']} | {r['changes']}/{r['paired_n']} "
+               f"| {100 * r['change_upper95']:.2f}% | {100 * r['accuracy_change']:+.2f}% "
+               f"| {r['mcnemar_p']:.3f} |" if "changes" in r else "| | | | | |"))
     lines += ["", "Matched quality: highest mean acceptance length (tokens per step) within each answer-change budget "
               "(exact 95% upper bound of the share of items whose answer differs from lossless); judge / best "
               "training-free rule (-: no point qualifies):", "",
