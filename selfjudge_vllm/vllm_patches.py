@@ -50,7 +50,13 @@ from selfjudge_vllm.request_control import has_options
 
 logger = logging.getLogger("vllm.selfjudge")
 
-SUPPORTED_METHODS = ("draft_model", "ngram")
+# Proposers tested with the judge on real engines (tests/test_engine_judge.py).
+SUPPORTED_METHODS = ("draft_model", "ngram", "eagle", "eagle3")
+# Proposers the judge's seam would see the same way, refused until tested, and why.
+REFUSED_METHODS = {
+    "suffix": "suffix decoding needs the arctic-inference package, which this release is not tested with",
+    "mtp": "MTP needs a target with multi-token-prediction layers; none was available to test the judge with",
+}
 
 # -- 1. worker start-up ----------------------------------------------------------------
 
@@ -144,8 +150,11 @@ def check_serving_configuration(vllm_config, config: SelfJudgeConfig) -> None:
             f"with a method among {SUPPORTED_METHODS}, or set \"enabled\": false"
         )
     if spec.method not in SUPPORTED_METHODS:
+        reason = REFUSED_METHODS.get(spec.method) or next(
+            (why for name, why in REFUSED_METHODS.items() if str(spec.method).endswith(name)), None)
         raise UnsupportedConfiguration(
-            f"selfjudge supports the speculative methods {SUPPORTED_METHODS}, not "
+            (f"{reason}. " if reason else "")
+            + f"selfjudge supports the speculative methods {SUPPORTED_METHODS}, not "
             f"{spec.method!r}: change --speculative-config or set \"enabled\": false"
         )
     if getattr(vllm_config, "use_v2_model_runner", False):

@@ -46,8 +46,9 @@ class EngineResult:
 
 
 def spec_config(kind: str, draft_dir: Path | None, k: int = 4, **extra) -> dict:
-    if kind == "draft_model":
-        return {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": k, **extra}
+    """draft_dir: the draft model (draft_model), or the EAGLE head (eagle, eagle3)."""
+    if kind in ("draft_model", "eagle", "eagle3"):
+        return {"method": kind, "model": str(draft_dir), "num_speculative_tokens": k, **extra}
     if kind == "ngram":
         return {
             "method": "ngram",

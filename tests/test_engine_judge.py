@@ -34,14 +34,28 @@ def heads(workdir, tiny_pair):
     }
 
 
-def _prompts(kind):
-    return PROMPTS if kind == "draft_model" else NGRAM_PROMPTS
+@pytest.fixture(scope="module")
+def drafters(workdir, tiny_pair):
+    """What each proposer drafts with: the draft model, random EAGLE / EAGLE-3 heads."""
+    from selfjudge_vllm.testing.tiny_models import build_tiny_eagle
 
-
-@pytest.mark.parametrize("kind", ["draft_model", "ngram"])
-def test_judge_off_and_reject_all_are_token_identical_to_stock_vllm(kind, tiny_pair, heads):
     target, draft = tiny_pair
-    spec = spec_config(kind, draft)
+    return {"draft_model": draft, "ngram": None,
+            "eagle": build_tiny_eagle(workdir / "models/eagle", target, version=1),
+            "eagle3": build_tiny_eagle(workdir / "models/eagle3", target, version=3)}
+
+
+PROPOSERS = ["draft_model", "ngram", "eagle", "eagle3"]
+
+
+def _prompts(kind):
+    return NGRAM_PROMPTS if kind == "ngram" else PROMPTS
+
+
+@pytest.mark.parametrize("kind", PROPOSERS)
+def test_judge_off_and_reject_all_are_token_identical_to_stock_vllm(kind, tiny_pair, heads, drafters):
+    target, _ = tiny_pair
+    spec = spec_config(kind, drafters[kind])
     prompts = _prompts(kind)
     # Stock vLLM: a fresh interpreter with no plugin loaded at all.
     stock = run_engine_subprocess(
@@ -60,10 +74,10 @@ def test_judge_off_and_reject_all_are_token_identical_to_stock_vllm(kind, tiny_p
     assert reject.judge["judge_accepted"] == 0
 
 
-@pytest.mark.parametrize("kind", ["draft_model", "ngram"])
-def test_accept_all_head_accepts_every_draft_token(kind, tiny_pair, heads):
-    target, draft = tiny_pair
-    spec = spec_config(kind, draft)
+@pytest.mark.parametrize("kind", PROPOSERS)
+def test_accept_all_head_accepts_every_draft_token(kind, tiny_pair, heads, drafters):
+    target, _ = tiny_pair
+    spec = spec_config(kind, drafters[kind])
     prompts = _prompts(kind)
     lossless = run_engine(target, spec, prompts, GREEDY, {"selfjudge": {"enabled": False}})
     judged = run_engine(target, spec, prompts, GREEDY, {"selfjudge": {"head": str(heads["accept_all"])}})

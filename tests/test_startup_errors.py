@@ -25,7 +25,9 @@ def _fake_vllm_config(method="draft_model", v2=False, spec=True):
     "vllm_config, message",
     [
         (_fake_vllm_config(v2=True), "VLLM_USE_V2_MODEL_RUNNER=0"),
-        (_fake_vllm_config(method="eagle3"), "not 'eagle3'"),
+        (_fake_vllm_config(method="medusa"), "not 'medusa'"),
+        (_fake_vllm_config(method="suffix"), "arctic-inference"),
+        (_fake_vllm_config(method="mtp"), "multi-token-prediction"),
         (_fake_vllm_config(spec=False), "speculative decoding is off"),
     ],
 )

@@ -128,6 +128,59 @@ def build_target_and_draft(root: Path, seed: int = 0, max_positions: int = 512) 
     return target, draft
 
 
+def build_tiny_eagle(out_dir: Path, target_dir: Path, version: int = 1, seed: int = 0) -> Path:
+    """A random one-layer EAGLE (version 1) or EAGLE-3 (version 3) head for the tiny Llama
+    target, in the checkpoint layout vLLM's `eagle` / `eagle3` methods load (EAGLE-1 shares
+    the target's embeddings and LM head; EAGLE-3 reads three target layers)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    out_dir, target_dir = Path(out_dir), Path(target_dir)
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    cfg = json.loads((target_dir / "config.json").read_text())
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = hidden // heads
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen) * 0.05
+
+    # EAGLE-3's first layer attends over [embedding, hidden], so its q/k/v take 2 x hidden.
+    attn_in = hidden if version == 1 else 2 * hidden
+    layer = "layers.0" if version == 1 else "midlayer"
+    weights = {
+        f"{layer}.self_attn.q_proj.weight": rand(heads * head_dim, attn_in),
+        f"{layer}.self_attn.k_proj.weight": rand(kv_heads * head_dim, attn_in),
+        f"{layer}.self_attn.v_proj.weight": rand(kv_heads * head_dim, attn_in),
+        f"{layer}.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+        f"{layer}.mlp.gate_proj.weight": rand(inter, hidden),
+        f"{layer}.mlp.up_proj.weight": rand(inter, hidden),
+        f"{layer}.mlp.down_proj.weight": rand(hidden, inter),
+        f"{layer}.post_attention_layernorm.weight": torch.ones(hidden),
+    }
+    if version == 1:
+        weights["fc.weight"] = rand(hidden, 2 * hidden)
+        config = dict(cfg, num_hidden_layers=1, architectures=["EagleLlamaForCausalLM"])
+    else:
+        weights.update({"fc.weight": rand(hidden, 3 * hidden), f"{layer}.input_layernorm.weight": torch.ones(hidden),
+                        f"{layer}.hidden_norm.weight": torch.ones(hidden), "norm.weight": torch.ones(hidden),
+                        "lm_head.weight": rand(vocab, hidden)})
+        # The tiny target has 4 layers; vLLM's default picks (2, 2, 1), which collapses to two.
+        config = dict(cfg, num_hidden_layers=1, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=vocab,
+                      eagle_aux_hidden_state_layer_ids=[0, 1, 2])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in target_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, out_dir / f.name)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"))
+    return out_dir
+
+
 def write_head(
     out_dir: Path,
     target_dir: Path,
