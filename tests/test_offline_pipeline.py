@@ -112,7 +112,15 @@ def test_scores_equal_a_transformers_float32_reference(labelled_run, tiny_pair):
     assert worst < 1e-3, worst
 
 
-def _serve_and_capture(tiny_pair, head, prompt_text, what: str):
+def _drafter(workdir, tiny_pair, kind: str):
+    from selfjudge_vllm.testing.tiny_models import build_tiny_eagle
+
+    if kind == "draft_model":
+        return tiny_pair[1]
+    return build_tiny_eagle(workdir / f"models/{kind}", tiny_pair[0], version=1 if kind == "eagle" else 3)
+
+
+def _serve_and_capture(tiny_pair, head, prompt_text, what: str, kind: str = "draft_model", drafter=None):
     """Generate 20 greedy tokens (batch 1) with a reject-all head and capture, per draft row,
     what the head read (`what`: "hidden" or "evidence") and the row's verified context: the
     prompt, the tokens accepted before it and the draft tokens before it in its step.
@@ -134,7 +142,7 @@ def _serve_and_capture(tiny_pair, head, prompt_text, what: str):
         runtime.head.scores = spy
 
     llm = LLM(model=str(target), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
-              speculative_config=spec_config("draft_model", draft),
+              speculative_config=spec_config(kind, drafter or draft),
               additional_config={"selfjudge": {"head": str(head)}})
     try:
         llm.collective_rpc(capture)
@@ -155,13 +163,15 @@ def _serve_and_capture(tiny_pair, head, prompt_text, what: str):
     return rows
 
 
-def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tiny_pair):
+@pytest.mark.parametrize("kind", ["draft_model", "eagle", "eagle3"])
+def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tiny_pair, kind):
     """Capture the hidden rows the judge scores during generation; extract the same
-    positions offline with the pooling engine; compare."""
+    positions offline with the pooling engine; compare. With EAGLE proposers too: the
+    judge reads the target's hidden state at each draft's position whatever drafted it."""
     from selfjudge_vllm.testing.tiny_models import write_head
 
     head = write_head(workdir / "heads/capture", tiny_pair[0], torch.zeros(64), bias=-20.0)
-    rows = _serve_and_capture(tiny_pair, head, PROMPTS[0], "hidden")
+    rows = _serve_and_capture(tiny_pair, head, PROMPTS[0], "hidden", kind, _drafter(workdir, tiny_pair, kind))
     with engine(str(tiny_pair[0]), ENGINE, pooling=True) as pool:
         offline = [h[-1] for h in hidden_states(pool, [context + [d] for _, context, d in rows])]
     diff = max(float((a.float() - b.float()).abs().max()) for (a, _, _), b in zip(rows, offline))
@@ -169,7 +179,8 @@ def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tin
     assert diff < 1e-4, diff
 
 
-def test_offline_logit_features_equal_what_the_plugin_computes_at_serving(workdir, tiny_pair):
+@pytest.mark.parametrize("kind", ["draft_model", "eagle3"])
+def test_offline_logit_features_equal_what_the_plugin_computes_at_serving(workdir, tiny_pair, kind):
     """The logit features the plugin computes for every draft row while serving (format-2
     head, reject-all so output is lossless) equal the label pipeline's, computed from vLLM's
     prompt_logprobs at the same positions."""
@@ -180,7 +191,7 @@ def test_offline_logit_features_equal_what_the_plugin_computes_at_serving(workdi
 
     head = write_head(workdir / "heads/capture-v2", tiny_pair[0], None, bias=-20.0,
                       scalar_weight=[0.0, 0.0, 0.0], logit_features=LOGIT_FEATURES)
-    rows = _serve_and_capture(tiny_pair, head, PROMPTS[1], "evidence")
+    rows = _serve_and_capture(tiny_pair, head, PROMPTS[1], "evidence", kind, _drafter(workdir, tiny_pair, kind))
     # The draft token and any token after it, so entry m+1 (the row after d) exists.
     sequences = [context + [d, 0] for _, context, d in rows]
     rows = [row for row, _, _ in rows]
