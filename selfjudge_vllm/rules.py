@@ -120,25 +120,26 @@ class StepRules:
             counts.append(count)
         present = frozenset(rule.rule for rule, count in zip(rules, counts) if count)
         distinct = set(rules)
+        # Per-request values expanded to rows by tensor ops on the host (no loop over rows),
+        # then one non-blocking copy each.
+        per_request = torch.tensor(counts, dtype=torch.int64)
+        rule_ids = torch.tensor([rule.rule for rule in rules], dtype=torch.int8).repeat_interleave(per_request)
         drafts_after = entropy_rows = None
         if ENTROPY in present:
-            after, rows, row = [], [], 0
-            for rule, count in zip(rules, counts):
-                if rule.rule == ENTROPY:
-                    after += [count - 1 - i for i in range(count)]
-                    rows += range(row, row + count)
-                row += count
-            drafts_after = torch.tensor(after, dtype=torch.int64).to(device, non_blocking=True)
+            starts = torch.cumsum(per_request, 0) - per_request
+            row = torch.arange(int(per_request.sum()))
+            after = (per_request - 1).repeat_interleave(per_request) - (row - starts.repeat_interleave(per_request))
+            is_entropy = rule_ids == ENTROPY
+            drafts_after = after[is_entropy].to(device, non_blocking=True)
             if len(distinct) > 1:
-                entropy_rows = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+                entropy_rows = row[is_entropy].to(device, non_blocking=True)
         if len(distinct) <= 1:
             return cls(next(iter(distinct), LOSSLESS), present=present, drafts_after=drafts_after)
-        ids = [rule.rule for rule, count in zip(rules, counts) for _ in range(count)]
-        knobs = [rule.knob for rule, count in zip(rules, counts) for _ in range(count)]
+        knobs = torch.tensor([rule.knob for rule in rules], dtype=torch.float32).repeat_interleave(per_request)
         return cls(
             None,
-            torch.tensor(ids, dtype=torch.int8).to(device, non_blocking=True),
-            torch.tensor(knobs, dtype=torch.float32).to(device, non_blocking=True),
+            rule_ids.to(device, non_blocking=True),
+            knobs.to(device, non_blocking=True),
             present,
             drafts_after,
             entropy_rows,
