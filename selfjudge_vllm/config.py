@@ -19,6 +19,7 @@ from selfjudge_vllm.rules import RULE_NAMES
 SECTION = "selfjudge"
 
 RuleName = Literal[RULE_NAMES]
+Scope = Literal["all", "reasoning"]
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,12 @@ class SelfJudgeConfig(BaseModel):
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     min_entropy: float = Field(default=1.0, ge=0.0)
     entropy_window: int = Field(default=2, ge=0, le=16)
+    # Where relaxed acceptance applies: "all", or "reasoning": only inside a request's
+    # reasoning span (ended by reasoning_end_token_id, opened by reasoning_start_token_id
+    # when given, else by the response's start); the answer after it is verified exactly.
+    scope: Scope = "all"
+    reasoning_start_token_id: int | None = Field(default=None, ge=0)
+    reasoning_end_token_id: int | None = Field(default=None, ge=0)
     # Serve on a vLLM version this release was not checked on. Explicit, off by default.
     allow_unsupported_vllm: bool = False
     # Seconds between the worker's judge log lines (only when counts changed); 0 disables.
@@ -55,6 +62,8 @@ class SelfJudgeConfig(BaseModel):
             raise ValueError("'head' (the judge artifact directory) is required for the rule 'judge'")
         if self.threshold is not None and self.operating_point is not None:
             raise ValueError("give either 'threshold' or 'operating_point', not both")
+        if self.scope == "reasoning" and self.reasoning_end_token_id is None:
+            raise ValueError("scope 'reasoning' needs 'reasoning_end_token_id' (the token that ends the reasoning)")
         return self
 
     @property

@@ -9,6 +9,7 @@ A request sets flat `selfjudge_*` keys in `SamplingParams.extra_args` (the OpenA
     {"selfjudge_rule": "top_alpha", "selfjudge_alpha": 0.3}
                                               another rule the server allows (request_rules)
     {"selfjudge_rule": "entropy", "selfjudge_min_entropy": 2.0}
+    {"selfjudge_scope": "reasoning"}          relaxed only inside the reasoning span
 
 The server's `selfjudge.min_threshold` bounds how far a request may loosen the judge: a
 threshold (explicit or named) below it is refused. Invalid values raise ValueError, which
@@ -17,13 +18,14 @@ vLLM turns into HTTP 400 at admission.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfjudge_vllm.artifact import JudgeArtifactConfig, Threshold, threshold_to_logit
-from selfjudge_vllm.config import RuleName, SelfJudgeConfig
+from selfjudge_vllm.config import RuleName, Scope, SelfJudgeConfig
 from selfjudge_vllm.rules import LOSSLESS, RULES, RowRule
 
 KEY_PREFIX = "selfjudge_"
@@ -40,6 +42,7 @@ class RequestJudgeOptions(BaseModel):
     operating_point: str | None = None
     alpha: float | None = Field(default=None, ge=0.0, le=1.0)
     min_entropy: float | None = Field(default=None, ge=0.0)
+    scope: Scope | None = None
 
     @model_validator(mode="after")
     def _one_choice(self) -> "RequestJudgeOptions":
@@ -107,7 +110,7 @@ class RulePolicy:
         server_threshold: float | None = None,
     ):
         self.config, self.artifact, self.server_threshold = config, artifact, server_threshold
-        self.default = self._rule(config.rule, RequestJudgeOptions())
+        self.default = self._scoped(self._rule(config.rule, RequestJudgeOptions()), config.scope)
 
     def for_request(self, extra_args: Any) -> RowRule:
         """The rule this request is verified with. Raises ValueError on bad options."""
@@ -127,7 +130,15 @@ class RulePolicy:
             for key in other.request_keys:
                 if other.name != rule and getattr(options, key) is not None:
                     raise ValueError(f"{KEY_PREFIX}{key} belongs to the rule {other.name!r}, not {rule!r}")
-        return self._rule(rule, options)
+        return self._scoped(self._rule(rule, options), options.scope or self.config.scope)
+
+    def _scoped(self, row_rule: RowRule, scope: str) -> RowRule:
+        if scope == "all":
+            return row_rule
+        if self.config.reasoning_end_token_id is None:
+            raise ValueError("selfjudge_scope 'reasoning' needs the server's selfjudge.reasoning_end_token_id")
+        return dataclasses.replace(row_rule, reasoning_end=self.config.reasoning_end_token_id,
+                                   reasoning_start=self.config.reasoning_start_token_id)
 
     def _rule(self, rule: str, options: RequestJudgeOptions) -> RowRule:
         spec = RULES[rule]

@@ -72,6 +72,10 @@ class RowRule:
 
     rule: int
     knob: float
+    # Scope "reasoning": relaxed only inside the request's reasoning span, which ends at this
+    # token id (and, when given, begins at `reasoning_start`); None: relaxed everywhere.
+    reasoning_end: int | None = None
+    reasoning_start: int | None = None
 
     @staticmethod
     def named(name: str, knob: float) -> "RowRule":
@@ -110,6 +114,10 @@ class StepRules:
     present: frozenset[int] = frozenset()
     drafts_after: torch.Tensor | None = None
     entropy_rows: torch.Tensor | None = None
+    # Requests with a reasoning scope: each row's end-marker id (-1: none) and the first row
+    # of its request; a row at or after a drafted end marker is verified exactly.
+    end_ids: torch.Tensor | None = None
+    request_first_row: torch.Tensor | None = None
 
     @classmethod
     def build(cls, rows: Iterable[tuple[RowRule, int]], device) -> "StepRules":
@@ -133,8 +141,15 @@ class StepRules:
             drafts_after = after[is_entropy].to(device, non_blocking=True)
             if len(distinct) > 1:
                 entropy_rows = row[is_entropy].to(device, non_blocking=True)
+        end_ids = first_row = None
+        if any(rule.reasoning_end is not None for rule in rules):
+            ends = [-1 if rule.reasoning_end is None else rule.reasoning_end for rule in rules]
+            end_ids = torch.tensor(ends, dtype=torch.int64).repeat_interleave(per_request).to(device, non_blocking=True)
+            starts = torch.cumsum(per_request, 0) - per_request
+            first_row = starts.repeat_interleave(per_request).to(device, non_blocking=True)
         if len(distinct) <= 1:
-            return cls(next(iter(distinct), LOSSLESS), present=present, drafts_after=drafts_after)
+            return cls(next(iter(distinct), LOSSLESS), present=present, drafts_after=drafts_after,
+                       end_ids=end_ids, request_first_row=first_row)
         knobs = torch.tensor([rule.knob for rule in rules], dtype=torch.float32).repeat_interleave(per_request)
         return cls(
             None,
@@ -143,6 +158,8 @@ class StepRules:
             present,
             drafts_after,
             entropy_rows,
+            end_ids,
+            first_row,
         )
 
     def selects(self, rule: int):
@@ -225,6 +242,15 @@ def entropy_gate(logits: torch.Tensor, draft_token_ids: torch.Tensor, min_entrop
     return (entropy >= min_entropy) & confirmed
 
 
+def at_or_after_end_marker(draft_token_ids: torch.Tensor, end_ids: torch.Tensor,
+                           request_first_row: torch.Tensor) -> torch.Tensor:
+    """[n] rows whose request drafted its reasoning end marker at or before them in this
+    step (a running count of end markers per request; no host synchronisation)."""
+    seen = torch.cumsum((draft_token_ids == end_ids).to(torch.int32), 0)
+    before = torch.cat([seen.new_zeros(1), seen])[request_first_row]
+    return seen - before > 0
+
+
 def decide_and_force_(
     step: StepRules,
     draft_token_ids: torch.Tensor,
@@ -267,6 +293,8 @@ def decide_and_force_(
             gate = entropy_gate(processed_logits.index_select(0, rows), draft_token_ids.index_select(0, rows),
                                 knob.index_select(0, rows), step.drafts_after, entropy_window)
             accept.index_put_((rows,), accept.index_select(0, rows) | gate)
+    if step.end_ids is not None:
+        accept &= ~at_or_after_end_marker(draft_token_ids, step.end_ids, step.request_first_row)
     accept &= valid & (draft_logit > float("-inf"))
     processed_logits.scatter_(1, index, torch.where(accept, FORCED_LOGIT, draft_logit).unsqueeze(1))
     return accept, valid

@@ -17,7 +17,7 @@ import torch
 
 from selfjudge_vllm.features import evidence_from_logits
 from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
-from selfjudge_vllm.rules import JUDGE, JudgeHead, RowRule, StepRules, decide_and_force_
+from selfjudge_vllm.rules import JUDGE, LOSSLESS, JudgeHead, RowRule, StepRules, decide_and_force_
 
 logger = logging.getLogger("vllm.selfjudge")
 
@@ -54,6 +54,8 @@ class JudgeRuntime:
         self.request_rule = request_rule
         self.entropy_window = entropy_window
         self._rules_by_request: dict[str, RowRule] = {}
+        # Requests with a reasoning scope: (output tokens read so far, inside the span now).
+        self._spans: dict[str, tuple[int, bool]] = {}
         self.sink = sink
         self.log_interval_s = log_interval_s
         self.pending: PendingStep | None = None
@@ -70,16 +72,25 @@ class JudgeRuntime:
             rules = StepRules(self.default_rule, present=frozenset({self.default_rule.rule}))
         self.pending = PendingStep(sample_hidden_states, logits, draft_token_ids, target_logits_indices, rules)
 
-    def step_rules(self, requests: Iterable[tuple[str, int, Any]], device) -> StepRules:
-        """The rules of a batch of (request id, number of draft tokens, extra_args), in
-        batch order. Each request is resolved once, at its first step."""
+    def step_rules(self, requests: Iterable[tuple], device) -> StepRules:
+        """The rules of a batch of (request id, number of draft tokens, extra_args[, tokens]),
+        in batch order; tokens: (prompt token ids, output token ids), needed for requests with
+        a reasoning scope. Each request is resolved once, at its first step; outside its
+        reasoning span a scoped request is verified losslessly."""
         previous, self._rules_by_request = self._rules_by_request, {}
+        spans, self._spans = self._spans, {}
         rows = []
-        for req_id, num_drafts, extra_args in requests:
+        for req_id, num_drafts, extra_args, *tokens in requests:
             rule = previous.get(req_id)
             if rule is None:
                 rule = self.default_rule if self.request_rule is None else self.request_rule(extra_args)
             self._rules_by_request[req_id] = rule
+            if rule.reasoning_end is not None:
+                prompt, output = tokens[0] if tokens else ((), ())
+                self._spans[req_id] = span = reasoning_span(rule, prompt, output, spans.get(req_id))
+                if not span[1]:
+                    rows.append((LOSSLESS, num_drafts))
+                    continue
             rows.append((rule, num_drafts))
         return StepRules.build(rows, device)
 
@@ -155,6 +166,29 @@ class JudgeRuntime:
             daemon=True,
         )
         thread.start()
+
+
+def reasoning_span(rule: RowRule, prompt, output, previous: tuple[int, bool] | None) -> tuple[int, bool]:
+    """(output tokens read, inside the reasoning span after them), reading only the output
+    tokens added since `previous`. Without a start marker the span opens with the response;
+    with one, it is open after the last start marker (prompt or output) not followed by an
+    end marker."""
+    if previous is None:
+        inside = rule.reasoning_start is None
+        if rule.reasoning_start is not None:
+            for token in prompt:
+                if token == rule.reasoning_start:
+                    inside = True
+                elif token == rule.reasoning_end:
+                    inside = False
+        previous = (0, inside)
+    read, inside = previous
+    for token in output[read:]:
+        if token == rule.reasoning_end:
+            inside = False
+        elif token == rule.reasoning_start:
+            inside = True
+    return len(output), inside
 
 
 def _publish_loop(runtime_ref, publish_interval_s: float, log_interval_s: float) -> None:

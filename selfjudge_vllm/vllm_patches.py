@@ -196,8 +196,11 @@ def _wrap_sample_tokens(original):
             return original(self, grammar_output)
         metadata = state.spec_decode_metadata
         requests = (
-            (req_id, num_drafts, self.requests[req_id].sampling_params.extra_args)
+            # Token lists by reference: a reasoning scope reads only the tokens added since.
+            (req_id, num_drafts, request.sampling_params.extra_args,
+             (request.prompt_token_ids or (), request.output_token_ids))
             for req_id, num_drafts in zip(self.input_batch.req_ids, metadata.num_draft_tokens)
+            for request in (self.requests[req_id],)
         )
         runtime.begin_step(
             state.sample_hidden_states,

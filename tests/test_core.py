@@ -398,3 +398,42 @@ def test_entropy_is_computed_on_the_entropy_requests_rows_only():
     assert sum(seen) == 4  # the entropy request's rows, not all 9
     alone, _ = decide_and_force_(StepRules.build([(rules[1], 4)], "cpu"), drafts[3:7], logits[3:7].clone())
     assert torch.equal(mixed[3:7], alone)
+
+
+def test_reasoning_scope_verifies_rows_at_and_after_a_drafted_end_marker_exactly():
+    """top_alpha with alpha 0 accepts every draft; with a reasoning scope (end marker 9),
+    a request's rows from its drafted end marker on are left to exact verification, and
+    requests without the scope are untouched."""
+    from dataclasses import replace
+
+    from selfjudge_vllm.rules import at_or_after_end_marker
+
+    drafts = torch.tensor([1, 9, 2, 3, 4, 9, 9, 5])
+    end_ids = torch.tensor([9, 9, 9, 9, -1, 9, 9, 9])
+    first_row = torch.tensor([0, 0, 0, 0, 4, 5, 5, 5])
+    assert at_or_after_end_marker(drafts, end_ids, first_row).tolist() == [
+        False, True, True, True, False, True, True, True]
+
+    scoped = replace(RowRule.top_alpha(0.0), reasoning_end=9)
+    step = StepRules.build([(scoped, 4), (RowRule.top_alpha(0.0), 1), (scoped, 3)], "cpu")
+    logits = torch.zeros(8, 12)
+    logits[:, 0] = 5.0  # the target prefers token 0 everywhere: only relaxed acceptance takes a draft
+    accept, _ = decide_and_force_(step, drafts, logits)
+    assert accept.tolist() == [True, False, False, False, True, False, False, False]
+
+
+def test_reasoning_span_follows_the_markers_reading_only_new_tokens():
+    from dataclasses import replace
+
+    from selfjudge_vllm.runtime import reasoning_span
+
+    ends_only = replace(RowRule.top_alpha(0.5), reasoning_end=9)
+    assert reasoning_span(ends_only, [9, 1], [], None) == (0, True)  # opens with the response
+    assert reasoning_span(ends_only, [], [1, 2, 9, 3], (2, True)) == (4, False)
+    assert reasoning_span(ends_only, [], [1, 2, 9, 3, 4], (4, False)) == (5, False)
+    with_start = replace(ends_only, reasoning_start=7)
+    assert reasoning_span(with_start, [1, 7, 2], [], None) == (0, True)  # <think> in the prompt
+    assert reasoning_span(with_start, [1, 7, 9, 2], [], None) == (0, False)
+    assert reasoning_span(with_start, [1], [3, 7, 4], None) == (3, True)
+    # Only the tokens after the ones already read are looked at.
+    assert reasoning_span(ends_only, [], [9, 9, 1], (2, True)) == (3, True)

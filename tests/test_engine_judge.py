@@ -270,3 +270,42 @@ def test_ngram_replay_of_a_greedy_response_equals_vllms_counters(tiny_pair, k, m
     assert served.num_draft_tokens > 50 and 0 < served.num_accepted_tokens < served.num_draft_tokens
     assert (len(steps), sum(s.proposed for s in steps), sum(s.accepted for s in steps)) == (
         served.num_drafts, served.num_draft_tokens, served.num_accepted_tokens)
+
+
+def test_reasoning_scope_relaxes_only_before_the_end_marker(tiny_pair):
+    """Scope "reasoning" with an accept-everything rule (top_alpha, alpha 0) and a chosen end
+    marker: up to and including the marker the output is the relaxed one; after it, every
+    token is the target's own greedy choice (exact verification), where relaxed decoding
+    would have gone elsewhere."""
+    target_dir, draft_dir = tiny_pair
+    spec = spec_config("draft_model", draft_dir, k=3)
+    sampling = dict(GREEDY, max_tokens=40)
+    relaxed = {"rule": "top_alpha", "alpha": 0.0}
+    everywhere = run_engine(target_dir, spec, PROMPTS, sampling, {"selfjudge": relaxed})
+    target = reference.load(target_dir)
+
+    @torch.no_grad()
+    def greedy_next(ids):
+        return int(target(torch.tensor([ids])).logits[0, -1].argmax())
+
+    # The marker: a token of a relaxed output that the target itself chose there, its first
+    # occurrence, with room after it.
+    chosen = None
+    for index, (prompt, out) in enumerate(zip(everywhere.prompt_token_ids, everywhere.token_ids)):
+        for p in range(4, len(out) - 12):
+            if out[p] not in out[:p] and greedy_next(prompt + out[:p]) == out[p]:
+                chosen = index, p, out[p]
+                break
+        if chosen:
+            break
+    assert chosen is not None
+    index, p, marker = chosen
+    scoped = run_engine(target_dir, spec, PROMPTS, sampling, {"selfjudge": dict(
+        relaxed, scope="reasoning", reasoning_end_token_id=marker)})
+    prompt, out, relaxed_out = everywhere.prompt_token_ids[index], scoped.token_ids[index], everywhere.token_ids[index]
+    assert out[: p + 1] == relaxed_out[: p + 1]
+    ids = prompt + out[: p + 1]
+    for _ in range(len(out) - p - 1):
+        ids.append(greedy_next(ids))
+    assert out[p + 1:] == ids[len(prompt) + p + 1:]
+    assert relaxed_out[p + 1:] != out[p + 1:]  # relaxed decoding would have differed there

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from selfjudge_vllm.artifact import JudgeArtifactConfig, TargetIdentity, threshold_to_logit
+from selfjudge_vllm.config import parse_section
 from selfjudge_vllm.request_control import JUDGE_OFF, request_options, request_threshold_logit
 from selfjudge_vllm.rules import JudgeHead
 from selfjudge_vllm.runtime import JudgeRuntime
@@ -115,3 +116,24 @@ def test_step_rules_follow_batch_order_and_draft_counts():
     logits[5, 0] = 1.0  # row 5: p(draft 5) / p(top-1) = e^-1 < 0.5
     accept, _ = decide_and_force_(step, torch.arange(7), logits, hidden, head)
     assert accept.tolist() == [True, True, False, True, True, False, True]
+
+
+def test_reasoning_scope_from_the_server_or_the_request():
+    from selfjudge_vllm.config import ConfigError
+    from selfjudge_vllm.request_control import RulePolicy
+
+    with pytest.raises(ConfigError, match="needs 'reasoning_end_token_id'"):
+        parse_section({"selfjudge": {"rule": "top_alpha", "scope": "reasoning"}})
+    scoped = RulePolicy(parse_section({"selfjudge": {"rule": "top_alpha", "scope": "reasoning",
+                                                     "reasoning_end_token_id": 9, "reasoning_start_token_id": 7}}))
+    assert (scoped.default.reasoning_end, scoped.default.reasoning_start) == (9, 7)
+    assert scoped.for_request({"selfjudge_scope": "all"}).reasoning_end is None
+    assert scoped.for_request({"selfjudge_alpha": 0.2}).reasoning_end == 9
+    plain = RulePolicy(parse_section({"selfjudge": {"rule": "top_alpha", "reasoning_end_token_id": 9}}))
+    assert plain.default.reasoning_end is None
+    assert plain.for_request({"selfjudge_scope": "reasoning"}).reasoning_end == 9
+    unconfigured = RulePolicy(parse_section({"selfjudge": {"rule": "top_alpha"}}))
+    with pytest.raises(ValueError, match="needs the server's selfjudge.reasoning_end_token_id"):
+        unconfigured.for_request({"selfjudge_scope": "reasoning"})
+    with pytest.raises(ValueError, match="selfjudge_scope"):
+        unconfigured.for_request({"selfjudge_scope": "answer"})
