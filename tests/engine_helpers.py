@@ -43,6 +43,7 @@ class EngineResult:
     num_draft_tokens: int
     num_accepted_tokens: int
     judge: dict | None  # worker-side JudgeCounters, None when the judge is off
+    judge_ranks: list | None = None  # every worker's (tensor-parallel ranks)
 
 
 def spec_config(kind: str, draft_dir: Path | None, k: int = 4, **extra) -> dict:
@@ -66,7 +67,7 @@ def _worker_counters(worker):
     import os
     from dataclasses import asdict
 
-    return dict(asdict(runtime.flush()), pid=os.getpid())
+    return dict(asdict(runtime.flush()), pid=os.getpid(), publishes=runtime.sink is not None)
 
 
 def run_engine(
@@ -121,7 +122,8 @@ def run_engine(
             m = metrics.get(name)
             return int(m.value) if m is not None else 0
 
-        judge = llm.collective_rpc(_worker_counters)[0]
+        ranks = llm.collective_rpc(_worker_counters)
+        judge = ranks[0]
         return EngineResult(
             token_ids,
             prompt_token_ids,
@@ -129,6 +131,7 @@ def run_engine(
             value("vllm:spec_decode_num_draft_tokens"),
             value("vllm:spec_decode_num_accepted_tokens"),
             judge,
+            ranks,
         )
     finally:
         del llm

@@ -309,3 +309,25 @@ def test_reasoning_scope_relaxes_only_before_the_end_marker(tiny_pair):
         ids.append(greedy_next(ids))
     assert out[p + 1:] == ids[len(prompt) + p + 1:]
     assert relaxed_out[p + 1:] != out[p + 1:]  # relaxed decoding would have differed there
+
+
+def test_tensor_parallel_2_judges_like_1_and_publishes_once(workdir, tiny_pair):
+    """TP=2 on the CPU backend (threads bound one core per rank): judged greedy output equals
+    TP=1 token for token, both ranks take the same decisions, and one rank publishes."""
+    target, draft = tiny_pair
+    weight = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(11)) / 8
+    head = write_head(workdir / "heads/tp", target, weight, bias=0.0)
+    spec = dict(target=str(target), speculative_config=spec_config("draft_model", draft, k=3), prompts=PROMPTS[:6],
+                sampling=GREEDY, additional_config={"selfjudge": {"head": str(head)}})
+    # Multi-process mode (TP workers); the counters come back through collective_rpc with a function.
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    one = run_engine_subprocess(spec, env=env)
+    two = run_engine_subprocess(dict(spec, engine_args={"tensor_parallel_size": 2}), env=env)
+    assert 0 < one.judge["judge_accepted"] < one.judge["draft_tokens"]
+    assert two.token_ids == one.token_ids
+    assert (two.num_draft_tokens, two.num_accepted_tokens) == (one.num_draft_tokens, one.num_accepted_tokens)
+    assert len(two.judge_ranks) == 2
+    assert all({k: r[k] for k in ("draft_tokens", "judge_accepted")} ==
+               {k: one.judge[k] for k in ("draft_tokens", "judge_accepted")} for r in two.judge_ranks)
+    assert [r["publishes"] for r in two.judge_ranks] == [True, False]
