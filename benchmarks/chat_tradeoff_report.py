@@ -80,6 +80,10 @@ def point_rows(store, outcomes: Outcomes, only_ids: set[str] | None = None, serv
         results = {i: outcomes(i, r["text"]) for i, r in done.items()}
         row = {"key": key, "proposer": proposer, "k": k, "method": method, "knob": knob, "n": len(done),
                **_acceptance(store, key, set(done))}
+        if row["timed_items"] < len(done):
+            # A sitting ended inside this point: its counters cover only some items (a subset
+            # with other acceptance than the whole), so no acceptance or speed figure is given.
+            row.update(mean_acceptance_length=None, acceptance_rate=None, tokens_per_s=None)
         for family in chat_tasks.FAMILIES:
             ids = [i for i in done if outcomes.items[i].family == family]
             row[f"{family}_n"] = len(ids)
@@ -203,6 +207,11 @@ def _markdown(rows, heads, setup) -> str:
             + (f"| {r['text_changes']}/{r['paired_n']} | {r['changes']}/{r['paired_n']} "
                f"| {100 * r['change_upper95']:.2f}% | {100 * r['accuracy_change']:+.2f}% "
                f"| {r['mcnemar_p']:.3f} |" if "changes" in r else "| | | | | |"))
+    partial = [r for r in rows if r.get("timed_items", r["n"]) < r["n"] and r["method"] != "alone"]
+    if partial:
+        lines += ["", "n/a acceptance and speed: a sitting ended inside the point, so its counters cover only "
+                  + ", ".join(f"{r['timed_items']} of {r['n']} items ({r['method']} {r['knob']})" for r in partial)
+                  + "; re-measuring them needs those points' requests taken out of the store (not automated)."]
     lines += ["", "Matched quality: highest mean acceptance length (tokens per step) within each answer-change budget "
               "(exact 95% upper bound of the share of items whose answer differs from lossless); judge / best "
               "training-free rule (-: no point qualifies):", "",
