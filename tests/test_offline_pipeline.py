@@ -254,6 +254,34 @@ def _label_cli(tiny_pair, prompts, out, shard_size):
             "--shard-size", str(shard_size), "--suffix-lengths", "0,3,20", "--dtype", "float32"]
 
 
+def _kill_inside_the_scores_stage(cli: list[str], env: dict, run_dir, timeout_s: float) -> int:
+    """Start `selfjudge label`, SIGKILL it and everything it started once the scores stage
+    has written a shard; returns how many scores shards exist then."""
+    proc = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    scores_dir = Path(run_dir) / "scores"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(scores_dir.glob("shard-*.jsonl"))) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(list(scores_dir.glob("shard-*.jsonl")))
+
+
+def _assert_same_run(run: RunDir, reference: RunDir, shards: int) -> None:
+    """Record for record and tensor for tensor, with no temporary files left."""
+    for stage in ("responses", "mismatches", "scores", "features"):
+        for i in range(shards):
+            assert run.read_records(stage, i) == reference.read_records(stage, i), (run.root, stage, i)
+        assert not list((run.root / stage).glob(".*tmp"))
+    for i in range(shards):
+        a, b = run.read_tensors("features", i), reference.read_tensors("features", i)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair):
     prompts = _prompt_file(tmp_path / "prompts.jsonl", PROMPTS[:10])
     env = dict(os.environ)
@@ -261,18 +289,8 @@ def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair):
     subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "whole", 2), env=env, check=True,
                    capture_output=True, timeout=600)
     # Interrupted run: SIGKILL once the scores stage has written some but not all shards.
-    proc = subprocess.Popen(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    scores_dir = tmp_path / "cut" / "scores"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(scores_dir.glob("shard-*.jsonl"))) >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written = len(list(scores_dir.glob("shard-*.jsonl")))
+    written = _kill_inside_the_scores_stage(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env,
+                                            tmp_path / "cut", 300)
     assert 1 <= written < 5
     subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env=env, check=True,
                    capture_output=True, timeout=600)
@@ -284,13 +302,7 @@ def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair):
         subprocess.run(staged_cli + ["--stage", stage], env=env, check=True, capture_output=True, timeout=600)
     whole = RunDir(tmp_path / "whole")
     for other in (RunDir(tmp_path / "cut"), RunDir(tmp_path / "staged")):
-        for stage in ("responses", "mismatches", "scores", "features"):
-            for i in range(5):
-                assert other.read_records(stage, i) == whole.read_records(stage, i), (other.root, stage, i)
-            assert not list((other.root / stage).glob(".*tmp"))
-        for i in range(5):
-            a, b = other.read_tensors("features", i), whole.read_tensors("features", i)
-            assert all(torch.equal(a[k], b[k]) for k in a)
+        _assert_same_run(other, whole, 5)
 
 
 def test_answer_outcomes_equal_a_transformers_continuation(labelled_run, tiny_pair):
@@ -388,26 +400,9 @@ def test_label_on_local_ray_equals_a_local_run_and_resumes_after_a_kill(tmp_path
     subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "local", 2), env=env, check=True,
                    capture_output=True, timeout=600)
     ray_cli = _label_cli(tiny_pair, prompts, tmp_path / "ray", 2) + ["--ray", "--ray-workers", "2"]
-    proc = subprocess.Popen(ray_cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    scores_dir = tmp_path / "ray" / "scores"
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(scores_dir.glob("shard-*.jsonl"))) >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and every task
-    proc.wait()
-    assert 1 <= len(list(scores_dir.glob("shard-*.jsonl"))) < 5
+    # The driver, its local Ray and every task are killed.
+    assert 1 <= _kill_inside_the_scores_stage(ray_cli, env, tmp_path / "ray", 400) < 5
     done = subprocess.run(ray_cli, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(ray, 2 tasks)" in done.stderr
-    local, ray_run = RunDir(tmp_path / "local"), RunDir(tmp_path / "ray")
-    for stage in ("responses", "mismatches", "scores", "features"):
-        for i in range(5):
-            assert ray_run.read_records(stage, i) == local.read_records(stage, i), (stage, i)
-        assert not list((ray_run.root / stage).glob(".*tmp"))
-    for i in range(5):
-        a, b = ray_run.read_tensors("features", i), local.read_tensors("features", i)
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(RunDir(tmp_path / "ray"), RunDir(tmp_path / "local"), 5)
