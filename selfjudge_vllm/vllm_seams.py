@@ -92,6 +92,7 @@ SEAMS = (
     Seam("vllm.config.model", "ModelConfig.get_hidden_size", READ, "check the artifact's target"),
     Seam("vllm.config.model", "ModelConfig.get_vocab_size", READ, "check the artifact's target"),
     Seam("vllm.v1.metrics.loggers", "StatLoggerBase", READ, "base class of the /metrics counters"),
+    Seam("vllm.platforms.interface", "Platform.is_cpu", READ, "the #55005 fix applies on CPU only (cpu_fix.py)"),
 )
 
 
