@@ -25,8 +25,8 @@ import time
 import torch
 
 from selfjudge_vllm.features import LOGIT_FEATURES, evidence_from_logits
-from selfjudge_vllm.rules import ENTROPY, FORCED_LOGIT, JUDGE, LOSSLESS, JudgeHead, RowRule, StepRules
-from selfjudge_vllm.runtime import JudgeRuntime
+from selfjudge_vllm.rules import ENTROPY, FORCED_LOGIT, JUDGE, LOSSLESS, JudgeHead, RowRule
+from selfjudge_vllm.runtime import JudgeRuntime, RequestRuleTable
 
 # Peak HBM bandwidth by device name (vendor figures), for the achieved/peak ratio.
 PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12}
@@ -110,7 +110,13 @@ def main(argv=None) -> int:
         return None  # JudgeRuntime's default rule: judge at threshold logit 0 for every row
 
     steps = {f"judge_{name}": step_fn(head, uniform_judge) for name, head in heads.items()}
-    steps["mixed_4_rules"] = step_fn(heads["both"], lambda: StepRules.build(mixed_rows, device))
+    # The serving path: rules in the persistent request table, one staged copy per step.
+    table = RequestRuleTable(device)
+    mixed_ids = [f"request-{r}" for r in range(len(mixed_rows))]
+    for req_id, (rule, _) in zip(mixed_ids, mixed_rows):
+        table.set(req_id, rule)
+    mixed_counts = [count for _, count in mixed_rows]
+    steps["mixed_4_rules"] = step_fn(heads["both"], lambda: table.step(mixed_ids, mixed_counts))
 
     def verify_greedy_proxy():
         rows = logits[target_idx].to(torch.float32).clone()

@@ -48,6 +48,7 @@ class SelfJudgeConfig(BaseModel):
     # Where relaxed acceptance applies: "all", or "reasoning": only inside a request's
     # reasoning span (ended by reasoning_end_token_id, opened by reasoning_start_token_id
     # when given, else by the response's start); the answer after it is verified exactly.
+    # Without ids here, those of the served model's reasoning parser (--reasoning-parser).
     scope: Scope = "all"
     reasoning_start_token_id: int | None = Field(default=None, ge=0)
     reasoning_end_token_id: int | None = Field(default=None, ge=0)
@@ -62,8 +63,6 @@ class SelfJudgeConfig(BaseModel):
             raise ValueError("'head' (the judge artifact directory) is required for the rule 'judge'")
         if self.threshold is not None and self.operating_point is not None:
             raise ValueError("give either 'threshold' or 'operating_point', not both")
-        if self.scope == "reasoning" and self.reasoning_end_token_id is None:
-            raise ValueError("scope 'reasoning' needs 'reasoning_end_token_id' (the token that ends the reasoning)")
         return self
 
     @property

@@ -23,11 +23,31 @@ def served_target_identity(vllm_config):
     )
 
 
-def load_served_policy(config):
+def with_reasoning_markers(config, vllm_config):
+    """The section with its reasoning marker ids: those it gives, else the start and end
+    tokens of the served model's reasoning parser (vLLM's --reasoning-parser, which vLLM
+    resolves to token ids at start-up), else none."""
+    from selfjudge_vllm.config import ConfigError
+
+    reasoning = getattr(vllm_config, "reasoning_config", None)
+    if config.reasoning_end_token_id is not None or reasoning is None or not reasoning.enabled:
+        return config
+    start, end = reasoning.reasoning_start_token_ids or [], reasoning.natural_reasoning_end_token_ids or []
+    if len(end) != 1 or len(start) > 1:
+        raise ConfigError(
+            f"selfjudge: the reasoning parser {reasoning.reasoning_parser!r} marks reasoning with several "
+            f"tokens (start {start}, end {end}); scope 'reasoning' needs single-token markers: set "
+            "selfjudge.reasoning_end_token_id (and reasoning_start_token_id)")
+    return config.model_copy(update={"reasoning_end_token_id": end[0],
+                                     "reasoning_start_token_id": start[0] if start else None})
+
+
+def load_served_policy(config, vllm_config):
     """The rule policy of an enabled config section, and the judge artifact when one is served."""
     from selfjudge_vllm.artifact import JudgeArtifact
     from selfjudge_vllm.request_control import RulePolicy
 
+    config = with_reasoning_markers(config, vllm_config)
     if config.head is None:
         return RulePolicy(config), None
     artifact = JudgeArtifact.load(config.head)
@@ -45,7 +65,7 @@ class RequestValidator:
         config = parse_section(getattr(vllm_config, "additional_config", None))
         if config is None or not config.enabled:
             return
-        self.policy, _ = load_served_policy(config)
+        self.policy, _ = load_served_policy(config, vllm_config)
 
     def check(self, extra_args) -> None:
         if self.policy is not None:
@@ -67,7 +87,7 @@ def build_runtime(vllm_config):
     config = parse_section(vllm_config.additional_config)
     if config is None or not config.enabled:
         return None
-    policy, artifact = load_served_policy(config)
+    policy, artifact = load_served_policy(config, vllm_config)
     head = None
     if artifact is not None:
         check_target_matches(artifact.config, served_target_identity(vllm_config))

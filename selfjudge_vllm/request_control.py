@@ -136,7 +136,9 @@ class RulePolicy:
         if scope == "all":
             return row_rule
         if self.config.reasoning_end_token_id is None:
-            raise ValueError("selfjudge_scope 'reasoning' needs the server's selfjudge.reasoning_end_token_id")
+            raise ValueError(
+                "scope 'reasoning' needs the token that ends the reasoning: serve with vLLM's "
+                "--reasoning-parser (its markers are used) or set selfjudge.reasoning_end_token_id")
         return dataclasses.replace(row_rule, reasoning_end=self.config.reasoning_end_token_id,
                                    reasoning_start=self.config.reasoning_start_token_id)
 

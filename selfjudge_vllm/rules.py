@@ -97,11 +97,22 @@ class RowRule:
 LOSSLESS = RowRule(OFF, math.inf)
 
 
+# Columns of a step's per-request table: one float32 row per request (token ids and draft
+# counts are exact in float32 below 2**24), so a step stages one buffer and makes one copy.
+RULE_COLUMN, KNOB_COLUMN, END_COLUMN, DRAFTS_COLUMN = range(4)
+TABLE_COLUMNS = 4
+
+
+def request_values(rule: RowRule) -> tuple[float, float, float]:
+    """A request's rule, knob and reasoning end-marker id (-1: none) as table columns."""
+    return float(rule.rule), rule.knob, -1.0 if rule.reasoning_end is None else float(rule.reasoning_end)
+
+
 @dataclass
 class StepRules:
-    """The rules of one step's draft rows, built on the host before the step runs.
+    """The rules of one step's draft rows, expanded on the device from a per-request table.
 
-    `uniform` is set when every row shares one rule (no per-row tensors, no copies);
+    `uniform` is set when every request shares one rule (no per-row tensors, no copies);
     otherwise `rule_ids`/`knobs` hold one entry per draft row. When the entropy rule is
     used, `entropy_rows` holds the draft rows of the requests using it (None: every row),
     and `drafts_after` the number of draft tokens after each of those rows in its request:
@@ -119,48 +130,63 @@ class StepRules:
     end_ids: torch.Tensor | None = None
     request_first_row: torch.Tensor | None = None
 
+    @staticmethod
+    def needs_table(rules: list[RowRule], counts: list[int]) -> bool:
+        """Whether a step of these requests needs per-row tensors (else: `uniform` alone)."""
+        return (len(set(rules)) > 1 or any(rule.reasoning_end is not None for rule in rules)
+                or any(rule.rule == ENTROPY for rule, count in zip(rules, counts) if count))
+
     @classmethod
-    def build(cls, rows: Iterable[tuple[RowRule, int]], device) -> "StepRules":
-        """rows: (rule, number of draft tokens) per request, in batch order."""
-        rules, counts = [], []
-        for rule, count in rows:
-            rules.append(rule)
-            counts.append(count)
+    def expand(cls, rules: list[RowRule], counts: list[int], table: torch.Tensor | None) -> "StepRules":
+        """The step's rules from its requests in batch order: `rules` and `counts` on the host
+        (what the step needs to know without reading the device), `table` the same requests'
+        [requests, TABLE_COLUMNS] values already on the device (None when `needs_table` is
+        false). Rows are expanded there without a host synchronisation: every output size
+        is known on the host."""
         present = frozenset(rule.rule for rule, count in zip(rules, counts) if count)
         distinct = set(rules)
-        # Per-request values expanded to rows by tensor ops on the host (no loop over rows),
-        # then one non-blocking copy each.
-        per_request = torch.tensor(counts, dtype=torch.int64)
-        rule_ids = torch.tensor([rule.rule for rule in rules], dtype=torch.int8).repeat_interleave(per_request)
+        if table is None:
+            return cls(next(iter(distinct), LOSSLESS), present=present)
+        num_rows = sum(counts)
+        device = table.device
+        drafts = table[:, DRAFTS_COLUMN].long()
+        request_of_row = torch.repeat_interleave(torch.arange(len(counts), device=device), drafts,
+                                                 output_size=num_rows)
+        first_row = (torch.cumsum(drafts, 0) - drafts).index_select(0, request_of_row)
+        rule_ids = table[:, RULE_COLUMN].to(torch.int8).index_select(0, request_of_row)
         drafts_after = entropy_rows = None
         if ENTROPY in present:
-            starts = torch.cumsum(per_request, 0) - per_request
-            row = torch.arange(int(per_request.sum()))
-            after = (per_request - 1).repeat_interleave(per_request) - (row - starts.repeat_interleave(per_request))
-            is_entropy = rule_ids == ENTROPY
-            drafts_after = after[is_entropy].to(device, non_blocking=True)
+            row = torch.arange(num_rows, device=device)
+            after = (drafts - 1).index_select(0, request_of_row) - (row - first_row)
             if len(distinct) > 1:
-                entropy_rows = row[is_entropy].to(device, non_blocking=True)
-        end_ids = first_row = None
+                # The entropy rows in order: a stable sort puts them first, and their number
+                # is known on the host (boolean indexing would wait for the device).
+                num_entropy = sum(count for rule, count in zip(rules, counts) if rule.rule == ENTROPY)
+                entropy_rows = torch.argsort((rule_ids != ENTROPY).to(torch.int8), stable=True)[:num_entropy]
+                drafts_after = after.index_select(0, entropy_rows)
+            else:
+                drafts_after = after
+        end_ids = request_first_row = None
         if any(rule.reasoning_end is not None for rule in rules):
-            ends = [-1 if rule.reasoning_end is None else rule.reasoning_end for rule in rules]
-            end_ids = torch.tensor(ends, dtype=torch.int64).repeat_interleave(per_request).to(device, non_blocking=True)
-            starts = torch.cumsum(per_request, 0) - per_request
-            first_row = starts.repeat_interleave(per_request).to(device, non_blocking=True)
+            end_ids = table[:, END_COLUMN].long().index_select(0, request_of_row)
+            request_first_row = first_row
         if len(distinct) <= 1:
             return cls(next(iter(distinct), LOSSLESS), present=present, drafts_after=drafts_after,
-                       end_ids=end_ids, request_first_row=first_row)
-        knobs = torch.tensor([rule.knob for rule in rules], dtype=torch.float32).repeat_interleave(per_request)
-        return cls(
-            None,
-            rule_ids.to(device, non_blocking=True),
-            knobs.to(device, non_blocking=True),
-            present,
-            drafts_after,
-            entropy_rows,
-            end_ids,
-            first_row,
-        )
+                       end_ids=end_ids, request_first_row=request_first_row)
+        knobs = table[:, KNOB_COLUMN].index_select(0, request_of_row)
+        return cls(None, rule_ids, knobs, present, drafts_after, entropy_rows, end_ids, request_first_row)
+
+    @classmethod
+    def build(cls, rows: Iterable[tuple[RowRule, int]], device) -> "StepRules":
+        """rows: (rule, number of draft tokens) per request, in batch order (tests and
+        benchmarks; serving stages the table through RequestRuleTable)."""
+        rows = list(rows)
+        rules, counts = [rule for rule, _ in rows], [count for _, count in rows]
+        table = None
+        if cls.needs_table(rules, counts):
+            table = torch.tensor([request_values(rule) + (float(count),) for rule, count in rows],
+                                 dtype=torch.float32).to(device)
+        return cls.expand(rules, counts, table)
 
     def selects(self, rule: int):
         """Rows using `rule`: a bool, or a [n] mask when rows differ."""

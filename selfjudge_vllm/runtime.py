@@ -13,11 +13,22 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 
-from selfjudge_vllm.features import evidence_from_logits
+from selfjudge_vllm.features import evidence_from_logits, row_max_and_top1_logprob
 from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
-from selfjudge_vllm.rules import JUDGE, LOSSLESS, JudgeHead, RowRule, StepRules, decide_and_force_
+from selfjudge_vllm.rules import (
+    JUDGE,
+    LOSSLESS,
+    TABLE_COLUMNS,
+    JudgeHead,
+    RowRule,
+    StepRules,
+    decide_and_force_,
+    request_values,
+    row_entropy,
+)
 
 logger = logging.getLogger("vllm.selfjudge")
 
@@ -54,6 +65,7 @@ class JudgeRuntime:
         self.request_rule = request_rule
         self.entropy_window = entropy_window
         self._rules_by_request: dict[str, RowRule] = {}
+        self._table: RequestRuleTable | None = None
         # Requests with a reasoning scope: (output tokens read so far, inside the span now).
         self._spans: dict[str, tuple[int, bool]] = {}
         self.sink = sink
@@ -63,6 +75,9 @@ class JudgeRuntime:
         # thread reads them, so the step path never waits on the device.
         self._device_counts: torch.Tensor | None = None
         self.counters = JudgeCounters()
+        # Set by the adapter while vLLM's memory profiling runs the sampler on dummy inputs.
+        self.profiling = False
+        self.profiled_rows = 0
 
     # -- step protocol, driven by the adapter -------------------------------------------
 
@@ -77,22 +92,27 @@ class JudgeRuntime:
         in batch order; tokens: (prompt token ids, output token ids), needed for requests with
         a reasoning scope. Each request is resolved once, at its first step; outside its
         reasoning span a scoped request is verified losslessly."""
+        if self._table is None or self._table.device != torch.device(device):
+            self._table = RequestRuleTable(device)
         previous, self._rules_by_request = self._rules_by_request, {}
         spans, self._spans = self._spans, {}
-        rows = []
+        req_ids, counts = [], []
         for req_id, num_drafts, extra_args, *tokens in requests:
             rule = previous.get(req_id)
             if rule is None:
                 rule = self.default_rule if self.request_rule is None else self.request_rule(extra_args)
             self._rules_by_request[req_id] = rule
+            effective = rule
             if rule.reasoning_end is not None:
                 prompt, output = tokens[0] if tokens else ((), ())
                 self._spans[req_id] = span = reasoning_span(rule, prompt, output, spans.get(req_id))
-                if not span[1]:
-                    rows.append((LOSSLESS, num_drafts))
-                    continue
-            rows.append((rule, num_drafts))
-        return StepRules.build(rows, device)
+                effective = rule if span[1] else LOSSLESS
+            self._table.set(req_id, effective)
+            req_ids.append(req_id)
+            counts.append(num_drafts)
+        # A request missing from a step has finished (or was preempted: resolved again when back).
+        self._table.keep_only(self._rules_by_request)
+        return self._table.step(req_ids, counts)
 
     def end_step(self) -> None:
         step, self.pending = self.pending, None
@@ -111,6 +131,9 @@ class JudgeRuntime:
         step's draft tokens. A call it cannot match is counted and left alone; the step
         then fails in end_step, because its own drafts were never judged."""
         step = self.pending
+        if step is None and self.profiling:
+            self._profile_(target_logits)
+            return False
         if step is None or draft_token_ids is not step.draft_token_ids:
             self.counters.unmatched_calls += 1
             return False
@@ -134,6 +157,15 @@ class JudgeRuntime:
         )
         self._count(valid, accept)
         return True
+
+    def _profile_(self, target_logits: torch.Tensor) -> None:
+        """vLLM's memory profiling calls the sampler once on dummy rows before it sizes the
+        KV cache: run the step's vocabulary-wide work (the logit features' log-softmax and the
+        entropy rule's softmax, each in chunks of at most CHUNK_ELEMENTS) on those rows, so
+        the peak it measures includes the judge's temporaries."""
+        row_max_and_top1_logprob(target_logits)
+        row_entropy(target_logits)
+        self.profiled_rows += target_logits.shape[0]
 
     # -- counters -----------------------------------------------------------------------
 
@@ -166,6 +198,72 @@ class JudgeRuntime:
             daemon=True,
         )
         thread.start()
+
+
+class RequestRuleTable:
+    """Per-request rule state in persistent host buffers, vLLM's pattern for sampling
+    parameters: a request's values are written when it is added or its rule changes; a step
+    gathers its batch's values with one vectorized index into a staging buffer (pinned on
+    CUDA) and copies it to the device once, where StepRules.expand makes the rows."""
+
+    def __init__(self, device, capacity: int = 64):
+        self.device = torch.device(device)
+        self._slot_of: dict[str, int] = {}
+        self._rule_in_slot: list[RowRule | None] = [None] * capacity
+        self._free = list(range(capacity - 1, -1, -1))
+        self._values = np.zeros((capacity, TABLE_COLUMNS - 1), np.float32)  # request_values per slot
+        # Two staging buffers used in turn; on CUDA a buffer is reused only once the copy
+        # that read it has finished (its event), so a step never overwrites values in flight.
+        self._staging = [self._host_buffer(capacity) for _ in range(2)]
+        self._copied = [None, None]
+        self._turn = 0
+
+    def _host_buffer(self, capacity: int) -> torch.Tensor:
+        return torch.zeros((capacity, TABLE_COLUMNS), dtype=torch.float32, pin_memory=self.device.type == "cuda")
+
+    def set(self, req_id: str, rule: RowRule) -> None:
+        slot = self._slot_of.get(req_id)
+        if slot is None:
+            if not self._free:
+                self._grow()
+            slot = self._slot_of[req_id] = self._free.pop()
+        elif self._rule_in_slot[slot] == rule:
+            return
+        self._rule_in_slot[slot] = rule
+        self._values[slot] = request_values(rule)
+
+    def keep_only(self, req_ids) -> None:
+        """Free the slots of requests not in `req_ids`."""
+        for req_id in [r for r in self._slot_of if r not in req_ids]:
+            slot = self._slot_of.pop(req_id)
+            self._rule_in_slot[slot] = None
+            self._free.append(slot)
+
+    def step(self, req_ids: list[str], counts: list[int]) -> StepRules:
+        slots = [self._slot_of[req_id] for req_id in req_ids]
+        rules = [self._rule_in_slot[slot] for slot in slots]
+        if not StepRules.needs_table(rules, counts):
+            return StepRules.expand(rules, counts, None)
+        staging = self._staging[self._turn]
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()
+        rows = staging[: len(slots)].numpy()
+        rows[:, : TABLE_COLUMNS - 1] = self._values[slots]
+        rows[:, TABLE_COLUMNS - 1] = counts
+        table = staging[: len(slots)].to(self.device, non_blocking=True, copy=True)
+        if self.device.type == "cuda":
+            self._copied[self._turn] = torch.cuda.Event()
+            self._copied[self._turn].record()
+        self._turn ^= 1
+        return StepRules.expand(rules, counts, table)
+
+    def _grow(self) -> None:
+        old = len(self._rule_in_slot)
+        self._rule_in_slot += [None] * old
+        self._free += list(range(2 * old - 1, old - 1, -1))
+        self._values = np.concatenate([self._values, np.zeros_like(self._values)])
+        self._staging = [self._host_buffer(2 * old) for _ in range(2)]
+        self._copied = [None, None]
 
 
 def reasoning_span(rule: RowRule, prompt, output, previous: tuple[int, bool] | None) -> tuple[int, bool]:

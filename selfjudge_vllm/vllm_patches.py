@@ -16,7 +16,7 @@ Patches, in the order a worker meets them:
 1. `vllm.v1.worker.worker_base.WorkerBase.__init__` (always, from register()):
    reads the `selfjudge` section of `vllm_config.additional_config` in every worker and, if
    present, validates it, refuses configurations the judge cannot serve (model runner V2,
-   an unsupported proposer, an unchecked vLLM version), and only then installs 2-4 and 6.
+   an unsupported proposer, an unchecked vLLM version), and only then installs 2-4, 6 and 7.
 2. `vllm.v1.worker.gpu_model_runner.GPUModelRunner.__init__` (CPUModelRunner inherits it):
    loads the judge artifact, checks it against the served model, attaches a JudgeRuntime
    to the runner. Errors here fail the engine at start-up.
@@ -37,6 +37,9 @@ Patches, in the order a worker meets them:
    it its own threshold.
 6. `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens`: the CPU fix of upstream bug
    vllm-project/vllm#55005, in cpu_fix.py (patching.py has the wrapping mechanics).
+7. `vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_sampler_run`: vLLM's memory
+   profiling runs the sampler once on dummy rows before sizing the KV cache; the judge does
+   its vocabulary-wide work on them then, so that memory is in the measured peak.
 """
 
 from __future__ import annotations
@@ -164,13 +167,14 @@ def check_serving_configuration(vllm_config, config: SelfJudgeConfig) -> None:
         )
 
 
-# -- 2-4. the verification step ----------------------------------------------------------
+# -- 2-4 and 7. the verification step ----------------------------------------------------------
 
 
 def _install_step_hooks() -> None:
     _install("vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__", _wrap_runner_init)
     _install("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens", _wrap_sample_tokens)
     _install("vllm.v1.sample.rejection_sampler:rejection_sample", _wrap_rejection_sample)
+    _install("vllm.v1.worker.gpu_model_runner:GPUModelRunner._dummy_sampler_run", _wrap_dummy_sampler_run)
 
 
 def _wrap_runner_init(original):
@@ -224,6 +228,22 @@ def _wrap_sample_tokens(original):
         return output
 
     return sample_tokens
+
+
+def _wrap_dummy_sampler_run(original):
+    def _dummy_sampler_run(self, hidden_states, *args, **kwargs):
+        global _active_runtime
+        runtime = getattr(self, "_selfjudge_runtime", None)
+        if runtime is None:
+            return original(self, hidden_states, *args, **kwargs)
+        # Memory profiling: the judge's temporaries count towards the peak that sizes the KV cache.
+        runtime.profiling, _active_runtime = True, runtime
+        try:
+            return original(self, hidden_states, *args, **kwargs)
+        finally:
+            runtime.profiling, _active_runtime = False, None
+
+    return _dummy_sampler_run
 
 
 def _wrap_rejection_sample(original):

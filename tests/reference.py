@@ -61,15 +61,16 @@ def _gap(row: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _greedy_sd(target, draft, prompt_ids, max_tokens, k, argmax_gaps: list[float], keep_mismatch) -> list[int]:
-    """Greedy SD: a draft token equal to the target's argmax is kept, a mismatch is kept when
-    `keep_mismatch(block_logits, block_hidden, i, token, proposal)` says so (row i of the block
-    predicts draft token i; hidden row i is that token's own position), the first token kept
-    by neither is replaced by the argmax, and a fully kept block gets the bonus token."""
+def _greedy_sd(target, propose, prompt_ids, max_tokens, argmax_gaps: list[float], keep_mismatch) -> list[int]:
+    """Greedy SD: `propose(ids)` drafts a block after ids; a draft token equal to the target's
+    argmax is kept, a mismatch is kept when `keep_mismatch(block_logits, block_hidden, i,
+    token, proposal)` says so (row i of the block predicts draft token i; hidden row i is that
+    token's own position), the first token kept by neither is replaced by the argmax, and a
+    fully kept block gets the bonus token."""
     out = _prefill(target, prompt_ids, argmax_gaps)
     ids = list(prompt_ids) + out
     while len(out) < max_tokens:
-        proposal = _propose(draft, ids, k)
+        proposal = propose(ids)
         logits, hidden = _forward(target, ids + proposal)
         n = len(ids)
         block_logits, block_hidden = logits[n - 1:], hidden[n:]
@@ -83,16 +84,14 @@ def _greedy_sd(target, draft, prompt_ids, max_tokens, k, argmax_gaps: list[float
             emitted.append(int(row.argmax()))
             break
         else:
-            argmax_gaps.append(_gap(block_logits[k]))
-            emitted.append(int(block_logits[k].argmax()))
+            argmax_gaps.append(_gap(block_logits[len(proposal)]))
+            emitted.append(int(block_logits[len(proposal)].argmax()))
         ids += emitted
         out += emitted
     return out[:max_tokens]
 
 
-def judged_greedy_sd(
-    target, draft, prompt_ids, max_tokens, k, weight, bias, threshold, trace: ReferenceTrace
-) -> list[int]:
+def _judge_keeps(weight, bias, threshold, trace: ReferenceTrace):
     w = torch.as_tensor(weight, dtype=torch.float64)
     limit = float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
 
@@ -105,7 +104,32 @@ def judged_greedy_sd(
             return True
         return False
 
-    return _greedy_sd(target, draft, prompt_ids, max_tokens, k, trace.argmax_gaps, judge_keeps)
+    return judge_keeps
+
+
+def judged_greedy_sd(
+    target, draft, prompt_ids, max_tokens, k, weight, bias, threshold, trace: ReferenceTrace
+) -> list[int]:
+    return _greedy_sd(target, lambda ids: _propose(draft, ids, k), prompt_ids, max_tokens, trace.argmax_gaps,
+                      _judge_keeps(weight, bias, threshold, trace))
+
+
+def judged_greedy_replay(
+    target, proposals: list[list[int]], prompt_ids, max_tokens, weight, bias, threshold, trace: ReferenceTrace
+) -> list[int]:
+    """The same verification of given draft blocks, in order (one per verification step):
+    for proposers whose drafting is not re-implemented here (EAGLE). A block drafted for
+    another context than the reference reached shows up as a different output."""
+    blocks = iter(proposals)
+
+    def propose(ids):
+        block = next(blocks, None)
+        if block is None:
+            raise AssertionError("the recorded draft blocks ran out before max_tokens")
+        return list(block)
+
+    return _greedy_sd(target, propose, prompt_ids, max_tokens, trace.argmax_gaps,
+                      _judge_keeps(weight, bias, threshold, trace))
 
 
 def hidden_states_of(target, prompt_ids, continuation) -> torch.Tensor:
@@ -150,4 +174,5 @@ def relaxed_greedy_sd(target, draft, prompt_ids, max_tokens, k, rule, knob, wind
         trace.accepted_mismatches += int(keep)
         return keep
 
-    return _greedy_sd(target, draft, prompt_ids, max_tokens, k, trace.argmax_gaps, rule_keeps)
+    return _greedy_sd(target, lambda ids: _propose(draft, ids, k), prompt_ids, max_tokens, trace.argmax_gaps,
+                      rule_keeps)

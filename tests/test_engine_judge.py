@@ -89,16 +89,10 @@ def test_accept_all_head_accepts_every_draft_token(kind, tiny_pair, heads, draft
     assert judged.token_ids != lossless.token_ids
 
 
-def test_half_threshold_matches_independent_reference(workdir, tiny_pair):
-    """Greedy judge-then-standard verification equals a plain transformers loop."""
-    target_dir, draft_dir = tiny_pair
-    k = 3
-    spec = spec_config("draft_model", draft_dir, k=k)
-    lossless = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"enabled": False}})
-
-    target, draft = reference.load(target_dir), reference.load(draft_dir)
-    # A random head whose bias puts the median score of the lossless trajectories'
-    # hidden states at the threshold, so the judge accepts about half of the mismatches.
+def _half_threshold_head(workdir, name, target, target_dir, lossless):
+    """A random head whose bias puts the median score of the lossless trajectories' hidden
+    states at the threshold 0.5, so the judge accepts about half of the mismatches; with the
+    float32 numbers the artifact stores, for the reference."""
     weight = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(7)).double() / 8.0
     scores = torch.cat(
         [
@@ -107,28 +101,84 @@ def test_half_threshold_matches_independent_reference(workdir, tiny_pair):
         ]
     )
     bias = -float(scores.median())
-    head = write_head(workdir / "heads/half", target_dir, weight.float(), bias=bias, threshold=0.5)
-    # The artifact stores float32; the reference must use the same numbers.
-    weight32 = weight.float().double()
-    bias32 = float(torch.tensor(bias, dtype=torch.float32))
+    head = write_head(workdir / f"heads/{name}", target_dir, weight.float(), bias=bias, threshold=0.5)
+    return head, weight.float().double(), float(torch.tensor(bias, dtype=torch.float32))
 
-    judged = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"head": str(head)}})
-    trace = reference.ReferenceTrace()
-    expected = [
-        reference.judged_greedy_sd(
-            target, draft, p, GREEDY["max_tokens"], k, weight32, bias32, 0.5, trace
-        )
-        for p in judged.prompt_token_ids
-    ]
+
+def _check_against_reference(judged, lossless, expected, trace):
     # Fair comparison: vLLM and transformers differ by ~1e-5 here (max |logprob diff| 9.3e-6
-    # measured on these models), so
-    # a decision is only comparable if it is not a near-tie. This seeded run has none.
+    # measured on these models), so a decision is only comparable if it is not a near-tie.
+    # These seeded runs have none.
     assert min(trace.judge_margins) > 1e-3
     assert min(trace.argmax_gaps) > 1e-4
     share = trace.judge_accepted_mismatches / trace.judged_mismatches
     assert 0.25 < share < 0.75, share
     assert judged.token_ids == expected
     assert judged.token_ids != lossless.token_ids
+
+
+def test_half_threshold_matches_independent_reference(workdir, tiny_pair):
+    """Greedy judge-then-standard verification equals a plain transformers loop."""
+    target_dir, draft_dir = tiny_pair
+    k = 3
+    spec = spec_config("draft_model", draft_dir, k=k)
+    lossless = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"enabled": False}})
+    target, draft = reference.load(target_dir), reference.load(draft_dir)
+    head, weight, bias = _half_threshold_head(workdir, "half", target, target_dir, lossless)
+    judged = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"head": str(head)}})
+    trace = reference.ReferenceTrace()
+    expected = [reference.judged_greedy_sd(target, draft, p, GREEDY["max_tokens"], k, weight, bias, 0.5, trace)
+                for p in judged.prompt_token_ids]
+    _check_against_reference(judged, lossless, expected, trace)
+
+
+def _record_draft_blocks(monkeypatch) -> dict[int, list[list[int]]]:
+    """Each request's draft blocks in step order (prompt index -> blocks), recorded from the
+    in-process worker's runtime: what vLLM's proposer drafted, before the judge saw it."""
+    from selfjudge_vllm.runtime import JudgeRuntime
+
+    blocks: dict[int, list[list[int]]] = {}
+    batch: list[tuple[str, int, int]] = []
+    step_rules, begin_step = JudgeRuntime.step_rules, JudgeRuntime.begin_step
+
+    def recording_step_rules(self, requests, device):
+        requests = list(requests)
+        batch[:] = [(req_id, n, len(tokens[0][1])) for req_id, n, _, *tokens in requests]
+        return step_rules(self, requests, device)
+
+    def recording_begin_step(self, hidden, draft_token_ids, *args, **kwargs):
+        flat, start = draft_token_ids.tolist(), 0
+        for req_id, n, produced in batch:
+            if produced:  # a request's first step only prefills
+                # vLLM's internal id is "<LLM.generate's id, the prompt index>-<suffix>".
+                blocks.setdefault(int(req_id.rsplit("-", 1)[0]), []).append(flat[start : start + n])
+            start += n
+        return begin_step(self, hidden, draft_token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(JudgeRuntime, "step_rules", recording_step_rules)
+    monkeypatch.setattr(JudgeRuntime, "begin_step", recording_begin_step)
+    return blocks
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_half_threshold_with_eagle_matches_the_reference_on_its_drafts(kind, workdir, tiny_pair, drafters,
+                                                                         monkeypatch):
+    """EAGLE / EAGLE-3: the judged output equals the reference's judge-then-standard greedy
+    verification (transformers, float64 decisions) of the blocks vLLM's EAGLE proposer
+    drafted (recorded in the worker; the reference does not re-implement EAGLE drafting, and
+    a block replayed in another context than vLLM's shows up as a different output)."""
+    target_dir, _ = tiny_pair
+    spec = spec_config(kind, drafters[kind], k=3)
+    lossless = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"enabled": False}})
+    target = reference.load(target_dir)
+    head, weight, bias = _half_threshold_head(workdir, f"half-{kind}", target, target_dir, lossless)
+    blocks = _record_draft_blocks(monkeypatch)
+    judged = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"head": str(head)}})
+    assert len(blocks) == len(PROMPTS)
+    trace = reference.ReferenceTrace()
+    expected = [reference.judged_greedy_replay(target, blocks[i], p, GREEDY["max_tokens"], weight, bias, 0.5, trace)
+                for i, p in enumerate(judged.prompt_token_ids)]
+    _check_against_reference(judged, lossless, expected, trace)
 
 
 @pytest.mark.parametrize("rule,window", [("top_alpha", 0), ("entropy", 0), ("entropy", 1)])
@@ -309,6 +359,46 @@ def test_reasoning_scope_relaxes_only_before_the_end_marker(tiny_pair):
         ids.append(greedy_next(ids))
     assert out[p + 1:] == ids[len(prompt) + p + 1:]
     assert relaxed_out[p + 1:] != out[p + 1:]  # relaxed decoding would have differed there
+
+
+def test_reasoning_markers_from_vllms_reasoning_parser(tiny_pair):
+    """Scope "reasoning" without ids in the section, served with --reasoning-parser: the
+    span is delimited by the parser's markers (resolved by vLLM to token ids), exactly as
+    when the same ids are given in the section, and not relaxed everywhere."""
+    from transformers import AutoTokenizer
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.reasoning.basic_parsers import BaseThinkingReasoningParser
+
+    target_dir, draft_dir = tiny_pair
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+
+    def alone(token_id):  # a token whose vocabulary string encodes to that token alone
+        text = tokenizer.convert_ids_to_tokens(token_id)
+        return text.isalpha() and tokenizer.encode(text, add_special_tokens=False) == [token_id]
+
+    start = next(t for t in range(len(tokenizer) - 1, 0, -1) if alone(t))
+    start_text = tokenizer.convert_ids_to_tokens(start)
+    # Every prompt ends with the start marker: the span opens with the response.
+    prompts = [p + "\n" + start_text for p in PROMPTS[:8]]
+    assert all(tokenizer.encode(p, add_special_tokens=False)[-1] == start for p in prompts)
+    spec = spec_config("draft_model", draft_dir, k=3)
+    sampling = dict(GREEDY, max_tokens=32)
+    relaxed = {"rule": "top_alpha", "alpha": 0.0}
+    everywhere = run_engine(target_dir, spec, prompts, sampling, {"selfjudge": relaxed})
+    # The end marker: a token some relaxed response holds early, with room after it.
+    end = next(t for out in everywhere.token_ids for t in out[2:-8] if t != start and alone(t))
+
+    class MarkerParser(BaseThinkingReasoningParser):
+        start_token = start_text
+        end_token = tokenizer.convert_ids_to_tokens(end)
+
+    ReasoningParserManager.register_module("selfjudge-test-markers", module=MarkerParser)
+    from_parser = run_engine(target_dir, spec, prompts, sampling, {"selfjudge": dict(relaxed, scope="reasoning")},
+                             engine_args={"reasoning_parser": "selfjudge-test-markers"})
+    given = run_engine(target_dir, spec, prompts, sampling, {"selfjudge": dict(
+        relaxed, scope="reasoning", reasoning_start_token_id=start, reasoning_end_token_id=end)})
+    assert from_parser.token_ids == given.token_ids
+    assert from_parser.token_ids != everywhere.token_ids
 
 
 def test_tensor_parallel_2_judges_like_1_and_publishes_once(workdir, tiny_pair):

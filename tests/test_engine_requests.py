@@ -76,6 +76,21 @@ def _judge_counts(llm) -> tuple[int, int]:
     return llm.collective_rpc(read)[0]
 
 
+def test_memory_profiling_sees_the_judges_work(llm):
+    """vLLM's profiling run (the dummy sampler call that precedes KV-cache sizing) goes
+    through the judge's vocabulary-wide work, through the patched seam of a real runner."""
+
+    def profile(worker):
+        runner = worker.model_runner
+        runtime = runner._selfjudge_runtime
+        before = runtime.profiled_rows
+        runner._dummy_sampler_run(torch.zeros(5, runner.model_config.get_hidden_size()))
+        return runtime.profiled_rows - before, runtime.profiling
+
+    # Two rejection-sampler calls (mixed and all-greedy) of one draft row per dummy request.
+    assert llm.collective_rpc(profile)[0] == (10, False)
+
+
 def test_grammar_constrained_requests_stay_valid(llm):
     """Grammar-constrained requests with an accept-everything judge still follow their
     grammars. (vLLM 0.32 already cuts each draft to its grammar-valid prefix before

@@ -119,11 +119,11 @@ def test_step_rules_follow_batch_order_and_draft_counts():
 
 
 def test_reasoning_scope_from_the_server_or_the_request():
-    from selfjudge_vllm.config import ConfigError
     from selfjudge_vllm.request_control import RulePolicy
 
-    with pytest.raises(ConfigError, match="needs 'reasoning_end_token_id'"):
-        parse_section({"selfjudge": {"rule": "top_alpha", "scope": "reasoning"}})
+    # Without marker ids (here or from vLLM's reasoning parser) the server cannot start.
+    with pytest.raises(ValueError, match="serve with vLLM's --reasoning-parser .* or set selfjudge.reasoning_end"):
+        RulePolicy(parse_section({"selfjudge": {"rule": "top_alpha", "scope": "reasoning"}}))
     scoped = RulePolicy(parse_section({"selfjudge": {"rule": "top_alpha", "scope": "reasoning",
                                                      "reasoning_end_token_id": 9, "reasoning_start_token_id": 7}}))
     assert (scoped.default.reasoning_end, scoped.default.reasoning_start) == (9, 7)
@@ -133,7 +133,94 @@ def test_reasoning_scope_from_the_server_or_the_request():
     assert plain.default.reasoning_end is None
     assert plain.for_request({"selfjudge_scope": "reasoning"}).reasoning_end == 9
     unconfigured = RulePolicy(parse_section({"selfjudge": {"rule": "top_alpha"}}))
-    with pytest.raises(ValueError, match="needs the server's selfjudge.reasoning_end_token_id"):
+    with pytest.raises(ValueError, match="needs the token that ends the reasoning"):
         unconfigured.for_request({"selfjudge_scope": "reasoning"})
     with pytest.raises(ValueError, match="selfjudge_scope"):
         unconfigured.for_request({"selfjudge_scope": "answer"})
+
+
+def test_reasoning_markers_come_from_the_section_or_vllms_reasoning_parser():
+    from types import SimpleNamespace
+
+    from selfjudge_vllm.config import ConfigError
+    from selfjudge_vllm.factories import with_reasoning_markers
+
+    def served(start, end, enabled=True):
+        return SimpleNamespace(reasoning_config=SimpleNamespace(
+            enabled=enabled, reasoning_parser="deepseek_r1", reasoning_start_token_ids=start,
+            natural_reasoning_end_token_ids=end))
+
+    section = parse_section({"selfjudge": {"rule": "top_alpha", "scope": "reasoning"}})
+    resolved = with_reasoning_markers(section, served([7], [9]))
+    assert (resolved.reasoning_start_token_id, resolved.reasoning_end_token_id) == (7, 9)
+    assert with_reasoning_markers(section, served(None, [9])).reasoning_start_token_id is None
+    # Ids in the section win; no parser (or one vLLM could not resolve) leaves them unset.
+    given = parse_section({"selfjudge": {"rule": "top_alpha", "scope": "reasoning", "reasoning_end_token_id": 3}})
+    assert with_reasoning_markers(given, served([7], [9])).reasoning_end_token_id == 3
+    assert with_reasoning_markers(section, served([7], [9], enabled=False)).reasoning_end_token_id is None
+    assert with_reasoning_markers(section, SimpleNamespace(reasoning_config=None)).reasoning_end_token_id is None
+    with pytest.raises(ConfigError, match="'deepseek_r1' marks reasoning with several tokens"):
+        with_reasoning_markers(section, served([7], [9, 10]))
+
+
+def test_persistent_rule_table_equals_a_fresh_build_step_after_step():
+    """The request table (slots written when a request is added or its rule changes, one
+    staged copy per step) gives every step the same rows as building them from scratch,
+    while requests arrive, leave, change rule (a reasoning span closing) and outnumber the
+    table's first capacity."""
+    import random
+    from dataclasses import fields, replace
+
+    from selfjudge_vllm.rules import ENTROPY, LOSSLESS, RowRule, StepRules
+    from selfjudge_vllm.runtime import RequestRuleTable
+
+    rng = random.Random(7)
+    choices = [LOSSLESS, RowRule.top_alpha(0.5), RowRule.top_alpha(0.2), RowRule(ENTROPY, 1.0),
+               replace(RowRule.top_alpha(0.3), reasoning_end=5)]
+    table = RequestRuleTable("cpu", capacity=4)
+    live: dict[str, RowRule] = {}
+    for step_index in range(60):
+        for req_id in [r for r in live if rng.random() < 0.2]:
+            del live[req_id]
+        for _ in range(rng.randrange(0, 4)):
+            live[f"r{step_index}-{len(live)}"] = rng.choice(choices)
+        for req_id in [r for r in live if rng.random() < 0.1]:
+            live[req_id] = rng.choice(choices)  # e.g. a span closing: the request turns lossless
+        batch = list(live)
+        rng.shuffle(batch)  # vLLM reorders its batch as requests finish
+        counts = [rng.randrange(0, 5) for _ in batch]
+        for req_id in batch:
+            table.set(req_id, live[req_id])
+        table.keep_only(live)
+        staged = table.step(batch, counts)
+        fresh = StepRules.build([(live[r], c) for r, c in zip(batch, counts)], "cpu")
+        for field in fields(StepRules):
+            got, want = getattr(staged, field.name), getattr(fresh, field.name)
+            assert (torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want), field.name
+    assert len(live) > 4  # the table grew past its first capacity
+
+
+def test_memory_profiling_runs_the_judges_vocabulary_wide_work_in_chunks(monkeypatch):
+    """During vLLM's profiling run the judge does its vocabulary-wide work (logit features'
+    log-softmax, entropy's softmax) on the dummy rows, chunk by chunk, and changes nothing;
+    outside profiling an unmatched call does none of it."""
+    from selfjudge_vllm import features
+    from selfjudge_vllm.rules import RowRule
+
+    monkeypatch.setitem(features.CHUNK_ELEMENTS, "cpu", 2 * 50)  # two rows of 50 per chunk
+    seen = []
+    for name in ("softmax", "log_softmax"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda x, *a, _f=original, _n=name, **k: seen.append((_n, x.shape[0]))
+                            or _f(x, *a, **k))
+    runtime = JudgeRuntime(None, None, 0, RowRule.top_alpha(0.5))
+    logits = torch.randn(5, 50)
+    before = logits.clone()
+    assert runtime.judge_(torch.zeros(5, dtype=torch.long), logits) is False
+    assert seen == [] and runtime.counters.unmatched_calls == 1
+    runtime.profiling = True
+    assert runtime.judge_(torch.zeros(5, dtype=torch.long), logits) is False
+    assert sorted(seen) == sorted([("log_softmax", 2), ("log_softmax", 2), ("log_softmax", 1),
+                                   ("softmax", 2), ("softmax", 2), ("softmax", 1)])
+    assert runtime.profiled_rows == 5 and runtime.counters.unmatched_calls == 1
+    assert torch.equal(logits, before)
