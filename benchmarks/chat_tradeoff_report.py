@@ -52,7 +52,7 @@ class Outcomes:
 
 
 def _acceptance(store, key: str, ids: set[str]) -> dict:
-    segments = [s for s in store.segments if s["point"] == key and not s.get("batch1") and set(s["ids"]) <= ids]
+    segments = store.counter_segments(key, ids)
     counts = {name: sum(s["counters"].get(name, 0.0) for s in segments) for name in ("drafts", "draft_tokens", "accepted")}
     wall, tokens = sum(s["wall_s"] for s in segments), sum(s["tokens"] for s in segments)
     batch1 = store.batch1(key)
@@ -211,7 +211,7 @@ def _markdown(rows, heads, setup) -> str:
     if partial:
         lines += ["", "n/a acceptance and speed: a sitting ended inside the point, so its counters cover only "
                   + ", ".join(f"{r['timed_items']} of {r['n']} items ({r['method']} {r['knob']})" for r in partial)
-                  + "; re-measuring them needs those points' requests taken out of the store (not automated)."]
+                  + "; the next sitting on that server serves all their items once more for the counters."]
     lines += ["", "Matched quality: highest mean acceptance length (tokens per step) within each answer-change budget "
               "(exact 95% upper bound of the share of items whose answer differs from lossless); judge / best "
               "training-free rule (-: no point qualifies):", "",

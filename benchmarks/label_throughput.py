@@ -10,10 +10,13 @@ for every draft/target mismatch:
             a teacher-forced draft forward per response, one target forward of the response,
             then one full forward of the whole substituted sequence per mismatch
 
-Prints mismatches/s for both, the ratio, and the largest score difference between them.
+Prints mismatches/s for both, the ratio, the largest score difference between them, and the
+target positions each side computes per mismatch: the pipeline's windows against their
+bound (N + 1 positions, plus on average half a KV block that the prefix cache cannot serve),
+the pipeline's one forward of each original response, and the baseline's full sequences.
 
     python benchmarks/label_throughput.py                      # tiny random models
-    python benchmarks/label_throughput.py --target T --draft D --prompts P.jsonl --dtype bfloat16
+    python benchmarks/label_throughput.py --target T --draft D --prompts P.jsonl --first 6 --dtype float32
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--target", type=Path)
     parser.add_argument("--draft", type=Path)
     parser.add_argument("--prompts", type=Path)
+    parser.add_argument("--first", type=int, default=None, help="only the first N prompts of --prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--suffix-length", type=int, default=20)
@@ -101,6 +105,11 @@ def main(argv=None) -> int:
         args.target, args.draft = build_target_and_draft(work / "models")
         args.prompts = work / "prompts.jsonl"
         args.prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    if args.first is not None:
+        subset = work / "prompts.jsonl"
+        with args.prompts.open() as rows:
+            subset.write_text("".join(row for _, row in zip(range(args.first), rows)))
+        args.prompts = subset
     settings = LabelSettings(
         target=str(args.target), draft=str(args.draft), prompts=str(args.prompts),
         suffix_lengths=(args.suffix_length,), max_new_tokens=args.max_new_tokens,
@@ -126,6 +135,16 @@ def main(argv=None) -> int:
     theirs, baseline_s = baseline_scores(args.target, args.draft, responses, args.suffix_length, args.dtype)
 
     common = ours.keys() & theirs.keys()
+    # Target positions computed per mismatch. A window runs to window_end and reads y[:m] from
+    # the prefix cache in whole blocks (a window redone without the cache has cached_prefix 0).
+    from selfjudge_vllm.offline.scores import window_end
+
+    sequence_length = {r["id"]: len(r["prompt"]) + len(r["response"]) for r in responses}
+    scored = run.read_stage("scores")
+    window_positions = sum(window_end(r["m"], args.suffix_length, sequence_length[r["id"]]) - r["cached_prefix"]
+                           for r in scored) / max(1, len(scored))
+    block = args.block_size or 128  # vLLM's CPU default
+    window_bound = args.suffix_length + 1 + block / 2
     figures = {
         "mismatches_pipeline": len(ours),
         "mismatches_baseline": len(theirs),
@@ -135,6 +154,13 @@ def main(argv=None) -> int:
         "pipeline_mismatches_per_s": len(ours) / pipeline_s,
         "baseline_mismatches_per_s": len(theirs) / baseline_s,
         "max_abs_score_diff": max(abs(ours[k] - theirs[k]) for k in common),
+        "target_positions_per_mismatch": {
+            "pipeline_windows": window_positions,
+            "window_bound": window_bound,  # N + 1 + half a KV block
+            "pipeline_windows_over_bound": window_positions / window_bound,
+            "pipeline_original_responses": sum(sequence_length.values()) / max(1, len(scored)),
+            "baseline": sum(sequence_length[key[0]] for key in theirs) / max(1, len(theirs)),
+        },
         "setup": {"target": str(args.target), "draft": str(args.draft), "prompts": len(responses),
                   "max_new_tokens": args.max_new_tokens, "suffix_length": args.suffix_length,
                   "dtype": args.dtype, "block_size": args.block_size,

@@ -201,6 +201,51 @@ def test_store_resumes_without_losing_or_repeating_requests(tmp_path):
     assert reopened.done("ngram-k4/judge-0.5") == {}
 
 
+def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, monkeypatch):
+    """A point whose outputs are all stored but whose counters cover only the items of a
+    later sitting is served once more on all items; the report then reads that re-measure
+    alone, and a complete point is left alone."""
+    from types import SimpleNamespace
+
+    from benchmarks import chat_tradeoff
+    from benchmarks.chat_tradeoff import Store, measure_point
+
+    items = _gsm_items(4)
+    served = []
+
+    async def fake_run_items(base, todo, extra, concurrency, on_done):
+        for item in todo:
+            served.append(item.id)
+            on_done(item, {"text": f"#### {item.id}", "tokens": 10, "latency_s": 0.1})
+        return 2.0
+
+    calls = iter(range(100))
+    monkeypatch.setattr(chat_tradeoff, "run_items", fake_run_items)
+    monkeypatch.setattr(chat_tradeoff, "spec_counters",
+                        lambda server: {"drafts": 10 * next(calls), "draft_tokens": 0, "accepted": 0})
+    store = Store(tmp_path / "s")
+    cut, whole = "draft_model-k8/entropy-2.0", "draft_model-k8/lossless"
+    for key in (cut, whole):
+        for item in items:
+            store.add_request({"point": key, "id": item.id, "text": f"#### {item.id}", "tokens": 10, "latency_s": 1})
+        store.add_segment({"point": key, "batch1": True, "ids": [items[0].id], "wall_s": 1.0, "tokens": 10})
+    store.add_segment({"point": cut, "ids": [i.id for i in items[2:]], "wall_s": 1.0, "tokens": 20,
+                       "counters": {"drafts": 5}})
+    store.add_segment({"point": whole, "ids": [i.id for i in items], "wall_s": 1.0, "tokens": 40,
+                       "counters": {"drafts": 7}})
+    ids = {i.id for i in items}
+    assert not store.counters_cover(cut, ids) and store.counters_cover(whole, ids)
+    args = SimpleNamespace(concurrency=4, batch1_items=1)
+    progress = chat_tradeoff.Progress(8, 8)
+    measure_point(SimpleNamespace(base="http://unused"), store, whole, items, None, args, progress)
+    assert served == []
+    measure_point(SimpleNamespace(base="http://unused"), store, cut, items, None, args, progress)
+    assert served == [i.id for i in items]
+    remeasure = Store(tmp_path / "s").counter_segments(cut, ids)
+    assert len(remeasure) == 1 and remeasure[0]["remeasure"] and remeasure[0]["same_text"] == 4
+    assert remeasure[0]["counters"]["drafts"] == 10 and store.counters_cover(cut, ids)
+
+
 # -- end to end on tiny models ------------------------------------------------------------------------
 
 
