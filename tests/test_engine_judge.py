@@ -374,7 +374,7 @@ def test_reasoning_markers_from_vllms_reasoning_parser(tiny_pair):
 
     def alone(token_id):  # a token whose vocabulary string encodes to that token alone
         text = tokenizer.convert_ids_to_tokens(token_id)
-        return text.isalpha() and tokenizer.encode(text, add_special_tokens=False) == [token_id]
+        return bool(text) and text.isalpha() and tokenizer.encode(text, add_special_tokens=False) == [token_id]
 
     start = next(t for t in range(len(tokenizer) - 1, 0, -1) if alone(t))
     start_text = tokenizer.convert_ids_to_tokens(start)
