@@ -238,6 +238,13 @@ class Progress:
         return f"{self.done}/{self.planned} requests, ETA {eta} at this sitting's pace"
 
 
+def needs_work(store, key, items) -> bool:
+    """Whether measure_point has anything left to do for this point."""
+    ids = {i.id for i in items}
+    return (not ids <= store.done(key).keys() or not store.counters_cover(key, ids)
+            or store.batch1(key) is None)
+
+
 def measure_point(server, store, key, items, extra, args, progress) -> None:
     """Runs the point's missing items (persisting each) and, once, its batch-1 timing."""
     pending = [i for i in items if i.id not in store.done(key)]
@@ -390,8 +397,7 @@ def main(argv=None) -> int:
 
     def work_on(server, plan, served_head=head) -> None:
         """plan: [(key, items, extra)]; starts the server only if something is missing."""
-        todo = [(key, items, extra) for key, items, extra in plan
-                if any(i.id not in store.done(key) for i in items) or store.batch1(key) is None]
+        todo = [(key, items, extra) for key, items, extra in plan if needs_work(store, key, items)]
         if not todo or out_of_time():
             return
         planned = sum(len(items) for _, items, _ in todo)

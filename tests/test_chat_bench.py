@@ -208,7 +208,7 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
     from types import SimpleNamespace
 
     from benchmarks import chat_tradeoff
-    from benchmarks.chat_tradeoff import Store, measure_point
+    from benchmarks.chat_tradeoff import Store, measure_point, needs_work
 
     items = _gsm_items(4)
     served = []
@@ -235,6 +235,7 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
                        "counters": {"drafts": 7}})
     ids = {i.id for i in items}
     assert not store.counters_cover(cut, ids) and store.counters_cover(whole, ids)
+    assert needs_work(store, cut, items) and not needs_work(store, whole, items)
     args = SimpleNamespace(concurrency=4, batch1_items=1)
     progress = chat_tradeoff.Progress(8, 8)
     measure_point(SimpleNamespace(base="http://unused"), store, whole, items, None, args, progress)
@@ -244,6 +245,7 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
     remeasure = Store(tmp_path / "s").counter_segments(cut, ids)
     assert len(remeasure) == 1 and remeasure[0]["remeasure"] and remeasure[0]["same_text"] == 4
     assert remeasure[0]["counters"]["drafts"] == 10 and store.counters_cover(cut, ids)
+    assert not needs_work(store, cut, items)
 
 
 # -- end to end on tiny models ------------------------------------------------------------------------
