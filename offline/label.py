@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -237,14 +237,20 @@ def run_stage_shards(job: LabelJob, stage: Stage, indices: list[int], progress=N
             stage.work(llm, job, i)
 
 
-def run_stage(job: LabelJob, stage: Stage, progress, executor=None) -> None:
-    """Run `stage` on every shard it lacks (its inputs must be complete), here or on
-    `executor` (offline/ray_label.py), then record its provenance."""
+def run_stage(job: LabelJob, stage: Stage, progress, executor=None, allow_partial: bool = False) -> None:
+    """Run `stage` on every shard it lacks, here or on `executor` (offline/ray_label.py), then
+    record its provenance. Its inputs must be complete, or with `allow_partial` it runs on the
+    shards whose inputs are."""
     run, settings = job.run, job.settings
+    ready = set(range(len(job.shards)))
     for needed in stage.inputs:
-        run.complete_shards(needed)  # raises IncompleteRunError naming the missing shards
+        # Raises IncompleteRunError naming the missing shards unless allow_partial.
+        ready &= set(run.complete_shards(needed, allow_partial=allow_partial))
+    if len(ready) < len(job.shards):
+        logger.info("%s: only shards %s have their inputs (%s); the others are left for a later run",
+                    stage.name, sorted(ready), ", ".join(stage.inputs))
     run.remove_partial_files(stage.name)
-    pending = [i for i in range(len(job.shards)) if not stage_done(run, stage.name, i)]
+    pending = [i for i in sorted(ready) if not stage_done(run, stage.name, i)]
     if pending and executor is None:
         run_stage_shards(job, stage, pending, progress)
     elif pending:
@@ -259,7 +265,10 @@ def prepare_job(settings: LabelSettings, out_dir: str | Path) -> LabelJob:
     """Check the inputs and bind them to the run folder (settings, shard count, target)."""
     prompts = check_inputs(settings)
     run = RunDir(out_dir)
-    run.bind_settings(json.loads(json.dumps(asdict(settings))))
+    # The answer pattern is read only by the outcomes stage: it may be added to a finished run.
+    run.bind_settings(json.loads(json.dumps(asdict(settings))), addable=("answer_pattern",))
+    if settings.answer_pattern is None:  # a rerun without it goes on with the run's
+        settings = replace(settings, answer_pattern=run.read_json("run.json").get("answer_pattern"))
     shards = _shards(prompts, settings.shard_size)
     run.bind_shard_count(len(shards))
     write_target_identity(run, settings.target)
@@ -267,9 +276,10 @@ def prepare_job(settings: LabelSettings, out_dir: str | Path) -> LabelJob:
 
 
 def run_label(settings: LabelSettings, out_dir: str | Path, progress=None,
-              stages: tuple[str, ...] | None = None, executor=None) -> RunDir:
+              stages: tuple[str, ...] | None = None, executor=None, allow_partial: bool = False) -> RunDir:
     """Every stage in order (outcomes only with an answer pattern), or just `stages`; the
-    shards of each stage here, or as tasks of `executor` (offline/ray_label.RayExecutor)."""
+    shards of each stage here, or as tasks of `executor` (offline/ray_label.RayExecutor);
+    with `allow_partial`, each stage on the shards whose inputs are complete."""
     if progress is None:
         from tqdm.auto import tqdm as progress
     unknown = set(stages or ()) - set(STAGE_NAMES)
@@ -283,7 +293,7 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None,
             continue
         if stage.name == "outcomes" and settings.answer_pattern is None:
             continue
-        run_stage(job, stage, progress, executor)
+        run_stage(job, stage, progress, executor, allow_partial)
     return job.run
 
 

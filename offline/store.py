@@ -131,20 +131,26 @@ class RunDir:
         """Every record of `stage`, in shard order: the one reader of a stage's records."""
         return [r for i in self.complete_shards(stage, allow_partial=allow_partial) for r in self.read_records(stage, i)]
 
-    def bind_settings(self, settings: dict[str, Any]) -> None:
-        """Record the run's settings, or check that a rerun uses the same ones."""
+    def bind_settings(self, settings: dict[str, Any], addable: tuple[str, ...] = ()) -> None:
+        """Record the run's settings, or check that a rerun uses the same ones. A setting in
+        `addable` (one only a later stage reads) may be given to a run started without it; it
+        is then recorded, and a rerun that leaves it out keeps the run's."""
         path = self.root / "run.json"
         if path.is_file():
             previous = json.loads(path.read_text())
             # A setting added after the run started, left at None, is what the run did.
             previous = dict({k: None for k, v in settings.items() if v is None}, **previous)
-            if previous != settings:
-                changed = sorted(k for k in set(previous) | set(settings)
-                                 if previous.get(k) != settings.get(k))
+            added = {k: settings[k] for k in addable if settings.get(k) is not None and previous.get(k) is None}
+            recorded = dict(previous, **added)
+            wanted = dict(settings, **{k: previous.get(k) for k in addable if settings.get(k) is None})
+            if recorded != wanted:
+                changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
                 raise RunError(
                     f"{self.root} was started with other settings ({', '.join(changed)}); "
                     "use a new output folder or the original settings"
                 )
+            if added:
+                _atomic_write(path, lambda p: p.write_text(json.dumps(recorded, indent=2)))
             return
         _atomic_write(path, lambda p: p.write_text(json.dumps(settings, indent=2)))
 

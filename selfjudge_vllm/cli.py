@@ -67,7 +67,7 @@ def _label(args: argparse.Namespace) -> int:
     stages = tuple(args.stage) if args.stage else None
     try:
         if args.ray is None:
-            run = run_label(settings, args.out, stages=stages)
+            run = run_label(settings, args.out, stages=stages, allow_partial=args.allow_partial_run)
         else:
             try:
                 from selfjudge_vllm.offline.ray_label import RayExecutor, RayTaskError
@@ -77,7 +77,8 @@ def _label(args: argparse.Namespace) -> int:
             address = None if args.ray == "local" else args.ray
             try:
                 with RayExecutor(address, args.ray_workers, args.ray_task_cpus, args.ray_task_gpus) as executor:
-                    run = run_label(settings, args.out, stages=stages, executor=executor)
+                    run = run_label(settings, args.out, stages=stages, executor=executor,
+                                    allow_partial=args.allow_partial_run)
             except RayTaskError as exc:
                 print(f"selfjudge label: {exc}", file=sys.stderr)
                 return 1
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--answer-pattern", nargs="?", const=DEFAULT_ANSWER_PATTERN, default=None,
                        help="also record, for prompts with an \"answer\", whether the final "
                        "answer (last match of this regex; default: the last number) survives "
-                       "each substitution; enables `train --tau-from-answers`")
+                       "each substitution; enables `train --tau-from-answers` and the answer-change "
+                       "operating points; may be added to a run labelled without it (only outcomes then run)")
     label.add_argument("--ngram-k", type=int, default=0, metavar="K",
                        help="also label the mismatches vLLM's ngram proposer meets with K draft tokens (its "
                        "lookup replayed along each response), so the head is trained for ngram serving too "
@@ -208,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--stage", action="append", choices=STAGE_NAMES, default=None,
                        help="run only this stage (repeatable; its input stages must be complete); default: all, "
                        "in order (outcomes only with --answer-pattern)")
+    label.add_argument("--allow-partial-run", action="store_true",
+                       help="run each stage on the shards whose input stages are complete, leaving the others "
+                       "(e.g. outcomes or features for the shards an interrupted scores stage finished)")
     label.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run each stage's shards as Ray tasks, each with its own engine: on the cluster at "
                        "ADDRESS (e.g. auto, ray://head:10001; the run folder, models and this package at the same "

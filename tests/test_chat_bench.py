@@ -201,6 +201,34 @@ def test_store_resumes_without_losing_or_repeating_requests(tmp_path):
     assert reopened.done("ngram-k4/judge-0.5") == {}
 
 
+def test_the_store_refuses_another_head_but_not_the_same_one_saved_again(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from benchmarks.chat_tradeoff import check_heads_unchanged
+
+    def save(folder, bias, metadata):
+        folder.mkdir(exist_ok=True)
+        save_file({"bias": torch.tensor([bias]), "scalar_weight": torch.tensor([1.0, 2.0])},
+                  folder / "model.safetensors", metadata=metadata)
+        return folder
+
+    head = save(tmp_path / "head", 0.5, {"format": "selfjudge-head"})
+    store = tmp_path / "store"
+    store.mkdir()
+    # A store begun before digests: the file's SHA-256 is still accepted, then upgraded.
+    legacy = hashlib.sha256((head / "model.safetensors").read_bytes()).hexdigest()
+    (store / "heads.json").write_text(json.dumps({"judge": legacy}))
+    check_heads_unchanged(store, {"judge": head, "judge_hidden": None})
+    assert json.loads((store / "heads.json").read_text())["judge"] != legacy
+    # The same tensors in a file that differs (other metadata): the same head.
+    save(head, 0.5, {"format": "selfjudge-head", "format_version": "2"})
+    check_heads_unchanged(store, {"judge": head})
+    save(head, 0.25, {"format": "selfjudge-head"})
+    with pytest.raises(SystemExit, match="judge head differs"):
+        check_heads_unchanged(store, {"judge": head})
+
+
 def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, monkeypatch):
     """A point whose outputs are all stored but whose counters cover only the items of a
     later sitting is served once more on all items; the report then reads that re-measure

@@ -94,6 +94,41 @@ def test_run_folder_refuses_other_settings(tmp_path):
     assert not list((tmp_path / "run/features").glob(".*tmp"))
 
 
+def test_an_answer_pattern_may_be_added_to_a_run_started_without_one(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.bind_settings({"a": 1, "answer_pattern": None})
+    with pytest.raises(RunError, match=r"other settings \(a\)"):  # nothing recorded on a refusal
+        run.bind_settings({"a": 2, "answer_pattern": "x"}, addable=("answer_pattern",))
+    assert run.read_json("run.json")["answer_pattern"] is None
+    with pytest.raises(RunError, match="answer_pattern"):  # only where it is addable
+        run.bind_settings({"a": 1, "answer_pattern": "x"})
+    run.bind_settings({"a": 1, "answer_pattern": "x"}, addable=("answer_pattern",))
+    assert run.read_json("run.json") == {"a": 1, "answer_pattern": "x"}
+    run.bind_settings({"a": 1, "answer_pattern": None}, addable=("answer_pattern",))  # left out: the run's
+    with pytest.raises(RunError, match="answer_pattern"):  # but not another one
+        run.bind_settings({"a": 1, "answer_pattern": "y"}, addable=("answer_pattern",))
+
+
+def test_a_stage_runs_on_the_shards_whose_inputs_are_complete_only_when_asked(tmp_path, monkeypatch):
+    from selfjudge_vllm.offline import label
+
+    run = RunDir(tmp_path / "run")
+    run.bind_shard_count(4)
+    for i in range(4):
+        run.write_records("responses", i, [])
+    for i in (0, 1, 3):
+        run.write_records("scores", i, [])
+    run.write_records("outcomes", 0, [])
+    ran = []
+    monkeypatch.setattr(label, "run_stage_shards", lambda job, stage, indices, progress: ran.extend(indices))
+    job = label.LabelJob(LabelSettings("t", "d", "p", answer_pattern="x"), run, [[]] * 4)
+    with pytest.raises(IncompleteRunError, match="lacks shard"):
+        label.run_stage(job, label.STAGE_BY_NAME["outcomes"], None)
+    assert ran == []
+    label.run_stage(job, label.STAGE_BY_NAME["outcomes"], None, allow_partial=True)
+    assert ran == [1, 3]  # shard 0 is done, shard 2 has no scores
+
+
 def test_tau_from_answer_outcomes_maximises_agreement():
     rng = np.random.default_rng(1)
     scores = rng.uniform(0, 1, 300)
