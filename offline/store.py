@@ -137,9 +137,7 @@ class RunDir:
         is then recorded, and a rerun that leaves it out keeps the run's."""
         path = self.root / "run.json"
         if path.is_file():
-            previous = json.loads(path.read_text())
-            # A setting added after the run started, left at None, is what the run did.
-            previous = dict({k: None for k, v in settings.items() if v is None}, **previous)
+            previous = _with_later_settings(json.loads(path.read_text()), settings)
             added = {k: settings[k] for k in addable if settings.get(k) is not None and previous.get(k) is None}
             recorded = dict(previous, **added)
             wanted = dict(settings, **{k: previous.get(k) for k in addable if settings.get(k) is None})
@@ -160,6 +158,18 @@ class RunDir:
             self.root / stage / "provenance.json",
             lambda p: p.write_text(json.dumps(record, indent=2, default=str)),
         )
+
+
+def _with_later_settings(previous: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """`previous` with the settings added to the package after the run started (at any depth,
+    e.g. a new engine option) that `settings` leaves at None: that is what the run did."""
+    out = dict(previous)
+    for key, value in settings.items():
+        if key not in out and value is None:
+            out[key] = None
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _with_later_settings(out[key], value)
+    return out
 
 
 def provenance(info: dict[str, Any]) -> dict[str, Any]:

@@ -85,10 +85,13 @@ def test_bad_inputs_are_refused_before_any_engine(tmp_path, tiny_pair, workdir):
 
 def test_run_folder_refuses_other_settings(tmp_path):
     run = RunDir(tmp_path / "run")
-    run.bind_settings({"a": 1})
-    run.bind_settings({"a": 1})
+    run.bind_settings({"a": 1, "engine": {"x": 1}})
+    # Settings the package gained after the run started, left at None, at any depth: what the run did.
+    run.bind_settings({"a": 1, "b": None, "engine": {"x": 1, "y": None}})
     with pytest.raises(RunError, match="other settings \\(a\\)"):
-        run.bind_settings({"a": 2})
+        run.bind_settings({"a": 2, "engine": {"x": 1}})
+    with pytest.raises(RunError, match="other settings \\(engine\\)"):
+        run.bind_settings({"a": 1, "engine": {"x": 1, "y": 3}})
     run.write_tensors("features", 0, {"x": torch.ones(2, 3)})
     assert torch.equal(run.read_tensors("features", 0)["x"], torch.ones(2, 3))
     assert not list((tmp_path / "run/features").glob(".*tmp"))
