@@ -336,6 +336,35 @@ def test_answer_outcomes_equal_a_transformers_continuation(labelled_run, tiny_pa
         assert o["original_answer"] == final_answer(tok.decode(r["response"]), pattern)
 
 
+def test_outcomes_added_later_on_the_complete_shards_equal_those_labelled_from_the_start(labelled_run, tiny_pair,
+                                                                                           tmp_path):
+    """A run labelled without an answer pattern, whose scores stage lacks a shard, gets its
+    outcomes later on the shards it has (`--answer-pattern --allow-partial-run`): the records
+    the run labelled with the pattern from the start has."""
+    import shutil
+
+    from selfjudge_vllm.offline.store import IncompleteRunError
+
+    late = RunDir(shutil.copytree(labelled_run.root, tmp_path / "late"))
+    shutil.rmtree(late.root / "outcomes")
+    (late.root / "scores/shard-00001.jsonl").unlink()
+    late.write_json("run.json", dict(late.read_json("run.json"), answer_pattern=None))
+    prompts = Path(late.read_json("run.json")["prompts"])
+    with_pattern = _settings(tiny_pair, prompts, shard_size=4, answer_pattern=NUMBER_WORDS)
+    with pytest.raises(IncompleteRunError, match="lacks shard"):
+        run_label(with_pattern, late.root, progress=lambda x, **k: x, stages=("outcomes",))
+    run_label(with_pattern, late.root, progress=lambda x, **k: x, stages=("outcomes",), allow_partial=True)
+    assert late.read_json("run.json")["answer_pattern"] == NUMBER_WORDS
+    assert late.complete_shards("outcomes", allow_partial=True) == [0, 2]
+    # A rerun that leaves the pattern out goes on with the run's.
+    (late.root / "outcomes/shard-00002.jsonl").unlink()
+    run_label(_settings(tiny_pair, prompts, shard_size=4), late.root, progress=lambda x, **k: x,
+              stages=("outcomes",), allow_partial=True)
+    assert late.complete_shards("outcomes", allow_partial=True) == [0, 2]
+    for i in (0, 2):
+        assert late.read_records("outcomes", i) == labelled_run.read_records("outcomes", i)
+
+
 def test_train_with_tau_calibrated_on_answers(labelled_run, tmp_path):
     report = train(labelled_run.root, tmp_path / "head", TrainSettings(suffix_length=3, tau_from_answers=True))
     calibration = report["tau_calibration"]
