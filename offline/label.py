@@ -285,13 +285,13 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None,
     unknown = set(stages or ()) - set(STAGE_NAMES)
     if unknown:
         raise InputError(f"unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGE_NAMES)}")
-    if "outcomes" in (stages or ()) and settings.answer_pattern is None:
+    job = prepare_job(settings, out_dir)  # its settings carry the run's answer pattern if it has one
+    if "outcomes" in (stages or ()) and job.settings.answer_pattern is None:
         raise InputError("the outcomes stage needs --answer-pattern")
-    job = prepare_job(settings, out_dir)
     for stage in STAGES:
         if stages is not None and stage.name not in stages:
             continue
-        if stage.name == "outcomes" and settings.answer_pattern is None:
+        if stage.name == "outcomes" and job.settings.answer_pattern is None:
             continue
         run_stage(job, stage, progress, executor, allow_partial)
     return job.run
