@@ -174,7 +174,16 @@ def prompt_logprobs(llm, sequences: list[list[int]], read_prefix_cache: bool = F
     return result
 
 
-def hidden_states(llm, sequences: list[list[int]]):
-    """[len(seq), hidden] final-norm states per sequence (torch tensors, model dtype)."""
-    outputs = llm.encode([tokens_prompt(s) for s in sequences], pooling_task="token_embed", use_tqdm=False)
+def hidden_states(llm, sequences: list[list[int]], read_prefix_cache: bool = False):
+    """Final-norm states per sequence (torch tensors, model dtype): [len(seq), hidden] rows.
+
+    With `read_prefix_cache`, a sequence whose prefix is in vLLM's prefix cache (an earlier
+    request shared it) skips computing it, and only the rows after the cached tokens are
+    returned; the last row is always the sequence's last position. vLLM's own default
+    for token_embed is to skip reading the cache, since it shortens the output.
+    """
+    from vllm import PoolingParams
+
+    params = PoolingParams(task="token_embed", skip_reading_prefix_cache=not read_prefix_cache)
+    outputs = llm.encode([tokens_prompt(s) for s in sequences], params, pooling_task="token_embed", use_tqdm=False)
     return [o.outputs.data for o in outputs]

@@ -184,12 +184,14 @@ def features_shard(llm, job: LabelJob, i: int) -> None:
         run.write_records("features", i, [])
         return
     seqs = job.sequences(i)
-    # y' only matters up to position m (causal): feed y'[:m+1] and take its last row.
-    substituted = [seqs[it["id"]][: it["m"]] + [it["draft"]] for it in items]
-    sub_rows = [h[-1] for h in hidden_states(llm, substituted)]
     ids_with_items = sorted({it["id"] for it in items})
     full = dict(zip(ids_with_items, hidden_states(llm, [seqs[r] for r in ids_with_items])))
     orig_rows = [full[it["id"]][it["m"]] for it in items]
+    # y' only matters up to position m (causal): feed y'[:m+1] and take its last row. Its
+    # prefix y[:m] is in the prefix cache from the originals just encoded, so each
+    # substitution computes at most one block, not the whole prompt and response again.
+    substituted = [seqs[it["id"]][: it["m"]] + [it["draft"]] for it in items]
+    sub_rows = [h[-1] for h in hidden_states(llm, substituted, read_prefix_cache=True)]
     run.write_tensors("features", i, {
         "substituted": torch.stack(sub_rows).float(),
         "original": torch.stack(orig_rows).float(),

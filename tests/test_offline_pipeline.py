@@ -179,6 +179,25 @@ def test_offline_features_equal_what_the_plugin_captures_at_serving(workdir, tin
     assert diff < 1e-4, diff
 
 
+def test_substituted_hidden_rows_read_after_the_cached_prefix_equal_a_full_recompute(tiny_pair):
+    """The features stage encodes the original responses first, then each y[:m] + [d]
+    reading y[:m] from the prefix cache: the last row must be what a full recompute gives."""
+    generator = torch.Generator().manual_seed(0)
+    originals = [torch.randint(10, 500, (n,), generator=generator).tolist() for n in (150, 200, 250)]
+    # (sequence, m), vLLM's CPU KV block being 128 tokens: m=5 has no cached block before it
+    cuts = [(0, 5), (0, 140), (1, 128), (2, 200), (2, 249)]
+    substituted = [originals[s][:m] + [(originals[s][m] + 7) % 490 + 10] for s, m in cuts]
+    with engine(str(tiny_pair[0]), ENGINE, pooling=True) as pool:
+        hidden_states(pool, originals)
+        read_after_cache = hidden_states(pool, substituted, read_prefix_cache=True)
+        recomputed = hidden_states(pool, substituted)
+    assert [len(h) for h in recomputed] == [len(s) for s in substituted]
+    assert sum(len(h) < len(s) for h, s in zip(read_after_cache, substituted)) >= 3, "the cache was not read"
+    diff = max(float((a[-1].float() - b[-1].float()).abs().max()) for a, b in zip(read_after_cache, recomputed))
+    print(f"max |cached prefix - recompute| last-row difference = {diff:.2e}")
+    assert diff < 1e-4, diff
+
+
 @pytest.mark.parametrize("kind", ["draft_model", "eagle3"])
 def test_offline_logit_features_equal_what_the_plugin_computes_at_serving(workdir, tiny_pair, kind):
     """The logit features the plugin computes for every draft row while serving (format-2
