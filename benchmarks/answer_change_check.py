@@ -13,6 +13,10 @@ answer was compared), the served head, and the chat benchmark's report:
                  (offline.train.response_change_share, the estimate the `changes_*`
                  operating points are set with) beside the measured rate on the benchmark's
                  GSM8K items (paired against the same server's lossless run)
+  --probe        whether a head trained on "answer kept" itself could do better: logistic
+                 regressions on the logit features, the hidden state and both, fitted and
+                 scored out of fold (folds by prompt, C chosen inside each training fold);
+                 needs the run's features stage
 
 The estimate is computed on the label run's responses (the judge's training prompts, never
 the benchmark's items), on all of them and on the head's validation prompts alone.
@@ -65,6 +69,50 @@ def head_accept_probability(head_dir: Path, data) -> np.ndarray:
     return torch.sigmoid(logits.double()).numpy()
 
 
+PROBE_C = (0.001, 0.01, 0.1, 1.0)
+PROBE_FOLDS = 5
+
+
+def _probe_model(c: float):
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    # The imputer fills next_confidence where a mismatch is the response's last token.
+    return make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+
+
+def _grouped_auc(c: float, x: np.ndarray, kept: np.ndarray, groups: np.ndarray, folds: int) -> float:
+    """Mean held-out ROC-AUC of the probe at C=c over `folds` splits by prompt."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold
+
+    return float(np.mean([
+        roc_auc_score(kept[test], _probe_model(c).fit(x[fit], kept[fit]).predict_proba(x[test])[:, 1])
+        for fit, test in GroupKFold(folds).split(x, kept, groups)]))
+
+
+def out_of_fold_auc(x: np.ndarray, kept: np.ndarray, groups: np.ndarray) -> dict:
+    """ROC-AUC of out-of-fold P(answer kept): each outer fold's model is fitted on the
+    other prompts with C chosen by an inner split of those prompts, so no prompt is scored
+    by a model that saw it."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold
+
+    predicted, chosen = np.full(len(kept), np.nan), []
+    for fit, test in GroupKFold(PROBE_FOLDS).split(x, kept, groups):
+        best = max(PROBE_C, key=lambda c: _grouped_auc(c, x[fit], kept[fit], groups[fit], PROBE_FOLDS - 1))  # noqa: B023
+        chosen.append(best)
+        predicted[test] = _probe_model(best).fit(x[fit], kept[fit]).predict_proba(x[test])[:, 1]
+    return {"roc_auc": float(roc_auc_score(kept, predicted)), "C_per_fold": chosen}
+
+
+def answer_kept_probe(evidence: np.ndarray, hidden: np.ndarray, kept: np.ndarray, groups: np.ndarray) -> dict:
+    return {name: out_of_fold_auc(x, kept, groups) for name, x in
+            (("logits", evidence), ("hidden", hidden), ("both", np.hstack([hidden, evidence])))}
+
+
 def measured_gsm8k_changes(report: dict, server: tuple[str, int]) -> dict[tuple[str, float], dict]:
     """(method, knob) -> answer changes on the GSM8K items, from the benchmark's report."""
     out = {}
@@ -80,7 +128,9 @@ def measured_gsm8k_changes(report: dict, server: tuple[str, int]) -> dict[tuple[
     return out
 
 
-def check(run_dir: Path, head_dir: Path, report: dict, server: tuple[str, int]) -> dict:
+def check(run_dir: Path, head_dir: Path, report: dict, server: tuple[str, int], probe: bool = False) -> dict:
+    import torch
+
     from selfjudge_vllm.artifact import JudgeArtifact
     from selfjudge_vllm.features import DRAFT_LOGRATIO, LOGIT_FEATURES
     from selfjudge_vllm.offline.train import evidence_matrix, load_training_data, response_change_share, split_by_prompt
@@ -88,7 +138,7 @@ def check(run_dir: Path, head_dir: Path, report: dict, server: tuple[str, int]) 
 
     artifact = JudgeArtifact.load(head_dir)
     training = artifact.config.provenance.get("report", {})
-    data = load_training_data([run_dir], with_hidden=artifact.weight is not None, allow_partial=True)
+    data = load_training_data([run_dir], with_hidden=probe or artifact.weight is not None, allow_partial=True)
     # The head's own train/validation split (same records, share and seed as `selfjudge train`).
     is_val = split_by_prompt([r["id"] for r in data.records], training.get("validation_share", 0.2),
                              training.get("seed", 0))
@@ -124,6 +174,10 @@ def check(run_dir: Path, head_dir: Path, report: dict, server: tuple[str, int]) 
                        "mismatch_accept_share": float((signal >= threshold).mean()),
                        "estimated_change_share": estimate(signal, threshold, everywhere),
                        "estimated_change_share_validation": estimate(signal, threshold, validation)})
+    probed = None
+    if probe:
+        hidden = data.substituted[torch.from_numpy(rows)].double().numpy()
+        probed = answer_kept_probe(evidence_matrix(records), hidden, kept, response_of)
     return {
         "run": str(run_dir), "head": str(head_dir), "server": list(server),
         "mismatches_with_outcomes": int(len(records)), "responses": int(len(set(response_of))),
@@ -132,6 +186,7 @@ def check(run_dir: Path, head_dir: Path, report: dict, server: tuple[str, int]) 
         "roc_auc_answer_kept": {"head": _auc(kept, p_head), "draft_logratio": _auc(kept, logratio),
                                 "label_score": _auc(kept, -label_score)},
         "points": points,
+        "answer_kept_probe": probed,
     }
 
 
@@ -152,6 +207,10 @@ def _markdown(result: dict) -> str:
             f"| {100 * p['estimated_change_share']:.1f}% / {100 * p['estimated_change_share_validation']:.1f}% "
             f"| {p['gsm8k_changes']}/{p['gsm8k_n']} ({100 * p['gsm8k_change_rate']:.1f}%) "
             f"| {p['all_changes']}/{p['all_n']} ({p['text_changes']}) |")
+    if result.get("answer_kept_probe"):
+        probe = result["answer_kept_probe"]
+        lines += ["", "Heads fitted on 'answer kept' itself, out of fold by prompt (ROC-AUC): "
+                  + ", ".join(f"{name} {_f(v['roc_auc'])}" for name, v in probe.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -166,9 +225,11 @@ def main(argv=None) -> int:
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/results/chat_tradeoff.json")
     parser.add_argument("--server", default="draft_model:8", help="proposer:k of the benchmark's points")
     parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--probe", action="store_true",
+                        help="also fit heads on 'answer kept' (out of fold; needs the run's features)")
     args = parser.parse_args(argv)
     proposer, k = args.server.split(":")
-    result = check(args.run, args.head, json.loads(args.report.read_text()), (proposer, int(k)))
+    result = check(args.run, args.head, json.loads(args.report.read_text()), (proposer, int(k)), probe=args.probe)
     result["command"] = "python benchmarks/answer_change_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from benchmarks.answer_change_check import check
+from benchmarks.answer_change_check import check, out_of_fold_auc
 from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, TargetIdentity
 from selfjudge_vllm.features import LOGIT_FEATURES
 from selfjudge_vllm.offline.store import RunDir
@@ -77,3 +77,20 @@ def test_estimates_at_served_points_match_a_hand_count(tmp_path):
     # The label score here is minus the ratio, so both rank "answer kept" identically.
     auc = result["roc_auc_answer_kept"]
     assert auc["draft_logratio"] == auc["label_score"] == auc["head"]
+
+
+def test_the_answer_kept_probe_scores_each_prompt_with_a_model_that_never_saw_it():
+    """A feature that reads the answer only through the prompt's identity (one column per
+    prompt, the label constant within a prompt) is perfect in sample and useless out of fold;
+    a feature that carries the label in every prompt is found."""
+    rng = np.random.default_rng(0)
+    prompts, per_prompt = 30, 8
+    groups = np.repeat(np.arange(prompts), per_prompt)
+    kept = np.repeat(rng.uniform(size=prompts) < 0.5, per_prompt)
+    identity = np.eye(prompts)[groups] * np.where(kept, 1.0, -1.0)[:, None]
+    assert out_of_fold_auc(identity, kept, groups)["roc_auc"] < 0.65
+    informative = np.column_stack([kept + rng.normal(0, 0.7, len(kept)), rng.normal(size=len(kept))])
+    kept_mixed = kept.copy()
+    kept_mixed[::2] = ~kept_mixed[::2]  # the label varies within a prompt too
+    informative[:, 0] = kept_mixed + rng.normal(0, 0.7, len(kept))
+    assert out_of_fold_auc(informative, kept_mixed, groups)["roc_auc"] > 0.8
