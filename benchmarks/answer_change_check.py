@@ -83,28 +83,20 @@ def _probe_model(c: float):
     return make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(C=c, max_iter=2000))
 
 
-def _grouped_auc(c: float, x: np.ndarray, kept: np.ndarray, groups: np.ndarray, folds: int) -> float:
-    """Mean held-out ROC-AUC of the probe at C=c over `folds` splits by prompt."""
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import GroupKFold
-
-    return float(np.mean([
-        roc_auc_score(kept[test], _probe_model(c).fit(x[fit], kept[fit]).predict_proba(x[test])[:, 1])
-        for fit, test in GroupKFold(folds).split(x, kept, groups)]))
-
-
 def out_of_fold_auc(x: np.ndarray, kept: np.ndarray, groups: np.ndarray) -> dict:
     """ROC-AUC of out-of-fold P(answer kept): each outer fold's model is fitted on the
-    other prompts with C chosen by an inner split of those prompts, so no prompt is scored
-    by a model that saw it."""
+    other prompts with C chosen by a grid search over splits of those prompts, so no prompt
+    is scored by a model that saw it."""
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import GroupKFold
+    from sklearn.model_selection import GridSearchCV, GroupKFold
 
     predicted, chosen = np.full(len(kept), np.nan), []
     for fit, test in GroupKFold(PROBE_FOLDS).split(x, kept, groups):
-        best = max(PROBE_C, key=lambda c: _grouped_auc(c, x[fit], kept[fit], groups[fit], PROBE_FOLDS - 1))  # noqa: B023
-        chosen.append(best)
-        predicted[test] = _probe_model(best).fit(x[fit], kept[fit]).predict_proba(x[test])[:, 1]
+        search = GridSearchCV(_probe_model(PROBE_C[0]), {"logisticregression__C": PROBE_C},
+                              scoring="roc_auc", cv=GroupKFold(PROBE_FOLDS - 1))
+        search.fit(x[fit], kept[fit], groups=groups[fit])
+        chosen.append(search.best_params_["logisticregression__C"])
+        predicted[test] = search.predict_proba(x[test])[:, 1]
     return {"roc_auc": float(roc_auc_score(kept, predicted)), "C_per_fold": chosen}
 
 
@@ -150,7 +142,8 @@ def check(run_dir: Path, head_dir: Path, report: dict, server: tuple[str, int], 
     changed = np.array([bool(c) for c, ok in zip(changed, rows) if ok])
     records = [r for r, ok in zip(data.records, rows) if ok]
     p_head = head_accept_probability(head_dir, data)[rows]
-    logratio = evidence_matrix(records)[:, LOGIT_FEATURES.index(DRAFT_LOGRATIO)]
+    evidence = evidence_matrix(records)
+    logratio = evidence[:, LOGIT_FEATURES.index(DRAFT_LOGRATIO)]
     label_score = np.array([r["scores"]["max"][SCORE_N] for r in records])
     kept = ~changed
     response_of = np.array([r["id"] for r in records])
@@ -177,7 +170,7 @@ def check(run_dir: Path, head_dir: Path, report: dict, server: tuple[str, int], 
     probed = None
     if probe:
         hidden = data.substituted[torch.from_numpy(rows)].double().numpy()
-        probed = answer_kept_probe(evidence_matrix(records), hidden, kept, response_of)
+        probed = answer_kept_probe(evidence, hidden, kept, response_of)
     return {
         "run": str(run_dir), "head": str(head_dir), "server": list(server),
         "mismatches_with_outcomes": int(len(records)), "responses": int(len(set(response_of))),
