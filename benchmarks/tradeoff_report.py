@@ -196,13 +196,15 @@ def _resolution(rows) -> str:
     return f" {', '.join(parts)} (lossless {lossless['proposer']} k={lossless['k']})."
 
 
-def _markdown(rows, headlines, setup, reference, plots) -> str:
+def _markdown(rows, headlines, setup, reference, plots, previous=None) -> str:
     lines = [
         f"Measured {setup['date']} on {setup['machine']}, vLLM {setup['vllm']}; target {setup['target']}, "
         f"draft_model draft = {setup['draft']}. Greedy decoding; concurrent = all items with up to "
         f"{setup['concurrency']} in flight; batch 1 = {setup['batch1_items']} continuation items one at a time. "
         f"Target alone: {reference['tokens_per_s']:.1f} tok/s concurrent, "
-        f"{reference['tokens_per_s_batch1']:.1f} tok/s at batch 1. Command: `{setup['command']}`.",
+        f"{reference['tokens_per_s_batch1']:.1f} tok/s at batch 1. "
+        + (f"The judge reads {', '.join(setup['head_features'])}. " if setup.get("head_features") else "")
+        + f"Command: `{setup['command']}`.",
         "",
         "| proposer | k | method | knob | accept. length | accept. rate | tok/s conc. | tok/s batch 1 "
         "| code pass (n) | short answer acc. (n) | cont. cosine (n) | cont. exact | within 1% |",
@@ -269,11 +271,38 @@ def _markdown(rows, headlines, setup, reference, plots) -> str:
         cells += [_pair(h["per_task_within_1pct"][task]) if task in h["per_task_within_1pct"] else "n/a"
                   for task in PRIMARY]
         lines.append(f"| {h['proposer']} | {h['k']} | " + " | ".join(cells) + " |")
+    if previous is not None:
+        lines += ["", *_comparison(headlines, previous)]
     lines += ["", "Plots: " + ", ".join(f"`benchmarks/results/{p}`" for p in plots)]
     return "\n".join(lines) + "\n"
 
 
-def write(points, reference, items, results: Path, tag: str, setup: dict) -> dict:
+def _comparison(headlines, previous: dict) -> list[str]:
+    """This sweep's matched-quality judge against an earlier sweep's (another head on the
+    same items), with this sweep's best training-free rule beside them."""
+    before = {(h["proposer"], h["k"]): h for h in previous["headlines"]}
+    label = previous["setup"].get("head_features") or ["hidden_state"]
+    budgets = [f"{budget:g}" for budget in BUDGETS]
+    lines = [f"Against the earlier sweep's judge (reads {', '.join(label)}; measured {previous['setup']['date']}): "
+             "highest mean acceptance length within each budget on every task, earlier judge / this judge / "
+             "this sweep's best training-free rule (-: no point qualifies):", "",
+             "| proposer | k | " + " | ".join(f"every task <= {100 * float(b):g}%" for b in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets)]
+
+    def cell(pick):
+        return "-" if pick is None else f"{pick['mean_acceptance_length']:.2f}"
+
+    for h in headlines:
+        old = before.get((h["proposer"], h["k"]))
+        cells = [" / ".join([cell(old["budgets"][b]["judge"]) if old else "n/a", cell(h["budgets"][b]["judge"]),
+                             cell(h["budgets"][b]["best_training_free"])]) for b in budgets]
+        lines.append(f"| {h['proposer']} | {h['k']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write(points, reference, items, results: Path, tag: str, setup: dict, previous: dict | None = None) -> dict:
+    """`previous`: the JSON report of an earlier sweep on the same items (another head), whose
+    matched-quality judge points the Markdown lists beside this sweep's."""
     results.mkdir(parents=True, exist_ok=True)
     _item_scores(points, reference, items)
     rows = _summarise(points)
@@ -289,7 +318,7 @@ def write(points, reference, items, results: Path, tag: str, setup: dict) -> dic
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    markdown = _markdown(rows, headlines, setup, reference, plots)
+    markdown = _markdown(rows, headlines, setup, reference, plots, previous)
     (results / f"{tag}.md").write_text(markdown)
     print(markdown)
     return report

@@ -48,6 +48,19 @@ def test_quick_tradeoff_on_tiny_models(tmp_path, tiny_pair):
     for proposer in ("draft_model", "ngram"):
         for kind in ("acceptance", "speed"):
             assert (results / f"tradeoff_quick_{proposer}_{kind}.png").stat().st_size > 10_000
-    # Rerun: every point exists, so it only rebuilds the report, starting no server.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert report["setup"]["head_features"] == ["hidden"]
+    # Rerun: every point exists, so it only rebuilds the report, starting no server. Compared
+    # with itself as the earlier sweep, each budget's earlier and current judge points agree.
+    first = report
+    again = subprocess.run(command + ["--compare-with", str(results / "tradeoff_quick.json")],
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "server:" not in again.stdout and "0 to run" in again.stdout
+    comparison = (results / "tradeoff_quick.md").read_text().split("Against the earlier sweep's judge")[1]
+    for headline in first["headlines"]:
+        row = next(line for line in comparison.splitlines()
+                   if line.startswith(f"| {headline['proposer']} | {headline['k']} |"))
+        for cell, budget in zip(row.strip(" |").split(" | ")[2:], ("0.01", "0.05", "0.1")):
+            earlier, current, free = cell.split(" / ")
+            assert earlier == current
+            best_free = headline["budgets"][budget]["best_training_free"]
+            assert free == ("-" if best_free is None else f"{best_free['mean_acceptance_length']:.2f}")
