@@ -5,8 +5,8 @@ the training-free rules, on the Gemma 3 270M testbed, through vLLM's OpenAI serv
     python benchmarks/tradeoff.py --testbed testbed --quick       # ~9 min here, 5.5 with a trained judge
 
 Steps (each resumable: rerun the same command after an interruption):
-  1. judge: unless --head is given, `selfjudge label` + `selfjudge train` on the TRAIN split of
-     benchmarks/tasks.py (WORK/judge/).
+  1. judge: unless --head is given, `selfjudge label` (draft-model and ngram mismatches) +
+     `selfjudge train` on the TRAIN split of benchmarks/tasks.py (WORK/judge/).
   2. reference: the target alone (no speculative decoding) answers every EVAL item, greedy;
      its continuations are the similarity reference, and the HumanEval problems it solves
      are the code task's items.
@@ -17,7 +17,8 @@ Steps (each resumable: rerun the same command after an interruption):
      with all items in flight (--concurrency) and at batch 1 (a fixed subset, sequential),
      and every quality measure.
   4. report: RESULTS/tradeoff[_quick].json (every point, every item), .csv, PNG plots and a
-     Markdown table (RESULTS/tradeoff[_quick].md) that the README embeds.
+     Markdown table (RESULTS/tradeoff[_quick].md) that the README embeds; with --compare-with,
+     an earlier sweep's matched-quality judge points beside this one's.
 """
 
 from __future__ import annotations
