@@ -281,7 +281,7 @@ def _comparison(headlines, previous: dict) -> list[str]:
     """This sweep's matched-quality judge against an earlier sweep's (another head on the
     same items), with this sweep's best training-free rule beside them."""
     before = {(h["proposer"], h["k"]): h for h in previous["headlines"]}
-    label = previous["setup"].get("head_features") or ["hidden_state"]
+    label = previous["setup"].get("head_features") or ["hidden"]  # sweeps before format 2 served hidden-state heads
     budgets = [f"{budget:g}" for budget in BUDGETS]
     lines = [f"Against the earlier sweep's judge (reads {', '.join(label)}; measured {previous['setup']['date']}): "
              "highest mean acceptance length within each budget on every task, earlier judge / this judge / "
