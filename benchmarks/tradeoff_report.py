@@ -284,18 +284,24 @@ def _comparison(headlines, previous: dict) -> list[str]:
     label = previous["setup"].get("head_features") or ["hidden"]  # sweeps before format 2 served hidden-state heads
     budgets = [f"{budget:g}" for budget in BUDGETS]
     lines = [f"Against the earlier sweep's judge (reads {', '.join(label)}; measured {previous['setup']['date']}): "
-             "highest mean acceptance length within each budget on every task, earlier judge / this judge / "
-             "this sweep's best training-free rule (-: no point qualifies):", "",
-             "| proposer | k | " + " | ".join(f"every task <= {100 * float(b):g}%" for b in budgets) + " |",
-             "|---|---|" + "---|" * len(budgets)]
+             "highest mean acceptance length within each budget, earlier judge / this judge / this sweep's best "
+             "training-free rule (-: no point qualifies; n/a: not measured):", "",
+             "| proposer | k | " + " | ".join(f"every task <= {100 * float(b):g}%" for b in budgets) + " | "
+             + " | ".join(f"{task} alone <= 1%" for task in PRIMARY) + " |",
+             "|---|---|" + "---|" * (len(budgets) + len(PRIMARY))]
 
-    def cell(pick):
-        return "-" if pick is None else f"{pick['mean_acceptance_length']:.2f}"
+    def cell(picks, method):
+        if picks is None:
+            return "n/a"
+        return "-" if picks[method] is None else f"{picks[method]['mean_acceptance_length']:.2f}"
 
     for h in headlines:
-        old = before.get((h["proposer"], h["k"]))
-        cells = [" / ".join([cell(old["budgets"][b]["judge"]) if old else "n/a", cell(h["budgets"][b]["judge"]),
-                             cell(h["budgets"][b]["best_training_free"])]) for b in budgets]
+        old = before.get((h["proposer"], h["k"]), {})
+        columns = [(old.get("budgets", {}).get(b), h["budgets"][b]) for b in budgets]
+        columns += [(old.get("per_task_within_1pct", {}).get(task), h["per_task_within_1pct"].get(task))
+                    for task in PRIMARY]
+        cells = [" / ".join([cell(earlier, "judge"), cell(now, "judge"), cell(now, "best_training_free")])
+                 for earlier, now in columns]
         lines.append(f"| {h['proposer']} | {h['k']} | " + " | ".join(cells) + " |")
     return lines
 
