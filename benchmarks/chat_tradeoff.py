@@ -242,15 +242,20 @@ async def run_items(base_url, items, extra, concurrency, on_done) -> float:
     return time.monotonic() - start
 
 
+PROGRESS_EVERY = 14  # requests between progress lines inside a point
+
+
 class Progress:
     """Requests done / planned, with an ETA from the tokens/s seen in this sitting."""
 
     def __init__(self, planned: int, done: int):
         self.planned, self.done, self.started, self.run_now = planned, done, time.monotonic(), 0
 
-    def tick(self, n=1):
+    def tick(self, n=1, label=""):
         self.done += n
         self.run_now += n
+        if label and self.run_now % PROGRESS_EVERY == 0:  # a point takes minutes: show it moving
+            log(f"    {label}: {self.line()}")
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
@@ -281,7 +286,7 @@ def measure_point(server, store, key, items, extra, args, progress) -> None:
 
         def on_done(item, result):
             store.add_request({"point": key, "id": item.id, **result})
-            progress.tick()
+            progress.tick(label=key)
 
         wall = asyncio.run(run_items(server.base, pending, extra, args.concurrency, on_done))
         after = spec_counters(server)
@@ -296,8 +301,13 @@ def measure_point(server, store, key, items, extra, args, progress) -> None:
         # (greedy: the texts are the stored ones; how many match is recorded).
         before = spec_counters(server)
         texts = {}
-        wall = asyncio.run(run_items(server.base, items, extra, args.concurrency,
-                                     lambda item, r: texts.__setitem__(item.id, r)))
+        again = Progress(len(items), 0)
+
+        def on_again(item, result):
+            texts[item.id] = result
+            again.tick(label=f"{key} (counters re-measure)")
+
+        wall = asyncio.run(run_items(server.base, items, extra, args.concurrency, on_again))
         after = spec_counters(server)
         store.add_segment({"point": key, "ids": [i.id for i in items], "wall_s": wall, "remeasure": True,
                            "tokens": sum(r["tokens"] for r in texts.values()),

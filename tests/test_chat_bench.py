@@ -229,10 +229,10 @@ def test_the_store_refuses_another_head_but_not_the_same_one_saved_again(tmp_pat
         check_heads_unchanged(store, {"judge": head})
 
 
-def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, monkeypatch):
+def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, monkeypatch, capsys):
     """A point whose outputs are all stored but whose counters cover only the items of a
-    later sitting is served once more on all items; the report then reads that re-measure
-    alone, and a complete point is left alone."""
+    later sitting is served once more on all items, with progress lines; the report then
+    reads that re-measure alone, and a complete point is left alone."""
     from types import SimpleNamespace
 
     from benchmarks import chat_tradeoff
@@ -251,6 +251,7 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
     monkeypatch.setattr(chat_tradeoff, "run_items", fake_run_items)
     monkeypatch.setattr(chat_tradeoff, "spec_counters",
                         lambda server: {"drafts": 10 * next(calls), "draft_tokens": 0, "accepted": 0})
+    monkeypatch.setattr(chat_tradeoff, "PROGRESS_EVERY", 2)
     store = Store(tmp_path / "s")
     cut, whole = "draft_model-k8/entropy-2.0", "draft_model-k8/lossless"
     for key in (cut, whole):
@@ -270,6 +271,7 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
     assert served == []
     measure_point(SimpleNamespace(base="http://unused"), store, cut, items, None, args, progress)
     assert served == [i.id for i in items]
+    assert capsys.readouterr().out.count(f"{cut} (counters re-measure): ") == 2  # after items 2 and 4
     remeasure = Store(tmp_path / "s").counter_segments(cut, ids)
     assert len(remeasure) == 1 and remeasure[0]["remeasure"] and remeasure[0]["same_text"] == 4
     assert remeasure[0]["counters"]["drafts"] == 10 and store.counters_cover(cut, ids)
