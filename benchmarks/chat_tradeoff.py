@@ -131,7 +131,7 @@ def head_digest(head: Path) -> str:
 def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None]) -> None:
     """The store's judge points belong to the heads that produced them: record the heads'
     digests at first use and refuse to go on with other heads."""
-    import hashlib
+    from selfjudge_vllm.testbed import file_sha256
 
     record = store_folder / "heads.json"
     before = json.loads(record.read_text()) if record.is_file() else {}
@@ -141,7 +141,7 @@ def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None]) -> 
             continue
         now[name] = head_digest(path)
         # Stores begun before digests recorded the file's SHA-256: still the same head.
-        legacy = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+        legacy = file_sha256(path / "model.safetensors")
         if name in before and before[name] not in (now[name], legacy):
             changed.append(name)
     if changed:

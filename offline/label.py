@@ -30,6 +30,7 @@ from selfjudge_vllm.offline.prompts import Prompt, read_prompt_file, tokenize_pr
 from selfjudge_vllm.offline.proposers import NgramSettings, ngram_mismatches
 from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
 from selfjudge_vllm.offline.store import RunDir
+from selfjudge_vllm.testbed import file_sha256
 
 logger = logging.getLogger("selfjudge.label")
 
@@ -268,7 +269,9 @@ def prepare_job(settings: LabelSettings, out_dir: str | Path) -> LabelJob:
     prompts = check_inputs(settings)
     run = RunDir(out_dir)
     # The answer pattern is read only by the outcomes stage: it may be added to a finished run.
-    run.bind_settings(json.loads(json.dumps(asdict(settings))), addable=("answer_pattern",))
+    # The prompts are bound by content (a run started before digests were recorded gains one).
+    bound = dict(json.loads(json.dumps(asdict(settings))), prompts_sha256=file_sha256(settings.prompts))
+    run.bind_settings(bound, addable=("answer_pattern", "prompts_sha256"), digests={"prompts": "prompts_sha256"})
     if settings.answer_pattern is None:  # a rerun without it goes on with the run's
         settings = replace(settings, answer_pattern=run.read_json("run.json").get("answer_pattern"))
     shards = _shards(prompts, settings.shard_size)

@@ -131,16 +131,23 @@ class RunDir:
         """Every record of `stage`, in shard order: the one reader of a stage's records."""
         return [r for i in self.complete_shards(stage, allow_partial=allow_partial) for r in self.read_records(stage, i)]
 
-    def bind_settings(self, settings: dict[str, Any], addable: tuple[str, ...] = ()) -> None:
+    def bind_settings(self, settings: dict[str, Any], addable: tuple[str, ...] = (),
+                      digests: dict[str, str] | None = None) -> None:
         """Record the run's settings, or check that a rerun uses the same ones. A setting in
         `addable` (one only a later stage reads) may be given to a run started without it; it
-        is then recorded, and a rerun that leaves it out keeps the run's."""
+        is then recorded, and a rerun that leaves it out keeps the run's. `digests` maps a
+        file setting to the setting holding its content digest: where the run recorded that
+        digest, the same content under another path (relative vs absolute, a moved checkout)
+        is the same setting."""
         path = self.root / "run.json"
         if path.is_file():
             previous = _with_later_settings(json.loads(path.read_text()), settings)
             added = {k: settings[k] for k in addable if settings.get(k) is not None and previous.get(k) is None}
             recorded = dict(previous, **added)
             wanted = dict(settings, **{k: previous.get(k) for k in addable if settings.get(k) is None})
+            for file_key, digest_key in (digests or {}).items():
+                if previous.get(digest_key) is not None and previous[digest_key] == wanted.get(digest_key):
+                    wanted[file_key] = previous.get(file_key)
             if recorded != wanted:
                 changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
                 raise RunError(

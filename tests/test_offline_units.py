@@ -112,6 +112,20 @@ def test_an_answer_pattern_may_be_added_to_a_run_started_without_one(tmp_path):
         run.bind_settings({"a": 1, "answer_pattern": "y"}, addable=("answer_pattern",))
 
 
+def test_a_prompt_file_is_bound_by_its_content_not_how_its_path_is_written(tmp_path):
+    digests = {"prompts": "prompts_sha256"}
+    addable = ("prompts_sha256",)
+    old = RunDir(tmp_path / "old")  # started before digests were recorded
+    old.bind_settings({"prompts": "p.jsonl"})
+    with pytest.raises(RunError, match=r"other settings \(prompts\)"):  # no digest to vouch for another path
+        old.bind_settings({"prompts": "/abs/p.jsonl", "prompts_sha256": "aa"}, addable, digests)
+    old.bind_settings({"prompts": "p.jsonl", "prompts_sha256": "aa"}, addable, digests)  # gains the digest
+    old.bind_settings({"prompts": "/abs/p.jsonl", "prompts_sha256": "aa"}, addable, digests)
+    with pytest.raises(RunError, match="prompts_sha256"):  # same path, other content
+        old.bind_settings({"prompts": "p.jsonl", "prompts_sha256": "bb"}, addable, digests)
+    assert old.read_json("run.json") == {"prompts": "p.jsonl", "prompts_sha256": "aa"}
+
+
 def test_a_stage_runs_on_the_shards_whose_inputs_are_complete_only_when_asked(tmp_path, monkeypatch):
     from selfjudge_vllm.offline import label
 
