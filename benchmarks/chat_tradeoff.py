@@ -54,7 +54,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import chat_tasks  # noqa: E402
 from benchmarks.chat_tradeoff_report import BUDGETS, METHOD_FAMILIES, Outcomes, point_key, point_rows  # noqa: E402
-from benchmarks.tradeoff import _version, load_jsonl, log, spec_counters, xargs  # noqa: E402
+from benchmarks.tradeoff import _version, judge_thresholds, load_jsonl, log, spec_counters, xargs  # noqa: E402
 
 # Servers in the order they are worked on: the issue's headline configuration first.
 SERVERS = (("draft_model", 8), ("ngram", 8), ("draft_model", 4), ("ngram", 4))
@@ -148,16 +148,6 @@ def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None]) -> 
         sys.exit(f"chat_tradeoff: the {', '.join(changed)} head differs from the one {store_folder} was measured "
                  "with; use another --results folder or the original head")
     record.write_text(json.dumps({**before, **now}, indent=1))
-
-
-def judge_thresholds(head: Path) -> list[float]:
-    """The head's `accepts_*` operating points (the share of validation mismatches it
-    accepts), loosest last; SCREEN_SWEEP's thresholds for a head without them."""
-    from selfjudge_vllm.artifact import JudgeArtifact
-
-    points = JudgeArtifact.load(head).config.operating_points
-    named = sorted((p.threshold for name, p in points.items() if name.startswith("accepts_")), reverse=True)
-    return [round(t, 6) for t in named] or SCREEN_SWEEP["judge"]
 
 
 # -- the store: one line per finished request, one per finished segment ---------------------------
@@ -437,7 +427,7 @@ def main(argv=None) -> int:
     if head is None:
         sweep.pop("judge", None)
     elif not args.quick:
-        sweep["judge"] = judge_thresholds(head)
+        sweep["judge"] = judge_thresholds(head, SCREEN_SWEEP["judge"])
     stages = set(args.stages.split(","))
     started = time.monotonic()
     out_of_time = lambda: args.max_minutes is not None and (time.monotonic() - started) / 60 > args.max_minutes  # noqa: E731
@@ -468,8 +458,9 @@ def main(argv=None) -> int:
                 for method, ablation_head in ablation.items():
                     if server == servers[0] and "ablation" in stages:
                         # E.g. the paper's hidden-state head on the headline server, same items.
+                        thresholds = judge_thresholds(ablation_head, SCREEN_SWEEP["judge"])
                         work_on(server, [(point_key(server, method, t), screen, xargs("judge", t))
-                                         for t in judge_thresholds(ablation_head)], served_head=ablation_head)
+                                         for t in thresholds], served_head=ablation_head)
         if "confirm" in stages and not args.quick:
             for server in servers:
                 chosen = [("lossless", None)] + frontier(store, server, screen)

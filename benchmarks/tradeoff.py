@@ -3,6 +3,7 @@ the training-free rules, on the Gemma 3 270M testbed, through vLLM's OpenAI serv
 
     python benchmarks/tradeoff.py --testbed testbed               # the full sweep (~90 min here, 56 with a trained judge)
     python benchmarks/tradeoff.py --testbed testbed --quick       # ~9 min here, 5.5 with a trained judge
+    python benchmarks/tradeoff.py --testbed testbed --report-only # the report from the points measured so far
 
 Steps (each resumable: rerun the same command after an interruption):
   1. judge: unless --head is given, `selfjudge label` (draft-model and ngram mismatches) +
@@ -44,7 +45,7 @@ from selfjudge_vllm.rules import RULES  # noqa: E402
 
 SWEEP = {
     "lossless": [None],
-    "judge": [0.95, 0.85, 0.7, 0.5],
+    "judge": [0.95, 0.85, 0.7, 0.5],  # for a head without `accepts_*` operating points (format 1)
     "top_alpha": [0.5, 0.2],
     "entropy": [2.0, 1.0],
 }
@@ -86,6 +87,17 @@ def ensure_judge(testbed: Path, draft: Path, work: Path, quick: bool, ngram_k: i
     subprocess.run(cli + ["train", "--run", str(folder / "label-run"), "--out", str(head),
                           "--tau", str(TAU), "--suffix-length", "20"], check=True)
     return head
+
+
+def judge_thresholds(head: Path, fallback: list[float]) -> list[float]:
+    """The head's `accepts_*` operating points (the share of validation mismatches it
+    accepts), loosest last: they span each head's own score range, so heads whose scores
+    are scaled differently are swept alike. `fallback` for a head without them."""
+    from selfjudge_vllm.artifact import JudgeArtifact
+
+    points = JudgeArtifact.load(head).config.operating_points
+    named = sorted((p.threshold for name, p in points.items() if name.startswith("accepts_")), reverse=True)
+    return [round(t, 6) for t in named] or fallback
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -175,6 +187,8 @@ def main(argv=None) -> int:
                         help="continuation items timed at batch 1 (default 4; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="few items, one draft length, one knob per method")
     parser.add_argument("--tag", help="name of the work folder and result files (default tradeoff, tradeoff_quick)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the points measured so far; starts no server")
     parser.add_argument("--compare-with", type=Path,
                         help="JSON report of an earlier sweep (another head): its matched-quality judge points "
                              "are listed beside this sweep's")
@@ -197,7 +211,14 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     sweep = QUICK_SWEEP if args.quick else SWEEP
     draft_lengths = [3] if args.quick else [int(k) for k in args.draft_lengths.split(",")]
-    head = args.head or ensure_judge(args.testbed, draft, args.work, args.quick, max(draft_lengths))
+    if args.report_only:
+        head = args.head or args.work / ("judge-quick" if args.quick else "judge") / "head"
+        for needed in (head / "config.json", work / "reference.json"):
+            if not needed.is_file():
+                sys.exit(f"tradeoff --report-only: {needed} missing; run the sweep (without --report-only) first")
+    else:
+        head = args.head or ensure_judge(args.testbed, draft, args.work, args.quick, max(draft_lengths))
+    sweep = QUICK_SWEEP if args.quick else dict(SWEEP, judge=judge_thresholds(head, SWEEP["judge"]))
 
     families = tuple(args.families.split(","))
     unknown = set(families) - set(tasks.FAMILIES)
@@ -244,7 +265,7 @@ def main(argv=None) -> int:
             for method, knobs in sweep.items() for knob in knobs]
     remaining = [p for p in plan if p not in done]
     log(f"sweep: {len(plan)} points, {len(remaining)} to run, {len(items)} items each")
-    for proposer in ("draft_model", "ngram"):
+    for proposer in () if args.report_only else ("draft_model", "ngram"):
         for k in draft_lengths:
             todo = [p for p in remaining if p[:2] == (proposer, k)]
             if not todo:
@@ -298,6 +319,7 @@ def main(argv=None) -> int:
             "draft": f"its first {args.draft_layers} layers", "head": str(head),
             "head_features": list(JudgeArtifact.load(head).config.features),
             "concurrency": args.concurrency, "batch1_items": len(b1_items), "quick": args.quick,
+            "points_missing": len(remaining), "points_planned": len(plan),
             "command": "python benchmarks/tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         },
         previous=previous,

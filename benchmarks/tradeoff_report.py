@@ -204,6 +204,8 @@ def _markdown(rows, headlines, setup, reference, plots, previous=None) -> str:
         f"Target alone: {reference['tokens_per_s']:.1f} tok/s concurrent, "
         f"{reference['tokens_per_s_batch1']:.1f} tok/s at batch 1. "
         + (f"The judge reads {', '.join(setup['head_features'])}. " if setup.get("head_features") else "")
+        + (f"**Partial: {setup['points_missing']} of {setup['points_planned']} points not measured yet** "
+           "(rerun the sweep to finish). " if setup.get("points_missing") else "")
         + f"Command: `{setup['command']}`.",
         "",
         "| proposer | k | method | knob | accept. length | accept. rate | tok/s conc. | tok/s batch 1 "

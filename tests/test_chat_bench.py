@@ -319,3 +319,24 @@ def test_quick_chat_tradeoff_on_tiny_models(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "server:" not in again.stdout
     assert json.loads((results / "chat_tradeoff_quick.json").read_text())["points"] == report["points"]
+
+
+def test_both_benchmarks_sweep_a_head_at_its_own_operating_points(tmp_path):
+    """Heads whose scores are scaled differently are swept alike: at the thresholds where each
+    accepts 5/10/20/40% of validation mismatches; a head without them gets the fixed knobs."""
+    import torch
+
+    from benchmarks.tradeoff import judge_thresholds
+    from selfjudge_vllm.artifact import OperatingPoint
+    from selfjudge_vllm.testing.tiny_models import write_head
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 4,
+                                                    "vocab_size": 8, "num_hidden_layers": 1}))
+    points = {"youden": OperatingPoint(threshold=0.3),
+              "accepts_5pct": OperatingPoint(threshold=0.52400001), "accepts_40pct": OperatingPoint(threshold=0.0038)}
+    named = write_head(tmp_path / "named", target, torch.zeros(4), bias=0.0, operating_points=points)
+    assert judge_thresholds(named, [0.9]) == [0.524, 0.0038]
+    plain = write_head(tmp_path / "plain", target, torch.zeros(4), bias=0.0)
+    assert judge_thresholds(plain, [0.9, 0.5]) == [0.9, 0.5]
