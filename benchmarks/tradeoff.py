@@ -209,7 +209,6 @@ def main(argv=None) -> int:
         args.batch1_items = 1 if args.quick else 4
     work = args.work / tag
     work.mkdir(parents=True, exist_ok=True)
-    sweep = QUICK_SWEEP if args.quick else SWEEP
     draft_lengths = [3] if args.quick else [int(k) for k in args.draft_lengths.split(",")]
     if args.report_only:
         head = args.head or args.work / ("judge-quick" if args.quick else "judge") / "head"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -124,6 +125,21 @@ def test_a_prompt_file_is_bound_by_its_content_not_how_its_path_is_written(tmp_p
     with pytest.raises(RunError, match="prompts_sha256"):  # same path, other content
         old.bind_settings({"prompts": "p.jsonl", "prompts_sha256": "bb"}, addable, digests)
     assert old.read_json("run.json") == {"prompts": "p.jsonl", "prompts_sha256": "aa"}
+
+
+def test_a_label_run_resumes_from_its_prompt_file_under_another_path_but_not_other_prompts(
+        tmp_path, tiny_pair, monkeypatch):
+    from selfjudge_vllm.offline.label import prepare_job
+
+    target, draft = tiny_pair
+    monkeypatch.chdir(tmp_path)
+    prompts = _write(tmp_path / "p.jsonl", ['{"prompt": "a b c"}\n'])
+    settings = LabelSettings(target=str(target), draft=str(draft), prompts="p.jsonl", max_new_tokens=8)
+    prepare_job(settings, tmp_path / "run")
+    prepare_job(replace(settings, prompts=str(prompts.resolve())), tmp_path / "run")  # the same file
+    _write(prompts, ['{"prompt": "other words"}\n'])
+    with pytest.raises(RunError, match="prompts_sha256"):
+        prepare_job(settings, tmp_path / "run")
 
 
 def test_a_stage_runs_on_the_shards_whose_inputs_are_complete_only_when_asked(tmp_path, monkeypatch):
