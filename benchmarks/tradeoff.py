@@ -62,8 +62,13 @@ def log(message: str) -> None:
 # -- step 1: the judge -------------------------------------------------------------------------
 
 
+def judge_folder(work: Path, quick: bool) -> Path:
+    """Where ensure_judge keeps its label run and trained head (head in `head/`)."""
+    return work / ("judge-quick" if quick else "judge")
+
+
 def ensure_judge(testbed: Path, draft: Path, work: Path, quick: bool, ngram_k: int) -> Path:
-    folder = work / ("judge-quick" if quick else "judge")
+    folder = judge_folder(work, quick)
     head = folder / "head"
     if (head / "config.json").is_file():
         log(f"judge: using {head}")
@@ -211,7 +216,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     draft_lengths = [3] if args.quick else [int(k) for k in args.draft_lengths.split(",")]
     if args.report_only:
-        head = args.head or args.work / ("judge-quick" if args.quick else "judge") / "head"
+        head = args.head or judge_folder(args.work, args.quick) / "head"
         for needed in (head / "config.json", work / "reference.json"):
             if not needed.is_file():
                 sys.exit(f"tradeoff --report-only: {needed} missing; run the sweep (without --report-only) first")

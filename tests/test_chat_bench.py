@@ -340,3 +340,13 @@ def test_both_benchmarks_sweep_a_head_at_its_own_operating_points(tmp_path):
     assert judge_thresholds(named, [0.9]) == [0.524, 0.0038]
     plain = write_head(tmp_path / "plain", target, torch.zeros(4), bias=0.0)
     assert judge_thresholds(plain, [0.9, 0.5]) == [0.9, 0.5]
+
+
+def test_a_gemma_report_only_run_before_any_sweep_says_what_is_missing(tmp_path):
+    from benchmarks import tradeoff
+
+    for model in ("target", "draft-12l"):
+        (tmp_path / "testbed" / model).mkdir(parents=True)
+        (tmp_path / "testbed" / model / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"judge/head/config.json missing; run the sweep"):
+        tradeoff.main(["--testbed", str(tmp_path / "testbed"), "--work", str(tmp_path / "work"), "--report-only"])
