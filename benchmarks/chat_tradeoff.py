@@ -180,14 +180,23 @@ class Store:
         _append(self.segments_path, row)
 
     def counter_segments(self, point: str, ids: set[str]) -> list[dict]:
-        """The segments whose counters belong to `ids` of a point: a re-measure of them all
-        when there is one (the latest), else every segment within them."""
-        segments = [s for s in self.segments if s["point"] == point and not s.get("batch1") and set(s["ids"]) <= ids]
-        remeasured = [s for s in segments if s.get("remeasure")]
-        return remeasured[-1:] or segments
+        """The segments whose counters belong to `ids` of a point, no item counted twice:
+        newest first, each segment none of whose items a newer chosen one already has (vLLM's
+        counters add up over disjoint runs; a re-measure supersedes what it repeats)."""
+        chosen, counted = [], set()
+        for segment in reversed(self.segments):
+            members = set(segment["ids"])
+            if segment["point"] == point and not segment.get("batch1") and members <= ids and not members & counted:
+                chosen.append(segment)
+                counted |= members
+        return chosen[::-1]
+
+    def uncounted(self, point: str, ids: set[str]) -> set[str]:
+        """Items of `ids` no counters segment of the point covers (a sitting ended while they ran)."""
+        return ids - {i for segment in self.counter_segments(point, ids) for i in segment["ids"]}
 
     def counters_cover(self, point: str, ids: set[str]) -> bool:
-        return sum(len(s["ids"]) for s in self.counter_segments(point, ids)) >= len(ids)
+        return not self.uncounted(point, ids)
 
     def batch1(self, point: str) -> dict | None:
         return next((s for s in self.segments if s["point"] == point and s.get("batch1")), None)
@@ -233,6 +242,10 @@ async def run_items(base_url, items, extra, concurrency, on_done) -> float:
 
 
 PROGRESS_EVERY = 14  # requests between progress lines inside a point
+# Requests per counters segment: a sitting that ends inside a point loses the counters of at
+# most this many finished requests (served once more for them); a larger segment keeps the
+# batch full for longer (each segment drains before the next starts).
+SEGMENT_ITEMS = 64
 
 
 class Progress:
@@ -268,50 +281,61 @@ def needs_work(store, key, items) -> bool:
     return bool(missing_steps(store, key, items))
 
 
-def measure_point(server, store, key, items, extra, args, progress) -> None:
-    """Runs the point's missing items (persisting each) and, once, its batch-1 timing."""
+def measure_point(server, store, key, items, extra, args, progress, out_of_time=lambda: False) -> bool:
+    """Runs the point's missing items (persisting each; vLLM's counters read around every
+    SEGMENT_ITEMS of them) and, once, its batch-1 timing. Returns False when `out_of_time()`
+    stopped it between segments (rerun to continue)."""
     if "requests" in missing_steps(store, key, items):
         pending = [i for i in items if i.id not in store.done(key)]
-        before = spec_counters(server)  # zeros on a server without speculative decoding
+        for start in range(0, len(pending), SEGMENT_ITEMS):
+            if start and out_of_time():
+                log(f"--max-minutes reached inside {key}; {len(pending) - start} requests left (rerun to continue)")
+                return False
+            segment = pending[start:start + SEGMENT_ITEMS]
+            before = spec_counters(server)  # zeros on a server without speculative decoding
 
-        def on_done(item, result):
-            store.add_request({"point": key, "id": item.id, **result})
-            progress.tick(label=key)
+            def on_done(item, result):
+                store.add_request({"point": key, "id": item.id, **result})
+                progress.tick(label=key)
 
-        wall = asyncio.run(run_items(server.base, pending, extra, args.concurrency, on_done))
-        after = spec_counters(server)
-        store.add_segment({"point": key, "ids": [i.id for i in pending], "wall_s": wall,
-                           "tokens": sum(store.done(key)[i.id]["tokens"] for i in pending),
-                           "counters": {k: after[k] - before[k] for k in after},
-                           "measured": datetime.date.today().isoformat()})
-        log(f"  {key}: {len(pending)} requests in {wall / 60:.1f} min; {progress.line()}")
+            wall = asyncio.run(run_items(server.base, segment, extra, args.concurrency, on_done))
+            after = spec_counters(server)
+            store.add_segment({"point": key, "ids": [i.id for i in segment], "wall_s": wall,
+                               "tokens": sum(store.done(key)[i.id]["tokens"] for i in segment),
+                               "counters": {k: after[k] - before[k] for k in after},
+                               "measured": datetime.date.today().isoformat()})
+            log(f"  {key}: {len(segment)} requests in {wall / 60:.1f} min; {progress.line()}")
     if "counters" in missing_steps(store, key, items):  # asked again: the requests above add counters
-        # A sitting ended inside this point before: its outputs are all kept, but its counters
-        # cover only part of them. Serve every item once more for the counters and the speed
-        # (greedy: the texts are the stored ones; how many match is recorded).
+        # A sitting ended inside this point before: the outputs of the segment it cut are all
+        # kept, but no counters cover them. Serve those items once more for the counters and
+        # the speed (greedy: the texts are the stored ones; how many match is recorded).
+        uncounted = store.uncounted(key, {i.id for i in items})
+        again_items = [i for i in items if i.id in uncounted]
         before = spec_counters(server)
         texts = {}
-        again = Progress(len(items), 0)
+        again = Progress(len(again_items), 0)
 
         def on_again(item, result):
             texts[item.id] = result
             again.tick(label=f"{key} (counters re-measure)")
 
-        wall = asyncio.run(run_items(server.base, items, extra, args.concurrency, on_again))
+        wall = asyncio.run(run_items(server.base, again_items, extra, args.concurrency, on_again))
         after = spec_counters(server)
-        store.add_segment({"point": key, "ids": [i.id for i in items], "wall_s": wall, "remeasure": True,
+        store.add_segment({"point": key, "ids": [i.id for i in again_items], "wall_s": wall, "remeasure": True,
                            "tokens": sum(r["tokens"] for r in texts.values()),
                            "counters": {k: after[k] - before[k] for k in after},
                            "same_text": sum(texts[i]["text"] == r["text"] for i, r in store.done(key).items()
                                             if i in texts),
                            "measured": datetime.date.today().isoformat()})
-        log(f"  {key}: counters re-measured on all {len(items)} items in {wall / 60:.1f} min")
+        log(f"  {key}: counters re-measured on the {len(again_items)} items a cut segment left uncounted "
+            f"in {wall / 60:.1f} min")
     if "batch1" in missing_steps(store, key, items):
         b1 = items[: args.batch1_items]
         results = []
         wall = asyncio.run(run_items(server.base, b1, extra, 1, lambda item, r: results.append(r)))
         store.add_segment({"point": key, "batch1": True, "ids": [i.id for i in b1], "wall_s": wall,
                            "tokens": sum(r["tokens"] for r in results)})
+    return True
 
 
 def interleaved(sweep: dict) -> list[tuple[str, float | None]]:
@@ -382,7 +406,8 @@ def main(argv=None) -> int:
                         "(RESULTS/chat_judge/)")
     parser.add_argument("--servers", help="proposer:k list to work on, e.g. draft_model:8,ngram:8 (default: all)")
     parser.add_argument("--stages", default="reference,screen,ablation,confirm", help="stages to run (default: all)")
-    parser.add_argument("--max-minutes", type=float, help="start no new point after this many minutes")
+    parser.add_argument("--max-minutes", type=float,
+                        help="start no new point, nor segment of SEGMENT_ITEMS requests, after this many minutes")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--batch1-items", type=int, default=BATCH1_ITEMS)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -445,7 +470,8 @@ def main(argv=None) -> int:
                 if out_of_time():
                     log(f"--max-minutes reached; stopping before {key} (rerun to continue)")
                     return
-                measure_point(srv, store, key, items, extra, args, progress)
+                if not measure_point(srv, store, key, items, extra, args, progress, out_of_time):
+                    return
         finally:
             srv.stop()
 

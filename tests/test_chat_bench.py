@@ -229,17 +229,10 @@ def test_the_store_refuses_another_head_but_not_the_same_one_saved_again(tmp_pat
         check_heads_unchanged(store, {"judge": head})
 
 
-def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, monkeypatch, capsys):
-    """A point whose outputs are all stored but whose counters cover only the items of a
-    later sitting is served once more on all items, with progress lines; the report then
-    reads that re-measure alone, and a complete point is left alone."""
-    from types import SimpleNamespace
-
+def _fake_server(monkeypatch, served: list[str], drafts_per_read: int = 10):
+    """run_items answers every item at once (recording its id) and the counters grow by
+    `drafts_per_read` at each read, so each segment's counters are `drafts_per_read`."""
     from benchmarks import chat_tradeoff
-    from benchmarks.chat_tradeoff import Store, measure_point, needs_work
-
-    items = _gsm_items(4)
-    served = []
 
     async def fake_run_items(base, todo, extra, concurrency, on_done):
         for item in todo:
@@ -247,10 +240,24 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
             on_done(item, {"text": f"#### {item.id}", "tokens": 10, "latency_s": 0.1})
         return 2.0
 
-    calls = iter(range(100))
+    calls = iter(range(1000))
     monkeypatch.setattr(chat_tradeoff, "run_items", fake_run_items)
     monkeypatch.setattr(chat_tradeoff, "spec_counters",
-                        lambda server: {"drafts": 10 * next(calls), "draft_tokens": 0, "accepted": 0})
+                        lambda server: {"drafts": drafts_per_read * next(calls), "draft_tokens": 0, "accepted": 0})
+
+
+def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, monkeypatch, capsys):
+    """A point whose outputs are all stored but whose counters miss the items of a segment a
+    sitting cut off serves those items once more, with progress lines; the report then adds
+    that re-measure to the earlier segment, and a complete point is left alone."""
+    from types import SimpleNamespace
+
+    from benchmarks import chat_tradeoff
+    from benchmarks.chat_tradeoff import Store, measure_point, needs_work
+
+    items = _gsm_items(6)
+    served = []
+    _fake_server(monkeypatch, served)
     monkeypatch.setattr(chat_tradeoff, "PROGRESS_EVERY", 2)
     store = Store(tmp_path / "s")
     cut, whole = "draft_model-k8/entropy-2.0", "draft_model-k8/lossless"
@@ -258,24 +265,70 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
         for item in items:
             store.add_request({"point": key, "id": item.id, "text": f"#### {item.id}", "tokens": 10, "latency_s": 1})
         store.add_segment({"point": key, "batch1": True, "ids": [items[0].id], "wall_s": 1.0, "tokens": 10})
-    store.add_segment({"point": cut, "ids": [i.id for i in items[2:]], "wall_s": 1.0, "tokens": 20,
+    store.add_segment({"point": cut, "ids": [i.id for i in items[4:]], "wall_s": 1.0, "tokens": 20,
                        "counters": {"drafts": 5}})
-    store.add_segment({"point": whole, "ids": [i.id for i in items], "wall_s": 1.0, "tokens": 40,
+    store.add_segment({"point": whole, "ids": [i.id for i in items], "wall_s": 1.0, "tokens": 60,
                        "counters": {"drafts": 7}})
     ids = {i.id for i in items}
-    assert not store.counters_cover(cut, ids) and store.counters_cover(whole, ids)
+    assert store.uncounted(cut, ids) == {i.id for i in items[:4]} and store.counters_cover(whole, ids)
     assert needs_work(store, cut, items) and not needs_work(store, whole, items)
     args = SimpleNamespace(concurrency=4, batch1_items=1)
     progress = chat_tradeoff.Progress(8, 8)
-    measure_point(SimpleNamespace(base="http://unused"), store, whole, items, None, args, progress)
+    assert measure_point(SimpleNamespace(base="http://unused"), store, whole, items, None, args, progress)
     assert served == []
     measure_point(SimpleNamespace(base="http://unused"), store, cut, items, None, args, progress)
-    assert served == [i.id for i in items]
+    assert served == [i.id for i in items[:4]]  # only what no counters cover
     assert capsys.readouterr().out.count(f"{cut} (counters re-measure): ") == 2  # after items 2 and 4
-    remeasure = Store(tmp_path / "s").counter_segments(cut, ids)
-    assert len(remeasure) == 1 and remeasure[0]["remeasure"] and remeasure[0]["same_text"] == 4
-    assert remeasure[0]["counters"]["drafts"] == 10 and store.counters_cover(cut, ids)
+    segments = Store(tmp_path / "s").counter_segments(cut, ids)
+    assert [len(s["ids"]) for s in segments] == [2, 4] and segments[1]["remeasure"]
+    assert segments[1]["same_text"] == 4 and segments[1]["counters"]["drafts"] == 10
     assert not needs_work(store, cut, items)
+
+
+def test_counter_segments_never_count_an_item_twice(tmp_path):
+    """A re-measure of every item (as sittings before partial re-measures wrote) supersedes
+    the older segments it repeats; disjoint segments all count."""
+    from benchmarks.chat_tradeoff import Store
+
+    store = Store(tmp_path / "s")
+    key, ids = "ngram-k8/lossless", {"a", "b", "c"}
+    store.add_segment({"point": key, "ids": ["a"], "wall_s": 1.0, "tokens": 1, "counters": {"drafts": 1}})
+    store.add_segment({"point": key, "ids": ["a", "b", "c"], "wall_s": 1.0, "tokens": 3, "counters": {"drafts": 3},
+                       "remeasure": True})
+    store.add_segment({"point": key, "ids": ["d"], "wall_s": 1.0, "tokens": 1, "counters": {"drafts": 1}})
+    assert [s["ids"] for s in store.counter_segments(key, ids)] == [["a", "b", "c"]]
+    assert [s["ids"] for s in store.counter_segments(key, ids | {"d"})] == [["a", "b", "c"], ["d"]]
+    assert [s["ids"] for s in store.counter_segments(key, {"a"})] == [["a"]]
+
+
+def test_a_long_point_runs_in_segments_and_stops_between_them(tmp_path, monkeypatch):
+    """More than SEGMENT_ITEMS missing requests are served in segments, each with its own
+    counters; --max-minutes stops between segments, and a rerun goes on with the rest."""
+    from types import SimpleNamespace
+
+    from benchmarks import chat_tradeoff
+    from benchmarks.chat_tradeoff import Store, measure_point, needs_work
+
+    items = _gsm_items(7)
+    served = []
+    _fake_server(monkeypatch, served)
+    monkeypatch.setattr(chat_tradeoff, "SEGMENT_ITEMS", 3)
+    store, key = Store(tmp_path / "s"), "ngram-k8/top_alpha-0.9"
+    args = SimpleNamespace(concurrency=2, batch1_items=1)
+    asked = []
+
+    def out_of_time():  # asked before the 2nd and the 3rd segment; time is up at the 3rd
+        asked.append(True)
+        return len(asked) == 2
+
+    assert not measure_point(SimpleNamespace(base="u"), store, key, items, None, args,
+                             chat_tradeoff.Progress(7, 0), out_of_time)
+    assert served == [i.id for i in items[:6]] and store.batch1(key) is None
+    assert [len(s["ids"]) for s in store.counter_segments(key, {i.id for i in items})] == [3, 3]
+    assert measure_point(SimpleNamespace(base="u"), store, key, items, None, args, chat_tradeoff.Progress(7, 6))
+    assert served[6:] == [items[6].id, items[0].id]  # the last request, then the batch-1 timing
+    assert [len(s["ids"]) for s in store.counter_segments(key, {i.id for i in items})] == [3, 3, 1]
+    assert not needs_work(store, key, items)
 
 
 # -- end to end on tiny models ------------------------------------------------------------------------
