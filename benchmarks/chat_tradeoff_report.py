@@ -215,7 +215,7 @@ def _markdown(rows, heads, setup) -> str:
     if partial:
         lines += ["", "n/a acceptance and speed: a sitting ended inside the point, so its counters cover only "
                   + ", ".join(f"{r['timed_items']} of {r['n']} items ({r['method']} {r['knob']})" for r in partial)
-                  + "; the next sitting on that server serves all their items once more for the counters."]
+                  + "; the next sitting on that server serves the items without counters once more for them."]
     lines += ["", "Matched quality: highest mean acceptance length (tokens per step) within each answer-change budget "
               "(exact 95% upper bound of the share of items whose answer differs from lossless); judge / best "
               "training-free rule (-: no point qualifies):", "",
