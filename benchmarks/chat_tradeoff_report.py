@@ -63,6 +63,7 @@ def _acceptance(store, key: str, ids: set[str]) -> dict:
         "tokens_per_s": tokens / wall if wall else None,
         "tokens_per_s_batch1": batch1["tokens"] / batch1["wall_s"] if batch1 else None,
         "timed_items": sum(len(s["ids"]) for s in segments),
+        "timed_items_all_cores": sum(len(s["ids"]) for s in segments if s.get("worker_cores") == "all"),
     }
 
 
@@ -189,6 +190,14 @@ def _markdown(rows, heads, setup) -> str:
         f"training slice, all HumanEval problems). Command: `{setup['command']}`.",
         "",
     ]
+    mixed = [r for r in rows if r.get("timed_items_all_cores")]
+    if mixed:
+        lines += ["Timings with the model worker on every core (`--all-cores`; vLLM's CPU default leaves one core to "
+                  "its scheduler, which on 2 cores is about 1.6x slower): "
+                  + ", ".join(f"{r['proposer']} k={r['k']} {r['method']}{'' if r['knob'] is None else ' ' + str(r['knob'])} "
+                              f"{r['timed_items_all_cores']} of {r['timed_items']} timed items" for r in mixed)
+                  + ". tok/s of a point mixes its segments' settings; acceptance and answers do not depend on it "
+                  "(same texts and counters both ways on the --quick items).", ""]
     if reference is not None:
         lines.append(f"Target alone (no SD): {reference['n']} items, accuracy {reference['accuracy']:.3f}, "
                      f"{_fmt(reference['tokens_per_s'], '.1f')} tok/s concurrent, "
