@@ -331,6 +331,28 @@ def test_a_long_point_runs_in_segments_and_stops_between_them(tmp_path, monkeypa
     assert not needs_work(store, key, items)
 
 
+def test_timings_with_all_cores_are_recorded_and_reported(tmp_path, monkeypatch):
+    """--all-cores changes tokens/s, not texts: every segment timed with it says so, and the
+    report counts, per point, the items timed that way and states it above the table."""
+    from benchmarks.chat_tradeoff import Store
+    from benchmarks.chat_tradeoff_report import _markdown
+
+    dm = ("draft_model", 8)
+    key = point_key(dm, "lossless", None)
+    store = _store(tmp_path, {key: (["#### 0", "#### 1"], {"drafts": 2, "draft_tokens": 16, "accepted": 8})})
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    store.add_request({"point": key, "id": "gsm8k/1002", "text": "#### 2", "tokens": 10, "latency_s": 1.0})
+    store.add_segment({"point": key, "ids": ["gsm8k/1002"], "wall_s": 1.0, "tokens": 10,
+                       "counters": {"drafts": 1, "draft_tokens": 8, "accepted": 4}})
+    segments = Store(tmp_path / "store").segments
+    assert [s.get("worker_cores") for s in segments] == [None, "all"]
+    rows = point_rows(store, Outcomes(_gsm_items(3)))
+    assert (rows[0]["timed_items"], rows[0]["timed_items_all_cores"]) == (3, 1)
+    setup = {"date": "d", "machine": "m", "vllm": "v", "target": "t", "draft": "d", "concurrency": 16,
+             "batch1_items": 2, "screen_items": 3, "confirm_items": 3, "command": "c"}
+    assert "draft_model k=8 lossless 1 of 3 timed items" in _markdown(rows, headlines(rows), setup)
+
+
 # -- end to end on tiny models ------------------------------------------------------------------------
 
 
