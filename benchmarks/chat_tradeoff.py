@@ -257,21 +257,21 @@ SEGMENT_ITEMS = 64
 
 
 class Progress:
-    """Requests done / planned, with an ETA from the tokens/s seen in this sitting."""
+    """Requests served / to serve in this sitting, with an ETA from this sitting's pace
+    (create it once the server is up, so start-up minutes do not count as serving time)."""
 
-    def __init__(self, planned: int, done: int):
-        self.planned, self.done, self.started, self.run_now = planned, done, time.monotonic(), 0
+    def __init__(self, planned: int):
+        self.planned, self.done, self.started = planned, 0, time.monotonic()
 
     def tick(self, n=1, label=""):
         self.done += n
-        self.run_now += n
-        if label and self.run_now % PROGRESS_EVERY == 0:  # a point takes minutes: show it moving
+        if label and self.done % PROGRESS_EVERY == 0:  # a point takes minutes: show it moving
             log(f"    {label}: {self.line()}")
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
         left = self.planned - self.done
-        eta = f"{left * elapsed / self.run_now / 60:.0f} min" if self.run_now else "n/a"
+        eta = f"{left * elapsed / self.done / 60:.0f} min" if self.done else "n/a"
         return f"{self.done}/{self.planned} requests, ETA {eta} at this sitting's pace"
 
 
@@ -321,11 +321,10 @@ def measure_point(server, store, key, items, extra, args, progress, out_of_time=
         again_items = [i for i in items if i.id in uncounted]
         before = spec_counters(server)
         texts = {}
-        again = Progress(len(again_items), 0)
 
         def on_again(item, result):
             texts[item.id] = result
-            again.tick(label=f"{key} (counters re-measure)")
+            progress.tick(label=f"{key} (counters re-measure)")
 
         wall = asyncio.run(run_items(server.base, again_items, extra, args.concurrency, on_again))
         after = spec_counters(server)
@@ -475,9 +474,10 @@ def main(argv=None) -> int:
         todo = [(key, items, extra) for key, items, extra in plan if needs_work(store, key, items)]
         if not todo or out_of_time():
             return
-        planned = sum(len(items) for _, items, _ in todo)
-        progress = Progress(planned, sum(sum(i.id in store.done(key) for i in items) for key, items, _ in todo))
         srv = start_server(args.testbed, server, served_head, work, args)
+        # Every item no counters segment covers is served in this sitting: the new ones, and
+        # those of a segment a cut sitting left (served again for their counters).
+        progress = Progress(sum(len(store.uncounted(key, {i.id for i in items})) for key, items, _ in todo), 0)
         try:
             for key, items, extra in todo:
                 if out_of_time():

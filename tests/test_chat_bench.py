@@ -273,12 +273,13 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
     assert store.uncounted(cut, ids) == {i.id for i in items[:4]} and store.counters_cover(whole, ids)
     assert needs_work(store, cut, items) and not needs_work(store, whole, items)
     args = SimpleNamespace(concurrency=4, batch1_items=1)
-    progress = chat_tradeoff.Progress(8, 8)
+    progress = chat_tradeoff.Progress(4)
     assert measure_point(SimpleNamespace(base="http://unused"), store, whole, items, None, args, progress)
     assert served == []
     measure_point(SimpleNamespace(base="http://unused"), store, cut, items, None, args, progress)
     assert served == [i.id for i in items[:4]]  # only what no counters cover
     assert capsys.readouterr().out.count(f"{cut} (counters re-measure): ") == 2  # after items 2 and 4
+    assert progress.line().startswith("4/4 requests")  # the re-served items are this sitting's work
     segments = Store(tmp_path / "s").counter_segments(cut, ids)
     assert [len(s["ids"]) for s in segments] == [2, 4] and segments[1]["remeasure"]
     assert segments[1]["same_text"] == 4 and segments[1]["counters"]["drafts"] == 10
@@ -322,10 +323,10 @@ def test_a_long_point_runs_in_segments_and_stops_between_them(tmp_path, monkeypa
         return len(asked) == 2
 
     assert not measure_point(SimpleNamespace(base="u"), store, key, items, None, args,
-                             chat_tradeoff.Progress(7, 0), out_of_time)
+                             chat_tradeoff.Progress(7), out_of_time)
     assert served == [i.id for i in items[:6]] and store.batch1(key) is None
     assert [len(s["ids"]) for s in store.counter_segments(key, {i.id for i in items})] == [3, 3]
-    assert measure_point(SimpleNamespace(base="u"), store, key, items, None, args, chat_tradeoff.Progress(7, 6))
+    assert measure_point(SimpleNamespace(base="u"), store, key, items, None, args, chat_tradeoff.Progress(1))
     assert served[6:] == [items[6].id, items[0].id]  # the last request, then the batch-1 timing
     assert [len(s["ids"]) for s in store.counter_segments(key, {i.id for i in items})] == [3, 3, 1]
     assert not needs_work(store, key, items)
