@@ -474,11 +474,12 @@ def main(argv=None) -> int:
         todo = [(key, items, extra) for key, items, extra in plan if needs_work(store, key, items)]
         if not todo or out_of_time():
             return
-        srv = start_server(args.testbed, server, served_head, work, args)
         # Every item no counters segment covers is served in this sitting: the new ones, and
         # those of a segment a cut sitting left (served again for their counters).
-        progress = Progress(sum(len(store.uncounted(key, {i.id for i in items})) for key, items, _ in todo), 0)
+        to_serve = sum(len(store.uncounted(key, {i.id for i in items})) for key, items, _ in todo)
+        srv = start_server(args.testbed, server, served_head, work, args)
         try:
+            progress = Progress(to_serve)
             for key, items, extra in todo:
                 if out_of_time():
                     log(f"--max-minutes reached; stopping before {key} (rerun to continue)")
@@ -527,4 +528,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from selfjudge_vllm.testing.load import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()  # a killed run stops the servers it started
     sys.exit(main())

@@ -103,4 +103,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from selfjudge_vllm.testing.load import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()  # a killed run stops the servers it started
     sys.exit(main())

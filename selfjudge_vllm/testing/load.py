@@ -68,7 +68,14 @@ class Server:
                                      env=dict(os.environ, **(env or {})))
         host = command[command.index("--host") + 1]
         self.base = f"http://{host}:{command[command.index('--port') + 1]}"
-        deadline = time.monotonic() + startup_timeout
+        try:
+            self._wait_until_healthy(startup_timeout)
+        except BaseException:  # also SystemExit/KeyboardInterrupt while starting: no orphan
+            self.stop()
+            raise
+
+    def _wait_until_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
@@ -78,7 +85,6 @@ class Server:
                         return
             except OSError:
                 time.sleep(1.0)
-        self.stop()
         raise TimeoutError(f"server did not become healthy:\n{self.tail()}")
 
     def tail(self, n=4000) -> str:
@@ -102,6 +108,12 @@ class Server:
                 self.proc.wait(timeout=30)
         self.log.close()
         return self.proc.returncode
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Make `kill PID` of a driver script unwind like Ctrl-C, so the `finally` blocks that stop
+    its vLLM servers run (by default SIGTERM ends Python at once and leaves them serving)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @dataclass
