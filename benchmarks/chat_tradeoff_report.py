@@ -296,8 +296,8 @@ def write(store, items, screen_ids, results: Path, tag: str, setup: dict) -> dic
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(public)
-    markdown = _markdown(rows, heads, setup) + ("\nPlots: " + ", ".join(f"`benchmarks/results/{p}`" for p in plots) + "\n"
-                                                if plots else "")
+    shown = ", ".join(f"`{tasks.shown_path(results / p)}`" for p in plots)
+    markdown = _markdown(rows, heads, setup) + (f"\nPlots: {shown}\n" if plots else "")
     (results / f"{tag}.md").write_text(markdown)
     print(markdown)
     return report

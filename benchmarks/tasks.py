@@ -28,6 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shown_path(path: Path) -> str:
+    """How a report names a file it wrote: relative to the repository when inside it (as the
+    README quotes it), else absolute (a run with --results elsewhere)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 FAMILIES = ("code", "short_answer", "continuation")
 TRAIN_SHARE = 0.4  # of short_answer and continuation items; code: even HumanEval numbers
 

@@ -275,7 +275,7 @@ def _markdown(rows, headlines, setup, reference, plots, previous=None) -> str:
         lines.append(f"| {h['proposer']} | {h['k']} | " + " | ".join(cells) + " |")
     if previous is not None:
         lines += ["", *_comparison(headlines, previous)]
-    lines += ["", "Plots: " + ", ".join(f"`benchmarks/results/{p}`" for p in plots)]
+    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
     return "\n".join(lines) + "\n"
 
 
@@ -326,7 +326,7 @@ def write(points, reference, items, results: Path, tag: str, setup: dict, previo
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    markdown = _markdown(rows, headlines, setup, reference, plots, previous)
+    markdown = _markdown(rows, headlines, setup, reference, [tasks.shown_path(results / p) for p in plots], previous)
     (results / f"{tag}.md").write_text(markdown)
     print(markdown)
     return report

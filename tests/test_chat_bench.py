@@ -134,6 +134,13 @@ def test_change_rate_bound_and_mcnemar_are_exact():
 # -- report and resume --------------------------------------------------------------------------------
 
 
+def test_reports_name_their_files_where_they_are(tmp_path):
+    from benchmarks.tasks import REPO, shown_path
+
+    assert shown_path(REPO / "benchmarks/results/tradeoff.md") == "benchmarks/results/tradeoff.md"
+    assert shown_path(tmp_path / "plot.png") == str((tmp_path / "plot.png").resolve())
+
+
 def test_point_keys_round_trip():
     for server, method, knob in ((("draft_model", 8), "judge", 0.7), (("ngram", 4), "lossless", None),
                                  (("target", 0), "alone", None), (("draft_model", 4), "top_alpha", 0.05)):
@@ -388,7 +395,9 @@ def test_quick_chat_tradeoff_on_tiny_models(tmp_path):
     assert judge["mean_acceptance_length"] > lossless["mean_acceptance_length"]
     assert judge["paired_n"] == 8 and 0 <= judge["changes"] <= 8
     assert lossless["tokens_per_s_batch1"] > 0 and judge["tokens_per_s"] > 0
-    assert "| draft_model | 8 | judge | 0.5 | 8 |" in (results / "chat_tradeoff_quick.md").read_text()
+    markdown = (results / "chat_tradeoff_quick.md").read_text()
+    assert "| draft_model | 8 | judge | 0.5 | 8 |" in markdown
+    assert f"Plots: `{(results / 'chat_tradeoff_quick_draft_model.png').resolve()}`" in markdown  # where it is
     assert (results / "chat_tradeoff_quick_draft_model.png").stat().st_size > 10_000
     assert (results / "chat_tradeoff_quick.csv").read_text().count("\n") == 4
     # Rerun: every request is stored, so it only rebuilds the report.
