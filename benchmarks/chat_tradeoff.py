@@ -22,7 +22,10 @@ The design (a full grid would take days on this machine's 2 cores):
   4. confirm: per server, lossless and the frontier points (for the judge and for the
      training-free rules: at each budget, the point with the highest acceptance length whose
      screening answer-change rate is within it) on the confirmation set (CONFIRM_ITEMS, a
-     superset of the screening items; a point's items from both stages are pooled).
+     superset of the screening items; a point's items from both stages are pooled). A
+     relaxed point stops early once the answers it has already changed (against lossless on
+     the items both have) put it outside even the loosest budget on the whole set: more
+     items can only add changes, so it can no longer qualify (recorded; the report says so).
   5. report: RESULTS/chat_tradeoff[_quick].{json,csv,md} and PNG plots; a point is "within
      budget B" when the exact 95% upper bound of its answer-change rate is <= B.
 The per-request store (RESULTS/chat_tradeoff_store/) and the judge's label run and heads
@@ -53,7 +56,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import chat_tasks  # noqa: E402
-from benchmarks.chat_tradeoff_report import BUDGETS, METHOD_FAMILIES, Outcomes, point_key, point_rows  # noqa: E402
+from benchmarks.chat_tradeoff_report import BUDGETS, METHOD_FAMILIES, Outcomes, beyond_every_budget, point_key, point_rows  # noqa: E402
 from benchmarks.tradeoff import _version, judge_thresholds, load_jsonl, log, spec_counters, xargs  # noqa: E402
 
 # Servers in the order they are worked on: the issue's headline configuration first.
@@ -188,7 +191,8 @@ class Store:
         chosen, counted = [], set()
         for segment in reversed(self.segments):
             members = set(segment["ids"])
-            if segment["point"] == point and not segment.get("batch1") and members <= ids and not members & counted:
+            if (segment["point"] == point and "counters" in segment and members <= ids
+                    and not members & counted):
                 chosen.append(segment)
                 counted |= members
         return chosen[::-1]
@@ -202,6 +206,15 @@ class Store:
 
     def batch1(self, point: str) -> dict | None:
         return next((s for s in self.segments if s["point"] == point and s.get("batch1")), None)
+
+    def stopped_early(self, point: str) -> str | None:
+        """Why the confirmation stopped this point before its last item (None: it did not)."""
+        return next((s["stopped_early"] for s in self.segments if s["point"] == point and "stopped_early" in s), None)
+
+    def in_scope(self, point: str, items: list) -> list:
+        """The items a point is measured on: all of them, or the ones it had served when it
+        was stopped early."""
+        return [i for i in items if i.id in self.done(point)] if self.stopped_early(point) else items
 
 
 def all_cores_for_the_worker() -> bool:
@@ -279,7 +292,7 @@ def missing_steps(store, key, items) -> list[str]:
     """What measure_point still has to do for this point, in its order: "requests" (items
     without a stored output), "counters" (vLLM's counters cover only part of the items),
     "batch1" (no batch-1 timing yet)."""
-    ids = {i.id for i in items}
+    ids = {i.id for i in store.in_scope(key, items)}
     checks = {"requests": not ids <= store.done(key).keys(), "counters": not store.counters_cover(key, ids),
               "batch1": store.batch1(key) is None}
     return [step for step, missing in checks.items() if missing]
@@ -289,16 +302,25 @@ def needs_work(store, key, items) -> bool:
     return bool(missing_steps(store, key, items))
 
 
-def measure_point(server, store, key, items, extra, args, progress, out_of_time=lambda: False) -> bool:
+def measure_point(server, store, key, items, extra, args, progress, out_of_time=lambda: False,
+                  hopeless=lambda: None) -> bool:
     """Runs the point's missing items (persisting each; vLLM's counters read around every
     SEGMENT_ITEMS of them) and, once, its batch-1 timing. Returns False when `out_of_time()`
-    stopped it between segments (rerun to continue)."""
+    stopped it between segments (rerun to continue). Before each segment `hopeless()` may
+    give a reason to stop the point for good (recorded in the store)."""
     if "requests" in missing_steps(store, key, items):
         pending = [i for i in items if i.id not in store.done(key)]
         for start in range(0, len(pending), SEGMENT_ITEMS):
             if start and out_of_time():
                 log(f"--max-minutes reached inside {key}; {len(pending) - start} requests left (rerun to continue)")
                 return False
+            reason = hopeless()
+            if reason:
+                log(f"  {key}: stopped early, {reason}; {len(pending) - start} requests not served")
+                store.add_segment({"point": key, "ids": [], "stopped_early": reason,
+                                   "measured": datetime.date.today().isoformat()})
+                progress.planned -= len(pending) - start
+                break
             segment = pending[start:start + SEGMENT_ITEMS]
             before = spec_counters(server)  # zeros on a server without speculative decoding
 
@@ -313,6 +335,7 @@ def measure_point(server, store, key, items, extra, args, progress, out_of_time=
                                "counters": {k: after[k] - before[k] for k in after},
                                "measured": datetime.date.today().isoformat()})
             log(f"  {key}: {len(segment)} requests in {wall / 60:.1f} min; {progress.line()}")
+    items = store.in_scope(key, items)
     if "counters" in missing_steps(store, key, items):  # asked again: the requests above add counters
         # A sitting ended inside this point before: the outputs of the segment it cut are all
         # kept, but no counters cover them. Serve those items once more for the counters and
@@ -469,14 +492,15 @@ def main(argv=None) -> int:
     started = time.monotonic()
     out_of_time = lambda: args.max_minutes is not None and (time.monotonic() - started) / 60 > args.max_minutes  # noqa: E731
 
-    def work_on(server, plan, served_head=head) -> None:
-        """plan: [(key, items, extra)]; starts the server only if something is missing."""
+    def work_on(server, plan, served_head=head, hopeless=lambda key: None) -> None:
+        """plan: [(key, items, extra)]; starts the server only if something is missing.
+        hopeless(key): a reason to stop that point early, or None."""
         todo = [(key, items, extra) for key, items, extra in plan if needs_work(store, key, items)]
         if not todo or out_of_time():
             return
         # Every item no counters segment covers is served in this sitting: the new ones, and
         # those of a segment a cut sitting left (served again for their counters).
-        to_serve = sum(len(store.uncounted(key, {i.id for i in items})) for key, items, _ in todo)
+        to_serve = sum(len(store.uncounted(key, {i.id for i in store.in_scope(key, items)})) for key, items, _ in todo)
         srv = start_server(args.testbed, server, served_head, work, args)
         try:
             progress = Progress(to_serve)
@@ -484,7 +508,8 @@ def main(argv=None) -> int:
                 if out_of_time():
                     log(f"--max-minutes reached; stopping before {key} (rerun to continue)")
                     return
-                if not measure_point(srv, store, key, items, extra, args, progress, out_of_time):
+                if not measure_point(srv, store, key, items, extra, args, progress, out_of_time,
+                                     lambda key=key: hopeless(key)):
                     return
         finally:
             srv.stop()
@@ -502,11 +527,15 @@ def main(argv=None) -> int:
                         work_on(server, [(point_key(server, method, t), screen, xargs("judge", t))
                                          for t in thresholds], served_head=ablation_head)
         if "confirm" in stages and not args.quick:
+            outcomes = Outcomes(confirm)
             for server in servers:
                 chosen = [("lossless", None)] + frontier(store, server, screen)
+                lossless = point_key(server, "lossless", None)
                 if len(chosen) > 1:
                     log(f"confirm {server}: {', '.join(f'{m} {k}' for m, k in chosen)}")
-                    work_on(server, [(point_key(server, m, knob), confirm, xargs(m, knob)) for m, knob in chosen])
+                    work_on(server, [(point_key(server, m, knob), confirm, xargs(m, knob)) for m, knob in chosen],
+                            hopeless=lambda key, lossless=lossless: None if key == lossless else
+                            beyond_every_budget(store, outcomes, key, lossless, len(confirm)))
 
     from benchmarks import chat_tradeoff_report
 

@@ -84,7 +84,7 @@ def point_rows(store, outcomes: Outcomes, only_ids: set[str] | None = None, serv
             continue
         results = {i: outcomes(i, r["text"]) for i, r in done.items()}
         row = {"key": key, "proposer": proposer, "k": k, "method": method, "knob": knob, "n": len(done),
-               **_acceptance(store, key, set(done))}
+               "stopped_early": store.stopped_early(key), **_acceptance(store, key, set(done))}
         if row["timed_items"] < len(done):
             # A sitting ended inside this point: its counters cover only some items (a subset
             # with other acceptance than the whole), so no acceptance or speed figure is given.
@@ -100,6 +100,27 @@ def point_rows(store, outcomes: Outcomes, only_ids: set[str] | None = None, serv
     return rows
 
 
+def changed_items(results: dict, base_results: dict) -> list[str]:
+    """Items of both whose final answer (GSM8K) or pass result (HumanEval) differs: the
+    answer changes every budget counts."""
+    return [i for i in results if i in base_results and results[i]["answer"] != base_results[i]["answer"]]
+
+
+def beyond_every_budget(store, outcomes: Outcomes, key: str, lossless_key: str, n_total: int) -> str | None:
+    """Why `key` can no longer be within any budget once measured on `n_total` items (None
+    while it still can): the answers it has already changed against lossless, which more
+    items can only add to, bound its change rate above the loosest budget."""
+    mine, base = store.done(key), store.done(lossless_key)
+    common = [i for i in mine if i in base and i in outcomes.items]
+    changes = len(changed_items({i: outcomes(i, mine[i]["text"]) for i in common},
+                                {i: outcomes(i, base[i]["text"]) for i in common}))
+    bound = tasks.change_rate_upper_bound(changes, n_total)
+    if bound <= max(BUDGETS):
+        return None
+    return (f"{changes} answers changed in {len(common)} items: on {n_total} the 95% bound is at least "
+            f"{100 * bound:.2f}% > {100 * max(BUDGETS):g}%")
+
+
 def _compare_with_lossless(rows: list[dict]) -> None:
     lossless = {(r["proposer"], r["k"]): r for r in rows if r["method"] == "lossless"}
     reference = next((r for r in rows if r["method"] == "alone"), None)
@@ -113,7 +134,7 @@ def _compare_with_lossless(rows: list[dict]) -> None:
             continue
         common = [i for i in row["_results"] if i in base["_results"]]
         mine, theirs = row["_results"], base["_results"]
-        changed = [i for i in common if mine[i]["answer"] != theirs[i]["answer"]]
+        changed = changed_items({i: mine[i] for i in common}, theirs)
         # Responses whose text differs at all: how often a relaxed response keeps its answer.
         text_changed = sum(row["_texts"][i] != base["_texts"][i] for i in common)
         gained = sum(mine[i]["correct"] and not theirs[i]["correct"] for i in common)
@@ -225,6 +246,11 @@ def _markdown(rows, heads, setup) -> str:
         lines += ["", "n/a acceptance and speed: a sitting ended inside the point, so its counters cover only "
                   + ", ".join(f"{r['timed_items']} of {r['n']} items ({r['method']} {r['knob']})" for r in partial)
                   + "; the next sitting on that server serves the items without counters once more for them."]
+    stopped = [r for r in rows if r.get("stopped_early")]
+    if stopped:
+        lines += ["", "Stopped early in the confirmation (more items could only add answer changes): "
+                  + "; ".join(f"{r['proposer']} k={r['k']} {r['method']} {r['knob']}: {r['stopped_early']}"
+                              for r in stopped) + "."]
     lines += ["", "Matched quality: highest mean acceptance length (tokens per step) within each answer-change budget "
               "(exact 95% upper bound of the share of items whose answer differs from lossless); judge / best "
               "training-free rule (-: no point qualifies):", "",

@@ -196,6 +196,59 @@ def test_report_counts_answer_changes_against_the_same_servers_lossless_run(tmp_
     assert head["budgets"]["0.02"]["training_free"]["method"] == "top_alpha"
 
 
+def test_a_point_is_hopeless_once_its_changes_exceed_every_budget_on_the_whole_set(tmp_path):
+    """On 400 items the 5% budget allows at most 12 answer changes (bound 4.82%; 13: 5.12%)."""
+    from benchmarks.chat_tradeoff_report import beyond_every_budget
+
+    n = 64
+    items = _gsm_items(400)
+    right = [f"#### {i}" for i in range(n)]
+    dm = ("draft_model", 8)
+    twelve, thirteen = list(right), list(right)
+    for i in range(12):
+        twelve[i] = thirteen[i] = f"#### {i} and more\n#### -1"  # the last number is the answer
+    thirteen[12] = "#### -1"
+    lossless, a, b = point_key(dm, "lossless", None), point_key(dm, "judge", 0.5), point_key(dm, "top_alpha", 0.2)
+    store = _store(tmp_path, {lossless: (right, {}), a: (twelve, {}), b: (thirteen, {})})
+    outcomes = Outcomes(items)
+    assert tasks.change_rate_upper_bound(12, 400) <= 0.05 < tasks.change_rate_upper_bound(13, 400)
+    assert beyond_every_budget(store, outcomes, a, lossless, 400) is None
+    reason = beyond_every_budget(store, outcomes, b, lossless, 400)
+    assert reason.startswith("13 answers changed in 64 items") and "5.12% > 5%" in reason
+
+
+def test_a_hopeless_point_stops_for_good_and_is_reported(tmp_path, monkeypatch):
+    """measure_point asks before each segment; a stopped point serves nothing more, needs no
+    more work (its scope is the items it had) and the report says why it stopped."""
+    from types import SimpleNamespace
+
+    from benchmarks import chat_tradeoff
+    from benchmarks.chat_tradeoff import Store, measure_point, needs_work
+    from benchmarks.chat_tradeoff_report import _markdown
+
+    items = _gsm_items(7)
+    served = []
+    _fake_server(monkeypatch, served)
+    monkeypatch.setattr(chat_tradeoff, "SEGMENT_ITEMS", 3)
+    store, key = Store(tmp_path / "s"), "ngram-k8/top_alpha-0.9"
+    store.add_segment({"point": key, "batch1": True, "ids": [items[0].id], "wall_s": 1.0, "tokens": 10})
+    args = SimpleNamespace(concurrency=2, batch1_items=1)
+    verdicts = iter([None, "3 answers changed"])  # fine before the 1st segment, hopeless before the 2nd
+    progress = chat_tradeoff.Progress(7)
+    assert measure_point(SimpleNamespace(base="u"), store, key, items, None, args, progress,
+                         hopeless=lambda: next(verdicts))
+    assert served == [i.id for i in items[:3]] and progress.planned == 3
+    reopened = Store(tmp_path / "s")
+    assert reopened.stopped_early(key) == "3 answers changed" and not needs_work(reopened, key, items)
+    assert [len(s["ids"]) for s in reopened.counter_segments(key, {i.id for i in items})] == [3]
+    rows = point_rows(reopened, Outcomes(items))
+    assert rows[0]["n"] == 3 and rows[0]["stopped_early"] == "3 answers changed"
+    assert rows[0]["mean_acceptance_length"] is not None  # its counters cover what it served
+    setup = {"date": "d", "machine": "m", "vllm": "v", "target": "t", "draft": "d", "concurrency": 16,
+             "batch1_items": 2, "screen_items": 3, "confirm_items": 7, "command": "c"}
+    assert "ngram k=8 top_alpha 0.9: 3 answers changed." in _markdown(rows, headlines(rows), setup)
+
+
 def test_store_resumes_without_losing_or_repeating_requests(tmp_path):
     from benchmarks.chat_tradeoff import Store
 
