@@ -36,6 +36,8 @@ def shown_path(path: Path) -> str:
     README quotes it), else absolute (a run with --results elsewhere)."""
     path = Path(path).resolve()
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 FAMILIES = ("code", "short_answer", "continuation")
 TRAIN_SHARE = 0.4  # of short_answer and continuation items; code: even HumanEval numbers
 
