@@ -179,8 +179,11 @@ class Store:
         _append(self.requests_path, row)
 
     def add_segment(self, row: dict) -> None:
-        if all_cores_for_the_worker():  # timings depend on it (acceptance and texts do not)
+        # timings depend on these (acceptance and texts do not)
+        if all_cores_for_the_worker():
             row = {**row, "worker_cores": "all"}
+        if os.environ.get("NUMBA_THREADING_LAYER"):
+            row = {**row, "numba_threading_layer": os.environ["NUMBA_THREADING_LAYER"]}
         self.segments.append(row)
         _append(self.segments_path, row)
 
@@ -221,6 +224,18 @@ def all_cores_for_the_worker() -> bool:
     """--all-cores: vLLM's CPU backend leaves one core to its scheduler process by default,
     which on 2 cores halves the model's threads (measured: 1.56x tokens/s with all cores)."""
     return os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == "0"
+
+
+def give_the_worker_every_core() -> None:
+    """What --all-cores sets for the servers it starts (they inherit the environment).
+
+    The numba setting is for `ngram`: vLLM's n-gram proposer runs a numba-parallel function
+    after `numba.set_num_threads(1)` and then "restores" numba's default, which is 1 because
+    the worker's main thread is pinned to one core (GOMP_CPU_AFFINITY). With numba's OpenMP
+    layer that sets the OpenMP thread count the target's oneDNN GEMMs use, so they ran on one
+    core. numba's own `workqueue` layer leaves OpenMP alone (measured: 1.73x tokens/s)."""
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
 
 
 def _append(path: Path, row: dict) -> None:
@@ -441,7 +456,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--all-cores", action="store_true",
                         help="CPU backend: give the model worker every core (VLLM_CPU_NUM_OF_RESERVED_CPU=0) instead "
-                        "of leaving one to vLLM's scheduler process; recorded with each timing")
+                        "of leaving one to vLLM's scheduler process, and keep ngram's numba threads from "
+                        "pinning the model to one (NUMBA_THREADING_LAYER=workqueue); recorded with each timing")
     parser.add_argument("--batch1-items", type=int, default=BATCH1_ITEMS)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--judge-gsm8k", type=int, default=150, help="GSM8K training prompts the judge is labelled on")
@@ -451,7 +467,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.all_cores:
-        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # the servers inherit it
+        give_the_worker_every_core()
     for role in ("target", "draft"):
         if not (args.testbed / role / "config.json").is_file():
             sys.exit(f"chat_tradeoff: {args.testbed / role} missing; run "

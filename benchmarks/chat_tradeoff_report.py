@@ -64,6 +64,8 @@ def _acceptance(store, key: str, ids: set[str]) -> dict:
         "tokens_per_s_batch1": batch1["tokens"] / batch1["wall_s"] if batch1 else None,
         "timed_items": sum(len(s["ids"]) for s in segments),
         "timed_items_all_cores": sum(len(s["ids"]) for s in segments if s.get("worker_cores") == "all"),
+        "timed_items_numba_workqueue": sum(len(s["ids"]) for s in segments
+                                           if s.get("numba_threading_layer") == "workqueue"),
     }
 
 
@@ -219,6 +221,13 @@ def _markdown(rows, heads, setup) -> str:
                               f"{r['timed_items_all_cores']} of {r['timed_items']} timed items" for r in mixed)
                   + ". tok/s of a point mixes its segments' settings; acceptance and answers do not depend on it "
                   "(same texts and counters both ways on the --quick items).", ""]
+    unpinned = [r for r in rows if r.get("timed_items_numba_workqueue") and r["proposer"] == "ngram"]
+    if unpinned:
+        lines += ["ngram timings with numba's workqueue threading layer (`--all-cores` sets it: with numba's OpenMP "
+                  "layer vLLM's n-gram proposer left the target's GEMMs on one core, about 1.7x slower): "
+                  + ", ".join(f"k={r['k']} {r['method']}{'' if r['knob'] is None else ' ' + str(r['knob'])} "
+                              f"{r['timed_items_numba_workqueue']} of {r['timed_items']} timed items" for r in unpinned)
+                  + ".", ""]
     if reference is not None:
         lines.append(f"Target alone (no SD): {reference['n']} items, accuracy {reference['accuracy']:.3f}, "
                      f"{_fmt(reference['tokens_per_s'], '.1f')} tok/s concurrent, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 import types
 
@@ -412,6 +413,29 @@ def test_timings_with_all_cores_are_recorded_and_reported(tmp_path, monkeypatch)
     setup = {"date": "d", "machine": "m", "vllm": "v", "target": "t", "draft": "d", "concurrency": 16,
              "batch1_items": 2, "screen_items": 3, "confirm_items": 3, "command": "c"}
     assert "draft_model k=8 lossless 1 of 3 timed items" in _markdown(rows, headlines(rows), setup)
+
+
+def test_ngram_timings_with_numba_workqueue_are_recorded_and_reported(tmp_path, monkeypatch):
+    """--all-cores also sets numba's threading layer (ngram's proposer otherwise pins the
+    target's GEMMs to one core): segments timed with it say so, and the report counts them."""
+    from benchmarks.chat_tradeoff import Store, give_the_worker_every_core
+    from benchmarks.chat_tradeoff_report import _markdown
+
+    key = point_key(("ngram", 8), "lossless", None)
+    store = _store(tmp_path, {key: (["#### 0", "#### 1"], {"drafts": 2, "draft_tokens": 16, "accepted": 8})})
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    monkeypatch.setenv("NUMBA_THREADING_LAYER", "omp")
+    give_the_worker_every_core()
+    assert (os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"], os.environ["NUMBA_THREADING_LAYER"]) == ("0", "workqueue")
+    store.add_request({"point": key, "id": "gsm8k/1002", "text": "#### 2", "tokens": 10, "latency_s": 1.0})
+    store.add_segment({"point": key, "ids": ["gsm8k/1002"], "wall_s": 1.0, "tokens": 10,
+                       "counters": {"drafts": 1, "draft_tokens": 8, "accepted": 4}})
+    assert [s.get("numba_threading_layer") for s in Store(tmp_path / "store").segments] == [None, "workqueue"]
+    rows = point_rows(store, Outcomes(_gsm_items(3)))
+    assert rows[0]["timed_items_numba_workqueue"] == 1
+    setup = {"date": "d", "machine": "m", "vllm": "v", "target": "t", "draft": "d", "concurrency": 16,
+             "batch1_items": 2, "screen_items": 3, "confirm_items": 3, "command": "c"}
+    assert "k=8 lossless 1 of 3 timed items." in _markdown(rows, headlines(rows), setup)
 
 
 # -- end to end on tiny models ------------------------------------------------------------------------
