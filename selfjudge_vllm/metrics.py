@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -52,6 +53,11 @@ def metrics_dir(instance_id: str) -> Path:
     """Where workers of one vLLM instance publish their counters."""
     base = os.environ.get("VLLM_RPC_BASE_PATH") or tempfile.gettempdir()
     return Path(base) / f"selfjudge-metrics-{instance_id or 'default'}"
+
+
+def remove_metrics_dir(directory: Path) -> None:
+    """At the API server's exit: the workers are gone, their counters with them."""
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 class MetricsSink:

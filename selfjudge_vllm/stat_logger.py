@@ -11,6 +11,7 @@ Note: vLLM turns stat logging on when any stat logger plugin is installed, even 
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from selfjudge_vllm.config import parse_section
-from selfjudge_vllm.metrics import metrics_dir, read_counters
+from selfjudge_vllm.metrics import metrics_dir, read_counters, remove_metrics_dir
 
 logger = logging.getLogger("vllm.selfjudge")
 
@@ -78,6 +79,7 @@ class SelfJudgeStatLogger(StatLoggerBase):
             if isinstance(name, (list, tuple)):
                 name = name[0]
             _shared_collector().sources[str(name)] = self.directory
+            atexit.register(remove_metrics_dir, self.directory)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
         pass

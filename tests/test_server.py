@@ -4,8 +4,11 @@ judge's counters on /metrics next to vLLM's spec_decode counters, stopped by PID
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +30,10 @@ def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_pat
         target, port, spec_config("draft_model", draft),
         {"selfjudge": {"head": str(head), "log_interval_s": 1.0}},
     )
-    server = Server(command, tmp_path / "server.log", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    # The workers' counter files go under VLLM_RPC_BASE_PATH (short: vLLM's IPC sockets go there too).
+    rpc_base = Path(tempfile.mkdtemp(prefix="sj"))
+    server = Server(command, tmp_path / "server.log",
+                    env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_RPC_BASE_PATH": str(rpc_base)})
     try:
         client = OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
         completion = client.completions.create(
@@ -55,6 +61,7 @@ def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_pat
         assert parse_metric(metrics, "vllm:spec_decode_selfjudge_judge_accepted_total") == accepted == drafts
         assert parse_metric(metrics, "vllm:spec_decode_selfjudge_judge_deferred_total") == 0
         assert "SelfJudge: draft tokens scored" in server.tail(200_000)
+        assert list(rpc_base.glob("selfjudge-metrics-*/worker-0-*.json"))
 
         # Per-request control through the OpenAI API's vllm_xargs: a lossless request works,
         # an invalid one is an HTTP 400 that names the problem, and the server keeps serving.
@@ -76,6 +83,9 @@ def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_pat
         server.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+    leftovers = list(rpc_base.glob("selfjudge-metrics-*"))  # removed when the server exits
+    shutil.rmtree(rpc_base, ignore_errors=True)
+    assert not leftovers
 
 
 @pytest.mark.parametrize(
