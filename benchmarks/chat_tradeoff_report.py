@@ -203,6 +203,10 @@ def _cell(s) -> str:
             f"{s['changes']}/{s['paired_n']} changed, bound {100 * s['change_upper95']:.2f}%)")
 
 
+def _method_and_knob(row) -> str:
+    return row["method"] if row["knob"] is None else f"{row['method']} {row['knob']}"
+
+
 def _markdown(rows, heads, setup) -> str:
     reference = next((r for r in rows if r["method"] == "alone"), None)
     lines = [
@@ -217,7 +221,7 @@ def _markdown(rows, heads, setup) -> str:
     if mixed:
         lines += ["Timings with the model worker on every core (`--all-cores`; vLLM's CPU default leaves one core to "
                   "its scheduler, which on 2 cores is about 1.6x slower): "
-                  + ", ".join(f"{r['proposer']} k={r['k']} {r['method']}{'' if r['knob'] is None else ' ' + str(r['knob'])} "
+                  + ", ".join(f"{r['proposer']} k={r['k']} {_method_and_knob(r)} "
                               f"{r['timed_items_all_cores']} of {r['timed_items']} timed items" for r in mixed)
                   + ". tok/s of a point mixes its segments' settings; acceptance and answers do not depend on it "
                   "(same texts and counters both ways on the --quick items).", ""]
@@ -225,7 +229,7 @@ def _markdown(rows, heads, setup) -> str:
     if unpinned:
         lines += ["ngram timings with numba's workqueue threading layer (`--all-cores` sets it: with numba's OpenMP "
                   "layer vLLM's n-gram proposer left the target's GEMMs on one core, about 1.7x slower): "
-                  + ", ".join(f"k={r['k']} {r['method']}{'' if r['knob'] is None else ' ' + str(r['knob'])} "
+                  + ", ".join(f"k={r['k']} {_method_and_knob(r)} "
                               f"{r['timed_items_numba_workqueue']} of {r['timed_items']} timed items" for r in unpinned)
                   + ".", ""]
     if reference is not None:
