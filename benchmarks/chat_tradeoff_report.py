@@ -198,13 +198,12 @@ def _fmt(value, spec=".2f"):
 def _cell(s) -> str:
     if s is None:
         return "-"
-    name = s["method"] if s["knob"] is None else f"{s['method']} {s['knob']:g}"
-    return (f"{s['mean_acceptance_length']:.2f} ({_fmt(s['acceptance_length_vs_lossless'])}x; {name}; "
+    return (f"{s['mean_acceptance_length']:.2f} ({_fmt(s['acceptance_length_vs_lossless'])}x; {_method_and_knob(s, 'g')}; "
             f"{s['changes']}/{s['paired_n']} changed, bound {100 * s['change_upper95']:.2f}%)")
 
 
-def _method_and_knob(row) -> str:
-    return row["method"] if row["knob"] is None else f"{row['method']} {row['knob']}"
+def _method_and_knob(row, knob_format: str = "") -> str:
+    return row["method"] if row["knob"] is None else f"{row['method']} {row['knob']:{knob_format}}"
 
 
 def _markdown(rows, heads, setup) -> str:
