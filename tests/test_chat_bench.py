@@ -197,6 +197,45 @@ def test_report_counts_answer_changes_against_the_same_servers_lossless_run(tmp_
     assert head["budgets"]["0.02"]["training_free"]["method"] == "top_alpha"
 
 
+def test_a_point_on_fewer_items_is_compared_with_lossless_on_the_same_items(tmp_path):
+    """A point stopped early has only lossless's first items; its acceptance ratio is against
+    lossless's counters on those items, and n/a where lossless's segments do not fit them."""
+    from benchmarks.chat_tradeoff import Store
+    from benchmarks.chat_tradeoff_report import _markdown
+
+    items = _gsm_items(6)
+    ids = [i.id for i in items]
+    dm = ("draft_model", 4)
+    lossless, judge, entropy = (point_key(dm, "lossless", None), point_key(dm, "judge", 0.5),
+                                point_key(dm, "entropy", 3.0))
+    store = Store(tmp_path / "s")
+    for key, served in ((lossless, ids), (judge, ids[:3]), (entropy, ids[:2])):
+        for i in served:
+            store.add_request({"point": key, "id": i, "text": f"#### {i[-1]}", "tokens": 10, "latency_s": 1.0})
+    # lossless: easy first half (4 tokens per step), hard second half (2)
+    store.add_segment({"point": lossless, "ids": ids[:3], "wall_s": 1.0, "tokens": 30,
+                       "counters": {"drafts": 10, "draft_tokens": 40, "accepted": 30}})
+    store.add_segment({"point": lossless, "ids": ids[3:], "wall_s": 3.0, "tokens": 30,
+                       "counters": {"drafts": 10, "draft_tokens": 40, "accepted": 10}})
+    store.add_segment({"point": judge, "ids": ids[:3], "wall_s": 1.0, "tokens": 30,
+                       "counters": {"drafts": 10, "draft_tokens": 40, "accepted": 32}})
+    store.add_segment({"point": entropy, "ids": ids[:2], "wall_s": 1.0, "tokens": 20,
+                       "counters": {"drafts": 10, "draft_tokens": 40, "accepted": 32}})
+    rows = {r["method"]: r for r in point_rows(store, Outcomes(items))}
+    assert rows["lossless"]["mean_acceptance_length"] == pytest.approx(3.0)  # over all 6 items
+    judged = rows["judge"]
+    assert judged["lossless_acceptance_length_on_same_items"] == pytest.approx(4.0)
+    assert judged["acceptance_length_vs_lossless"] == pytest.approx(4.2 / 4.0)  # not 4.2 / 3.0
+    assert judged["tokens_per_s_vs_lossless"] == pytest.approx(1.0)
+    # no lossless segment lies within the entropy point's 2 items: no paired ratio at all
+    assert rows["entropy"]["acceptance_length_vs_lossless"] is None
+    setup = {"date": "d", "machine": "m", "vllm": "v", "target": "t", "draft": "d", "concurrency": 16,
+             "batch1_items": 2, "screen_items": 3, "confirm_items": 6, "command": "c"}
+    report = _markdown(list(rows.values()), headlines(list(rows.values())), setup)
+    assert "| 3 | 4.20 | 1.050x |" in report
+    assert "than draft_model k=4 entropy 3.0's 2, so no paired acceptance ratio" in report
+
+
 def test_a_point_is_hopeless_once_its_changes_exceed_every_budget_on_the_whole_set(tmp_path):
     """On 400 items the 5% budget allows at most 12 answer changes (bound 4.82%; 13: 5.12%)."""
     from benchmarks.chat_tradeoff_report import beyond_every_budget
