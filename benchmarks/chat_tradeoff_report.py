@@ -153,6 +153,7 @@ def _compare_with_lossless(rows: list[dict], store) -> None:
             "change_rate": len(changed) / n if n else None,
             "change_upper95": tasks.change_rate_upper_bound(len(changed), n),
             "gained": gained, "lost": lost, "accuracy_change": (gained - lost) / n if n else None,
+            "accuracy_change_lower95": tasks.accuracy_change_lower_bound(gained, lost, n),
             "mcnemar_p": tasks.mcnemar_exact_p(gained, lost),
             "lossless_acceptance_length_on_same_items": base_paired["mean_acceptance_length"],
             "acceptance_length_vs_lossless": _ratio(row["mean_acceptance_length"], base_paired["mean_acceptance_length"]),
@@ -161,6 +162,7 @@ def _compare_with_lossless(rows: list[dict], store) -> None:
         })
         for budget in BUDGETS:
             row[f"within_{budget:g}"] = row["change_upper95"] <= budget
+            row[f"accuracy_within_{budget:g}"] = row["accuracy_change_lower95"] >= -budget
 
 
 def _ratio(a, b):
@@ -169,7 +171,9 @@ def _ratio(a, b):
 
 def headlines(rows: list[dict]) -> list[dict]:
     """Per server: lossless acceptance length, and for the judge and the best training-free
-    rule the highest acceptance length within each answer-change budget."""
+    rule the highest acceptance length within each answer-change budget ("budgets") and within
+    each accuracy-loss budget ("accuracy_budgets": the SelfJudge paper's measure, in which
+    gained and lost items cancel)."""
     out = []
     for server in sorted({(r["proposer"], r["k"]) for r in rows if r["method"] == "lossless"}):
         group = [r for r in rows if (r["proposer"], r["k"]) == server]
@@ -178,14 +182,19 @@ def headlines(rows: list[dict]) -> list[dict]:
                  "lossless_n": lossless["n"], "lossless_accuracy": lossless["accuracy"],
                  "lossless_tokens_per_s": lossless["tokens_per_s"],
                  "lossless_tokens_per_s_batch1": lossless["tokens_per_s_batch1"], "budgets": {}}
-        for budget in BUDGETS:
-            entry["budgets"][f"{budget:g}"] = {
-                family: _summary(max((r for r in group if r["method"] in methods and r.get(f"within_{budget:g}")
-                                      and r["mean_acceptance_length"]),
-                                     key=lambda r: r["mean_acceptance_length"], default=None))
-                for family, methods in METHOD_FAMILIES.items()}
+        for table, prefix in (("budgets", "within"), ("accuracy_budgets", "accuracy_within")):
+            entry[table] = {
+                f"{budget:g}": {family: _summary(_best(group, methods, f"{prefix}_{budget:g}"))
+                                for family, methods in METHOD_FAMILIES.items()}
+                for budget in BUDGETS}
         out.append(entry)
     return out
+
+
+def _best(group: list[dict], methods, within: str) -> dict | None:
+    """The point of `methods` with the highest acceptance length among those `within` a budget."""
+    return max((r for r in group if r["method"] in methods and r.get(within) and r["mean_acceptance_length"]),
+               key=lambda r: r["mean_acceptance_length"], default=None)
 
 
 def _summary(row):
@@ -193,7 +202,8 @@ def _summary(row):
         return None
     return {k: row[k] for k in ("method", "knob", "n", "paired_n", "changes", "change_upper95", "mean_acceptance_length",
                                 "acceptance_length_vs_lossless", "tokens_per_s_vs_lossless",
-                                "tokens_per_s_batch1_vs_lossless", "accuracy_change", "mcnemar_p")}
+                                "tokens_per_s_batch1_vs_lossless", "accuracy_change", "accuracy_change_lower95",
+                                "mcnemar_p")}
 
 
 def _fmt(value, spec=".2f"):
@@ -201,10 +211,32 @@ def _fmt(value, spec=".2f"):
 
 
 def _cell(s) -> str:
+    """A matched-quality cell: the point and its answer changes."""
+    return _point_cell(s, lambda: f"{s['changes']}/{s['paired_n']} changed, bound {100 * s['change_upper95']:.2f}%")
+
+
+def _accuracy_cell(s) -> str:
+    """A matched-accuracy cell: the point and its accuracy change."""
+    return _point_cell(s, lambda: (f"accuracy {100 * s['accuracy_change']:+.2f}% on {s['paired_n']}, "
+                                   f"bound {100 * s['accuracy_change_lower95']:+.2f}%"))
+
+
+def _point_cell(s, evidence) -> str:
     if s is None:
         return "-"
     return (f"{s['mean_acceptance_length']:.2f} ({_fmt(s['acceptance_length_vs_lossless'])}x; {_method_and_knob(s, 'g')}; "
-            f"{s['changes']}/{s['paired_n']} changed, bound {100 * s['change_upper95']:.2f}%)")
+            f"{evidence()})")
+
+
+def _matched_table(heads, table: str, cell) -> list[str]:
+    lines = ["| proposer | k | lossless | " + " | ".join(f"judge <= {100 * b:g}%" for b in BUDGETS) + " | "
+             + " | ".join(f"training-free <= {100 * b:g}%" for b in BUDGETS) + " |",
+             "|---|---|---|" + "---|" * (2 * len(BUDGETS))]
+    for h in heads:
+        cells = [cell(h[table][f"{b:g}"][family]) for family in METHOD_FAMILIES for b in BUDGETS]
+        lines.append(f"| {h['proposer']} | {h['k']} | {_fmt(h['lossless_acceptance_length'])} (n={h['lossless_n']}) | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def _method_and_knob(row, knob_format: str = "") -> str:
@@ -246,7 +278,7 @@ def _markdown(rows, heads, setup) -> str:
                          f"{r['identical_to_target_alone']} of {r['compared_with_target_alone']} items.")
     lines += ["", "| proposer | k | method | knob | items | accept. length | vs lossless, same items | accept. rate "
               "| tok/s conc. | tok/s batch 1 | GSM8K acc. (n) | HumanEval pass (n) | text differs "
-              "| answer changes vs lossless | 95% upper bound | acc. change | McNemar p |",
+              "| answer changes vs lossless | 95% upper bound | acc. change (95% lower bound) | McNemar p |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
@@ -259,6 +291,7 @@ def _markdown(rows, heads, setup) -> str:
             f"| {_fmt(r['humaneval_accuracy'], '.3f')} ({r['humaneval_n']}) "
             + (f"| {r['text_changes']}/{r['paired_n']} | {r['changes']}/{r['paired_n']} "
                f"| {100 * r['change_upper95']:.2f}% | {100 * r['accuracy_change']:+.2f}% "
+               f"({100 * r['accuracy_change_lower95']:+.2f}%) "
                f"| {r['mcnemar_p']:.3f} |" if "changes" in r else "| | | | | |"))
     partial = [r for r in rows if r.get("timed_items", r["n"]) < r["n"] and r["method"] != "alone"]
     if partial:
@@ -277,15 +310,13 @@ def _markdown(rows, heads, setup) -> str:
                               for r in stopped) + "."]
     lines += ["", "Matched quality: highest mean acceptance length (tokens per step) within each answer-change budget "
               "(exact 95% upper bound of the share of items whose answer differs from lossless); judge / best "
-              "training-free rule (-: no point qualifies):", "",
-              "| proposer | k | lossless | " + " | ".join(f"judge <= {100 * b:g}%" for b in BUDGETS) + " | "
-              + " | ".join(f"training-free <= {100 * b:g}%" for b in BUDGETS) + " |",
-              "|---|---|---|" + "---|" * (2 * len(BUDGETS))]
-    for h in heads:
-        cells = [_cell(h["budgets"][f"{b:g}"]["judge"]) for b in BUDGETS]
-        cells += [_cell(h["budgets"][f"{b:g}"]["training_free"]) for b in BUDGETS]
-        lines.append(f"| {h['proposer']} | {h['k']} | {_fmt(h['lossless_acceptance_length'])} (n={h['lossless_n']}) | "
-                     + " | ".join(cells) + " |")
+              "training-free rule (-: no point qualifies):", ""]
+    lines += _matched_table(heads, "budgets", _cell)
+    lines += ["", "Matched accuracy (the SelfJudge paper's measure, in which gained and lost items cancel): highest mean "
+              "acceptance length whose paired accuracy change against lossless has a 95% lower bound (Tango's score "
+              f"method) of at least -B. The confirmation stage chose its points by answer changes, so a point only "
+              f"screened is judged on its {setup['screen_items']} items here (-: no point qualifies):", ""]
+    lines += _matched_table(heads, "accuracy_budgets", _accuracy_cell)
     n = max((r.get("paired_n", 0) for r in rows), default=0)
     if n:
         lines += ["", f"Resolution: with {n} paired items, 0 changes bound the change rate at "

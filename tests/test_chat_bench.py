@@ -132,6 +132,45 @@ def test_change_rate_bound_and_mcnemar_are_exact():
     assert tasks.mcnemar_exact_p(0, 0) == 1.0
 
 
+def _score_by_numerical_likelihood(gained, lost, n, d):
+    """Tango's score statistic at a true change d, with the constrained maximum-likelihood
+    P(lost) found numerically (the implementation solves a quadratic)."""
+    import math
+
+    from scipy.optimize import minimize_scalar
+
+    def minus_log_likelihood(p_lost):
+        p_gained, rest = p_lost + d, 1 - 2 * p_lost - d
+        terms = [(gained, p_gained), (lost, p_lost), (n - gained - lost, rest)]
+        return -sum(k * math.log(p) for k, p in terms if k)
+
+    upper = (1 - d) / 2
+    p_lost = minimize_scalar(minus_log_likelihood, bounds=(max(0.0, -d) + 1e-12, upper - 1e-12), method="bounded",
+                             options={"xatol": 1e-13}).x
+    return (gained - lost - n * d) / math.sqrt(n * (2 * p_lost + d - d * d))
+
+
+def test_accuracy_change_bound_is_tangos_score_bound():
+    from scipy.stats import multinomial, norm
+
+    z = norm.ppf(0.95)
+    for gained, lost, n in ((2, 4, 376), (1, 1, 400), (7, 6, 56), (0, 6, 56)):
+        bound = tasks.accuracy_change_lower_bound(gained, lost, n)
+        assert bound < (gained - lost) / n
+        assert _score_by_numerical_likelihood(gained, lost, n, bound) == pytest.approx(z, abs=1e-3)
+    # No discordant item: the score test's bound is -z^2 / (n + z^2), not 0.
+    assert tasks.accuracy_change_lower_bound(0, 0, 400) == pytest.approx(-z * z / (400 + z * z), rel=1e-6)
+    assert tasks.accuracy_change_lower_bound(0, 0, 400) > -0.01 > tasks.accuracy_change_lower_bound(2, 2, 400)
+    assert tasks.accuracy_change_lower_bound(0, 30, 30) == -1.0
+    # Coverage, computed exactly over every outcome of 40 paired items: close to 95%.
+    n = 40
+    for p_gained, p_lost in ((0.05, 0.1), (0.1, 0.1)):
+        coverage = sum(multinomial.pmf([g, l, n - g - l], n, [p_gained, p_lost, 1 - p_gained - p_lost])
+                       for g in range(n + 1) for l in range(n + 1 - g)  # noqa: E741
+                       if tasks.accuracy_change_lower_bound(g, l, n) <= p_gained - p_lost)
+        assert 0.94 <= coverage <= 0.97
+
+
 # -- report and resume --------------------------------------------------------------------------------
 
 
@@ -195,6 +234,20 @@ def test_report_counts_answer_changes_against_the_same_servers_lossless_run(tmp_
     assert head["budgets"]["0.01"]["training_free"]["method"] == "entropy"
     assert head["budgets"]["0.02"]["judge"]["knob"] == 0.5
     assert head["budgets"]["0.02"]["training_free"]["method"] == "top_alpha"
+    # Accuracy budgets: one item lost in 400 bounds the change at -1.11%, two at -1.50%.
+    assert judge["accuracy_change_lower95"] == pytest.approx(tasks.accuracy_change_lower_bound(0, 1, n))
+    assert head["accuracy_budgets"]["0.01"]["judge"] is None
+    assert head["accuracy_budgets"]["0.01"]["training_free"]["method"] == "entropy"
+    assert head["accuracy_budgets"]["0.02"]["judge"]["knob"] == 0.5
+    assert head["accuracy_budgets"]["0.02"]["training_free"]["method"] == "top_alpha"
+    from benchmarks.chat_tradeoff_report import _markdown
+
+    setup = {"date": "d", "machine": "m", "vllm": "v", "target": "t", "draft": "d", "concurrency": 16,
+             "batch1_items": 2, "screen_items": 56, "confirm_items": n, "command": "c"}
+    report = _markdown(list(rows.values()), [head], setup)
+    accuracy_table = report.split("Matched accuracy")[1]
+    assert "5.00 (1.25x; entropy 2; accuracy +0.00% on 400, bound -0.67%)" in accuracy_table
+    assert "| -0.25% (-1.11%) |" in report  # the judge's row: one item lost
 
 
 def test_a_point_on_fewer_items_is_compared_with_lossless_on_the_same_items(tmp_path):
