@@ -289,6 +289,22 @@ def test_a_point_on_fewer_items_is_compared_with_lossless_on_the_same_items(tmp_
     assert "than draft_model k=4 entropy 3.0's 2, so no paired acceptance ratio" in report
 
 
+def test_matched_quality_ranks_points_by_their_ratio_to_lossless_on_the_same_items():
+    """A point served on the easy screening items has a higher acceptance length than one on
+    the whole set without gaining more over lossless: the paired ratio decides."""
+    from benchmarks.chat_tradeoff_report import _best
+
+    lossless = {"method": "lossless", "mean_acceptance_length": 3.0}
+    screened = {"method": "judge", "mean_acceptance_length": 4.2, "acceptance_length_vs_lossless": 1.05, "within_0.05": True}
+    confirmed = {"method": "judge", "mean_acceptance_length": 3.3, "acceptance_length_vs_lossless": 1.1, "within_0.05": True}
+    unpaired = {"method": "judge", "mean_acceptance_length": 3.2, "acceptance_length_vs_lossless": None, "within_0.05": True}
+    outside = {"method": "judge", "mean_acceptance_length": 5.0, "acceptance_length_vs_lossless": 1.5, "within_0.05": False}
+    group = [lossless, screened, confirmed, unpaired, outside]
+    assert _best(group, ("judge",), "within_0.05", lossless) is confirmed
+    assert _best([lossless, screened, unpaired], ("judge",), "within_0.05", lossless) is unpaired  # 3.2 / 3.0
+    assert _best([lossless, outside], ("judge",), "within_0.05", lossless) is None
+
+
 def test_a_point_is_hopeless_once_its_changes_exceed_every_budget_on_the_whole_set(tmp_path):
     """On 400 items the 5% budget allows at most 12 answer changes (bound 4.82%; 13: 5.12%)."""
     from benchmarks.chat_tradeoff_report import beyond_every_budget
