@@ -417,10 +417,20 @@ def start_server(testbed: Path, server, head: Path | None, work: Path, args):
 # -- the plan --------------------------------------------------------------------------------------
 
 
-def frontier(store, server, screen_items, budgets=BUDGETS) -> list[tuple[str, float | None]]:
+# What a budget limits, as the confirmation stage reads it on the screening items (point
+# estimates; the confirmation's bounds decide): the share of answers that change (the issue's
+# measure), or the accuracy lost (the SelfJudge paper's: gained and lost items cancel).
+FRONTIER_CRITERIA = {
+    "answer_changes": lambda r, budget: r["changes"] <= budget * r["paired_n"],
+    "accuracy": lambda r, budget: r["accuracy_change"] >= -budget,
+}
+
+
+def frontier(store, server, screen_items, budgets=BUDGETS, criterion="answer_changes") -> list[tuple[str, float | None]]:
     """(method, knob) to confirm on this server: per method family and budget, the screened
-    point with the highest acceptance length whose screening answer-change rate is within the
-    budget (point estimate; the confirmation decides)."""
+    point with the highest acceptance length whose screening estimate of `criterion` is within
+    the budget (point estimate; the confirmation decides)."""
+    within = FRONTIER_CRITERIA[criterion]
     rows = point_rows(store, Outcomes(screen_items), only_ids={i.id for i in screen_items}, server=server)
     lossless = next((r for r in rows if r["method"] == "lossless"), None)
     if lossless is None:
@@ -429,7 +439,7 @@ def frontier(store, server, screen_items, budgets=BUDGETS) -> list[tuple[str, fl
     for methods in METHOD_FAMILIES.values():
         for budget in budgets:
             ok = [r for r in rows if r["method"] in methods and "changes" in r and r["mean_acceptance_length"]
-                  and r["changes"] <= budget * r["paired_n"]]
+                  and within(r, budget)]
             best = max(ok, key=lambda r: r["mean_acceptance_length"], default=None)
             if best and (best["method"], best["knob"]) not in chosen:
                 chosen.append((best["method"], best["knob"]))
@@ -451,6 +461,11 @@ def main(argv=None) -> int:
                         "(RESULTS/chat_judge/)")
     parser.add_argument("--servers", help="proposer:k list to work on, e.g. draft_model:8,ngram:8 (default: all)")
     parser.add_argument("--stages", default="reference,screen,ablation,confirm", help="stages to run (default: all)")
+    parser.add_argument("--frontier", choices=sorted(FRONTIER_CRITERIA), default="answer_changes",
+                        help="what the confirmation's budgets limit when it picks points from the screening: the "
+                        "share of answers that change (default; a point stops early once it is beyond every "
+                        "budget), or the accuracy lost (the SelfJudge paper's measure; no early stop, since "
+                        "gains can offset losses)")
     parser.add_argument("--max-minutes", type=float,
                         help="start no new point, nor segment of SEGMENT_ITEMS requests, after this many minutes")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -545,12 +560,13 @@ def main(argv=None) -> int:
         if "confirm" in stages and not args.quick:
             outcomes = Outcomes(confirm)
             for server in servers:
-                chosen = [("lossless", None)] + frontier(store, server, screen)
+                chosen = [("lossless", None)] + frontier(store, server, screen, criterion=args.frontier)
                 lossless = point_key(server, "lossless", None)
                 if len(chosen) > 1:
-                    log(f"confirm {server}: {', '.join(f'{m} {k}' for m, k in chosen)}")
+                    log(f"confirm {server} ({args.frontier}): {', '.join(f'{m} {k}' for m, k in chosen)}")
                     work_on(server, [(point_key(server, m, knob), confirm, xargs(m, knob)) for m, knob in chosen],
-                            hopeless=lambda key, lossless=lossless: None if key == lossless else
+                            hopeless=lambda key, lossless=lossless: None
+                            if key == lossless or args.frontier != "answer_changes" else
                             beyond_every_budget(store, outcomes, key, lossless, len(confirm)))
 
     from benchmarks import chat_tradeoff_report

@@ -305,6 +305,36 @@ def test_matched_quality_ranks_points_by_their_ratio_to_lossless_on_the_same_ite
     assert _best([lossless, outside], ("judge",), "within_0.05", lossless) is None
 
 
+def test_the_confirmation_picks_its_points_by_answer_changes_or_by_accuracy(tmp_path):
+    """Per family and budget, the screened point with the highest acceptance length whose
+    screening estimate is within the budget: answer changes count flips both ways and changes
+    between wrong answers; accuracy lets gains offset losses."""
+    from benchmarks.chat_tradeoff import frontier
+
+    n = 10
+    items = _gsm_items(n)
+    lossless = [f"#### {-1 if i < 4 else i}" for i in range(n)]  # wrong on the first 4
+    offsetting = list(lossless)
+    offsetting[0], offsetting[1], offsetting[4], offsetting[5] = "#### 0", "#### 1", "#### -1", "#### -1"
+    wrong_to_wrong = [f"#### {-2 if i < 4 else i}" for i in range(n)]
+    one_lost = list(lossless)
+    one_lost[9] = "#### -1"
+    dm = ("draft_model", 8)
+
+    def counters(length):
+        return {"drafts": 100, "draft_tokens": 800, "accepted": 100 * (length - 1)}
+
+    store = _store(tmp_path, {
+        point_key(dm, "lossless", None): (lossless, counters(4)),
+        point_key(dm, "judge", 0.7): (lossless, counters(5)),
+        point_key(dm, "judge", 0.3): (offsetting, counters(6)),
+        point_key(dm, "top_alpha", 0.2): (wrong_to_wrong, counters(7)),
+        point_key(dm, "entropy", 2.0): (one_lost, counters(8)),
+    })
+    assert frontier(store, dm, items) == [("judge", 0.7)]
+    assert frontier(store, dm, items, criterion="accuracy") == [("judge", 0.3), ("top_alpha", 0.2)]
+
+
 def test_a_point_is_hopeless_once_its_changes_exceed_every_budget_on_the_whole_set(tmp_path):
     """On 400 items the 5% budget allows at most 12 answer changes (bound 4.82%; 13: 5.12%)."""
     from benchmarks.chat_tradeoff_report import beyond_every_budget
