@@ -181,7 +181,7 @@ def headlines(rows: list[dict]) -> list[dict]:
         entry = {"proposer": server[0], "k": server[1], "lossless_acceptance_length": lossless["mean_acceptance_length"],
                  "lossless_n": lossless["n"], "lossless_accuracy": lossless["accuracy"],
                  "lossless_tokens_per_s": lossless["tokens_per_s"],
-                 "lossless_tokens_per_s_batch1": lossless["tokens_per_s_batch1"], "budgets": {}}
+                 "lossless_tokens_per_s_batch1": lossless["tokens_per_s_batch1"]}
         for table, prefix in (("budgets", "within"), ("accuracy_budgets", "accuracy_within")):
             entry[table] = {
                 f"{budget:g}": {family: _summary(_best(group, methods, f"{prefix}_{budget:g}", lossless))
@@ -321,8 +321,9 @@ def _markdown(rows, heads, setup) -> str:
     lines += _matched_table(heads, "budgets", _cell)
     lines += ["", "Matched accuracy (the SelfJudge paper's measure, in which gained and lost items cancel): highest mean "
               "acceptance length whose paired accuracy change against lossless has a 95% lower bound (Tango's score "
-              f"method) of at least -B. The confirmation stage chose its points by answer changes, so a point only "
-              f"screened is judged on its {setup['screen_items']} items here (-: no point qualifies):", ""]
+              f"method) of at least -B. The confirmation stage chose its points by answer changes, or with `--frontier "
+              f"accuracy` by the screening's accuracy change; a point only screened is judged on its "
+              f"{setup['screen_items']} items here (-: no point qualifies):", ""]
     lines += _matched_table(heads, "accuracy_budgets", _accuracy_cell)
     n = max((r.get("paired_n", 0) for r in rows), default=0)
     if n:

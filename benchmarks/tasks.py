@@ -226,7 +226,7 @@ def accuracy_change_lower_bound(gained: int, lost: int, n: int, confidence: floa
     """One-sided lower confidence bound of a paired accuracy change (gained - lost) / n, by
     Tango's score method (1998): the smallest change d that the score test under "the true
     change is d" does not reject. Unlike the exact conditional bound it stays informative
-    when no item is discordant (0 of 400: about -z^2 / n = -0.68%)."""
+    when no item is discordant (0 of 400: -z^2 / (n + z^2) = -0.67%)."""
     from scipy.optimize import brentq
     from scipy.stats import norm
 
