@@ -118,14 +118,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _check_vllm(args: argparse.Namespace) -> int:
-    from selfjudge_vllm.vllm_seams import SEAMS, missing_in_installed_vllm, missing_in_wheel
+    from selfjudge_vllm.vllm_seams import check_wheel, installed_runner, missing_in_installed_vllm, seams_for
 
     source = args.source or "the installed vllm"
-    missing = missing_in_wheel(args.source) if args.source else missing_in_installed_vllm()
-    for seam in SEAMS:
+    if args.source:
+        runner, missing = check_wheel(args.source)
+    else:
+        runner, missing = installed_runner(), missing_in_installed_vllm()
+    seams = seams_for(runner)
+    for seam in seams:
         print(f"{'MISSING' if seam in missing else 'ok':7s} {seam.kind:7s} {seam.name}")
-    print(f"selfjudge check-vllm: {source}: {len(SEAMS) - len(missing)} of {len(SEAMS)} seams present"
-          + ("" if not missing else "; the plugin cannot run on it as is"))
+    print(f"selfjudge check-vllm: {source}: model runner {runner.upper()}; {len(seams) - len(missing)} of "
+          f"{len(seams)} seams present" + ("" if not missing else "; the plugin cannot run on it as is"))
     return 1 if missing else 0
 
 
@@ -261,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check-vllm",
         help="check a vLLM version's source against every internal the plugin patches or reads",
         description="Checks, from source alone, that a vLLM wheel (`pip download --no-deps vllm==X`) or source "
-        "folder defines every attribute in selfjudge_vllm/vllm_seams.py; without an argument, the installed "
+        "folder defines every attribute in selfjudge_vllm/vllm_seams.py that the plugin uses with the model "
+        "runner it would hook there (V1 while vLLM has it, V2 from 0.34); without an argument, the installed "
         "vLLM. Names only: a seam whose meaning changed passes; run the tests on that version to know more.",
     )
     check.add_argument("source", nargs="?", help="vLLM wheel (.whl) or folder holding vllm/ (default: installed)")

@@ -7,6 +7,12 @@ import logging
 
 logger = logging.getLogger("vllm.selfjudge")
 
+# Why `scope: reasoning` is refused on model runner V2 (start-up error, HTTP 400 per request).
+REASONING_SCOPE_ON_V2 = (
+    "selfjudge scope 'reasoning' is served on model runner V1 only (vLLM <= 0.33): on model "
+    "runner V2 the output tokens the span is read from stay on the device and, under async "
+    "scheduling, are placeholders when the step is verified; use scope 'all' or vLLM <= 0.33")
+
 
 def served_target_identity(vllm_config):
     """What the served model is, in the artifact's terms."""
@@ -48,11 +54,19 @@ def load_served_policy(config, vllm_config):
     from selfjudge_vllm.request_control import RulePolicy
 
     config = with_reasoning_markers(config, vllm_config)
+    refused = reasoning_scope_refusal()
     if config.head is None:
-        return RulePolicy(config), None
+        return RulePolicy(config, reasoning_scope_refused=refused), None
     artifact = JudgeArtifact.load(config.head)
     threshold = artifact.resolve_threshold(config.threshold, config.operating_point)
-    return RulePolicy(config, artifact.config, threshold), artifact
+    return RulePolicy(config, artifact.config, threshold, reasoning_scope_refused=refused), artifact
+
+
+def reasoning_scope_refusal() -> str | None:
+    """Why the installed vLLM's model runner cannot serve scope 'reasoning' (None: it can)."""
+    from selfjudge_vllm.vllm_seams import V2, installed_runner
+
+    return REASONING_SCOPE_ON_V2 if installed_runner() == V2 else None
 
 
 class RequestValidator:

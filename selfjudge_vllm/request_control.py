@@ -108,8 +108,11 @@ class RulePolicy:
         config: SelfJudgeConfig,
         artifact: JudgeArtifactConfig | None = None,
         server_threshold: float | None = None,
+        reasoning_scope_refused: str | None = None,
     ):
         self.config, self.artifact, self.server_threshold = config, artifact, server_threshold
+        # Why this server cannot serve scope 'reasoning' (None: it can).
+        self.reasoning_scope_refused = reasoning_scope_refused
         self.default = self._scoped(self._rule(config.rule, RequestJudgeOptions()), config.scope)
 
     def for_request(self, extra_args: Any) -> RowRule:
@@ -135,6 +138,8 @@ class RulePolicy:
     def _scoped(self, row_rule: RowRule, scope: str) -> RowRule:
         if scope == "all":
             return row_rule
+        if self.reasoning_scope_refused is not None:
+            raise ValueError(self.reasoning_scope_refused)
         if self.config.reasoning_end_token_id is None:
             raise ValueError(
                 "scope 'reasoning' needs the token that ends the reasoning: serve with vLLM's "

@@ -241,30 +241,37 @@ class JudgeHead:
         return out
 
 
-def row_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row's softmax, a bounded chunk of rows at a time."""
+def row_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy (nats) of the softmax of each row of `logits` (or of the rows `rows` lists),
+    a bounded chunk of rows at a time, so the float32 temporary never spans the batch."""
     from selfjudge_vllm.features import chunk_rows_for
 
     chunk_rows = chunk_rows_for(logits)
-    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for start in range(0, logits.shape[0], chunk_rows):
-        chunk = logits[start : start + chunk_rows]
+    count = logits.shape[0] if rows is None else rows.shape[0]
+    out = torch.empty(count, dtype=torch.float32, device=logits.device)
+    for start in range(0, count, chunk_rows):
+        chunk = (logits[start : start + chunk_rows] if rows is None
+                 else logits.index_select(0, rows[start : start + chunk_rows]))
         out[start : start + chunk_rows] = torch.special.entr(torch.softmax(chunk, dim=-1, dtype=torch.float32)).sum(-1)
     return out
 
 
-def entropy_gate(logits: torch.Tensor, draft_token_ids: torch.Tensor, min_entropy, drafts_after, window: int):
+def entropy_gate(entropy: torch.Tensor, agrees: torch.Tensor, min_entropy, drafts_after, window: int):
     """The entropy rule's decision per row (see the module docstring), for rows that are
-    every draft row of their requests, in order."""
-    entropy = row_entropy(logits)
-    agrees = logits.argmax(-1) == draft_token_ids
+    every draft row of their requests, in order: `entropy` of the row, whether the target's
+    top choice `agrees` with the row's draft, and the number of `drafts_after` it in its
+    request."""
     # Evidence needs at least one later draft token; the window stops at the request's end.
     confirmed = drafts_after > 0 if window > 0 else torch.ones_like(agrees)
     n = agrees.shape[0]
-    for offset in range(1, window + 1):
+    for offset in range(1, min(window, n - 1) + 1):
         later = torch.zeros_like(agrees)
         later[: n - offset] = agrees[offset:]
         confirmed &= later | (drafts_after < offset)
+    # Offsets past the step's rows have no later row to agree: only rows with fewer drafts
+    # after them than the offset pass (the request ends first).
+    for offset in range(max(1, n), window + 1):
+        confirmed &= drafts_after < offset
     return (entropy >= min_entropy) & confirmed
 
 
@@ -285,22 +292,28 @@ def decide_and_force_(
     head: JudgeHead | None = None,
     entropy_window: int = 2,
     evidence: torch.Tensor | None = None,
+    logit_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decide every draft row with its rule and force the accepted ones, in place.
 
-    draft_token_ids: [n] (padding is -1, never accepted).
-    processed_logits: [n, V] target logits after penalties, bans, grammar masks and
-        temperature/top-k/top-p. Each accepted row's draft entry becomes FORCED_LOGIT:
-        greedy verification sees argmax == draft, random verification sees
-        p_target(draft) == 1 >= any draw. Other rows are untouched.
+    draft_token_ids: [n] (padding and placeholders are -1, never accepted).
+    processed_logits: target logits after penalties, bans, grammar masks and
+        temperature/top-k/top-p: [n, V], row i verifying draft i, or any [rows, V] with
+        `logit_rows` [n] naming the row that verifies each draft (model runner V2 verifies
+        the drafts and the bonus rows in one tensor). Each accepted draft's entry becomes
+        FORCED_LOGIT: greedy verification sees argmax == draft, random verification sees
+        p_target(draft) == 1 >= any draw. Other rows and entries are untouched.
     hidden: [n, H] target hidden state at each draft token's own position (judge rule).
     evidence: [n, k] the head's logit features of each draft row (features.py).
 
     Returns (accept, valid) boolean [n] masks. Ties (at the knob) are accepted. Work over
-    the vocabulary happens only for rules present in the step.
+    the vocabulary happens only for rules present in the step, on the rows that use them.
     """
-    index = draft_token_ids.clamp(min=0).long().unsqueeze(1)
-    draft_logit = processed_logits.gather(1, index).squeeze(1)
+    index = draft_token_ids.clamp(min=0).long()
+    if logit_rows is None:
+        draft_logit = processed_logits.gather(1, index.unsqueeze(1)).squeeze(1)
+    else:
+        draft_logit = processed_logits[logit_rows, index]
     valid = draft_token_ids >= 0
     accept = torch.zeros_like(valid)
     knob = step.knob()
@@ -309,18 +322,35 @@ def decide_and_force_(
             raise ValueError("the judge rule needs the head and the features it reads")
         accept |= step.selects(JUDGE) & (head.scores(hidden, evidence) >= knob)
     if TOP_ALPHA in step.present:
-        margin = draft_logit - processed_logits.max(-1).values
+        row_max = processed_logits.amax(-1)
+        margin = draft_logit - (row_max if logit_rows is None else row_max.index_select(0, logit_rows))
         accept |= step.selects(TOP_ALPHA) & (margin >= knob)
     if ENTROPY in step.present:
-        if step.entropy_rows is None:  # every row uses it
-            accept |= entropy_gate(processed_logits, draft_token_ids, knob, step.drafts_after, entropy_window)
-        else:  # the vocabulary-wide work on the entropy requests' rows only
-            rows = step.entropy_rows
-            gate = entropy_gate(processed_logits.index_select(0, rows), draft_token_ids.index_select(0, rows),
-                                knob.index_select(0, rows), step.drafts_after, entropy_window)
-            accept.index_put_((rows,), accept.index_select(0, rows) | gate)
+        accept |= _entropy_accepts(step, processed_logits, draft_token_ids, logit_rows, entropy_window)
     if step.end_ids is not None:
         accept &= ~at_or_after_end_marker(draft_token_ids, step.end_ids, step.request_first_row)
     accept &= valid & (draft_logit > float("-inf"))
-    processed_logits.scatter_(1, index, torch.where(accept, FORCED_LOGIT, draft_logit).unsqueeze(1))
+    forced = torch.where(accept, FORCED_LOGIT, draft_logit)
+    if logit_rows is None:
+        processed_logits.scatter_(1, index.unsqueeze(1), forced.unsqueeze(1))
+    else:
+        processed_logits.index_put_((logit_rows, index), forced)
     return accept, valid
+
+
+def _entropy_accepts(step: StepRules, processed_logits: torch.Tensor, draft_token_ids: torch.Tensor,
+                     logit_rows: torch.Tensor | None, window: int) -> torch.Tensor:
+    """[n] the entropy rule's decisions, computed over the vocabulary only on the rows of
+    the requests that use it (step.entropy_rows; None: every row)."""
+    rows = step.entropy_rows
+    if rows is None:
+        drafts, at, knob = draft_token_ids, logit_rows, step.knob()
+    else:
+        drafts, knob = draft_token_ids.index_select(0, rows), step.knob().index_select(0, rows)
+        at = rows if logit_rows is None else logit_rows.index_select(0, rows)
+    top1 = processed_logits.argmax(-1)
+    agrees = (top1 if at is None else top1.index_select(0, at)) == drafts
+    gate = entropy_gate(row_entropy(processed_logits, at), agrees, knob, step.drafts_after, window)
+    if rows is None:
+        return gate
+    return torch.zeros_like(draft_token_ids, dtype=torch.bool).index_put_((rows,), gate)

@@ -87,15 +87,20 @@ class JudgeRuntime:
             rules = StepRules(self.default_rule, present=frozenset({self.default_rule.rule}))
         self.pending = PendingStep(sample_hidden_states, logits, draft_token_ids, target_logits_indices, rules)
 
-    def step_rules(self, requests: Iterable[tuple], device) -> StepRules:
+    def step_rules(self, requests: Iterable[tuple], device, prune: bool = True) -> StepRules:
         """The rules of a batch of (request id, number of draft tokens, extra_args[, tokens]),
         in batch order; tokens: (prompt token ids, output token ids), needed for requests with
         a reasoning scope. Each request is resolved once, at its first step; outside its
-        reasoning span a scoped request is verified losslessly."""
+        reasoning span a scoped request is verified losslessly. With `prune`, requests absent
+        from the batch are forgotten (model runner V1: a request missing from a step has
+        finished, or was preempted and is resolved again when back); without it, the adapter
+        calls `forget` when vLLM removes a request (model runner V2, which verifies a step in
+        chunks of requests)."""
         if self._table is None or self._table.device != torch.device(device):
             self._table = RequestRuleTable(device)
-        previous, self._rules_by_request = self._rules_by_request, {}
-        spans, self._spans = self._spans, {}
+        previous, spans = self._rules_by_request, self._spans
+        if prune:
+            self._rules_by_request, self._spans = {}, {}
         req_ids, counts = [], []
         for req_id, num_drafts, extra_args, *tokens in requests:
             rule = previous.get(req_id)
@@ -110,9 +115,16 @@ class JudgeRuntime:
             self._table.set(req_id, effective)
             req_ids.append(req_id)
             counts.append(num_drafts)
-        # A request missing from a step has finished (or was preempted: resolved again when back).
-        self._table.keep_only(self._rules_by_request)
+        if prune:
+            self._table.keep_only(self._rules_by_request)
         return self._table.step(req_ids, counts)
+
+    def forget(self, req_id: str) -> None:
+        """Drop a request's rule and span state (vLLM removed it)."""
+        self._rules_by_request.pop(req_id, None)
+        self._spans.pop(req_id, None)
+        if self._table is not None:
+            self._table.remove(req_id)
 
     def end_step(self) -> None:
         step, self.pending = self.pending, None
@@ -132,7 +144,7 @@ class JudgeRuntime:
         then fails in end_step, because its own drafts were never judged."""
         step = self.pending
         if step is None and self.profiling:
-            self._profile_(target_logits)
+            self.profile_(target_logits)
             return False
         if step is None or draft_token_ids is not step.draft_token_ids:
             self.counters.unmatched_calls += 1
@@ -140,25 +152,37 @@ class JudgeRuntime:
         step.judged = True
         if draft_token_ids.numel() == 0:
             return True
-        # The hidden state at the draft token's own position is the row after the one whose
-        # logits verify it (for the last draft token, the bonus row).
-        hidden = head = evidence = None
-        if self.head is not None and JUDGE in step.rules.present:
-            head = self.head.to(target_logits.device)
-            if head.reads_hidden:
-                hidden = step.sample_hidden_states.index_select(0, step.target_logits_indices + 1)
-            if head.logit_features:
-                if step.logits is None:
-                    raise JudgeNotAppliedError("selfjudge: the step's logits were not kept; the head needs them")
-                evidence = evidence_from_logits(step.logits, step.target_logits_indices, draft_token_ids,
-                                                head.logit_features)
-        accept, valid = decide_and_force_(
-            step.rules, draft_token_ids, target_logits, hidden, head, self.entropy_window, evidence
-        )
-        self._count(valid, accept)
+        self.decide_(step.rules, draft_token_ids, target_logits, step.target_logits_indices,
+                     lambda rows: step.sample_hidden_states.index_select(0, rows), step.logits)
         return True
 
-    def _profile_(self, target_logits: torch.Tensor) -> None:
+    def decide_(self, rules: StepRules, draft_token_ids: torch.Tensor, processed_logits: torch.Tensor,
+                verify_rows: torch.Tensor, hidden_at: Callable[[torch.Tensor], torch.Tensor],
+                raw_logits: torch.Tensor | None, logit_rows: torch.Tensor | None = None) -> None:
+        """Decide and force the draft rows of one verification call, in place, and count them
+        (both runners' adapters call this).
+
+        verify_rows: [n] the row verifying each draft among the step's sampled rows, in the
+            row space of `raw_logits` and of `hidden_at`; the row after it holds the hidden
+            state at the draft token's own position (for the last draft, the bonus row).
+        hidden_at(rows): the final-norm hidden states of those sampled rows.
+        raw_logits: the model's own logits of the sampled rows (the logit features).
+        processed_logits / logit_rows: as in rules.decide_and_force_.
+        """
+        hidden = head = evidence = None
+        if self.head is not None and JUDGE in rules.present:
+            head = self.head.to(processed_logits.device)
+            if head.reads_hidden:
+                hidden = hidden_at(verify_rows + 1)
+            if head.logit_features:
+                if raw_logits is None:
+                    raise JudgeNotAppliedError("selfjudge: the step's logits were not kept; the head needs them")
+                evidence = evidence_from_logits(raw_logits, verify_rows, draft_token_ids, head.logit_features)
+        accept, valid = decide_and_force_(rules, draft_token_ids, processed_logits, hidden, head,
+                                          self.entropy_window, evidence, logit_rows)
+        self._count(valid, accept)
+
+    def profile_(self, target_logits: torch.Tensor) -> None:
         """vLLM's memory profiling calls the sampler once on dummy rows before it sizes the
         KV cache: run the step's vocabulary-wide work (the logit features' log-softmax and the
         entropy rule's softmax, each in chunks of at most CHUNK_ELEMENTS) on those rows, so
@@ -232,12 +256,16 @@ class RequestRuleTable:
         self._rule_in_slot[slot] = rule
         self._values[slot] = request_values(rule)
 
+    def remove(self, req_id: str) -> None:
+        slot = self._slot_of.pop(req_id, None)
+        if slot is not None:
+            self._rule_in_slot[slot] = None
+            self._free.append(slot)
+
     def keep_only(self, req_ids) -> None:
         """Free the slots of requests not in `req_ids`."""
         for req_id in [r for r in self._slot_of if r not in req_ids]:
-            slot = self._slot_of.pop(req_id)
-            self._rule_in_slot[slot] = None
-            self._free.append(slot)
+            self.remove(req_id)
 
     def step(self, req_ids: list[str], counts: list[int]) -> StepRules:
         slots = [self._slot_of[req_id] for req_id in req_ids]
