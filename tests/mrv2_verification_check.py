@@ -24,9 +24,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-
 import vllm
 import vllm.v1.worker.gpu.spec_decode.rejection_sampler as vllm_verify
+
 from selfjudge_vllm import adapter_v2
 from selfjudge_vllm.patching import _install
 from selfjudge_vllm.rules import JudgeHead, RowRule

@@ -437,3 +437,75 @@ def test_reasoning_span_follows_the_markers_reading_only_new_tokens():
     assert reasoning_span(with_start, [1], [3, 7, 4], None) == (3, True)
     # Only the tokens after the ones already read are looked at.
     assert reasoning_span(ends_only, [], [9, 9, 1], (2, True)) == (3, True)
+
+
+def _naive_entropy_decisions(logits, drafts, counts, min_entropy, window):
+    """The entropy rule row by row in float64 (module docstring of rules.py)."""
+    out, row = [], 0
+    for count in counts:
+        for i in range(count):
+            p = torch.softmax(logits[row].double(), 0)
+            entropy = float(torch.special.entr(p).sum())
+            later = range(row + 1, row + 1 + min(window, count - 1 - i))
+            agrees = all(int(logits[j].argmax()) == int(drafts[j]) for j in later)
+            has_evidence = window == 0 or i < count - 1
+            out.append(int(drafts[row]) >= 0 and entropy >= min_entropy and has_evidence and agrees)
+            row += 1
+    return out
+
+
+def test_entropy_rule_for_every_window_and_row_count_against_a_naive_reference():
+    """Every window the config allows (0-16) and every step size 0..k draft rows, one
+    request and two, against a row-by-row reference (windows past the step's rows used to
+    crash: issue 30 item 2)."""
+    from selfjudge_vllm.rules import ENTROPY
+
+    gen = torch.Generator().manual_seed(11)
+    k, vocab = 5, 5
+    for window in range(0, 17):
+        for rows in range(0, k + 1):
+            for counts in ([rows], [rows, max(0, rows - 2)]):
+                n = sum(counts)
+                logits = torch.randn(n, vocab, generator=gen) * 0.7
+                drafts = torch.randint(0, vocab, (n,), generator=gen)
+                agree = torch.rand(n, generator=gen) < 0.7
+                drafts[agree] = logits[agree].argmax(-1)
+                step = StepRules.build([(RowRule(ENTROPY, 1.0), c) for c in counts], "cpu")
+                before = logits.clone()
+                accept, _ = decide_and_force_(step, drafts, logits, entropy_window=window)
+                assert accept.tolist() == _naive_entropy_decisions(before, drafts, counts, 1.0, window), (window, counts)
+
+
+def test_decisions_on_verifying_rows_inside_a_larger_logits_tensor_equal_the_gathered_rows():
+    """Model runner V2 verifies drafts and bonus rows in one tensor: deciding through
+    `logit_rows` takes the same decisions and forces the same entries as deciding on the
+    gathered draft rows, and leaves every other row untouched."""
+    from selfjudge_vllm.rules import ENTROPY, TOP_ALPHA
+
+    gen = torch.Generator().manual_seed(5)
+    vocab, counts = 7, [3, 4, 0, 2]
+    rules = [RowRule.top_alpha(0.2), RowRule(ENTROPY, 0.9), RowRule(JUDGE, 0.1), RowRule(JUDGE, -0.2)]
+    n = sum(counts)
+    # V2 layout: each request's draft rows, then its bonus row.
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c + 1)
+    verify_rows = torch.tensor([r for i, c in enumerate(counts) for r in range(bounds[i], bounds[i] + c)])
+    full = torch.randn(bounds[-1], vocab, generator=gen)
+    drafts = torch.randint(0, vocab, (n,), generator=gen)
+    agree = torch.rand(n, generator=gen) < 0.5
+    drafts[agree] = full.index_select(0, verify_rows)[agree].argmax(-1)
+    drafts[1] = -1
+    hidden, head = torch.randn(n, 3, generator=gen), JudgeHead(torch.randn(3, generator=gen), torch.zeros(1))
+    for mixed in (rules, [rules[1]] * 4, [rules[0]] * 4):
+        step = StepRules.build(zip(mixed, counts), "cpu")
+        gathered = full.index_select(0, verify_rows)
+        expected, _ = decide_and_force_(step, drafts, gathered, hidden, head)
+        inside = full.clone()
+        got, _ = decide_and_force_(step, drafts, inside, hidden, head, logit_rows=verify_rows)
+        assert got.tolist() == expected.tolist()
+        assert torch.equal(inside.index_select(0, verify_rows), gathered)
+        others = torch.ones(bounds[-1], dtype=torch.bool)
+        others[verify_rows] = False
+        assert torch.equal(inside[others], full[others])
+    assert {TOP_ALPHA, ENTROPY, JUDGE} <= StepRules.build(zip(rules, counts), "cpu").present
