@@ -102,6 +102,7 @@ def main(argv=None) -> int:
         def judge_step(target_logits):
             runtime.begin_step(hidden, drafts, target_idx, rules_of_step(), logits=logits)
             runtime.judge_(drafts, target_logits)
+            runtime.unforce_()  # what the adapters do once verification has read the rows
             runtime.end_step()
 
         return judge_step

@@ -122,6 +122,10 @@ def _wrap_rejection_sample(original):
             draft = args[draft_pos] if len(args) > draft_pos else kwargs["draft_token_ids"]
             logits = args[logits_pos] if len(args) > logits_pos else kwargs["target_logits"]
             runtime.judge_(draft, logits)
-        return original(*args, **kwargs)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if runtime is not None:
+                runtime.unforce_()
 
     return rejection_sample

@@ -212,7 +212,11 @@ def _wrap_rejection_sample(original):
             logits = args[logits_pos] if len(args) > logits_pos else kwargs["target_logits"]
             drafts = args[drafts_pos] if len(args) > drafts_pos else kwargs["draft_sampled"]
             step.judge_chunk_(logits, drafts)
-        return original(*args, **kwargs)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if step is not None:
+                step.runtime.unforce_()
 
     return rejection_sample
 

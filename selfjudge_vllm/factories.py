@@ -12,6 +12,13 @@ REASONING_SCOPE_ON_V2 = (
     "selfjudge scope 'reasoning' is served on model runner V1 only (vLLM <= 0.33): on model "
     "runner V2 the output tokens the span is read from stay on the device and, under async "
     "scheduling, are placeholders when the step is verified; use scope 'all' or vLLM <= 0.33")
+# Why it is refused under async scheduling (vLLM's GPU default for draft_model and EAGLE since
+# 0.32): the runner's output token lists then end in -1 placeholders that vLLM fills only when
+# penalties or logits processors need them, so the span would never see its end marker.
+REASONING_SCOPE_ASYNC = (
+    "selfjudge scope 'reasoning' needs synchronous scheduling: under async scheduling vLLM "
+    "leaves placeholders in the token lists the reasoning span is read from; start vLLM with "
+    "--no-async-scheduling, or use scope 'all'")
 
 
 def served_target_identity(vllm_config):
@@ -29,23 +36,39 @@ def served_target_identity(vllm_config):
     )
 
 
+def _parser_markers(vllm_config) -> tuple[str, list[int], list[int]] | None:
+    """(parser name, start ids, end ids) of the served reasoning parser, or None."""
+    reasoning = getattr(vllm_config, "reasoning_config", None)
+    if reasoning is None or not reasoning.enabled:
+        return None
+    return (reasoning.reasoning_parser, list(reasoning.reasoning_start_token_ids or []),
+            list(reasoning.natural_reasoning_end_token_ids or []))
+
+
 def with_reasoning_markers(config, vllm_config):
     """The section with its reasoning marker ids: those it gives, else the start and end
     tokens of the served model's reasoning parser (vLLM's --reasoning-parser, which vLLM
-    resolves to token ids at start-up), else none."""
+    resolves to token ids at start-up) when they are single tokens, else none. A parser with
+    multi-token markers fails start-up only where the section asks for scope 'reasoning'
+    (a request asking for it is refused: reasoning_scope_refusal)."""
     from selfjudge_vllm.config import ConfigError
 
-    reasoning = getattr(vllm_config, "reasoning_config", None)
-    if config.reasoning_end_token_id is not None or reasoning is None or not reasoning.enabled:
+    markers = _parser_markers(vllm_config)
+    if config.reasoning_end_token_id is not None or markers is None:
         return config
-    start, end = reasoning.reasoning_start_token_ids or [], reasoning.natural_reasoning_end_token_ids or []
+    parser, start, end = markers
     if len(end) != 1 or len(start) > 1:
-        raise ConfigError(
-            f"selfjudge: the reasoning parser {reasoning.reasoning_parser!r} marks reasoning with several "
-            f"tokens (start {start}, end {end}); scope 'reasoning' needs single-token markers: set "
-            "selfjudge.reasoning_end_token_id (and reasoning_start_token_id)")
+        if config.scope == "reasoning":
+            raise ConfigError(_multi_token_markers(parser, start, end))
+        return config
     return config.model_copy(update={"reasoning_end_token_id": end[0],
                                      "reasoning_start_token_id": start[0] if start else None})
+
+
+def _multi_token_markers(parser, start, end) -> str:
+    return (f"selfjudge: the reasoning parser {parser!r} marks reasoning with several tokens (start {start}, "
+            f"end {end}); scope 'reasoning' needs single-token markers: set selfjudge.reasoning_end_token_id "
+            "(and reasoning_start_token_id)")
 
 
 def load_served_policy(config, vllm_config):
@@ -54,7 +77,7 @@ def load_served_policy(config, vllm_config):
     from selfjudge_vllm.request_control import RulePolicy
 
     config = with_reasoning_markers(config, vllm_config)
-    refused = reasoning_scope_refusal()
+    refused = reasoning_scope_refusal(config, vllm_config)
     if config.head is None:
         return RulePolicy(config, reasoning_scope_refused=refused), None
     artifact = JudgeArtifact.load(config.head)
@@ -62,11 +85,22 @@ def load_served_policy(config, vllm_config):
     return RulePolicy(config, artifact.config, threshold, reasoning_scope_refused=refused), artifact
 
 
-def reasoning_scope_refusal() -> str | None:
-    """Why the installed vLLM's model runner cannot serve scope 'reasoning' (None: it can)."""
+def reasoning_scope_refusal(config, vllm_config) -> str | None:
+    """Why this server cannot serve scope 'reasoning' (None: it can): the runner, async
+    scheduling, or a reasoning parser whose markers are not single tokens."""
     from selfjudge_vllm.vllm_seams import V2, installed_runner
 
-    return REASONING_SCOPE_ON_V2 if installed_runner() == V2 else None
+    if installed_runner() == V2:
+        return REASONING_SCOPE_ON_V2
+    scheduler = getattr(vllm_config, "scheduler_config", None)
+    if getattr(scheduler, "async_scheduling", False):
+        return REASONING_SCOPE_ASYNC
+    markers = _parser_markers(vllm_config)
+    if config.reasoning_end_token_id is None and markers is not None:
+        parser, start, end = markers
+        if len(end) != 1 or len(start) > 1:
+            return _multi_token_markers(parser, start, end)
+    return None
 
 
 class RequestValidator:

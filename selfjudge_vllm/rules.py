@@ -302,18 +302,16 @@ def decide_and_force_(
         `logit_rows` [n] naming the row that verifies each draft (model runner V2 verifies
         the drafts and the bonus rows in one tensor). Each accepted draft's entry becomes
         FORCED_LOGIT: greedy verification sees argmax == draft, random verification sees
-        p_target(draft) == 1 >= any draw. Other rows and entries are untouched.
+        p_target(draft) == 1 >= any draw. Other rows and entries are untouched. A caller
+        that needs the logits afterwards (returned logprobs) writes back the draft entries
+        it read before (draft_entries / set_draft_entries_).
     hidden: [n, H] target hidden state at each draft token's own position (judge rule).
     evidence: [n, k] the head's logit features of each draft row (features.py).
 
     Returns (accept, valid) boolean [n] masks. Ties (at the knob) are accepted. Work over
     the vocabulary happens only for rules present in the step, on the rows that use them.
     """
-    index = draft_token_ids.clamp(min=0).long()
-    if logit_rows is None:
-        draft_logit = processed_logits.gather(1, index.unsqueeze(1)).squeeze(1)
-    else:
-        draft_logit = processed_logits[logit_rows, index]
+    draft_logit = draft_entries(processed_logits, draft_token_ids, logit_rows)
     valid = draft_token_ids >= 0
     accept = torch.zeros_like(valid)
     knob = step.knob()
@@ -329,13 +327,32 @@ def decide_and_force_(
         accept |= _entropy_accepts(step, processed_logits, draft_token_ids, logit_rows, entropy_window)
     if step.end_ids is not None:
         accept &= ~at_or_after_end_marker(draft_token_ids, step.end_ids, step.request_first_row)
+        # Where the target itself would end the reasoning here, the decision to stop stays
+        # the target's: the row is verified exactly (one argmax pass, scoped steps only).
+        top1 = processed_logits.argmax(-1)
+        accept &= (top1 if logit_rows is None else top1.index_select(0, logit_rows)) != step.end_ids
     accept &= valid & (draft_logit > float("-inf"))
-    forced = torch.where(accept, FORCED_LOGIT, draft_logit)
-    if logit_rows is None:
-        processed_logits.scatter_(1, index.unsqueeze(1), forced.unsqueeze(1))
-    else:
-        processed_logits.index_put_((logit_rows, index), forced)
+    set_draft_entries_(processed_logits, draft_token_ids, torch.where(accept, FORCED_LOGIT, draft_logit), logit_rows)
     return accept, valid
+
+
+def draft_entries(processed_logits: torch.Tensor, draft_token_ids: torch.Tensor,
+                  logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[n] each draft's entry in the row that verifies it (O(1) per row; -1 reads entry 0)."""
+    index = draft_token_ids.clamp(min=0).long()
+    if logit_rows is None:
+        return processed_logits.gather(1, index.unsqueeze(1)).squeeze(1)
+    return processed_logits[logit_rows, index]
+
+
+def set_draft_entries_(processed_logits: torch.Tensor, draft_token_ids: torch.Tensor, values: torch.Tensor,
+                       logit_rows: torch.Tensor | None = None) -> None:
+    """Write each draft's entry in the row that verifies it (the inverse of draft_entries)."""
+    index = draft_token_ids.clamp(min=0).long()
+    if logit_rows is None:
+        processed_logits.scatter_(1, index.unsqueeze(1), values.unsqueeze(1))
+    else:
+        processed_logits.index_put_((logit_rows, index), values)
 
 
 def _entropy_accepts(step: StepRules, processed_logits: torch.Tensor, draft_token_ids: torch.Tensor,

@@ -26,8 +26,10 @@ from selfjudge_vllm.rules import (
     RowRule,
     StepRules,
     decide_and_force_,
+    draft_entries,
     request_values,
     row_entropy,
+    set_draft_entries_,
 )
 
 logger = logging.getLogger("vllm.selfjudge")
@@ -71,6 +73,8 @@ class JudgeRuntime:
         self.sink = sink
         self.log_interval_s = log_interval_s
         self.pending: PendingStep | None = None
+        # Draft entries forced and not yet written back: (logits, drafts, original, rows).
+        self._forced: list[tuple] = []
         # Device-side running sums [draft tokens seen, judge-accepted]; only the publisher
         # thread reads them, so the step path never waits on the device.
         self._device_counts: torch.Tensor | None = None
@@ -178,9 +182,19 @@ class JudgeRuntime:
                 if raw_logits is None:
                     raise JudgeNotAppliedError("selfjudge: the step's logits were not kept; the head needs them")
                 evidence = evidence_from_logits(raw_logits, verify_rows, draft_token_ids, head.logit_features)
+        original = draft_entries(processed_logits, draft_token_ids, logit_rows)
         accept, valid = decide_and_force_(rules, draft_token_ids, processed_logits, hidden, head,
                                           self.entropy_window, evidence, logit_rows)
+        self._forced.append((processed_logits, draft_token_ids, original, logit_rows))
         self._count(valid, accept)
+
+    def unforce_(self) -> None:
+        """Write back the draft entries forced since the last call: the adapters call it once
+        vLLM's verification kernel has read them, so logprobs vLLM computes from the
+        processed logits afterwards (processed_logprobs modes) are the target's own."""
+        forced, self._forced = self._forced, []
+        for processed_logits, draft_token_ids, original, logit_rows in forced:
+            set_draft_entries_(processed_logits, draft_token_ids, original, logit_rows)
 
     def profile_(self, target_logits: torch.Tensor) -> None:
         """vLLM's memory profiling calls the sampler once on dummy rows before it sizes the
@@ -298,7 +312,8 @@ def reasoning_span(rule: RowRule, prompt, output, previous: tuple[int, bool] | N
     """(output tokens read, inside the reasoning span after them), reading only the output
     tokens added since `previous`. Without a start marker the span opens with the response;
     with one, it is open after the last start marker (prompt or output) not followed by an
-    end marker."""
+    end marker. Reading stops at a placeholder (-1: a token async scheduling has not resolved
+    yet) and goes on from there next time; a list vLLM shortened since is read from its end."""
     if previous is None:
         inside = rule.reasoning_start is None
         if rule.reasoning_start is not None:
@@ -309,12 +324,16 @@ def reasoning_span(rule: RowRule, prompt, output, previous: tuple[int, bool] | N
                     inside = False
         previous = (0, inside)
     read, inside = previous
+    read = min(read, len(output))
     for token in output[read:]:
+        if token < 0:
+            break
         if token == rule.reasoning_end:
             inside = False
         elif token == rule.reasoning_start:
             inside = True
-    return len(output), inside
+        read += 1
+    return read, inside
 
 
 def _publish_loop(runtime_ref, publish_interval_s: float, log_interval_s: float) -> None:

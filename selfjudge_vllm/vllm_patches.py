@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 
 from selfjudge_vllm.config import SelfJudgeConfig, parse_section
-from selfjudge_vllm.factories import REASONING_SCOPE_ON_V2
+from selfjudge_vllm.factories import reasoning_scope_refusal
 from selfjudge_vllm.patching import SUPPORTED_VLLM_VERSIONS, UnsupportedConfiguration, _install
 from selfjudge_vllm.request_control import has_options
 from selfjudge_vllm.vllm_seams import V1, V2, installed_runner
@@ -159,10 +159,14 @@ def check_serving_configuration(vllm_config, config: SelfJudgeConfig) -> None:
             "the selfjudge section's \"enabled\": false"
         )
     if runner == V2:
-        _check_model_runner_v2_configuration(vllm_config, config, spec)
+        _check_model_runner_v2_configuration(vllm_config, spec)
+    if config.scope == "reasoning":
+        refused = reasoning_scope_refusal(config, vllm_config)
+        if refused is not None:
+            raise UnsupportedConfiguration(refused)
 
 
-def _check_model_runner_v2_configuration(vllm_config, config: SelfJudgeConfig, spec) -> None:
+def _check_model_runner_v2_configuration(vllm_config, spec) -> None:
     if getattr(spec, "enable_adaptive_verification", False):
         raise UnsupportedConfiguration(
             "selfjudge does not support speculative_config enable_adaptive_verification (it "
@@ -171,8 +175,6 @@ def _check_model_runner_v2_configuration(vllm_config, config: SelfJudgeConfig, s
         raise UnsupportedConfiguration(
             "selfjudge does not support batch-sharded sampling (--enable-batch-sharded-sampling): "
             "each rank would verify other rows than the ones it judges; turn it off")
-    if config.scope == "reasoning":
-        raise UnsupportedConfiguration(REASONING_SCOPE_ON_V2)
 
 
 def step_adapter():
