@@ -101,8 +101,9 @@ def main(argv=None) -> int:
 
         def judge_step(target_logits):
             runtime.begin_step(hidden, drafts, target_idx, rules_of_step(), logits=logits)
+            # Forced entries stay forced (the decision check reads them); the adapters write
+            # them back with runtime.unforce_() once vLLM's verification has read them.
             runtime.judge_(drafts, target_logits)
-            runtime.unforce_()  # what the adapters do once verification has read the rows
             runtime.end_step()
 
         return judge_step

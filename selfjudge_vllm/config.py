@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfjudge_vllm.artifact import Threshold
-from selfjudge_vllm.rules import RULE_NAMES
+from selfjudge_vllm.rules import RULE_NAMES, RULES
 
 SECTION = "selfjudge"
 
@@ -41,9 +41,12 @@ class SelfJudgeConfig(BaseModel):
     operating_point: str | None = None
     # Server policy: requests may not choose a threshold below this (loosen the judge).
     min_threshold: Threshold | None = None
-    # Knobs of the training-free rules (requests may override them when allowed the rule).
+    # Knobs of the training-free rules (requests may override them when allowed the rule),
+    # and the server's floor on each (rules.RuleSpec.floor): a request below it is refused.
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_alpha: float | None = Field(default=None, ge=0.0, le=1.0)
     min_entropy: float = Field(default=1.0, ge=0.0)
+    min_entropy_floor: float | None = Field(default=None, ge=0.0)
     entropy_window: int = Field(default=2, ge=0, le=16)
     # Where relaxed acceptance applies: "all", or "reasoning": only inside a request's
     # reasoning span (ended by reasoning_end_token_id, opened by reasoning_start_token_id
@@ -63,6 +66,10 @@ class SelfJudgeConfig(BaseModel):
             raise ValueError("'head' (the judge artifact directory) is required for the rule 'judge'")
         if self.threshold is not None and self.operating_point is not None:
             raise ValueError("give either 'threshold' or 'operating_point', not both")
+        for spec in RULES.values():
+            knob, floor = getattr(self, spec.knob, None), getattr(self, spec.floor)
+            if spec.name != "judge" and floor is not None and knob < floor:
+                raise ValueError(f"'{spec.knob}' {knob} is below the server's own floor '{spec.floor}' {floor}")
         return self
 
     @property

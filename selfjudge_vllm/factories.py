@@ -147,8 +147,11 @@ def build_runtime(vllm_config):
         "SelfJudge on: default rule %s; requests may choose %s; head %s",
         policy.default.describe(), ", ".join(config.rules), config.head,
     )
+    spec = vllm_config.speculative_config
+    max_step_rows = vllm_config.scheduler_config.max_num_seqs * (spec.num_speculative_tokens if spec else 0)
     runtime = JudgeRuntime(
-        head, sink, config.log_interval_s, policy.default, policy.for_request, config.entropy_window
+        head, sink, config.log_interval_s, policy.default, policy.for_request, config.entropy_window,
+        max_step_rows,
     )
     runtime.start_publisher()
     return runtime

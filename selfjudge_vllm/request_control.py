@@ -11,8 +11,9 @@ A request sets flat `selfjudge_*` keys in `SamplingParams.extra_args` (the OpenA
     {"selfjudge_rule": "entropy", "selfjudge_min_entropy": 2.0}
     {"selfjudge_scope": "reasoning"}          relaxed only inside the reasoning span
 
-The server's `selfjudge.min_threshold` bounds how far a request may loosen the judge: a
-threshold (explicit or named) below it is refused. Invalid values raise ValueError, which
+The server's floors bound how far a request may loosen its rule (rules.RuleSpec.floor):
+`selfjudge.min_threshold` for the judge (a threshold, explicit or named, below it is
+refused), `min_alpha` for top_alpha and `min_entropy_floor` for entropy. Invalid values raise ValueError, which
 vLLM turns into HTTP 400 at admission.
 """
 
@@ -155,4 +156,10 @@ class RulePolicy:
             )
             return RowRule(spec.rule_id, limit)
         knob = getattr(options, spec.knob)
-        return RowRule.named(rule, knob if knob is not None else getattr(self.config, spec.knob))
+        if knob is None:
+            knob = getattr(self.config, spec.knob)
+        floor = getattr(self.config, spec.floor)
+        if floor is not None and knob < floor:
+            raise ValueError(f"{KEY_PREFIX}{spec.knob} {knob:g} is looser than this server allows "
+                             f"({spec.floor} {floor:g})")
+        return RowRule.named(rule, knob)

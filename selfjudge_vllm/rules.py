@@ -47,15 +47,20 @@ class RuleSpec:
     from_step: Callable[[float], float]  # and back, for messages
     request_keys: tuple[str, ...]  # request keys that belong to this rule
     description: str
+    # Config key of the server's floor on the knob: a request may not loosen the rule below
+    # it (every knob loosens the rule as it decreases); HTTP 400 at admission.
+    floor: str = ""
 
 
 RULES = {spec.name: spec for spec in (
     RuleSpec("judge", JUDGE, "threshold", _logit, lambda z: 1 / (1 + math.exp(-z)),
-             ("threshold", "operating_point"), "the trained head: accept when P(keeps meaning) >= threshold"),
+             ("threshold", "operating_point"), "the trained head: accept when P(keeps meaning) >= threshold",
+             "min_threshold"),
     RuleSpec("top_alpha", TOP_ALPHA, "alpha", lambda a: math.log(a) if a > 0 else -math.inf, math.exp,
-             ("alpha",), "accept when p(draft) >= alpha x p(top-1)"),
+             ("alpha",), "accept when p(draft) >= alpha x p(top-1)", "min_alpha"),
     RuleSpec("entropy", ENTROPY, "min_entropy", float, float, ("min_entropy",),
-             "accept when the target's entropy >= min_entropy nats and it agrees with the next drafts"),
+             "accept when the target's entropy >= min_entropy nats and it agrees with the next drafts",
+             "min_entropy_floor"),
 )}
 RULE_NAMES = tuple(RULES)
 RULE_BY_ID = {spec.rule_id: spec for spec in RULES.values()}

@@ -60,6 +60,7 @@ class JudgeRuntime:
         default_rule: RowRule,
         request_rule: Callable[[Any], RowRule] | None = None,
         entropy_window: int = 2,
+        max_step_rows: int = 0,
     ):
         self.head = head
         self.default_rule = default_rule
@@ -82,6 +83,9 @@ class JudgeRuntime:
         # Set by the adapter while vLLM's memory profiling runs the sampler on dummy inputs.
         self.profiling = False
         self.profiled_rows = 0
+        # The most draft rows one step can verify (max_num_seqs x draft tokens): what
+        # profiling sizes the judge's temporaries for.
+        self.max_step_rows = max_step_rows
 
     # -- step protocol, driven by the adapter -------------------------------------------
 
@@ -198,12 +202,17 @@ class JudgeRuntime:
 
     def profile_(self, target_logits: torch.Tensor) -> None:
         """vLLM's memory profiling calls the sampler once on dummy rows before it sizes the
-        KV cache: run the step's vocabulary-wide work (the logit features' log-softmax and the
-        entropy rule's softmax, each in chunks of at most CHUNK_ELEMENTS) on those rows, so
-        the peak it measures includes the judge's temporaries."""
-        row_max_and_top1_logprob(target_logits)
-        row_entropy(target_logits)
-        self.profiled_rows += target_logits.shape[0]
+        KV cache: run the vocabulary-wide work of the worst step this server can reach
+        (`max_step_rows` draft rows: the logit features' log-softmax and the entropy rule's
+        softmax through an index list, each chunked by CHUNK_ELEMENTS) on a view of those
+        rows, so the peak it measures holds the largest temporaries a step can make."""
+        if target_logits.shape[0] == 0:
+            return
+        rows = max(target_logits.shape[0], self.max_step_rows)
+        worst = target_logits[:1].expand(rows, -1)  # a view: only the work's temporaries are new
+        row_max_and_top1_logprob(worst)
+        row_entropy(worst, torch.arange(rows, device=worst.device))
+        self.profiled_rows += rows
 
     # -- counters -----------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ def test_start_up_refuses_what_the_runner_cannot_judge(monkeypatch, runner):
     from selfjudge_vllm.config import SelfJudgeConfig
 
     monkeypatch.setattr(vllm_patches, "installed_runner", lambda: runner)
+    monkeypatch.setattr(vllm_seams, "installed_runner", lambda: runner)
     config = SelfJudgeConfig(rule="top_alpha")
     vllm_patches.check_serving_configuration(_vllm_config(), config)  # plain ngram: served
     for method in ("fly", "synthetic", "block"):  # vLLM's own lossy verifiers: fail closed

@@ -85,10 +85,13 @@ def test_memory_profiling_sees_the_judges_work(llm):
         runtime = runner._selfjudge_runtime
         before = runtime.profiled_rows
         runner._dummy_sampler_run(torch.zeros(5, runner.model_config.get_hidden_size()))
-        return runtime.profiled_rows - before, runtime.profiling
+        worst = runner.scheduler_config.max_num_seqs * runner.speculative_config.num_speculative_tokens
+        return runtime.profiled_rows - before, runtime.profiling, worst, runtime.max_step_rows
 
-    # Two rejection-sampler calls (mixed and all-greedy) of one draft row per dummy request.
-    assert llm.collective_rpc(profile)[0] == (10, False)
+    # Two rejection-sampler calls (mixed and all-greedy), each doing the work of the worst
+    # step the server can reach (max_num_seqs x draft tokens rows), not of the 5 dummy rows.
+    profiled, profiling, worst, max_step_rows = llm.collective_rpc(profile)[0]
+    assert (profiled, profiling, max_step_rows) == (2 * max(5, worst), False, worst) and worst > 5
 
 
 def test_grammar_constrained_requests_stay_valid(llm):

@@ -128,3 +128,121 @@ def test_forced_entries_are_written_back_once_verification_has_read_them():
         adapter_v1._active_runtime = None
     assert (seen["forced"][torch.arange(3), drafts] == 1e30).all()  # verification saw the force
     assert torch.equal(logits, before)  # and the caller gets the target's logits back
+
+
+class LiveTensorBytes:
+    """Peak bytes of tensor storages allocated inside the block and alive at the same time
+    (torch's dispatch sees every allocation; a storage's Python object lives exactly as long
+    as the storage, so its finalizer marks the free)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                from torch.utils._pytree import tree_leaves
+
+                known = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker._new(t.untyped_storage(), known)
+                return out
+
+        self.mode, self.live, self.peak, self._tracked = Mode(), 0, 0, set()
+
+    def _new(self, storage, known):
+        import weakref
+
+        key = id(storage)
+        if key in known or key in self._tracked:
+            return
+        self._tracked.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, storage.nbytes())
+
+    def _free(self, key, nbytes):
+        self._tracked.discard(key)
+        self.live -= nbytes
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_memory_profiling_covers_the_worst_step_the_server_can_reach():
+    """The judge's temporaries in a worst-case step (max_num_seqs x k draft rows, every rule
+    with vocabulary-wide work, mixed per request, a logit-feature head) never exceed what the
+    profiling pass allocates; profiling only vLLM's dummy rows (one per request) would
+    undercount them."""
+    from selfjudge_vllm.features import LOGIT_FEATURES
+    from selfjudge_vllm.rules import ENTROPY, JUDGE, JudgeHead
+
+    max_num_seqs, k, vocab, hidden_size = 64, 8, 4096, 32
+    rows = max_num_seqs * k  # 512 draft rows; a chunk holds 256 rows of 4096
+    gen = torch.Generator().manual_seed(0)
+    head = JudgeHead(torch.randn(hidden_size, generator=gen), torch.zeros(1),
+                     torch.randn(len(LOGIT_FEATURES), generator=gen), LOGIT_FEATURES)
+    rules = [RowRule(JUDGE, 0.0), RowRule(ENTROPY, 0.5), RowRule.named("top_alpha", 0.3)]
+    counts = [k] * max_num_seqs
+    step_rules = StepRules.build([(rules[i % 3], c) for i, c in enumerate(counts)], "cpu")
+    assert step_rules.present == {JUDGE, ENTROPY, RowRule.named("top_alpha", 0.3).rule}
+
+    def profile_peak(max_step_rows):
+        runtime = JudgeRuntime(head, None, 0.0, rules[0], max_step_rows=max_step_rows)
+        dummy = torch.randn(max_num_seqs, vocab, generator=gen)  # vLLM's dummy rows
+        with LiveTensorBytes() as tracked:
+            runtime.profile_(dummy)
+        return tracked.peak
+
+    def step_peak(layout):
+        runtime = JudgeRuntime(head, None, 0.0, rules[0], max_step_rows=rows)
+        drafts = torch.randint(0, vocab, (rows,), generator=gen)
+        if layout == "v1":  # draft rows alone; sampled rows = draft rows + bonus rows
+            processed = torch.randn(rows, vocab, generator=gen)
+            verify_rows = torch.arange(rows) + torch.arange(rows) // k  # skip each bonus row
+            logit_rows = None
+        else:  # model runner V2: drafts and bonus rows in one tensor
+            processed = torch.randn(rows + max_num_seqs, vocab, generator=gen)
+            verify_rows = logit_rows = torch.arange(rows) + torch.arange(rows) // k
+        raw = torch.randn(rows + max_num_seqs, vocab, generator=gen)
+        hidden = torch.randn(rows + max_num_seqs, hidden_size, generator=gen)
+        with LiveTensorBytes() as tracked:
+            runtime.decide_(step_rules, drafts, processed, verify_rows, lambda r: hidden.index_select(0, r), raw,
+                            logit_rows)
+            runtime.unforce_()
+        return tracked.peak
+
+    worst_profile, dummy_only = profile_peak(rows), profile_peak(0)
+    for layout in ("v1", "v2"):
+        peak = step_peak(layout)
+        print(f"{layout}: step peak {peak / 2**20:.1f} MiB, profiled {worst_profile / 2**20:.1f} MiB "
+              f"(dummy rows only: {dummy_only / 2**20:.1f} MiB)")
+        assert peak <= worst_profile, (layout, peak, worst_profile)
+        assert dummy_only < peak
+
+
+def test_every_rule_knob_has_a_server_floor_refused_per_request():
+    """min_threshold used to bound the judge only: a request could set selfjudge_alpha=0 or
+    selfjudge_min_entropy=0 and accept every draft."""
+    from selfjudge_vllm.request_control import RulePolicy
+    from selfjudge_vllm.rules import RULES
+
+    assert all(spec.floor for spec in RULES.values())
+    policy = RulePolicy(parse_section({"selfjudge": {
+        "rule": "top_alpha", "request_rules": ["entropy"], "alpha": 0.5, "min_alpha": 0.2,
+        "min_entropy": 2.0, "min_entropy_floor": 1.0}}))
+    assert policy.for_request({"selfjudge_alpha": 0.2}).knob == math.log(0.2)
+    with pytest.raises(ValueError, match=r"selfjudge_alpha 0 is looser than this server allows \(min_alpha 0.2\)"):
+        policy.for_request({"selfjudge_alpha": 0.0})
+    assert policy.for_request({"selfjudge_rule": "entropy", "selfjudge_min_entropy": 1.5}).knob == 1.5
+    with pytest.raises(ValueError, match=r"min_entropy_floor 1"):
+        policy.for_request({"selfjudge_rule": "entropy", "selfjudge_min_entropy": 0.0})
+    with pytest.raises(ConfigError, match="below the server's own floor 'min_alpha'"):
+        parse_section({"selfjudge": {"rule": "top_alpha", "alpha": 0.1, "min_alpha": 0.2}})

@@ -89,4 +89,4 @@ def test_the_readme_rule_table_is_the_rule_register():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for rule in RULES.values():
         keys = ", ".join(f"`selfjudge_{k}`" for k in rule.request_keys)
-        assert f"| `{rule.name}` | `{rule.knob}` | {keys} | {rule.description} |" in readme, rule.name
+        assert f"| `{rule.name}` | `{rule.knob}` | `{rule.floor}` | {keys} | {rule.description} |" in readme, rule.name
