@@ -197,7 +197,10 @@ def _best(group: list[dict], methods, within: str, lossless: dict) -> dict | Non
     subset and on the whole set differ in their items), or to lossless overall where no paired
     ratio exists."""
     def gain(r):
-        return r["acceptance_length_vs_lossless"] or r["mean_acceptance_length"] / lossless["mean_acceptance_length"]
+        if r["acceptance_length_vs_lossless"]:
+            return r["acceptance_length_vs_lossless"]
+        base = lossless.get("mean_acceptance_length")
+        return r["mean_acceptance_length"] / base if base else 0.0  # no lossless figure: ranked last
 
     return max((r for r in group if r["method"] in methods and r.get(within) and r["mean_acceptance_length"]),
                key=gain, default=None)

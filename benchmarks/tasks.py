@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -161,15 +162,25 @@ def code_passes(problem: dict, completion: str, timeout_s: float = 15.0) -> bool
     program = (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
                f"print({PASSED!r})\n")
     with tempfile.TemporaryDirectory() as folder:
+        # No stdin (an input() in a completion fails at once instead of waiting on the
+        # terminal); the child leads its own process group, and all of the group dies with it.
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-c", program], cwd=folder, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit_resources,
+            env={"PATH": "/usr/bin:/bin"},
+        )
         try:
-            done = subprocess.run(
-                [sys.executable, "-I", "-c", program], cwd=folder, capture_output=True,
-                timeout=timeout_s, preexec_fn=_limit_resources, env={"PATH": "/usr/bin:/bin"},
-            )
+            stdout, _ = child.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return False
+            stdout = None
+        finally:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # processes the completion started
+            except ProcessLookupError:
+                pass
+            child.wait()
     # An early exit with status 0 (os._exit, sys.exit in the completion) skips the marker.
-    return done.returncode == 0 and PASSED in done.stdout.decode(errors="replace")
+    return stdout is not None and child.returncode == 0 and PASSED in stdout.decode(errors="replace")
 
 
 class Embedder:

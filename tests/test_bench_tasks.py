@@ -34,6 +34,31 @@ def test_code_check_runs_the_tests_in_a_limited_subprocess():
     assert not tasks.code_passes(problem, "    import os; os._exit(0)\n" + problem["canonical_solution"])
 
 
+def test_code_check_reads_no_terminal_and_leaves_no_process_behind(tmp_path):
+    """A completion that asks for input fails at once; one that starts a process and hangs
+    is stopped with everything it started (the check used to kill the direct child only)."""
+    import os
+    import time
+
+    problem = next(i.problem for i in tasks.load_items("eval", ("code",)))
+    started = time.monotonic()
+    assert not tasks.code_passes(problem, "    input()\n" + problem["canonical_solution"], timeout_s=30)
+    assert time.monotonic() - started < 20
+    pid_file = tmp_path / "grandchild.pid"
+    spawn = (f"    import subprocess, time\n    p = subprocess.Popen(['sleep', '60'])\n"
+             f"    open({str(pid_file)!r}, 'w').write(str(p.pid))\n    time.sleep(60)\n")
+    assert not tasks.code_passes(problem, spawn, timeout_s=3)
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {grandchild} started by the completion survived the check")
+
+
 def test_intervals():
     mean, low, high = tasks.mean_interval([1] * 90 + [0] * 10)
     assert mean == 0.9 and 0.82 < low < 0.84 and 0.94 < high < 0.96  # Wilson

@@ -650,3 +650,13 @@ def test_a_gemma_report_only_run_before_any_sweep_says_what_is_missing(tmp_path)
         (tmp_path / "testbed" / model / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"judge/head/config.json missing; run the sweep"):
         tradeoff.main(["--testbed", str(tmp_path / "testbed"), "--work", str(tmp_path / "work"), "--report-only"])
+
+
+def test_matched_tables_survive_a_lossless_row_without_acceptance():
+    """A lossless row with no timed acceptance (none served yet) used to divide by None."""
+    from benchmarks.chat_tradeoff_report import _best
+
+    rows = [{"method": "judge", "acceptance_length_vs_lossless": None, "mean_acceptance_length": 2.0, "ok": True},
+            {"method": "judge", "acceptance_length_vs_lossless": 1.1, "mean_acceptance_length": 1.5, "ok": True}]
+    assert _best(rows, ("judge",), "ok", {"mean_acceptance_length": None}) is rows[1]
+    assert _best(rows[:1], ("judge",), "ok", {"mean_acceptance_length": None}) is rows[0]
