@@ -21,7 +21,11 @@ from pathlib import Path
 class JudgeCounters:
     # Valid (non-padding) draft tokens the judge scored.
     draft_tokens: int = 0
-    # Of those, the ones the judge accepted; all others went to standard verification.
+    # Of those, the ones the request's rule forced before verification; all others went to
+    # standard verification unchanged. An upper bound on what relaxation changed: it also
+    # counts forced drafts the target would have accepted itself (its own choice) and forced
+    # rows after the request's first rejection, which are never emitted. What relaxation
+    # changed is vLLM's own accepted-token count against a lossless run of the same traffic.
     judge_accepted: int = 0
     # Verification steps with the judge applied.
     steps_judged: int = 0
@@ -39,8 +43,8 @@ class JudgeCounters:
     def log(self, logger: logging.Logger) -> None:
         share = self.judge_accepted / self.draft_tokens if self.draft_tokens else 0.0
         logger.info(
-            "SelfJudge: draft tokens scored: %d, accepted by the judge: %d (%.1f%%), "
-            "sent to standard verification: %d, steps: %d",
+            "SelfJudge: draft tokens scored: %d, forced by the rule before verification: %d (%.1f%%; "
+            "an upper bound on what relaxation changed), sent to standard verification: %d, steps: %d",
             self.draft_tokens,
             self.judge_accepted,
             100.0 * share,

@@ -36,8 +36,10 @@ class _JudgeCollector:
     def collect(self):
         families = {
             "draft_tokens": "Draft tokens the SelfJudge head scored.",
-            "judge_accepted": "Draft tokens the SelfJudge head accepted.",
-            "judge_deferred": "Draft tokens the SelfJudge head left to standard verification.",
+            "judge_accepted": "Draft tokens the request's rule forced before verification (includes drafts the "
+                              "target would have accepted and rows after a rejection: an upper bound on what "
+                              "relaxation changed).",
+            "judge_deferred": "Draft tokens the request's rule left to standard verification.",
             "steps": "Verification steps with the SelfJudge head applied.",
         }
         metrics = {
