@@ -7,7 +7,9 @@ Against the same server's lossless run, on the items both have, item by item:
                    from lossless, in either direction; rate with its exact one-sided 95% upper
                    bound (Clopper-Pearson)
   accuracy change  relaxed minus lossless accuracy, with the exact McNemar p-value
-A point is within budget B when that upper bound is <= B.
+A point is within budget B when that upper bound is <= B. The matched tables count only the
+held-out items: confirmation items outside the screening subset whose results chose the
+points (held_out_rows).
 """
 
 from __future__ import annotations
@@ -318,16 +320,31 @@ def _markdown(rows, heads, setup) -> str:
         lines += ["", "Stopped early in the confirmation (more items could only add answer changes): "
                   + "; ".join(f"{r['proposer']} k={r['k']} {r['method']} {r['knob']}: {r['stopped_early']}"
                               for r in stopped) + "."]
-    lines += ["", "Matched quality: highest mean acceptance length (tokens per step) within each answer-change budget "
-              "(exact 95% upper bound of the share of items whose answer differs from lossless); judge / best "
-              "training-free rule (-: no point qualifies):", ""]
+    held_n = setup.get("held_out_items")
+    scope = (f"on the {held_n} held-out items (the confirmation set without the {setup['screen_items']} screening "
+             "items whose results chose the confirmed points; points only screened are not confirmed and are not "
+             "in these tables; acceptance is the point's over all its items where its counters cannot give the "
+             "held-out items alone)" if held_n is not None else "on every item a point was served on")
+    caveat = ("Each table cell is the best of several points, and no correction is made for that choice: "
+              "the bounds hold per point, not for the maximum (`selfjudge calibrate` replaces this with a "
+              "family-wise valid Learn-then-Test certification).")
+    lines += ["", f"Matched quality, {scope}: highest mean acceptance length (tokens per step) within each "
+              "answer-change budget (exact 95% upper bound of the share of items whose answer differs from "
+              f"lossless); judge / best training-free rule (-: no point qualifies). {caveat}", ""]
     lines += _matched_table(heads, "budgets", _cell)
-    lines += ["", "Matched accuracy (the SelfJudge paper's measure, in which gained and lost items cancel): highest mean "
-              "acceptance length whose paired accuracy change against lossless has a 95% lower bound (Tango's score "
-              f"method) of at least -B. The confirmation stage chose its points by answer changes, or with `--frontier "
-              f"accuracy` by the screening's accuracy change; a point only screened is judged on its "
-              f"{setup['screen_items']} items here (-: no point qualifies):", ""]
+    lines += ["", f"Matched accuracy (the SelfJudge paper's measure, in which gained and lost items cancel), {scope}: "
+              "highest mean acceptance length whose paired accuracy change against lossless has a 95% lower bound "
+              "(Tango's score method) of at least -B. The confirmation stage chose its points by answer changes, "
+              "or with `--frontier accuracy` by the screening's accuracy change (-: no point qualifies):", ""]
     lines += _matched_table(heads, "accuracy_budgets", _accuracy_cell)
+    confirmed = [r for r in rows if r.get("held_out_paired_n")]
+    if confirmed:
+        lines += ["", "Confirmed points on the held-out items (answer changes, 95% upper bound; accuracy change, 95% "
+                  "lower bound): " + "; ".join(
+                      f"{r['proposer']} k={r['k']} {_method_and_knob(r, 'g')}: {r['held_out_changes']}/"
+                      f"{r['held_out_paired_n']}, {100 * r['held_out_change_upper95']:.2f}%, "
+                      f"{100 * r['held_out_accuracy_change']:+.2f}% ({100 * r['held_out_accuracy_change_lower95']:+.2f}%)"
+                      for r in confirmed) + "."]
     n = max((r.get("paired_n", 0) for r in rows), default=0)
     if n:
         lines += ["", f"Resolution: with {n} paired items, 0 changes bound the change rate at "
@@ -371,12 +388,47 @@ def _plots(rows, results: Path, tag: str) -> list[str]:
     return files
 
 
+HELD_OUT_FIELDS = ("n", "paired_n", "changes", "change_upper95", "text_changes", "gained", "lost", "accuracy_change",
+                   "accuracy_change_lower95")
+
+
+def held_out_rows(store, outcomes: Outcomes, screen_ids, rows: list[dict]) -> list[dict]:
+    """The points' rows on the confirmation items outside the screening subset: the
+    screening results chose which points were confirmed, so bounds that count those items
+    again are optimistic. A point with no such items (screened only) has no row: it is not
+    confirmed. Acceptance figures that the counters cannot give for these items alone (a
+    counter segment spans screening and held-out items) are the point's over all its items,
+    marked `acceptance_over_all_items`. Each row of `rows` gets `confirmed` and the held-out
+    figures under `held_out_*`."""
+    held_ids = set(outcomes.items) - set(screen_ids)
+    held = point_rows(store, outcomes, only_ids=held_ids)
+    by_key = {r["key"]: r for r in rows}
+    for row in held:
+        whole = by_key[row["key"]]
+        if row["mean_acceptance_length"] is None and whole["mean_acceptance_length"] is not None:
+            for name in ("mean_acceptance_length", "acceptance_length_vs_lossless", "tokens_per_s",
+                         "tokens_per_s_vs_lossless", "acceptance_rate"):
+                row[name] = whole.get(name)
+            row["acceptance_over_all_items"] = True
+    confirmed = {r["key"]: r for r in held}
+    for row in rows:
+        mine = confirmed.get(row["key"])
+        row["confirmed"] = mine is not None
+        if mine is not None and "changes" in mine:
+            row.update({f"held_out_{name}": mine[name] for name in HELD_OUT_FIELDS})
+    return held
+
+
 def write(store, items, screen_ids, results: Path, tag: str, setup: dict) -> dict:
     results.mkdir(parents=True, exist_ok=True)
     outcomes = Outcomes(items)
     rows = point_rows(store, outcomes)
     screen_rows = point_rows(store, outcomes, only_ids=set(screen_ids))
-    heads = headlines(rows)
+    held = held_out_rows(store, outcomes, screen_ids, rows)
+    # The matched tables count held-out items only: confirmed points, bounds on items that
+    # did not choose them.
+    heads = headlines(held)
+    setup = {**setup, "held_out_items": len(set(outcomes.items) - set(screen_ids))}
     plots = _plots(rows, results, tag) if rows else []
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     report = {"setup": setup, "headlines": heads, "points": public,

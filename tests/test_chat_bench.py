@@ -660,3 +660,41 @@ def test_matched_tables_survive_a_lossless_row_without_acceptance():
             {"method": "judge", "acceptance_length_vs_lossless": 1.1, "mean_acceptance_length": 1.5, "ok": True}]
     assert _best(rows, ("judge",), "ok", {"mean_acceptance_length": None}) is rows[1]
     assert _best(rows[:1], ("judge",), "ok", {"mean_acceptance_length": None}) is rows[0]
+
+
+def test_matched_tables_count_only_held_out_items_and_confirmed_points(tmp_path):
+    """The screening items chose the confirmed points, so the matched tables bound each point
+    on the confirmation items outside the screening subset; a point only screened is not
+    confirmed and cannot qualify (issue 30 item 11: it used to count as within 5% with 0
+    changes on 56 items)."""
+    from benchmarks.chat_tradeoff_report import _markdown, held_out_rows
+
+    n, screen = 400, 56
+    items = _gsm_items(n)
+    right = [f"#### {i}" for i in range(n)]
+    confirmed = list(right)
+    confirmed[3] = "#### -1"  # its one change is a screening item
+    dm = ("draft_model", 8)
+    store = _store(tmp_path, {
+        point_key(dm, "lossless", None): (right, {"drafts": 100, "draft_tokens": 800, "accepted": 300}),
+        point_key(dm, "judge", 0.5): (confirmed, {"drafts": 100, "draft_tokens": 800, "accepted": 500}),
+        point_key(dm, "entropy", 0.5): (right[:screen], {"drafts": 10, "draft_tokens": 80, "accepted": 70}),
+    })
+    screen_ids = [f"gsm8k/{1000 + i}" for i in range(screen)]
+    outcomes = Outcomes(items)
+    rows = point_rows(store, outcomes)
+    held = held_out_rows(store, outcomes, screen_ids, rows)
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["judge"]["confirmed"] and not by_method["entropy"]["confirmed"]
+    assert (by_method["judge"]["changes"], by_method["judge"]["held_out_changes"]) == (1, 0)
+    assert by_method["judge"]["held_out_paired_n"] == n - screen
+    assert by_method["judge"]["held_out_change_upper95"] == pytest.approx(tasks.change_rate_upper_bound(0, n - screen))
+    head = headlines(held)[0]
+    assert head["budgets"]["0.05"]["training_free"] is None  # the screened-only entropy point
+    assert head["budgets"]["0.01"]["judge"]["paired_n"] == n - screen
+    assert head["budgets"]["0.01"]["judge"]["mean_acceptance_length"] == pytest.approx(6.0)
+    setup = {"date": "d", "machine": "m", "vllm": "v", "target": "t", "draft": "d", "concurrency": 16,
+             "batch1_items": 2, "screen_items": screen, "confirm_items": n, "command": "c",
+             "held_out_items": n - screen}
+    report = _markdown(rows, headlines(held), setup)
+    assert "on the 344 held-out items" in report and "draft_model k=8 judge 0.5: 0/344, 0.87%" in report
