@@ -48,6 +48,13 @@ class SelfJudgeConfig(BaseModel):
     min_entropy: float = Field(default=1.0, ge=0.0)
     min_entropy_floor: float | None = Field(default=None, ge=0.0)
     entropy_window: int = Field(default=2, ge=0, le=16)
+    # FLy (rules.py `fly`; vLLM's defaults): the top-k entropy threshold in nats, its floor,
+    # the window of later drafts that must be the target's own choices (None: min(6, k - 1)
+    # for k draft tokens, as vLLM), and the k of the top-k entropy.
+    fly_threshold: float = Field(default=0.3, ge=0.0)
+    min_fly_threshold: float | None = Field(default=None, ge=0.0)
+    fly_window: int | None = Field(default=None, ge=1, le=16)
+    fly_top_k: int = Field(default=3, ge=1)
     # Where relaxed acceptance applies: "all", or "reasoning": only inside a request's
     # reasoning span (ended by reasoning_end_token_id, opened by reasoning_start_token_id
     # when given, else by the response's start); the answer after it is verified exactly.

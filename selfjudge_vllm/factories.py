@@ -124,6 +124,12 @@ class RequestValidator:
             request_options(extra_args)  # still reject malformed options
 
 
+def fly_window(config, num_drafts: int) -> int:
+    """FLy's window: the section's, else vLLM's default min(6, k - 1) for k draft tokens (0:
+    with one draft token FLy accepts nothing, as in vLLM)."""
+    return config.fly_window if config.fly_window is not None else max(0, min(6, num_drafts - 1))
+
+
 def build_runtime(vllm_config):
     """The model runner's JudgeRuntime, or None when the plugin is off. Raises on bad input."""
     from selfjudge_vllm.artifact import check_target_matches
@@ -148,10 +154,11 @@ def build_runtime(vllm_config):
         policy.default.describe(), ", ".join(config.rules), config.head,
     )
     spec = vllm_config.speculative_config
-    max_step_rows = vllm_config.scheduler_config.max_num_seqs * (spec.num_speculative_tokens if spec else 0)
+    num_drafts = spec.num_speculative_tokens if spec else 0
     runtime = JudgeRuntime(
         head, sink, config.log_interval_s, policy.default, policy.for_request, config.entropy_window,
-        max_step_rows,
+        max_step_rows=vllm_config.scheduler_config.max_num_seqs * num_drafts,
+        fly_window=fly_window(config, num_drafts), fly_top_k=config.fly_top_k,
     )
     runtime.start_publisher()
     return runtime

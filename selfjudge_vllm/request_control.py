@@ -9,6 +9,7 @@ A request sets flat `selfjudge_*` keys in `SamplingParams.extra_args` (the OpenA
     {"selfjudge_rule": "top_alpha", "selfjudge_alpha": 0.3}
                                               another rule the server allows (request_rules)
     {"selfjudge_rule": "entropy", "selfjudge_min_entropy": 2.0}
+    {"selfjudge_rule": "fly", "selfjudge_fly_threshold": 0.5}
     {"selfjudge_scope": "reasoning"}          relaxed only inside the reasoning span
 
 The server's floors bound how far a request may loosen its rule (rules.RuleSpec.floor):
@@ -43,6 +44,7 @@ class RequestJudgeOptions(BaseModel):
     operating_point: str | None = None
     alpha: float | None = Field(default=None, ge=0.0, le=1.0)
     min_entropy: float | None = Field(default=None, ge=0.0)
+    fly_threshold: float | None = Field(default=None, ge=0.0)
     scope: Scope | None = None
 
     @model_validator(mode="after")

@@ -9,6 +9,14 @@ Every draft token row of a step is decided by one rule with one knob:
                 when the target's entropy there is >= min_entropy nats (several continuations
                 are plausible) and the target agrees with the next `window` draft tokens of
                 the same request (it does not "correct" the substitution right away)
+    fly         vLLM's own FLy verifier (0.33+, `rejection_sample_method="fly"`), decided here
+                so it can be chosen per request and compared on one server: accept a draft
+                token when the entropy of the target's top-`fly_top_k` probabilities there is
+                >= fly_threshold nats and the next `fly_window` draft tokens (all of them must
+                exist) are the target's own choices. Greedy decisions equal vLLM 0.34.0's
+                kernel (tests/mrv2_verification_check.py); for sampled requests FLy's window
+                uses the native random acceptance of the later drafts, which is drawn after
+                this decision, so the window here uses the target's top choice instead.
     off         lossless: nothing accepted beyond standard verification
 
 An accepted token is forced through verification by making it the only token with
@@ -27,7 +35,9 @@ from typing import Callable, Iterable
 
 import torch
 
-OFF, JUDGE, TOP_ALPHA, ENTROPY = 0, 1, 2, 3
+OFF, JUDGE, TOP_ALPHA, ENTROPY, FLY = 0, 1, 2, 3, 4
+# Rules whose decision reads the later drafts of the same request.
+WINDOW_RULES = frozenset({ENTROPY, FLY})
 
 
 def _logit(threshold: float) -> float:
@@ -61,6 +71,9 @@ RULES = {spec.name: spec for spec in (
     RuleSpec("entropy", ENTROPY, "min_entropy", float, float, ("min_entropy",),
              "accept when the target's entropy >= min_entropy nats and it agrees with the next drafts",
              "min_entropy_floor"),
+    RuleSpec("fly", FLY, "fly_threshold", float, float, ("fly_threshold",),
+             "FLy: accept when the target's top-k entropy >= fly_threshold nats and the next fly_window drafts "
+             "are its own choices", "min_fly_threshold"),
 )}
 RULE_NAMES = tuple(RULES)
 RULE_BY_ID = {spec.rule_id: spec for spec in RULES.values()}
@@ -118,10 +131,10 @@ class StepRules:
     """The rules of one step's draft rows, expanded on the device from a per-request table.
 
     `uniform` is set when every request shares one rule (no per-row tensors, no copies);
-    otherwise `rule_ids`/`knobs` hold one entry per draft row. When the entropy rule is
-    used, `entropy_rows` holds the draft rows of the requests using it (None: every row),
-    and `drafts_after` the number of draft tokens after each of those rows in its request:
-    the vocabulary-wide entropy is computed on those rows only.
+    otherwise `rule_ids`/`knobs` hold one entry per draft row. When a window rule (entropy,
+    fly) is used, `drafts_after` holds the number of draft tokens after each row in its
+    request, and `entropy_rows` / `fly_rows` the draft rows of the requests using each
+    (None: every row): the vocabulary-wide work is done on those rows only.
     """
 
     uniform: RowRule | None
@@ -130,6 +143,7 @@ class StepRules:
     present: frozenset[int] = frozenset()
     drafts_after: torch.Tensor | None = None
     entropy_rows: torch.Tensor | None = None
+    fly_rows: torch.Tensor | None = None
     # Requests with a reasoning scope: each row's end-marker id (-1: none) and the first row
     # of its request; a row at or after a drafted end marker is verified exactly.
     end_ids: torch.Tensor | None = None
@@ -139,7 +153,7 @@ class StepRules:
     def needs_table(rules: list[RowRule], counts: list[int]) -> bool:
         """Whether a step of these requests needs per-row tensors (else: `uniform` alone)."""
         return (len(set(rules)) > 1 or any(rule.reasoning_end is not None for rule in rules)
-                or any(rule.rule == ENTROPY for rule, count in zip(rules, counts) if count))
+                or any(rule.rule in WINDOW_RULES for rule, count in zip(rules, counts) if count))
 
     @classmethod
     def expand(cls, rules: list[RowRule], counts: list[int], table: torch.Tensor | None) -> "StepRules":
@@ -159,18 +173,20 @@ class StepRules:
                                                  output_size=num_rows)
         first_row = (torch.cumsum(drafts, 0) - drafts).index_select(0, request_of_row)
         rule_ids = table[:, RULE_COLUMN].to(torch.int8).index_select(0, request_of_row)
-        drafts_after = entropy_rows = None
-        if ENTROPY in present:
+        drafts_after = entropy_rows = fly_rows = None
+        if present & WINDOW_RULES:
             row = torch.arange(num_rows, device=device)
-            after = (drafts - 1).index_select(0, request_of_row) - (row - first_row)
+            drafts_after = (drafts - 1).index_select(0, request_of_row) - (row - first_row)
             if len(distinct) > 1:
-                # The entropy rows in order: a stable sort puts them first, and their number
-                # is known on the host (boolean indexing would wait for the device).
-                num_entropy = sum(count for rule, count in zip(rules, counts) if rule.rule == ENTROPY)
-                entropy_rows = torch.argsort((rule_ids != ENTROPY).to(torch.int8), stable=True)[:num_entropy]
-                drafts_after = after.index_select(0, entropy_rows)
-            else:
-                drafts_after = after
+                def rows_using(rule_id):
+                    # In order: a stable sort puts them first, and their number is known on
+                    # the host (boolean indexing would wait for the device).
+                    if rule_id not in present:
+                        return None
+                    count = sum(c for rule, c in zip(rules, counts) if rule.rule == rule_id)
+                    return torch.argsort((rule_ids != rule_id).to(torch.int8), stable=True)[:count]
+
+                entropy_rows, fly_rows = rows_using(ENTROPY), rows_using(FLY)
         end_ids = request_first_row = None
         if any(rule.reasoning_end is not None for rule in rules):
             end_ids = table[:, END_COLUMN].long().index_select(0, request_of_row)
@@ -179,7 +195,7 @@ class StepRules:
             return cls(next(iter(distinct), LOSSLESS), present=present, drafts_after=drafts_after,
                        end_ids=end_ids, request_first_row=request_first_row)
         knobs = table[:, KNOB_COLUMN].index_select(0, request_of_row)
-        return cls(None, rule_ids, knobs, present, drafts_after, entropy_rows, end_ids, request_first_row)
+        return cls(None, rule_ids, knobs, present, drafts_after, entropy_rows, fly_rows, end_ids, request_first_row)
 
     @classmethod
     def build(cls, rows: Iterable[tuple[RowRule, int]], device) -> "StepRules":
@@ -261,13 +277,36 @@ def row_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch
     return out
 
 
-def entropy_gate(entropy: torch.Tensor, agrees: torch.Tensor, min_entropy, drafts_after, window: int):
-    """The entropy rule's decision per row (see the module docstring), for rows that are
-    every draft row of their requests, in order: `entropy` of the row, whether the target's
-    top choice `agrees` with the row's draft, and the number of `drafts_after` it in its
-    request."""
-    # Evidence needs at least one later draft token; the window stops at the request's end.
-    confirmed = drafts_after > 0 if window > 0 else torch.ones_like(agrees)
+def topk_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None, top_k: int = 3) -> torch.Tensor:
+    """FLy's entropy (nats): -sum p log p over the `top_k` largest probabilities of each row's
+    softmax (the rows `rows` lists, or all), in float32, a bounded chunk of rows at a time."""
+    from selfjudge_vllm.features import chunk_rows_for
+
+    chunk_rows = chunk_rows_for(logits)
+    count = logits.shape[0] if rows is None else rows.shape[0]
+    out = torch.empty(count, dtype=torch.float32, device=logits.device)
+    k = min(top_k, logits.shape[-1])
+    for start in range(0, count, chunk_rows):
+        chunk = (logits[start : start + chunk_rows] if rows is None
+                 else logits.index_select(0, rows[start : start + chunk_rows])).float()
+        log_p = chunk.topk(k, dim=-1).values - chunk.logsumexp(-1, keepdim=True)
+        p = log_p.exp()
+        out[start : start + chunk_rows] = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    return out
+
+
+def entropy_gate(entropy: torch.Tensor, agrees: torch.Tensor, min_entropy, drafts_after, window: int,
+                 full_window: bool = False):
+    """A window rule's decision per row (see the module docstring), for rows that are every
+    draft row of their requests, in order: `entropy` of the row, whether the target's top
+    choice `agrees` with the row's draft, and the number of `drafts_after` it in its request.
+    entropy: the window stops at the request's end, but needs one later draft; fly
+    (`full_window`): all `window` later drafts must exist, and a window of 0 accepts nothing."""
+    if full_window:
+        confirmed = (drafts_after >= window) if window > 0 else torch.zeros_like(agrees)
+    else:
+        # Evidence needs at least one later draft token; the window stops at the request's end.
+        confirmed = drafts_after > 0 if window > 0 else torch.ones_like(agrees)
     n = agrees.shape[0]
     for offset in range(1, min(window, n - 1) + 1):
         later = torch.zeros_like(agrees)
@@ -298,6 +337,8 @@ def decide_and_force_(
     entropy_window: int = 2,
     evidence: torch.Tensor | None = None,
     logit_rows: torch.Tensor | None = None,
+    fly_window: int = 6,
+    fly_top_k: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decide every draft row with its rule and force the accepted ones, in place.
 
@@ -329,7 +370,9 @@ def decide_and_force_(
         margin = draft_logit - (row_max if logit_rows is None else row_max.index_select(0, logit_rows))
         accept |= step.selects(TOP_ALPHA) & (margin >= knob)
     if ENTROPY in step.present:
-        accept |= _entropy_accepts(step, processed_logits, draft_token_ids, logit_rows, entropy_window)
+        accept |= _window_accepts(step, ENTROPY, processed_logits, draft_token_ids, logit_rows, entropy_window)
+    if FLY in step.present:
+        accept |= _window_accepts(step, FLY, processed_logits, draft_token_ids, logit_rows, fly_window, fly_top_k)
     if step.end_ids is not None:
         accept &= ~at_or_after_end_marker(draft_token_ids, step.end_ids, step.request_first_row)
         # Where the target itself would end the reasoning here, the decision to stop stays
@@ -360,19 +403,23 @@ def set_draft_entries_(processed_logits: torch.Tensor, draft_token_ids: torch.Te
         processed_logits.index_put_((logit_rows, index), values)
 
 
-def _entropy_accepts(step: StepRules, processed_logits: torch.Tensor, draft_token_ids: torch.Tensor,
-                     logit_rows: torch.Tensor | None, window: int) -> torch.Tensor:
-    """[n] the entropy rule's decisions, computed over the vocabulary only on the rows of
-    the requests that use it (step.entropy_rows; None: every row)."""
-    rows = step.entropy_rows
+def _window_accepts(step: StepRules, rule_id: int, processed_logits: torch.Tensor, draft_token_ids: torch.Tensor,
+                    logit_rows: torch.Tensor | None, window: int, top_k: int = 3) -> torch.Tensor:
+    """[n] a window rule's decisions (entropy or fly), computed over the vocabulary only on
+    the rows of the requests that use it (None: every row)."""
+    rows = step.entropy_rows if rule_id == ENTROPY else step.fly_rows
     if rows is None:
-        drafts, at, knob = draft_token_ids, logit_rows, step.knob()
+        drafts, at, knob, after = draft_token_ids, logit_rows, step.knob(), step.drafts_after
     else:
         drafts, knob = draft_token_ids.index_select(0, rows), step.knob().index_select(0, rows)
+        after = step.drafts_after.index_select(0, rows)
         at = rows if logit_rows is None else logit_rows.index_select(0, rows)
     top1 = processed_logits.argmax(-1)
     agrees = (top1 if at is None else top1.index_select(0, at)) == drafts
-    gate = entropy_gate(row_entropy(processed_logits, at), agrees, knob, step.drafts_after, window)
+    if rule_id == ENTROPY:
+        gate = entropy_gate(row_entropy(processed_logits, at), agrees, knob, after, window)
+    else:
+        gate = entropy_gate(topk_entropy(processed_logits, at, top_k), agrees, knob, after, window, full_window=True)
     if rows is None:
         return gate
     return torch.zeros_like(draft_token_ids, dtype=torch.bool).index_put_((rows,), gate)

@@ -61,12 +61,15 @@ class JudgeRuntime:
         request_rule: Callable[[Any], RowRule] | None = None,
         entropy_window: int = 2,
         max_step_rows: int = 0,
+        fly_window: int = 6,
+        fly_top_k: int = 3,
     ):
         self.head = head
         self.default_rule = default_rule
         # extra_args of a request -> its rule (validated at admission).
         self.request_rule = request_rule
         self.entropy_window = entropy_window
+        self.fly_window, self.fly_top_k = fly_window, fly_top_k
         self._rules_by_request: dict[str, RowRule] = {}
         self._table: RequestRuleTable | None = None
         # Requests with a reasoning scope: (output tokens read so far, inside the span now).
@@ -188,7 +191,7 @@ class JudgeRuntime:
                 evidence = evidence_from_logits(raw_logits, verify_rows, draft_token_ids, head.logit_features)
         original = draft_entries(processed_logits, draft_token_ids, logit_rows)
         accept, valid = decide_and_force_(rules, draft_token_ids, processed_logits, hidden, head,
-                                          self.entropy_window, evidence, logit_rows)
+                                          self.entropy_window, evidence, logit_rows, self.fly_window, self.fly_top_k)
         self._forced.append((processed_logits, draft_token_ids, original, logit_rows))
         self._count(valid, accept)
 

@@ -100,12 +100,16 @@ class StandInRunner:
         return output, output.num_sampled, output.num_rejected
 
 
-def verify(runtime, batch, hidden, lm_head, temperature, prefill_len, options=None):
+def verify(runtime, batch, hidden, lm_head, temperature, prefill_len, options=None, **spec_settings):
+    """Verify `batch` through vLLM's RejectionSampler with the adapter's sample wrap (the
+    judge off when `runtime` is None); `spec_settings` override the speculative config."""
     sampler = StandInSampler(temperature, prefill_len)
     spec = SimpleNamespace(num_speculative_tokens=max(len(r) - 1 for r in np.split(
         np.arange(int(batch.cu_num_logits_np[-1])), batch.cu_num_logits_np[1:-1])),
         enable_adaptive_verification=False, rejection_sample_method="standard",
         fly_entropy_threshold=0.3, fly_entropy_top_k=3, synthetic_acceptance_rates=None, fly_window_size=None)
+    for name, value in spec_settings.items():
+        setattr(spec, name, value)
     runner = StandInRunner(runtime, vllm_verify.RejectionSampler(sampler, spec, torch.device("cpu")), lm_head)
     runner._selfjudge_options.update(options or {})
     output, num_sampled, _ = adapter_v2._wrap_sample(StandInRunner.sample)(runner, hidden, batch, None)
@@ -159,8 +163,8 @@ def fixture(seed=0, drafts=((5, 7, 9, 11), (3, 3, 8), (2,), (40, 41, 42, 43)), a
     return make_batch(drafts, [1] * len(drafts), prefill), hidden, lm_head, prefill
 
 
-def runtime_with(rule: RowRule, head=None, request_rule=None):
-    return JudgeRuntime(head, None, 0.0, rule, request_rule)
+def runtime_with(rule: RowRule, head=None, request_rule=None, **settings):
+    return JudgeRuntime(head, None, 0.0, rule, request_rule, **settings)
 
 
 @check
@@ -243,6 +247,54 @@ def placeholder_drafts_are_never_accepted():
     batch.input_ids[2] = -1  # request 0's second draft is a placeholder (async scheduling)
     got = verify(runtime_with(RowRule.named("top_alpha", 0.0)), batch, hidden, lm_head, [0.0] * 4, prefill)
     assert len(got[0]) == 2, got[0]  # first draft accepted, then the target's own token
+
+
+def fly_fixture(seed, drafts_per_request=(6, 6, 3, 1, 6, 5)):
+    """Rows where the target hesitates between up to three tokens (FLy's top-3 entropy from
+    about 0 to ln 3) and drafts that take its top choice, another of its three, or noise."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = sum(n + 1 for n in drafts_per_request)
+    hidden = torch.randn(rows, HIDDEN, generator=gen)
+    lm_head = torch.randn(HIDDEN, VOCAB, generator=gen) * 0.3
+    logits = hidden @ lm_head
+    candidates = torch.stack([torch.randperm(VOCAB, generator=gen)[:3] for _ in range(rows)])
+    gaps = torch.rand(rows, 2, generator=gen) * 3.0
+    boost = torch.stack([torch.full((rows,), 8.0), 8.0 - gaps[:, 0], 8.0 - gaps[:, 0] - gaps[:, 1]], 1)
+    # Hidden states are free here: shift each row's logits through an extra hidden direction.
+    target = logits.scatter(1, candidates, boost)
+    lm_head_rows = torch.linalg.lstsq(hidden, target).solution  # hidden @ lm_head_rows ~= target
+    drafts, start = [], 0
+    for n in drafts_per_request:
+        request = []
+        for j in range(n):
+            top = (hidden[start + j] @ lm_head_rows).topk(3).indices
+            u = float(torch.rand((), generator=gen))
+            request.append(int(top[0]) if u < 0.6 else int(top[1 + (u < 0.85)]) if u < 0.95
+                           else int(torch.randint(0, VOCAB, (), generator=gen)))
+        drafts.append(request)
+        start += n + 1
+    prefill = [20] * len(drafts_per_request)
+    return make_batch(drafts, [1] * len(drafts), prefill), hidden, lm_head_rows, prefill
+
+
+@check
+def the_fly_rule_takes_vllms_own_fly_decisions_greedy():
+    """vLLM 0.34.0's FLy (rejection_sample_method="fly", the kernels' deferred window) and the
+    plugin's `fly` rule on standard verification emit the same tokens, greedy, over windows,
+    thresholds and top-k."""
+    compared = differing_from_stock = 0
+    for seed in range(12):
+        batch, hidden, lm_head, prefill = fly_fixture(seed)
+        for window, threshold, top_k in ((5, 0.3, 3), (2, 0.3, 3), (1, 0.6, 2), (3, 0.1, 5)):
+            vllms = verify(None, batch, hidden, lm_head, [0.0] * 6, prefill, rejection_sample_method="fly",
+                           fly_window_size=window, fly_entropy_threshold=threshold, fly_entropy_top_k=top_k)
+            ours = verify(runtime_with(RowRule.named("fly", threshold), fly_window=window, fly_top_k=top_k),
+                          batch, hidden, lm_head, [0.0] * 6, prefill)
+            assert ours == vllms, (seed, window, threshold, top_k, ours, vllms)
+            stock = verify(None, batch, hidden, lm_head, [0.0] * 6, prefill)
+            compared += 1
+            differing_from_stock += ours != stock
+    assert differing_from_stock >= compared // 3, (differing_from_stock, compared)  # FLy did relax here
 
 
 @check

@@ -41,7 +41,7 @@ def test_the_adapter_judges_inside_vllm_034_verification_kernels():
     proc = subprocess.run([str(_mrv2_python()), str(ROOT / "tests" / "mrv2_verification_check.py")],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "vLLM 0.34.0: 7 passed, 0 failed" in proc.stdout, proc.stdout
+    assert "vLLM 0.34.0: 8 passed, 0 failed" in proc.stdout, proc.stdout
 
 
 def test_check_vllm_finds_every_model_runner_v2_seam_in_vllm_034(tmp_path):

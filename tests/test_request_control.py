@@ -80,7 +80,8 @@ def test_rule_choice_is_bounded_by_the_server():
          "selfjudge_alpha belongs to the rule 'top_alpha', not 'judge'"),
         ({"selfjudge_threshold": 0.3}, "selfjudge_threshold belongs to the rule 'judge', not 'top_alpha'"),
         ({"selfjudge_alpha": 1.5}, "selfjudge_alpha: .*less than or equal to 1"),
-        ({"selfjudge_rule": "fly"}, "selfjudge_rule: Input should be 'judge', 'top_alpha' or 'entropy'"),
+        ({"selfjudge_rule": "medusa"}, "selfjudge_rule: Input should be 'judge', 'top_alpha', 'entropy' or 'fly'"),
+        ({"selfjudge_rule": "fly"}, "'fly' is not served here"),
         ({"selfjudge_rule": "entropy", "selfjudge_min_entropy": -1}, "selfjudge_min_entropy"),
     ]:
         with pytest.raises(ValueError, match=message):
