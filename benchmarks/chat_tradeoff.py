@@ -26,7 +26,11 @@ The design (a full grid would take days on this machine's 2 cores):
      relaxed point stops early once the answers it has already changed (against lossless on
      the items both have) put it outside even the loosest budget on the whole set: more
      items can only add changes, so it can no longer qualify (recorded; the report says so).
-  5. report: RESULTS/chat_tradeoff[_quick].{json,csv,md} and PNG plots; a point is "within
+  5. fly: per server, vLLM's FLy at its defaults (the plugin's `fly` rule, which makes FLy's
+     greedy decisions exactly: threshold 0.3 nats of top-3 entropy, window min(6, k - 1)) on
+     the confirmation set, paired with the same server's lossless run: the training-free
+     baseline every vLLM >= 0.33 user has one flag away.
+  6. report: RESULTS/chat_tradeoff[_quick].{json,csv,md} and PNG plots; a point is "within
      budget B" when the exact 95% upper bound of its answer-change rate is <= B.
 The per-request store (RESULTS/chat_tradeoff_store/) and the judge's label run and heads
 (RESULTS/chat_judge/) are kept with the results, so a sitting on a fresh machine continues
@@ -73,6 +77,8 @@ SCREEN_ITEMS = {"gsm8k": 40, "humaneval": 16}
 CONFIRM_ITEMS = {"gsm8k": 236, "humaneval": 164}  # 400: zero changes bound the rate at 0.75%
 QUICK = {"servers": (("draft_model", 8),), "items": {"gsm8k": 6, "humaneval": 2},
          "sweep": {"lossless": [None], "top_alpha": [0.2]}, "judge_sweep": {"lossless": [None], "judge": [0.5]}}
+# vLLM's default fly_entropy_threshold; the servers keep FLy's default window and top-k.
+FLY_DEFAULT_THRESHOLD = 0.3
 TAU = 0.0563  # SelfJudge's released GSM8K tau for N=20
 BATCH1_ITEMS = 2
 REFERENCE = ("target", 0)  # the server without speculative decoding
@@ -405,7 +411,7 @@ def start_server(testbed: Path, server, head: Path | None, work: Path, args):
     elif proposer == "ngram":
         spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     if spec is not None:
-        rules = ["top_alpha", "entropy"]
+        rules = ["top_alpha", "entropy", "fly"]
         plugin = {"selfjudge": ({"head": str(head), "rule": "judge", "request_rules": rules} if head else
                                 {"rule": "top_alpha", "request_rules": rules})}
     command = serve_command(testbed / "target", free_port(), spec, plugin, model_name="target",
@@ -460,7 +466,7 @@ def main(argv=None) -> int:
                         help="report, per-request store (RESULTS/chat_tradeoff_store/), judge label run and heads "
                         "(RESULTS/chat_judge/)")
     parser.add_argument("--servers", help="proposer:k list to work on, e.g. draft_model:8,ngram:8 (default: all)")
-    parser.add_argument("--stages", default="reference,screen,ablation,confirm", help="stages to run (default: all)")
+    parser.add_argument("--stages", default="reference,screen,ablation,confirm,fly", help="stages to run (default: all)")
     parser.add_argument("--frontier", choices=sorted(FRONTIER_CRITERIA), default="answer_changes",
                         help="what the confirmation's budgets limit when it picks points from the screening: the "
                         "share of answers that change (default; a point stops early once it is beyond every "
@@ -568,6 +574,11 @@ def main(argv=None) -> int:
                             hopeless=lambda key, lossless=lossless: None
                             if key == lossless or args.frontier != "answer_changes" else
                             beyond_every_budget(store, outcomes, key, lossless, len(confirm)))
+
+        if "fly" in stages and not args.quick:
+            for server in servers:
+                work_on(server, [(point_key(server, m, knob), confirm, xargs(m, knob))
+                                 for m, knob in (("lossless", None), ("fly", FLY_DEFAULT_THRESHOLD))])
 
     from benchmarks import chat_tradeoff_report
 

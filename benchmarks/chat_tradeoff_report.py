@@ -21,10 +21,15 @@ from pathlib import Path
 from benchmarks import chat_tasks, tasks
 
 BUDGETS = (0.01, 0.02, 0.05)
-METHOD_FAMILIES = {"judge": ("judge",), "training_free": ("top_alpha", "entropy")}
+# Families the matched tables compare; `fly` is vLLM's own FLy verifier (made by the plugin's
+# rule), the training-free baseline users have without this plugin.
+METHOD_FAMILIES = {"judge": ("judge",), "training_free": ("top_alpha", "entropy"), "fly": ("fly",)}
+FAMILY_LABELS = {"judge": "judge", "training_free": "training-free", "fly": "FLy"}
 METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "judge_hidden": ("tab:orange", "v"),
-                "judge_both": ("tab:purple", "P"), "top_alpha": ("tab:blue", "^"), "entropy": ("tab:green", "D")}
-METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "judge_hidden": 2, "judge_both": 3, "top_alpha": 4, "entropy": 5}
+                "judge_both": ("tab:purple", "P"), "top_alpha": ("tab:blue", "^"), "entropy": ("tab:green", "D"),
+                "fly": ("tab:brown", "X")}
+METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "judge_hidden": 2, "judge_both": 3, "top_alpha": 4, "entropy": 5,
+                "fly": 6}
 
 
 def point_key(server: tuple[str, int], method: str, knob) -> str:
@@ -241,9 +246,9 @@ def _point_cell(s, evidence) -> str:
 
 
 def _matched_table(heads, table: str, cell) -> list[str]:
-    lines = ["| proposer | k | lossless | " + " | ".join(f"judge <= {100 * b:g}%" for b in BUDGETS) + " | "
-             + " | ".join(f"training-free <= {100 * b:g}%" for b in BUDGETS) + " |",
-             "|---|---|---|" + "---|" * (2 * len(BUDGETS))]
+    lines = ["| proposer | k | lossless | " + " | ".join(f"{FAMILY_LABELS[family]} <= {100 * b:g}%"
+                                                       for family in METHOD_FAMILIES for b in BUDGETS) + " |",
+             "|---|---|---|" + "---|" * (len(METHOD_FAMILIES) * len(BUDGETS))]
     for h in heads:
         cells = [cell(h[table][f"{b:g}"][family]) for family in METHOD_FAMILIES for b in BUDGETS]
         lines.append(f"| {h['proposer']} | {h['k']} | {_fmt(h['lossless_acceptance_length'])} (n={h['lossless_n']}) | "
