@@ -30,6 +30,7 @@ from selfjudge_vllm.rules import (
     request_values,
     row_entropy,
     set_draft_entries_,
+    topk_entropy,
 )
 
 logger = logging.getLogger("vllm.selfjudge")
@@ -206,15 +207,18 @@ class JudgeRuntime:
     def profile_(self, target_logits: torch.Tensor) -> None:
         """vLLM's memory profiling calls the sampler once on dummy rows before it sizes the
         KV cache: run the vocabulary-wide work of the worst step this server can reach
-        (`max_step_rows` draft rows: the logit features' log-softmax and the entropy rule's
-        softmax through an index list, each chunked by CHUNK_ELEMENTS) on a view of those
+        (`max_step_rows` draft rows: the logit features' log-softmax, the entropy rule's
+        softmax and FLy's top-k entropy through an index list, each chunked by
+        CHUNK_ELEMENTS) on a view of those
         rows, so the peak it measures holds the largest temporaries a step can make."""
         if target_logits.shape[0] == 0:
             return
         rows = max(target_logits.shape[0], self.max_step_rows)
         worst = target_logits[:1].expand(rows, -1)  # a view: only the work's temporaries are new
+        every = torch.arange(rows, device=worst.device)
         row_max_and_top1_logprob(worst)
-        row_entropy(worst, torch.arange(rows, device=worst.device))
+        row_entropy(worst, every)
+        topk_entropy(worst, every, self.fly_top_k)
         self.profiled_rows += rows
 
     # -- counters -----------------------------------------------------------------------

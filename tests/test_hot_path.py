@@ -189,10 +189,10 @@ def test_memory_profiling_covers_the_worst_step_the_server_can_reach():
     gen = torch.Generator().manual_seed(0)
     head = JudgeHead(torch.randn(hidden_size, generator=gen), torch.zeros(1),
                      torch.randn(len(LOGIT_FEATURES), generator=gen), LOGIT_FEATURES)
-    rules = [RowRule(JUDGE, 0.0), RowRule(ENTROPY, 0.5), RowRule.named("top_alpha", 0.3)]
+    rules = [RowRule(JUDGE, 0.0), RowRule(ENTROPY, 0.5), RowRule.named("top_alpha", 0.3), RowRule.named("fly", 0.3)]
     counts = [k] * max_num_seqs
-    step_rules = StepRules.build([(rules[i % 3], c) for i, c in enumerate(counts)], "cpu")
-    assert step_rules.present == {JUDGE, ENTROPY, RowRule.named("top_alpha", 0.3).rule}
+    step_rules = StepRules.build([(rules[i % len(rules)], c) for i, c in enumerate(counts)], "cpu")
+    assert step_rules.present == {rule.rule for rule in rules}
 
     def profile_peak(max_step_rows):
         runtime = JudgeRuntime(head, None, 0.0, rules[0], max_step_rows=max_step_rows)

@@ -177,7 +177,7 @@ def test_persistent_rule_table_equals_a_fresh_build_step_after_step():
 
     rng = random.Random(7)
     choices = [LOSSLESS, RowRule.top_alpha(0.5), RowRule.top_alpha(0.2), RowRule(ENTROPY, 1.0),
-               replace(RowRule.top_alpha(0.3), reasoning_end=5)]
+               RowRule.named("fly", 0.3), replace(RowRule.top_alpha(0.3), reasoning_end=5)]
     table = RequestRuleTable("cpu", capacity=4)
     live: dict[str, RowRule] = {}
     for step_index in range(60):
