@@ -63,18 +63,11 @@ def _wrap_sample_tokens(original):
         if runtime is None or state is None or state.spec_decode_metadata is None:
             return original(self, grammar_output)
         metadata = state.spec_decode_metadata
-        requests = (
-            # Token lists by reference: a reasoning scope reads only the tokens added since.
-            (req_id, num_drafts, request.sampling_params.extra_args,
-             (request.prompt_token_ids or (), request.output_token_ids))
-            for req_id, num_drafts in zip(self.input_batch.req_ids, metadata.num_draft_tokens)
-            for request in (self.requests[req_id],)
-        )
         runtime.begin_step(
             state.sample_hidden_states,
             metadata.draft_token_ids,
             metadata.target_logits_indices,
-            runtime.step_rules(requests, metadata.draft_token_ids.device),
+            runtime.step_rules(_step_requests(self, runtime, metadata), metadata.draft_token_ids.device),
             # The model's own logits (vLLM masks grammar-forbidden tokens in this tensor in
             # place; penalties, temperature and top-k/top-p go to a copy): the logit
             # features read the model's own distribution (features.py).
@@ -92,6 +85,22 @@ def _wrap_sample_tokens(original):
         return output
 
     return sample_tokens
+
+
+def _step_requests(runner, runtime, metadata):
+    """(request id, draft tokens, extra_args, (prompt, output token ids)) in batch order. A
+    request id whose state object changed since the last step is a new request under a reused
+    id: its rule and span are resolved afresh."""
+    seen = runner.__dict__.setdefault("_selfjudge_request_states", {})
+    step = {}
+    for req_id, num_drafts in zip(runner.input_batch.req_ids, metadata.num_draft_tokens):
+        request = step[req_id] = runner.requests[req_id]
+        if seen.get(req_id) is not request:
+            runtime.forget(req_id)
+        # Token lists by reference: a reasoning scope reads only the tokens added since.
+        yield (req_id, num_drafts, request.sampling_params.extra_args,
+               (request.prompt_token_ids or (), request.output_token_ids))
+    runner._selfjudge_request_states = step
 
 
 def _wrap_dummy_sampler_run(original):

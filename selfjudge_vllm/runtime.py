@@ -110,25 +110,26 @@ class JudgeRuntime:
         chunks of requests)."""
         if self._table is None or self._table.device != torch.device(device):
             self._table = RequestRuleTable(device)
-        previous, spans = self._rules_by_request, self._spans
-        if prune:
-            self._rules_by_request, self._spans = {}, {}
+        rules, spans = self._rules_by_request, self._spans
         req_ids, counts = [], []
         for req_id, num_drafts, extra_args, *tokens in requests:
-            rule = previous.get(req_id)
+            rule = rules.get(req_id)
             if rule is None:
-                rule = self.default_rule if self.request_rule is None else self.request_rule(extra_args)
-            self._rules_by_request[req_id] = rule
+                rule = rules[req_id] = self.default_rule if self.request_rule is None else self.request_rule(extra_args)
             effective = rule
             if rule.reasoning_end is not None:
                 prompt, output = tokens[0] if tokens else ((), ())
-                self._spans[req_id] = span = reasoning_span(rule, prompt, output, spans.get(req_id))
+                spans[req_id] = span = reasoning_span(rule, prompt, output, spans.get(req_id))
                 effective = rule if span[1] else LOSSLESS
             self._table.set(req_id, effective)
             req_ids.append(req_id)
             counts.append(num_drafts)
         if prune:
-            self._table.keep_only(self._rules_by_request)
+            in_step = set(req_ids)
+            for req_id in [r for r in rules if r not in in_step]:
+                del rules[req_id]
+                spans.pop(req_id, None)
+            self._table.keep_only(rules)
         return self._table.step(req_ids, counts)
 
     def forget(self, req_id: str) -> None:

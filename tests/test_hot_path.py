@@ -246,3 +246,26 @@ def test_every_rule_knob_has_a_server_floor_refused_per_request():
         policy.for_request({"selfjudge_rule": "entropy", "selfjudge_min_entropy": 0.0})
     with pytest.raises(ConfigError, match="below the server's own floor 'min_alpha'"):
         parse_section({"selfjudge": {"rule": "top_alpha", "alpha": 0.1, "min_alpha": 0.2}})
+
+
+def test_a_request_id_reused_on_model_runner_v1_starts_fresh():
+    """vLLM V1 prunes a request's state only when a step goes by without it; a new request
+    that reuses a finished one's id in the very next step must not inherit its closed span."""
+    from selfjudge_vllm import adapter_v1
+
+    scoped = RowRule(SCOPED.rule, SCOPED.knob, END, None)
+    runtime = JudgeRuntime(None, None, 0.0, scoped)
+    metadata = SimpleNamespace(num_draft_tokens=[2])
+
+    def request(output):
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None), prompt_token_ids=[1],
+                               output_token_ids=output)
+
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a"]), requests={"a": request([4, END, 5])})
+    runtime.step_rules(adapter_v1._step_requests(runner, runtime, metadata), "cpu")
+    assert runtime._spans["a"][1] is False  # its reasoning ended
+    runtime.step_rules(adapter_v1._step_requests(runner, runtime, metadata), "cpu")
+    assert runtime._spans["a"][1] is False  # same request, next step: still ended
+    runner.requests["a"] = request([6])  # a new request under the same id
+    runtime.step_rules(adapter_v1._step_requests(runner, runtime, metadata), "cpu")
+    assert runtime._spans["a"] == (1, True)
