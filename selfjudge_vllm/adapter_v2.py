@@ -155,12 +155,15 @@ def _wrap_remove_request(original):
 
 
 def _wrap_sample(original):
-    def sample(self, hidden_states, input_batch, *args, **kwargs):
+    def sample(self, *args, **kwargs):
         global _active_step
         runtime = getattr(self, "_selfjudge_runtime", None)
+        # By position or by name, as vLLM may call it (the register checks both names).
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        input_batch = args[1] if len(args) > 1 else kwargs["input_batch"]
         if (runtime is None or input_batch.num_reqs == 0 or input_batch.num_draft_tokens == 0
                 or self.rejection_sampler is None):
-            return original(self, hidden_states, input_batch, *args, **kwargs)
+            return original(self, *args, **kwargs)
         if getattr(self, "batch_sharder", None) is not None:
             raise UnsupportedConfiguration(
                 "selfjudge does not support batch-sharded sampling: turn it off")
@@ -177,7 +180,7 @@ def _wrap_sample(original):
         step = _active_step = VerifyStep(runtime, hidden_states, input_batch.logits_indices, cu_num_logits,
                                          requests)
         try:
-            output = original(self, hidden_states, input_batch, *args, **kwargs)
+            output = original(self, *args, **kwargs)
         finally:
             _active_step = None
         if step.rows_verified != cu_num_logits[-1]:
