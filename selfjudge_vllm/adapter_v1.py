@@ -30,7 +30,7 @@ Patches, in the order a worker meets them:
 from __future__ import annotations
 
 from selfjudge_vllm.cpu_fix import fix_cpu_expand_bug_if_present
-from selfjudge_vllm.patching import _install
+from selfjudge_vllm.patching import _install, judged_call
 
 
 def install_step_hooks() -> None:
@@ -120,21 +120,11 @@ def _wrap_dummy_sampler_run(original):
 
 
 def _wrap_rejection_sample(original):
-    import inspect
+    return judged_call(original, ("draft_token_ids", "target_logits"), _judge)
 
-    params = list(inspect.signature(original).parameters)
-    draft_pos, logits_pos = params.index("draft_token_ids"), params.index("target_logits")
 
-    def rejection_sample(*args, **kwargs):
-        runtime = _active_runtime
-        if runtime is not None:
-            draft = args[draft_pos] if len(args) > draft_pos else kwargs["draft_token_ids"]
-            logits = args[logits_pos] if len(args) > logits_pos else kwargs["target_logits"]
-            runtime.judge_(draft, logits)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            if runtime is not None:
-                runtime.unforce_()
-
-    return rejection_sample
+def _judge(draft_token_ids, target_logits):
+    runtime = _active_runtime
+    if runtime is not None:
+        runtime.judge_(draft_token_ids, target_logits)
+    return runtime

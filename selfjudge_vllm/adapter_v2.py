@@ -48,14 +48,13 @@ vLLM 0.34 can be made on this project's machines).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from selfjudge_vllm.patching import UnsupportedConfiguration, _install
+from selfjudge_vllm.patching import UnsupportedConfiguration, _install, argument_getter, judged_call
 from selfjudge_vllm.runtime import JudgeNotAppliedError
 
 RUNNER = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
@@ -155,12 +154,12 @@ def _wrap_remove_request(original):
 
 
 def _wrap_sample(original):
+    arguments = argument_getter(original, "hidden_states", "input_batch")
+
     def sample(self, *args, **kwargs):
         global _active_step
         runtime = getattr(self, "_selfjudge_runtime", None)
-        # By position or by name, as vLLM may call it (the register checks both names).
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        input_batch = args[1] if len(args) > 1 else kwargs["input_batch"]
+        hidden_states, input_batch = arguments((self, *args), kwargs)
         if (runtime is None or input_batch.num_reqs == 0 or input_batch.num_draft_tokens == 0
                 or self.rejection_sampler is None):
             return original(self, *args, **kwargs)
@@ -206,22 +205,15 @@ def _wrap_verify_call(original):
 
 
 def _wrap_rejection_sample(original):
-    params = list(inspect.signature(original).parameters)
-    logits_pos, drafts_pos = params.index("target_logits"), params.index("draft_sampled")
+    return judged_call(original, ("target_logits", "draft_sampled"), _judge_chunk)
 
-    def rejection_sample(*args, **kwargs):
-        step = _active_step
-        if step is not None:
-            logits = args[logits_pos] if len(args) > logits_pos else kwargs["target_logits"]
-            drafts = args[drafts_pos] if len(args) > drafts_pos else kwargs["draft_sampled"]
-            step.judge_chunk_(logits, drafts)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            if step is not None:
-                step.runtime.unforce_()
 
-    return rejection_sample
+def _judge_chunk(target_logits, draft_sampled):
+    step = _active_step
+    if step is None:
+        return None
+    step.judge_chunk_(target_logits, draft_sampled)
+    return step.runtime
 
 
 def _wrap_dummy_sampler_run(original):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from typing import Any, Callable
 
 # Versions the worker starts on without "allow_unsupported_vllm" (how each was tested: the
@@ -47,3 +48,32 @@ def _install(target: str, make_wrapper: Callable[[Callable], Callable]) -> None:
     setattr(owner, attr, wrapper)
 
 
+
+
+def argument_getter(function: Callable, *names: str) -> Callable[[tuple, dict], tuple]:
+    """(args, kwargs) of a call of `function` -> the values of its parameters `names`,
+    whether they were passed by position or by name."""
+    params = list(inspect.signature(function).parameters)
+    positions = [params.index(name) for name in names]
+
+    def get(args: tuple, kwargs: dict) -> tuple:
+        return tuple(args[p] if len(args) > p else kwargs[n] for p, n in zip(positions, names))
+
+    return get
+
+
+def judged_call(original: Callable, names: tuple[str, ...], judge: Callable) -> Callable:
+    """A verification function that first lets `judge(*the named arguments)` force the
+    accepted drafts (it returns the runtime that forced them, or None), then verifies with
+    `original`, then has the runtime write the forced entries back (JudgeRuntime.unforce_)."""
+    get = argument_getter(original, *names)
+
+    def call(*args, **kwargs):
+        runtime = judge(*get(args, kwargs))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if runtime is not None:
+                runtime.unforce_()
+
+    return call
