@@ -269,3 +269,39 @@ def test_a_request_id_reused_on_model_runner_v1_starts_fresh():
     runner.requests["a"] = request([6])  # a new request under the same id
     runtime.step_rules(adapter_v1._step_requests(runner, runtime, metadata), "cpu")
     assert runtime._spans["a"] == (1, True)
+
+
+@pytest.mark.engine
+def test_processed_logprobs_of_relaxed_tokens_are_the_targets_own(tiny_pair):
+    """vLLM 0.32 (V1) computes processed logprobs from the logits the judge forced: accepted
+    drafts used to report logprob 0.0. Each generated token's reported logprob must equal the
+    target's own, as re-scoring the text through prompt logprobs gives it (greedy: processed
+    and raw logprobs agree)."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    from tests.engine_helpers import PROMPTS, spec_config
+
+    target, draft = tiny_pair
+    llm = LLM(model=str(target), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+              speculative_config=spec_config("draft_model", draft), logprobs_mode="processed_logprobs",
+              additional_config={"selfjudge": {"rule": "top_alpha", "alpha": 0.0}}, max_num_seqs=8)
+    try:
+        outputs = llm.generate(PROMPTS[:4], SamplingParams(max_tokens=24, temperature=0.0, logprobs=0),
+                               use_tqdm=False)
+        forced = llm.collective_rpc(lambda worker: worker.model_runner._selfjudge_runtime.flush().judge_accepted)[0]
+        compared = mismatched = 0
+        for out in outputs:
+            tokens = list(out.outputs[0].token_ids)
+            rescored = llm.generate([{"prompt_token_ids": list(out.prompt_token_ids) + tokens}],
+                                    SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+            reference = rescored.prompt_logprobs[len(out.prompt_token_ids):]
+            for token, reported, expected in zip(tokens, out.outputs[0].logprobs, reference):
+                compared += 1
+                mismatched += abs(reported[token].logprob - expected[token].logprob) > 1e-3
+    finally:
+        del llm
+        gc.collect()
+    assert forced > 10 and compared >= 4 * 24 - 4
+    assert mismatched == 0, f"{mismatched} of {compared} reported logprobs differ from the target's own"
