@@ -44,6 +44,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_one_threshold_choice(threshold, operating_point) -> None:
+    """A threshold is chosen by value or by operating-point name, not both (the config
+    section, a request and the artifact API all choose one this way)."""
+    if threshold is not None and operating_point is not None:
+        raise ValueError("give either 'threshold' or 'operating_point', not both")
+
+
+def operating_point_threshold(config: "JudgeArtifactConfig", name: str, owner: str = "this artifact") -> float:
+    """The threshold of the named operating point, or an error listing the known names."""
+    point = config.operating_points.get(name)
+    if point is None:
+        known = ", ".join(sorted(config.operating_points)) or "none"
+        raise ArtifactError(f"unknown operating point {name!r}; {owner} has: {known}")
+    return point.threshold
+
+
 def _check_open_unit_interval(value: float) -> float:
     if not (0.0 < value < 1.0):
         raise ValueError(f"a threshold must lie strictly between 0 and 1, got {value}")
@@ -150,15 +166,9 @@ class JudgeArtifact:
 
     def resolve_threshold(self, threshold: float | None, operating_point: str | None) -> float:
         """The threshold to serve with: explicit value, named point, or the default."""
-        if threshold is not None and operating_point is not None:
-            raise ArtifactError("give either a threshold or an operating_point, not both")
+        check_one_threshold_choice(threshold, operating_point)
         if operating_point is not None:
-            if operating_point not in self.config.operating_points:
-                known = ", ".join(sorted(self.config.operating_points)) or "none"
-                raise ArtifactError(
-                    f"unknown operating point {operating_point!r}; this artifact has: {known}"
-                )
-            return self.config.operating_points[operating_point].threshold
+            return operating_point_threshold(self.config, operating_point)
         if threshold is not None:
             return _check_open_unit_interval(threshold)
         return self.config.default_threshold

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from selfjudge_vllm.artifact import Threshold
+from selfjudge_vllm.artifact import Threshold, check_one_threshold_choice
 from selfjudge_vllm.rules import RULE_NAMES, RULES
 
 SECTION = "selfjudge"
@@ -71,8 +71,7 @@ class SelfJudgeConfig(BaseModel):
     def _head_when_enabled(self) -> "SelfJudgeConfig":
         if self.enabled and self.head is None and "judge" in self.rules:
             raise ValueError("'head' (the judge artifact directory) is required for the rule 'judge'")
-        if self.threshold is not None and self.operating_point is not None:
-            raise ValueError("give either 'threshold' or 'operating_point', not both")
+        check_one_threshold_choice(self.threshold, self.operating_point)
         for spec in RULES.values():
             knob, floor = getattr(self, spec.knob, None), getattr(self, spec.floor)
             if spec.name != "judge" and floor is not None and knob < floor:

@@ -26,7 +26,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from selfjudge_vllm.artifact import JudgeArtifactConfig, Threshold, threshold_to_logit
+from selfjudge_vllm.artifact import (
+    JudgeArtifactConfig,
+    Threshold,
+    check_one_threshold_choice,
+    operating_point_threshold,
+    threshold_to_logit,
+)
 from selfjudge_vllm.config import RuleName, Scope, SelfJudgeConfig
 from selfjudge_vllm.rules import LOSSLESS, RULES, RowRule
 
@@ -49,8 +55,7 @@ class RequestJudgeOptions(BaseModel):
 
     @model_validator(mode="after")
     def _one_choice(self) -> "RequestJudgeOptions":
-        if self.threshold is not None and self.operating_point is not None:
-            raise ValueError("give either 'threshold' or 'operating_point', not both")
+        check_one_threshold_choice(self.threshold, self.operating_point)
         return self
 
 
@@ -86,13 +91,7 @@ def request_threshold_logit(
         return JUDGE_OFF
     threshold = server_threshold
     if options.operating_point is not None:
-        point = artifact.operating_points.get(options.operating_point)
-        if point is None:
-            known = ", ".join(sorted(artifact.operating_points)) or "none"
-            raise ValueError(
-                f"unknown operating point {options.operating_point!r}; the served judge has: {known}"
-            )
-        threshold = point.threshold
+        threshold = operating_point_threshold(artifact, options.operating_point, "the served judge")
     elif options.threshold is not None:
         threshold = options.threshold
     if min_threshold is not None and threshold < min_threshold:
