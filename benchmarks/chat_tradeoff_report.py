@@ -366,7 +366,7 @@ def _plots(rows, results: Path, tag: str) -> list[str]:
 
     files = []
     for proposer in sorted({r["proposer"] for r in rows if r["method"] != "alone"}):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for r in rows:
             if r["proposer"] != proposer or "changes" not in r or not r["mean_acceptance_length"]:
                 continue
@@ -379,9 +379,14 @@ def _plots(rows, results: Path, tag: str) -> list[str]:
                 ax.scatter(0, r["mean_acceptance_length"], color="black", marker="o", s=20 + 4 * r["k"])
         for b in BUDGETS:
             ax.axvline(100 * b, color="grey", linestyle=":", linewidth=0.8)
+            ax.annotate(f"{100 * b:g}% budget", (100 * b, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(2, -10), textcoords="offset points", fontsize=7, color="grey", rotation=90,
+                        va="top")
         for method, (color, marker) in METHOD_STYLE.items():
             ax.scatter([], [], color=color, marker=marker, label=method)
-        ax.legend(fontsize=8, title="size: draft length; bar: 95% upper bound")
+        # Beside the axes, never on the points.
+        ax.legend(fontsize=8, title="size: draft length\nbar: 95% upper bound", title_fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         ax.set_xlabel("answer changes vs lossless (% of items)")
         ax.set_ylabel("mean acceptance length (tokens/step)")
         ax.set_title(f"{proposer}: Qwen2.5-Coder 1.5B target, GSM8K + HumanEval")
