@@ -148,8 +148,8 @@ def check_serving_configuration(vllm_config, config: SelfJudgeConfig) -> None:
             "configuration selected model runner V2; start vLLM with VLLM_USE_V2_MODEL_RUNNER=0, "
             "or upgrade to vLLM 0.34, where the plugin hooks model runner V2"
         )
-    # vLLM's own lossy verifiers (0.33+: FLy, and synthetic or block verification) would
-    # judge the same rows again, differently: fail closed rather than compose them silently.
+    # vLLM's own lossy verifiers (synthetic; block and FLy from 0.33) would judge the same
+    # rows again, differently: fail closed rather than compose them silently.
     method = getattr(spec, "rejection_sample_method", "standard") or "standard"
     if method != "standard":
         raise UnsupportedConfiguration(
@@ -173,7 +173,8 @@ def _check_model_runner_v2_configuration(vllm_config, spec) -> None:
             "compacts the rows the judge reads); turn it off or set \"enabled\": false")
     if getattr(vllm_config.parallel_config, "enable_batch_sharded_sampling", False):
         raise UnsupportedConfiguration(
-            "selfjudge does not support batch-sharded sampling (--enable-batch-sharded-sampling): "
+            "selfjudge does not support batch-sharded sampling (parallel_config "
+            "enable_batch_sharded_sampling): "
             "each rank would verify other rows than the ones it judges; turn it off")
 
 
