@@ -262,9 +262,9 @@ class JudgeHead:
         return out
 
 
-def row_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy (nats) of the softmax of each row of `logits` (or of the rows `rows` lists),
-    a bounded chunk of rows at a time, so the float32 temporary never spans the batch."""
+def _per_row(logits: torch.Tensor, rows: torch.Tensor | None, reduce) -> torch.Tensor:
+    """reduce(chunk [c, V]) -> [c] for each row of `logits` (or each row `rows` lists), a
+    bounded chunk of rows at a time, so the float32 temporaries never span the batch."""
     from selfjudge_vllm.features import chunk_rows_for
 
     chunk_rows = chunk_rows_for(logits)
@@ -273,26 +273,28 @@ def row_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch
     for start in range(0, count, chunk_rows):
         chunk = (logits[start : start + chunk_rows] if rows is None
                  else logits.index_select(0, rows[start : start + chunk_rows]))
-        out[start : start + chunk_rows] = torch.special.entr(torch.softmax(chunk, dim=-1, dtype=torch.float32)).sum(-1)
+        out[start : start + chunk_rows] = reduce(chunk)
     return out
+
+
+def row_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy (nats) of the softmax of each row of `logits` (or of the rows `rows` lists)."""
+    return _per_row(logits, rows,
+                    lambda chunk: torch.special.entr(torch.softmax(chunk, dim=-1, dtype=torch.float32)).sum(-1))
 
 
 def topk_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None, top_k: int = 3) -> torch.Tensor:
     """FLy's entropy (nats): -sum p log p over the `top_k` largest probabilities of each row's
-    softmax (the rows `rows` lists, or all), in float32, a bounded chunk of rows at a time."""
-    from selfjudge_vllm.features import chunk_rows_for
-
-    chunk_rows = chunk_rows_for(logits)
-    count = logits.shape[0] if rows is None else rows.shape[0]
-    out = torch.empty(count, dtype=torch.float32, device=logits.device)
+    softmax (the rows `rows` lists, or all), in float32."""
     k = min(top_k, logits.shape[-1])
-    for start in range(0, count, chunk_rows):
-        chunk = (logits[start : start + chunk_rows] if rows is None
-                 else logits.index_select(0, rows[start : start + chunk_rows])).float()
+
+    def reduce(chunk):
+        chunk = chunk.float()
         log_p = chunk.topk(k, dim=-1).values - chunk.logsumexp(-1, keepdim=True)
         p = log_p.exp()
-        out[start : start + chunk_rows] = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
-    return out
+        return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+
+    return _per_row(logits, rows, reduce)
 
 
 def entropy_gate(entropy: torch.Tensor, agrees: torch.Tensor, min_entropy, drafts_after, window: int,
