@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from benchmarks.tasks import Item, code_passes
+from selfjudge_vllm.answers import normalise_number, numeric_answer
 
 FAMILIES = ("gsm8k", "humaneval")
 GSM8K_TRAIN = 300
@@ -55,29 +56,8 @@ def gsm8k_rows() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def normalise_number(text: str | None) -> str | None:
-    """'$1,200.00' -> '1200', '-3.50' -> '-3.5', '7.' -> '7'; None when no number is there."""
-    if text is None:
-        return None
-    match = re.search(r"-?\d[\d,]*(?:\.\d+)?", text.replace("$", ""))
-    if not match:
-        return None
-    number = match.group(0).replace(",", "")
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    return "0" if number in ("-0", "") else number
-
-
 def gsm8k_reference(answer: str) -> str:
     return normalise_number(answer.split("####")[-1])
-
-
-def final_answer(response: str) -> str | None:
-    """The number after the last '####'; without one, the last number of the response."""
-    if "####" in response:
-        return normalise_number(response.split("####")[-1])
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", response.replace("$", ""))
-    return normalise_number(numbers[-1]) if numbers else None
 
 
 def _worked_example(answer: str) -> str:
@@ -176,7 +156,7 @@ def first_of_each(items: list[Item], counts: dict[str, int]) -> list[Item]:
 def outcome(item: Item, text: str) -> dict:
     """What an item's response decides: its final answer and whether it is correct."""
     if item.family == "gsm8k":
-        answer = final_answer(text)
+        answer = numeric_answer(text)
         return {"answer": answer, "correct": answer is not None and answer == item.answers[0]}
     passed = code_passes(item.problem, text)
     return {"answer": "pass" if passed else "fail", "correct": passed}

@@ -44,7 +44,6 @@ not mixed), plus a batch-1 timing on a couple of items.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
@@ -61,7 +60,16 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import chat_tasks  # noqa: E402
 from benchmarks.chat_tradeoff_report import BUDGETS, METHOD_FAMILIES, Outcomes, beyond_every_budget, point_key, point_rows  # noqa: E402
-from benchmarks.tradeoff import _version, judge_thresholds, load_jsonl, log, spec_counters, xargs  # noqa: E402
+from benchmarks.tradeoff import _version, judge_thresholds  # noqa: E402
+from selfjudge_vllm.measurement import (  # noqa: E402
+    Progress,
+    RequestStore,
+    give_the_worker_every_core,
+    log,
+    measure_point,
+    needs_work,
+    request_options,
+)
 
 # Servers in the order they are worked on: the issue's headline configuration first.
 SERVERS = (("draft_model", 8), ("ngram", 8), ("draft_model", 4), ("ngram", 4))
@@ -157,236 +165,6 @@ def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None]) -> 
         sys.exit(f"chat_tradeoff: the {', '.join(changed)} head differs from the one {store_folder} was measured "
                  "with; use another --results folder or the original head")
     record.write_text(json.dumps({**before, **now}, indent=1))
-
-
-# -- the store: one line per finished request, one per finished segment ---------------------------
-
-
-class Store:
-    """`requests.jsonl`: {"point", "id", "text", "tokens", "latency_s"} per finished request;
-    `segments.jsonl`: {"point", "ids", "counters", "wall_s", "tokens"} per run of requests that
-    finished together (vLLM's counters are read around it), and batch-1 timings. A request
-    whose segment was cut off keeps its output; only its segment's counters are missing."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
-        self.requests_path, self.segments_path = folder / "requests.jsonl", folder / "segments.jsonl"
-        self.requests: dict[str, dict[str, dict]] = {}
-        for row in load_jsonl(self.requests_path):
-            self.requests.setdefault(row["point"], {})[row["id"]] = row
-        self.segments = load_jsonl(self.segments_path)
-
-    def done(self, point: str) -> dict[str, dict]:
-        return self.requests.get(point, {})
-
-    def add_request(self, row: dict) -> None:
-        self.requests.setdefault(row["point"], {})[row["id"]] = row
-        _append(self.requests_path, row)
-
-    def add_segment(self, row: dict) -> None:
-        # timings depend on these (acceptance and texts do not)
-        if all_cores_for_the_worker():
-            row = {**row, "worker_cores": "all"}
-        if os.environ.get("NUMBA_THREADING_LAYER"):
-            row = {**row, "numba_threading_layer": os.environ["NUMBA_THREADING_LAYER"]}
-        self.segments.append(row)
-        _append(self.segments_path, row)
-
-    def counter_segments(self, point: str, ids: set[str]) -> list[dict]:
-        """The segments whose counters belong to `ids` of a point, no item counted twice:
-        newest first, each segment none of whose items a newer chosen one already has (vLLM's
-        counters add up over disjoint runs; a re-measure supersedes what it repeats)."""
-        chosen, counted = [], set()
-        for segment in reversed(self.segments):
-            members = set(segment["ids"])
-            if (segment["point"] == point and "counters" in segment and members <= ids
-                    and not members & counted):
-                chosen.append(segment)
-                counted |= members
-        return chosen[::-1]
-
-    def uncounted(self, point: str, ids: set[str]) -> set[str]:
-        """Items of `ids` no counters segment of the point covers (a sitting ended while they ran)."""
-        return ids - {i for segment in self.counter_segments(point, ids) for i in segment["ids"]}
-
-    def counters_cover(self, point: str, ids: set[str]) -> bool:
-        return not self.uncounted(point, ids)
-
-    def batch1(self, point: str) -> dict | None:
-        return next((s for s in self.segments if s["point"] == point and s.get("batch1")), None)
-
-    def stopped_early(self, point: str) -> str | None:
-        """Why the confirmation stopped this point before its last item (None: it did not)."""
-        return next((s["stopped_early"] for s in self.segments if s["point"] == point and "stopped_early" in s), None)
-
-    def in_scope(self, point: str, items: list) -> list:
-        """The items a point is measured on: all of them, or the ones it had served when it
-        was stopped early."""
-        return [i for i in items if i.id in self.done(point)] if self.stopped_early(point) else items
-
-
-def all_cores_for_the_worker() -> bool:
-    """--all-cores: vLLM's CPU backend leaves one core to its scheduler process by default,
-    which on 2 cores halves the model's threads (measured: 1.56x tokens/s with all cores)."""
-    return os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == "0"
-
-
-def give_the_worker_every_core() -> None:
-    """What --all-cores sets for the servers it starts (they inherit the environment).
-
-    The numba setting is for `ngram`: vLLM's n-gram proposer runs a numba-parallel function
-    after `numba.set_num_threads(1)` and then "restores" numba's default, which is 1 because
-    the worker's main thread is pinned to one core (GOMP_CPU_AFFINITY). With numba's OpenMP
-    layer that sets the OpenMP thread count the target's oneDNN GEMMs use, so they ran on one
-    core. numba's own `workqueue` layer leaves OpenMP alone (measured: 1.73x tokens/s)."""
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# -- requests ------------------------------------------------------------------------------------
-
-
-async def _request(client, item, body):
-    start = time.monotonic()
-    out = await client.completions.create(
-        model="target", prompt=item.prompt, max_tokens=item.max_tokens, temperature=0.0,
-        stop=list(item.stop) or None, extra_body=body, timeout=3600,
-    )
-    return {"text": out.choices[0].text, "tokens": out.usage.completion_tokens,
-            "latency_s": time.monotonic() - start}
-
-
-async def run_items(base_url, items, extra, concurrency, on_done) -> float:
-    """All items with at most `concurrency` in flight; `on_done(item, result)` as each ends."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
-    gate, body = asyncio.Semaphore(concurrency), ({"vllm_xargs": extra} if extra else None)
-
-    async def one(item):
-        async with gate:
-            on_done(item, await _request(client, item, body))
-
-    start = time.monotonic()
-    try:
-        await asyncio.gather(*(one(item) for item in items))
-    finally:
-        await client.close()
-    return time.monotonic() - start
-
-
-PROGRESS_EVERY = 14  # requests between progress lines inside a point
-# Requests per counters segment: a sitting that ends inside a point loses the counters of at
-# most this many finished requests (served once more for them); a larger segment keeps the
-# batch full for longer (each segment drains before the next starts).
-SEGMENT_ITEMS = 64
-
-
-class Progress:
-    """Requests served / to serve in this sitting, with an ETA from this sitting's pace
-    (create it once the server is up, so start-up minutes do not count as serving time)."""
-
-    def __init__(self, planned: int):
-        self.planned, self.done, self.started = planned, 0, time.monotonic()
-
-    def tick(self, n=1, label=""):
-        self.done += n
-        if label and self.done % PROGRESS_EVERY == 0:  # a point takes minutes: show it moving
-            log(f"    {label}: {self.line()}")
-
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.started
-        left = self.planned - self.done
-        eta = f"{left * elapsed / self.done / 60:.0f} min" if self.done else "n/a"
-        return f"{self.done}/{self.planned} requests, ETA {eta} at this sitting's pace"
-
-
-def missing_steps(store, key, items) -> list[str]:
-    """What measure_point still has to do for this point, in its order: "requests" (items
-    without a stored output), "counters" (vLLM's counters cover only part of the items),
-    "batch1" (no batch-1 timing yet)."""
-    ids = {i.id for i in store.in_scope(key, items)}
-    checks = {"requests": not ids <= store.done(key).keys(), "counters": not store.counters_cover(key, ids),
-              "batch1": store.batch1(key) is None}
-    return [step for step, missing in checks.items() if missing]
-
-
-def needs_work(store, key, items) -> bool:
-    return bool(missing_steps(store, key, items))
-
-
-def measure_point(server, store, key, items, extra, args, progress, out_of_time=lambda: False,
-                  hopeless=lambda: None) -> bool:
-    """Runs the point's missing items (persisting each; vLLM's counters read around every
-    SEGMENT_ITEMS of them) and, once, its batch-1 timing. Returns False when `out_of_time()`
-    stopped it between segments (rerun to continue). Before each segment `hopeless()` may
-    give a reason to stop the point for good (recorded in the store)."""
-    if "requests" in missing_steps(store, key, items):
-        pending = [i for i in items if i.id not in store.done(key)]
-        for start in range(0, len(pending), SEGMENT_ITEMS):
-            if start and out_of_time():
-                log(f"--max-minutes reached inside {key}; {len(pending) - start} requests left (rerun to continue)")
-                return False
-            reason = hopeless()
-            if reason:
-                log(f"  {key}: stopped early, {reason}; {len(pending) - start} requests not served")
-                store.add_segment({"point": key, "ids": [], "stopped_early": reason,
-                                   "measured": datetime.date.today().isoformat()})
-                progress.planned -= len(pending) - start
-                break
-            segment = pending[start:start + SEGMENT_ITEMS]
-            before = spec_counters(server)  # zeros on a server without speculative decoding
-
-            def on_done(item, result):
-                store.add_request({"point": key, "id": item.id, **result})
-                progress.tick(label=key)
-
-            wall = asyncio.run(run_items(server.base, segment, extra, args.concurrency, on_done))
-            after = spec_counters(server)
-            store.add_segment({"point": key, "ids": [i.id for i in segment], "wall_s": wall,
-                               "tokens": sum(store.done(key)[i.id]["tokens"] for i in segment),
-                               "counters": {k: after[k] - before[k] for k in after},
-                               "measured": datetime.date.today().isoformat()})
-            log(f"  {key}: {len(segment)} requests in {wall / 60:.1f} min; {progress.line()}")
-    items = store.in_scope(key, items)
-    if "counters" in missing_steps(store, key, items):  # asked again: the requests above add counters
-        # A sitting ended inside this point before: the outputs of the segment it cut are all
-        # kept, but no counters cover them. Serve those items once more for the counters and
-        # the speed (greedy: the texts are the stored ones; how many match is recorded).
-        uncounted = store.uncounted(key, {i.id for i in items})
-        again_items = [i for i in items if i.id in uncounted]
-        before = spec_counters(server)
-        texts = {}
-
-        def on_again(item, result):
-            texts[item.id] = result
-            progress.tick(label=f"{key} (counters re-measure)")
-
-        wall = asyncio.run(run_items(server.base, again_items, extra, args.concurrency, on_again))
-        after = spec_counters(server)
-        store.add_segment({"point": key, "ids": [i.id for i in again_items], "wall_s": wall, "remeasure": True,
-                           "tokens": sum(r["tokens"] for r in texts.values()),
-                           "counters": {k: after[k] - before[k] for k in after},
-                           "same_text": sum(texts[i]["text"] == r["text"] for i, r in store.done(key).items()
-                                            if i in texts),
-                           "measured": datetime.date.today().isoformat()})
-        log(f"  {key}: counters re-measured on the {len(again_items)} items a cut segment left uncounted "
-            f"in {wall / 60:.1f} min")
-    if "batch1" in missing_steps(store, key, items):
-        b1 = items[: args.batch1_items]
-        results = []
-        wall = asyncio.run(run_items(server.base, b1, extra, 1, lambda item, r: results.append(r)))
-        store.add_segment({"point": key, "batch1": True, "ids": [i.id for i in b1], "wall_s": wall,
-                           "tokens": sum(r["tokens"] for r in results)})
-    return True
 
 
 def interleaved(sweep: dict) -> list[tuple[str, float | None]]:
@@ -498,7 +276,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     # Every request's output lives beside the results (committed), so the experiment can be
     # continued in a later sitting on another machine.
-    store = Store(args.results / f"{tag}_store")
+    store = RequestStore(args.results / f"{tag}_store")
     template = chat_tasks.ChatTemplate(args.testbed / "target")
     all_items = chat_tasks.eval_items(template)
     screen = chat_tasks.first_of_each(all_items, QUICK["items"] if args.quick else SCREEN_ITEMS)
@@ -532,7 +310,7 @@ def main(argv=None) -> int:
     def work_on(server, plan, served_head=head, hopeless=lambda key: None) -> None:
         """plan: [(key, items, extra)]; starts the server only if something is missing.
         hopeless(key): a reason to stop that point early, or None."""
-        todo = [(key, items, extra) for key, items, extra in plan if needs_work(store, key, items)]
+        todo = [(key, items, extra) for key, items, extra in plan if needs_work(store, key, items, args.batch1_items)]
         if not todo or out_of_time():
             return
         # Every item no counters segment covers is served in this sitting: the new ones, and
@@ -545,8 +323,8 @@ def main(argv=None) -> int:
                 if out_of_time():
                     log(f"--max-minutes reached; stopping before {key} (rerun to continue)")
                     return
-                if not measure_point(srv, store, key, items, extra, args, progress, out_of_time,
-                                     lambda key=key: hopeless(key)):
+                if not measure_point(srv, store, key, items, extra, args.concurrency, progress, out_of_time,
+                                     lambda key=key: hopeless(key), args.batch1_items):
                     return
         finally:
             srv.stop()
@@ -556,12 +334,13 @@ def main(argv=None) -> int:
             work_on(REFERENCE, [(point_key(REFERENCE, "alone", None), screen, None)])
         if "screen" in stages:
             for server in servers:
-                work_on(server, [(point_key(server, m, knob), screen, xargs(m, knob)) for m, knob in interleaved(sweep)])
+                work_on(server, [(point_key(server, m, knob), screen, request_options(m, knob))
+                                 for m, knob in interleaved(sweep)])
                 for method, ablation_head in ablation.items():
                     if server == servers[0] and "ablation" in stages:
                         # E.g. the paper's hidden-state head on the headline server, same items.
                         thresholds = judge_thresholds(ablation_head, SCREEN_SWEEP["judge"])
-                        work_on(server, [(point_key(server, method, t), screen, xargs("judge", t))
+                        work_on(server, [(point_key(server, method, t), screen, request_options("judge", t))
                                          for t in thresholds], served_head=ablation_head)
         if "confirm" in stages and not args.quick:
             outcomes = Outcomes(confirm)
@@ -570,14 +349,14 @@ def main(argv=None) -> int:
                 lossless = point_key(server, "lossless", None)
                 if len(chosen) > 1:
                     log(f"confirm {server} ({args.frontier}): {', '.join(f'{m} {k}' for m, k in chosen)}")
-                    work_on(server, [(point_key(server, m, knob), confirm, xargs(m, knob)) for m, knob in chosen],
+                    work_on(server, [(point_key(server, m, knob), confirm, request_options(m, knob)) for m, knob in chosen],
                             hopeless=lambda key, lossless=lossless: None
                             if key == lossless or args.frontier != "answer_changes" else
                             beyond_every_budget(store, outcomes, key, lossless, len(confirm)))
 
         if "fly" in stages and not args.quick:
             for server in servers:
-                work_on(server, [(point_key(server, m, knob), confirm, xargs(m, knob))
+                work_on(server, [(point_key(server, m, knob), confirm, request_options(m, knob))
                                  for m, knob in (("lossless", None), ("fly", FLY_DEFAULT_THRESHOLD))])
 
     from benchmarks import chat_tradeoff_report

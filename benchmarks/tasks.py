@@ -21,12 +21,10 @@ import math
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from selfjudge_vllm.answers import humaneval_passes
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +46,6 @@ SHOTS = [
     ("What is 3 plus 4?", "7"),
     ("What is the plural of fox?", "foxes"),
 ]
-PASSED = "__selfjudge_all_tests_ran__"
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif ", "\nprint(")  # the OpenAI API takes at most 4
 
 
@@ -147,40 +144,9 @@ def answer_correct(response: str, answers) -> bool:
     return any(_normalise(answer) in candidates for answer in answers)
 
 
-def _limit_resources():  # runs in the child before exec
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-    resource.setrlimit(resource.RLIMIT_CPU, (20, 20))
-    os.setsid()
-
-
 def code_passes(problem: dict, completion: str, timeout_s: float = 15.0) -> bool:
-    """HumanEval check: prompt + completion + the problem's tests, in a fresh isolated
-    interpreter in an empty temporary folder, with memory, CPU and wall-clock limits.
-    Model code is untrusted; this is isolation by process, not a sandbox."""
-    program = (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-               f"print({PASSED!r})\n")
-    with tempfile.TemporaryDirectory() as folder:
-        # No stdin (an input() in a completion fails at once instead of waiting on the
-        # terminal); the child leads its own process group, and all of the group dies with it.
-        child = subprocess.Popen(
-            [sys.executable, "-I", "-c", program], cwd=folder, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_limit_resources,
-            env={"PATH": "/usr/bin:/bin"},
-        )
-        try:
-            stdout, _ = child.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            stdout = None
-        finally:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)  # processes the completion started
-            except ProcessLookupError:
-                pass
-            child.wait()
-    # An early exit with status 0 (os._exit, sys.exit in the completion) skips the marker.
-    return stdout is not None and child.returncode == 0 and PASSED in stdout.decode(errors="replace")
+    """HumanEval check (selfjudge_vllm.answers: the package's one definition)."""
+    return humaneval_passes(problem, completion, timeout_s)
 
 
 class Embedder:

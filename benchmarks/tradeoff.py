@@ -41,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import tasks  # noqa: E402
+from selfjudge_vllm.measurement import load_jsonl, log, request_options, spec_counters  # noqa: E402
 from selfjudge_vllm.rules import RULES  # noqa: E402
 
 SWEEP = {
@@ -53,10 +54,6 @@ QUICK_SWEEP = {"lossless": [None], "judge": [0.5], "top_alpha": [0.3], "entropy"
 KNOB_NAMES = {name: spec.knob for name, spec in RULES.items()}
 TAU = 0.1  # semantic-preservation score above which a substitution is labelled reject (N=20)
 NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}  # the ngram servers' lookup settings
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # -- step 1: the judge -------------------------------------------------------------------------
@@ -108,12 +105,6 @@ def judge_thresholds(head: Path, fallback: list[float]) -> list[float]:
 # -- requests ----------------------------------------------------------------------------------
 
 
-def xargs(method: str, knob) -> dict:
-    if method == "lossless":
-        return {"selfjudge_enabled": "false"}
-    return {"selfjudge_rule": method, f"selfjudge_{KNOB_NAMES[method]}": knob}
-
-
 async def _complete(client, item, extra, results, index):
     start = time.monotonic()
     out = await client.completions.create(
@@ -143,22 +134,6 @@ async def run_pass(base_url: str, items, extra: dict | None, concurrency: int) -
     return results, wall
 
 
-def spec_counters(server) -> dict:
-    from selfjudge_vllm.testing.load import parse_metric
-
-    text = server.get("/metrics")
-    names = {"drafts": "vllm:spec_decode_num_drafts_total",
-             "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
-             "accepted": "vllm:spec_decode_num_accepted_tokens_total"}
-    counts = {}
-    for key, name in names.items():
-        try:
-            counts[key] = parse_metric(text, name)
-        except KeyError:  # before the first speculative step vLLM has not exported it yet
-            counts[key] = 0.0
-    return counts
-
-
 def start_server(testbed: Path, spec: dict | None, plugin: dict | None, log_path: Path, args):
     from selfjudge_vllm.testing.load import Server, free_port, serve_command
 
@@ -169,10 +144,6 @@ def start_server(testbed: Path, spec: dict | None, plugin: dict | None, log_path
 
 
 # -- the sweep ---------------------------------------------------------------------------------
-
-
-def load_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def main(argv=None) -> int:
@@ -283,9 +254,10 @@ def main(argv=None) -> int:
             try:
                 for _, _, method, knob in todo:
                     before = spec_counters(server)
-                    results, wall = asyncio.run(run_pass(server.base, items, xargs(method, knob), args.concurrency))
+                    options = request_options(method, knob)
+                    results, wall = asyncio.run(run_pass(server.base, items, options, args.concurrency))
                     after = spec_counters(server)
-                    b1, b1_wall = asyncio.run(run_pass(server.base, b1_items, xargs(method, knob), 1))
+                    b1, b1_wall = asyncio.run(run_pass(server.base, b1_items, request_options(method, knob), 1))
                     counts = {key: after[key] - before[key] for key in after}
                     point = {
                         "proposer": proposer, "k": k, "method": method, "knob": knob, **counts,

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from selfjudge_vllm.answers import pattern_answer
 from selfjudge_vllm.features import evidence_from_logprobs
 from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
 from selfjudge_vllm.offline.prompts import Prompt, read_prompt_file, tokenize_prompts
@@ -309,14 +310,6 @@ def verification_evidence(original, substituted, m: int, end: int) -> dict[str, 
         substituted.actual[m], original.top1[m], substituted.top1[m + 1] if m + 1 < end else None)
 
 
-def final_answer(text: str, pattern: re.Pattern) -> str | None:
-    matches = pattern.findall(text)
-    if not matches:
-        return None
-    last = matches[-1]
-    return last if isinstance(last, str) else last[0]
-
-
 def answer_outcomes(llm, responses: list[dict], items: list[dict], pattern, max_new_tokens: int) -> list[dict]:
     """Substitute d_m, let the target finish greedily within the original length budget,
     and compare final answers with the original response's."""
@@ -341,8 +334,8 @@ def answer_outcomes(llm, responses: list[dict], items: list[dict], pattern, max_
     for it, prefix, out in zip(items, prompts, outputs):
         r = by_id[it["id"]]
         substituted = prefix[len(r["prompt"]):] + list(out.outputs[0].token_ids)
-        original_answer = final_answer(tokenizer.decode(r["response"]), pattern)
-        substituted_answer = final_answer(tokenizer.decode(substituted), pattern)
+        original_answer = pattern_answer(tokenizer.decode(r["response"]), pattern)
+        substituted_answer = pattern_answer(tokenizer.decode(substituted), pattern)
         records.append({
             "id": it["id"], "m": it["m"], "draft": it["draft"],
             "original_answer": original_answer,

@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import chat_tasks, tasks
 from benchmarks.chat_tradeoff_report import Outcomes, headlines, parse_key, point_key, point_rows
+from selfjudge_vllm.answers import numeric_answer
 
 # -- testbed: joining split GGUF part packages ------------------------------------------------
 
@@ -62,12 +63,12 @@ def test_split_gguf_refuses_a_wrong_hash_and_names_a_missing_package(monkeypatch
 
 
 def test_gsm8k_answers_are_normalised_numbers():
-    assert chat_tasks.final_answer("9 * 2 = 18\n#### $1,200.00") == "1200"
-    assert chat_tasks.final_answer("so it is -3.50.") == "-3.5"
-    assert chat_tasks.final_answer("first 7, then 12 apples") == "12"
-    assert chat_tasks.final_answer("#### 18\nThe answer is 18.") == "18"
-    assert chat_tasks.final_answer("no number here") is None
-    assert chat_tasks.final_answer("#### 7.") == "7"
+    assert numeric_answer("9 * 2 = 18\n#### $1,200.00") == "1200"
+    assert numeric_answer("so it is -3.50.") == "-3.5"
+    assert numeric_answer("first 7, then 12 apples") == "12"
+    assert numeric_answer("#### 18\nThe answer is 18.") == "18"
+    assert numeric_answer("no number here") is None
+    assert numeric_answer("#### 7.") == "7"
     rows = chat_tasks.gsm8k_rows()
     assert len(rows) == 1319
     assert chat_tasks.gsm8k_reference(rows[0]["answer"]) == "18"
@@ -192,7 +193,7 @@ def _gsm_items(n):
 
 
 def _store(tmp_path, points: dict[str, tuple[list[str], dict]]):
-    from benchmarks.chat_tradeoff import Store
+    from selfjudge_vllm.measurement import RequestStore as Store
 
     store = Store(tmp_path / "store")
     for key, (texts, counters) in points.items():
@@ -253,8 +254,8 @@ def test_report_counts_answer_changes_against_the_same_servers_lossless_run(tmp_
 def test_a_point_on_fewer_items_is_compared_with_lossless_on_the_same_items(tmp_path):
     """A point stopped early has only lossless's first items; its acceptance ratio is against
     lossless's counters on those items, and n/a where lossless's segments do not fit them."""
-    from benchmarks.chat_tradeoff import Store
     from benchmarks.chat_tradeoff_report import _markdown
+    from selfjudge_vllm.measurement import RequestStore as Store
 
     items = _gsm_items(6)
     ids = [i.id for i in items]
@@ -361,24 +362,25 @@ def test_a_hopeless_point_stops_for_good_and_is_reported(tmp_path, monkeypatch):
     more work (its scope is the items it had) and the report says why it stopped."""
     from types import SimpleNamespace
 
-    from benchmarks import chat_tradeoff
-    from benchmarks.chat_tradeoff import Store, measure_point, needs_work
     from benchmarks.chat_tradeoff_report import _markdown
+    from selfjudge_vllm import measurement
+    from selfjudge_vllm.measurement import RequestStore as Store
+    from selfjudge_vllm.measurement import measure_point, needs_work
 
     items = _gsm_items(7)
     served = []
     _fake_server(monkeypatch, served)
-    monkeypatch.setattr(chat_tradeoff, "SEGMENT_ITEMS", 3)
+    monkeypatch.setattr(measurement, "SEGMENT_ITEMS", 3)
     store, key = Store(tmp_path / "s"), "ngram-k8/top_alpha-0.9"
     store.add_segment({"point": key, "batch1": True, "ids": [items[0].id], "wall_s": 1.0, "tokens": 10})
     args = SimpleNamespace(concurrency=2, batch1_items=1)
     verdicts = iter([None, "3 answers changed"])  # fine before the 1st segment, hopeless before the 2nd
-    progress = chat_tradeoff.Progress(7)
-    assert measure_point(SimpleNamespace(base="u"), store, key, items, None, args, progress,
-                         hopeless=lambda: next(verdicts))
+    progress = measurement.Progress(7)
+    assert measure_point(SimpleNamespace(base="u"), store, key, items, None, args.concurrency, progress,
+                         hopeless=lambda: next(verdicts), batch1_items=args.batch1_items)
     assert served == [i.id for i in items[:3]] and progress.planned == 3
     reopened = Store(tmp_path / "s")
-    assert reopened.stopped_early(key) == "3 answers changed" and not needs_work(reopened, key, items)
+    assert reopened.stopped_early(key) == "3 answers changed" and not needs_work(reopened, key, items, 1)
     assert [len(s["ids"]) for s in reopened.counter_segments(key, {i.id for i in items})] == [3]
     rows = point_rows(reopened, Outcomes(items))
     assert rows[0]["n"] == 3 and rows[0]["stopped_early"] == "3 answers changed"
@@ -389,7 +391,7 @@ def test_a_hopeless_point_stops_for_good_and_is_reported(tmp_path, monkeypatch):
 
 
 def test_store_resumes_without_losing_or_repeating_requests(tmp_path):
-    from benchmarks.chat_tradeoff import Store
+    from selfjudge_vllm.measurement import RequestStore as Store
 
     store = Store(tmp_path / "s")
     store.add_request({"point": "ngram-k4/lossless", "id": "gsm8k/1", "text": "a", "tokens": 1, "latency_s": 0.1})
@@ -431,17 +433,17 @@ def test_the_store_refuses_another_head_but_not_the_same_one_saved_again(tmp_pat
 def _fake_server(monkeypatch, served: list[str], drafts_per_read: int = 10):
     """run_items answers every item at once (recording its id) and the counters grow by
     `drafts_per_read` at each read, so each segment's counters are `drafts_per_read`."""
-    from benchmarks import chat_tradeoff
+    from selfjudge_vllm import measurement
 
-    async def fake_run_items(base, todo, extra, concurrency, on_done):
+    async def fake_run_items(base, todo, extra, concurrency, on_done, model="target"):
         for item in todo:
             served.append(item.id)
             on_done(item, {"text": f"#### {item.id}", "tokens": 10, "latency_s": 0.1})
         return 2.0
 
     calls = iter(range(1000))
-    monkeypatch.setattr(chat_tradeoff, "run_items", fake_run_items)
-    monkeypatch.setattr(chat_tradeoff, "spec_counters",
+    monkeypatch.setattr(measurement, "run_items", fake_run_items)
+    monkeypatch.setattr(measurement, "spec_counters",
                         lambda server: {"drafts": drafts_per_read * next(calls), "draft_tokens": 0, "accepted": 0})
 
 
@@ -451,13 +453,14 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
     that re-measure to the earlier segment, and a complete point is left alone."""
     from types import SimpleNamespace
 
-    from benchmarks import chat_tradeoff
-    from benchmarks.chat_tradeoff import Store, measure_point, needs_work
+    from selfjudge_vllm import measurement
+    from selfjudge_vllm.measurement import RequestStore as Store
+    from selfjudge_vllm.measurement import measure_point, needs_work
 
     items = _gsm_items(6)
     served = []
     _fake_server(monkeypatch, served)
-    monkeypatch.setattr(chat_tradeoff, "PROGRESS_EVERY", 2)
+    monkeypatch.setattr(measurement, "PROGRESS_EVERY", 2)
     store = Store(tmp_path / "s")
     cut, whole = "draft_model-k8/entropy-2.0", "draft_model-k8/lossless"
     for key in (cut, whole):
@@ -470,25 +473,27 @@ def test_a_point_cut_off_before_is_served_once_more_for_its_counters(tmp_path, m
                        "counters": {"drafts": 7}})
     ids = {i.id for i in items}
     assert store.uncounted(cut, ids) == {i.id for i in items[:4]} and store.counters_cover(whole, ids)
-    assert needs_work(store, cut, items) and not needs_work(store, whole, items)
+    assert needs_work(store, cut, items, 1) and not needs_work(store, whole, items, 1)
     args = SimpleNamespace(concurrency=4, batch1_items=1)
-    progress = chat_tradeoff.Progress(4)
-    assert measure_point(SimpleNamespace(base="http://unused"), store, whole, items, None, args, progress)
+    progress = measurement.Progress(4)
+    assert measure_point(SimpleNamespace(base="http://unused"), store, whole, items, None,
+                         args.concurrency, progress, batch1_items=args.batch1_items)
     assert served == []
-    measure_point(SimpleNamespace(base="http://unused"), store, cut, items, None, args, progress)
+    measure_point(SimpleNamespace(base="http://unused"), store, cut, items, None,
+                         args.concurrency, progress, batch1_items=args.batch1_items)
     assert served == [i.id for i in items[:4]]  # only what no counters cover
     assert capsys.readouterr().out.count(f"{cut} (counters re-measure): ") == 2  # after items 2 and 4
     assert progress.line().startswith("4/4 requests")  # the re-served items are this sitting's work
     segments = Store(tmp_path / "s").counter_segments(cut, ids)
     assert [len(s["ids"]) for s in segments] == [2, 4] and segments[1]["remeasure"]
     assert segments[1]["same_text"] == 4 and segments[1]["counters"]["drafts"] == 10
-    assert not needs_work(store, cut, items)
+    assert not needs_work(store, cut, items, 1)
 
 
 def test_counter_segments_never_count_an_item_twice(tmp_path):
     """A re-measure of every item (as sittings before partial re-measures wrote) supersedes
     the older segments it repeats; disjoint segments all count."""
-    from benchmarks.chat_tradeoff import Store
+    from selfjudge_vllm.measurement import RequestStore as Store
 
     store = Store(tmp_path / "s")
     key, ids = "ngram-k8/lossless", {"a", "b", "c"}
@@ -506,13 +511,14 @@ def test_a_long_point_runs_in_segments_and_stops_between_them(tmp_path, monkeypa
     counters; --max-minutes stops between segments, and a rerun goes on with the rest."""
     from types import SimpleNamespace
 
-    from benchmarks import chat_tradeoff
-    from benchmarks.chat_tradeoff import Store, measure_point, needs_work
+    from selfjudge_vllm import measurement
+    from selfjudge_vllm.measurement import RequestStore as Store
+    from selfjudge_vllm.measurement import measure_point, needs_work
 
     items = _gsm_items(7)
     served = []
     _fake_server(monkeypatch, served)
-    monkeypatch.setattr(chat_tradeoff, "SEGMENT_ITEMS", 3)
+    monkeypatch.setattr(measurement, "SEGMENT_ITEMS", 3)
     store, key = Store(tmp_path / "s"), "ngram-k8/top_alpha-0.9"
     args = SimpleNamespace(concurrency=2, batch1_items=1)
     asked = []
@@ -521,21 +527,22 @@ def test_a_long_point_runs_in_segments_and_stops_between_them(tmp_path, monkeypa
         asked.append(True)
         return len(asked) == 2
 
-    assert not measure_point(SimpleNamespace(base="u"), store, key, items, None, args,
-                             chat_tradeoff.Progress(7), out_of_time)
+    assert not measure_point(SimpleNamespace(base="u"), store, key, items, None, args.concurrency,
+                             measurement.Progress(7), out_of_time, batch1_items=args.batch1_items)
     assert served == [i.id for i in items[:6]] and store.batch1(key) is None
     assert [len(s["ids"]) for s in store.counter_segments(key, {i.id for i in items})] == [3, 3]
-    assert measure_point(SimpleNamespace(base="u"), store, key, items, None, args, chat_tradeoff.Progress(1))
+    assert measure_point(SimpleNamespace(base="u"), store, key, items, None,
+                         args.concurrency, measurement.Progress(1), batch1_items=args.batch1_items)
     assert served[6:] == [items[6].id, items[0].id]  # the last request, then the batch-1 timing
     assert [len(s["ids"]) for s in store.counter_segments(key, {i.id for i in items})] == [3, 3, 1]
-    assert not needs_work(store, key, items)
+    assert not needs_work(store, key, items, 1)
 
 
 def test_timings_with_all_cores_are_recorded_and_reported(tmp_path, monkeypatch):
     """--all-cores changes tokens/s, not texts: every segment timed with it says so, and the
     report counts, per point, the items timed that way and states it above the table."""
-    from benchmarks.chat_tradeoff import Store
     from benchmarks.chat_tradeoff_report import _markdown
+    from selfjudge_vllm.measurement import RequestStore as Store
 
     dm = ("draft_model", 8)
     key = point_key(dm, "lossless", None)
@@ -556,8 +563,9 @@ def test_timings_with_all_cores_are_recorded_and_reported(tmp_path, monkeypatch)
 def test_ngram_timings_with_numba_workqueue_are_recorded_and_reported(tmp_path, monkeypatch):
     """--all-cores also sets numba's threading layer (ngram's proposer otherwise pins the
     target's GEMMs to one core): segments timed with it say so, and the report counts them."""
-    from benchmarks.chat_tradeoff import Store, give_the_worker_every_core
     from benchmarks.chat_tradeoff_report import _markdown
+    from selfjudge_vllm.measurement import RequestStore as Store
+    from selfjudge_vllm.measurement import give_the_worker_every_core
 
     key = point_key(("ngram", 8), "lossless", None)
     store = _store(tmp_path, {key: (["#### 0", "#### 1"], {"drafts": 2, "draft_tokens": 16, "accepted": 8})})

@@ -330,7 +330,7 @@ def test_answer_outcomes_equal_a_transformers_continuation(labelled_run, tiny_pa
 
     from transformers import AutoTokenizer
 
-    from selfjudge_vllm.offline.label import final_answer
+    from selfjudge_vllm.answers import pattern_answer
 
     target_dir, _ = tiny_pair
     target = reference.load(target_dir)
@@ -351,8 +351,8 @@ def test_answer_outcomes_equal_a_transformers_continuation(labelled_run, tiny_pa
                 ids.append(int(target(torch.tensor([ids])).logits[0, -1].argmax()))
                 if ids[-1] == tok.eos_token_id:  # vLLM stops there too
                     break
-        assert o["substituted_answer"] == final_answer(tok.decode(ids[len(r["prompt"]):]), pattern)
-        assert o["original_answer"] == final_answer(tok.decode(r["response"]), pattern)
+        assert o["substituted_answer"] == pattern_answer(tok.decode(ids[len(r["prompt"]):]), pattern)
+        assert o["original_answer"] == pattern_answer(tok.decode(r["response"]), pattern)
 
 
 def test_outcomes_added_later_on_the_complete_shards_equal_those_labelled_from_the_start(labelled_run, tiny_pair,
