@@ -429,6 +429,93 @@ def held_out_rows(store, outcomes: Outcomes, screen_ids, rows: list[dict]) -> li
     return held
 
 
+CERTIFY_MEASURES = ("answer_changes", "accuracy")
+CERTIFY_CONFIDENCE = 0.95
+RULE_FAMILIES = ("judge", "top_alpha", "entropy", "fly")  # one fixed sequence each
+
+
+def certified_points(store, outcomes: Outcomes, screen_ids, rows: list[dict], test_ids=()) -> list[dict]:
+    """Learn then Test on the committed store, as `selfjudge calibrate` certifies (its
+    pairing, p-values and procedure): per server, measure and budget, the points measured on
+    every held-out confirmation item (the screening items chose them, so they are not
+    counted), each rule's points strictest first, Bonferroni over the rules present; per
+    method family the certified point with the longest acceptance over the confirmation set,
+    with its risk on the test items (`test_ids`: items outside everything else) where served."""
+    from selfjudge_vllm import calibrate, certify
+
+    calibration = sorted(set(outcomes.items) - set(screen_ids) - set(test_ids))
+    out = []
+    for server in sorted({(r["proposer"], r["k"]) for r in rows if r["method"] == "lossless"}):
+        group = {r["key"]: r for r in rows if (r["proposer"], r["k"]) == server}
+        lossless = point_key(server, "lossless", None)
+        base = store.done(lossless)
+        sequences = {f: sorted((r for r in group.values() if r["method"] == f and not r["stopped_early"]
+                                and set(calibration) <= store.done(r["key"]).keys()),
+                               key=lambda r: -r["knob"]) for f in RULE_FAMILIES}
+        sequences = {f: seq for f, seq in sequences.items() if seq}
+        for measure in CERTIFY_MEASURES:
+            risks = {r["key"]: calibrate.paired_risk(outcomes, measure, store.done(r["key"]), base, calibration)
+                     for seq in sequences.values() for r in seq}
+            for budget in BUDGETS:
+                candidates = [certify.Candidate(f, r["key"], risks[r["key"]].p_value(measure, budget))
+                              for f, seq in sequences.items() for r in seq]
+                certified = {c.point for c in certify.certify(candidates, 1 - CERTIFY_CONFIDENCE)} if candidates else set()
+                level = (1 - CERTIFY_CONFIDENCE) / max(1, len(sequences))
+                entry = {"proposer": server[0], "k": server[1], "measure": measure, "budget": budget,
+                         "calibration_items": len(calibration), "rules": list(sequences),
+                         "lossless_acceptance_length": group[lossless]["mean_acceptance_length"], "families": {}}
+                for family, methods in METHOD_FAMILIES.items():
+                    mine = [group[k] for k in certified if group[k]["method"] in methods]
+                    best = max(mine, key=lambda r: r["mean_acceptance_length"] or 0.0, default=None)
+                    if best is None:
+                        tried = any(f in methods for f in sequences)
+                        entry["families"][family] = {"certified": None, "tried": tried}
+                        continue
+                    risk = risks[best["key"]]
+                    cell = {"certified": best["key"], "method": best["method"], "knob": best["knob"], "n": risk.n,
+                            "observed_risk": risk.observed(measure),
+                            "upper_bound": certify.risk_upper_bound(measure, risk.n, level, risk.changes, risk.lost,
+                                                                    risk.gained),
+                            "acceptance_vs_lossless": best.get("acceptance_length_vs_lossless")}
+                    if test_ids:
+                        test = calibrate.paired_risk(outcomes, measure, store.done(best["key"]), base, list(test_ids))
+                        cell["test"] = {"n": test.n, "observed_risk": test.observed(measure) if test.n else None}
+                    entry["families"][family] = cell
+                out.append(entry)
+    return out
+
+
+def _certified_markdown(entries: list[dict]) -> list[str]:
+    if not entries:
+        return []
+    lines = ["## Certified points (Learn then Test on the held-out confirmation items)", "",
+             f"Per server, measure and budget: the certified point with the longest acceptance, per family, at "
+             f"{100 * CERTIFY_CONFIDENCE:g}% confidence, on the {entries[0]['calibration_items']} confirmation items "
+             "outside the screening subset (which chose the points). `selfjudge calibrate`'s procedure: each rule's "
+             "points strictest first (fixed sequence), Bonferroni over the rules measured on that server; exact "
+             "binomial p-values for answer changes, exact unconditional ones for accuracy lost. Cell: knob, "
+             "acceptance length vs lossless, observed risk (upper bound)"
+             + ("; test: risk on the test items" if any("test" in c for e in entries for c in e["families"].values())
+                else "") + ". 'lossless only': the family had points, none certified.", "",
+             "| server | measure | budget | " + " | ".join(FAMILY_LABELS[f] for f in METHOD_FAMILIES) + " |",
+             "|---|---|---:|" + "---|" * len(METHOD_FAMILIES)]
+    for e in entries:
+        cells = []
+        for family in METHOD_FAMILIES:
+            c = e["families"][family]
+            if c["certified"] is None:
+                cells.append("lossless only" if c["tried"] else "not measured")
+                continue
+            ratio = f"{c['acceptance_vs_lossless']:.3f}x" if c["acceptance_vs_lossless"] else "n/a"
+            test = c.get("test")
+            test_text = (f"; test {100 * test['observed_risk']:.2f}% (n={test['n']})"
+                         if test and test["observed_risk"] is not None else "")
+            cells.append(f"{c['method']} {c['knob']:g}: {ratio}, {100 * c['observed_risk']:.2f}% "
+                         f"(<= {100 * c['upper_bound']:.2f}%){test_text}")
+        lines.append(f"| {e['proposer']} k={e['k']} | {e['measure']} | {100 * e['budget']:g}% | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write(store, items, screen_ids, results: Path, tag: str, setup: dict) -> dict:
     results.mkdir(parents=True, exist_ok=True)
     outcomes = Outcomes(items)
@@ -438,10 +525,11 @@ def write(store, items, screen_ids, results: Path, tag: str, setup: dict) -> dic
     # The matched tables count held-out items only: confirmed points, bounds on items that
     # did not choose them.
     heads = headlines(held)
+    certified = certified_points(store, outcomes, screen_ids, rows)
     setup = {**setup, "held_out_items": len(set(outcomes.items) - set(screen_ids))}
     plots = _plots(rows, results, tag) if rows else []
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    report = {"setup": setup, "headlines": heads, "points": public,
+    report = {"setup": setup, "headlines": heads, "certified": certified, "points": public,
               "screening": [{k: v for k, v in r.items() if not k.startswith("_")} for r in screen_rows],
               "outcomes": {r["key"]: r["_results"] for r in rows}}
     (results / f"{tag}.json").write_text(json.dumps(report, indent=1))
@@ -451,7 +539,8 @@ def write(store, items, screen_ids, results: Path, tag: str, setup: dict) -> dic
         writer.writeheader()
         writer.writerows(public)
     shown = ", ".join(f"`{tasks.shown_path(results / p)}`" for p in plots)
-    markdown = _markdown(rows, heads, setup) + (f"\nPlots: {shown}\n" if plots else "")
+    markdown = (_markdown(rows, heads, setup) + "\n".join(["", *_certified_markdown(certified)])
+                + (f"\nPlots: {shown}\n" if plots else ""))
     (results / f"{tag}.md").write_text(markdown)
     print(markdown)
     return report

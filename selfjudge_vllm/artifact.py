@@ -85,6 +85,9 @@ class OperatingPoint(_Strict):
     description: str = ""
     # Validation metrics at this threshold (precision, recall, ...), for humans.
     metrics: dict[str, float] = Field(default_factory=dict)
+    # What certified this point (`selfjudge calibrate`: measure, budget, n, bound, prompts'
+    # SHA-256, ...); empty for points chosen on validation mismatches.
+    evidence: dict[str, Any] = Field(default_factory=dict)
 
 
 class JudgeArtifactConfig(_Strict):

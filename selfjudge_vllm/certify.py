@@ -1,5 +1,6 @@
 """Certifying relaxed verification points: Learn then Test (Angelopoulos, Bates, Candes,
-Jordan, Lei, arXiv 2110.01052). Plain numpy/scipy, no vLLM.
+Jordan, Lei, arXiv 2110.01052). Plain numpy/scipy (imported when a p-value is asked for,
+so the `selfjudge` command starts without it), no vLLM.
 
 A point (a rule and its knob) is compared with the lossless run of the same server on the
 same items. Its risk is the share of items whose answer (or text) changes, or the accuracy it
@@ -32,13 +33,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, stats
 
 MEASURES = ("answer_changes", "text_changes", "accuracy")
 
 
 def binomial_p_value(count: int, n: int, budget: float) -> float:
     """p-value of H0 "risk > budget" after `count` of `n` items changed."""
+    from scipy import stats
+
     _check(n, budget)
     return float(stats.binom.cdf(count, n, budget))
 
@@ -58,6 +60,8 @@ def accuracy_p_value(lost: int, gained: int, n: int, budget: float, nuisance_lev
                      grid: int = 200) -> float:
     """p-value of H0 "accuracy lost > budget" (P(lost) - P(gained) > budget) after `lost`
     items went from right to wrong and `gained` from wrong to right, of n paired items."""
+    from scipy import optimize, stats
+
     _check(n, budget)
     d, discordant = lost - gained, lost + gained
     # A 1 - nuisance_level upper confidence bound of the discordant share.
@@ -86,6 +90,29 @@ def p_value(measure: str, n: int, budget: float, changes: int = 0, lost: int = 0
     if measure == "accuracy":
         return accuracy_p_value(lost, gained, n, budget)
     raise ValueError(f"unknown measure {measure!r}; known: {', '.join(MEASURES)}")
+
+
+def risk_upper_bound(measure: str, n: int, level: float, changes: int = 0, lost: int = 0, gained: int = 0) -> float:
+    """The smallest budget this evidence certifies at `level`: a 1 - level upper confidence
+    bound of the risk (Clopper-Pearson for shares; for accuracy, by bisection, since the
+    p-value only falls as the budget grows). 0.0 when even a budget near 0 certifies."""
+    from scipy import stats
+
+    if measure in ("answer_changes", "text_changes"):
+        return 1.0 if changes >= n else float(stats.beta.ppf(1.0 - level, changes + 1, n - changes))
+    lo, hi = 1e-6, 1.0 - 1e-6
+
+    def ok(budget):
+        return p_value(measure, n, budget, changes, lost, gained) <= level
+
+    if ok(lo):
+        return 0.0
+    if not ok(hi):
+        return 1.0
+    while hi - lo > 1e-5:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
 
 
 @dataclass(frozen=True)

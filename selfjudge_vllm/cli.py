@@ -4,6 +4,9 @@
         target responses, draft mismatches, semantic preservation scores, features
     selfjudge train --run RUN --out HEAD (--tau X | --reject-share Q)
         labels, logistic regression, the judge artifact the plugin loads
+    selfjudge calibrate --target T --speculative-config JSON --prompts P.jsonl --out DIR
+            --measure M --budget B [--head HEAD]
+        the fastest rule certified to keep M within B on these prompts (Learn then Test)
     selfjudge inspect HEAD
         validate a judge artifact and print what it holds
     selfjudge testbed --out DIR [--draft-layers 12]
@@ -19,6 +22,8 @@ import sys
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import json
+
     from selfjudge_vllm.artifact import ArtifactError, JudgeArtifact
 
     try:
@@ -37,6 +42,8 @@ def _inspect(args: argparse.Namespace) -> int:
         extra = ", ".join(f"{k}={v:.3f}" for k, v in sorted(point.metrics.items()))
         print(f"  operating point {name}: threshold {point.threshold:.4f}"
               + (f" ({extra})" if extra else "") + (f"\n      {point.description}" if point.description else ""))
+        for key, value in point.evidence.items():
+            print(f"      evidence {key}: {json.dumps(value)}")
     for key, value in sorted(config.provenance.items()):
         print(f"  provenance {key}: {value}")
     return 0
@@ -115,6 +122,23 @@ def _train(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2))
     print(f"selfjudge train: judge artifact written to {args.out}")
     return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from selfjudge_vllm import calibrate
+
+    try:
+        settings = calibrate.settings_from_args(args)
+        status, report = calibrate.run(settings)
+    except calibrate.CalibrateError as exc:
+        print(f"selfjudge calibrate: {exc}", file=sys.stderr)
+        return calibrate.EXIT_BAD_INPUT
+    except (RuntimeError, TimeoutError) as exc:  # the engine did not start (its log is in OUT/server.log)
+        print(f"selfjudge calibrate: {exc}", file=sys.stderr)
+        return calibrate.EXIT_FAILED
+    for line in calibrate.summary_lines(report, settings.out):
+        print(line)
+    return status
 
 
 def _check_vllm(args: argparse.Namespace) -> int:
@@ -288,6 +312,60 @@ def build_parser() -> argparse.ArgumentParser:
     testbed.add_argument("--draft-layers", type=int, default=12,
                          help="gemma: layers kept in the draft (default 12: a realistic weak draft)")
     testbed.set_defaults(func=_testbed)
+
+    from selfjudge_vllm.answers import ANSWER_KINDS
+    from selfjudge_vllm.calibrate import DEFAULT_GRIDS
+    from selfjudge_vllm.certify import MEASURES
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="certify the fastest acceptance rule within a quality budget on your prompts",
+        description="Serves your prompts with one `vllm serve` engine (your target and speculative config), "
+        "lossless and under each candidate rule and knob, paired on the same prompts, and certifies the points "
+        "whose risk (answer changes, text changes or accuracy lost against lossless) is within --budget at "
+        "--confidence (Learn then Test: fixed-sequence testing along each rule's grid, strictest first; "
+        "Bonferroni over rules). Picks the certified point with the longest mean acceptance, measures it again "
+        "on held-out test prompts, writes OUT/report.{json,md,png} and, when a judge point wins, OUT/head with "
+        "operating point certified_<measure>_<budget>. Every response is kept (OUT/store): rerun to continue "
+        "after an interruption, or with another budget or measure (only what is missing is served). "
+        "Exit status: 0 a relaxed point certified, 3 only lossless, 4 incomplete (rerun), 2 bad input, 1 failure.",
+    )
+    cal.add_argument("--target", required=True, help="target model (folder or name, as `vllm serve` takes it)")
+    cal.add_argument("--speculative-config", required=True,
+                     help='speculative config as `vllm serve` takes it, e.g. \'{"method": "ngram", '
+                     '"num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 5}\'')
+    cal.add_argument("--prompts", required=True,
+                     help='JSONL: {"prompt": ...} or {"messages": [...]}, optional "id", "answer" (numeric/pattern), '
+                     '"tests" (code: Python run after the response\'s code), "max_tokens", "stop"')
+    cal.add_argument("--out", required=True, help="folder for the store, the report and a certified head")
+    cal.add_argument("--measure", required=True, choices=MEASURES,
+                     help="the risk the budget limits: share of prompts whose answer changes, whose text changes, "
+                     "or accuracy lost (lost - gained, over prompts)")
+    cal.add_argument("--budget", required=True, type=float, help="the largest risk allowed, e.g. 0.02 for 2%%")
+    cal.add_argument("--confidence", type=float, default=0.95, help="probability the guarantee holds (default 0.95)")
+    cal.add_argument("--answer", choices=ANSWER_KINDS, default="text",
+                     help="how a response is judged: numeric (the number after '####' or the last number), "
+                     "pattern (--answer-pattern), code (the prompt's tests), text (the whole response; default)")
+    cal.add_argument("--answer-pattern", help="with --answer pattern: the answer is this regex's last match")
+    cal.add_argument("--head", help="judge artifact: adds the judge family (its accepts_* points as the grid)")
+    cal.add_argument("--rules", help=f"rule families to try, comma-separated (default: all the setup can serve: "
+                     f"{', '.join(DEFAULT_GRIDS)})")
+    cal.add_argument("--grid", action="append", default=[], metavar="RULE=K1,K2,...",
+                     help="knobs of a rule, strictest (largest) first; repeatable; defaults: "
+                     + "; ".join(f"{r} {','.join(f'{k:g}' for k in g)}" for r, g in DEFAULT_GRIDS.items()))
+    cal.add_argument("--test-share", type=float, default=0.3,
+                     help="share of prompts held out to re-measure the certified points (default 0.3)")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the calibration/test split (default 0)")
+    cal.add_argument("--max-tokens", type=int, default=256, help="response length (default 256; per prompt: "
+                     "\"max_tokens\")")
+    cal.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    cal.add_argument("--max-model-len", type=int, default=2048)
+    cal.add_argument("--dtype", default="auto", help="as `vllm serve` takes it (default auto: float32 on a CPU "
+                     "without native bfloat16)")
+    cal.add_argument("--vllm-args", help="further `vllm serve` arguments, one string, e.g. "
+                     "\"--gpu-memory-utilization 0.8 --tensor-parallel-size 2\"")
+    cal.add_argument("--max-minutes", type=float, help="start no new segment of requests after this many minutes")
+    cal.set_defaults(func=_calibrate)
 
     inspect = sub.add_parser("inspect", help="validate a judge artifact and print its contents")
     inspect.add_argument("head", help="judge artifact directory (config.json + model.safetensors)")

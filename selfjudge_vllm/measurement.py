@@ -224,11 +224,12 @@ def needs_work(store, key, items, batch1_items=0) -> bool:
 
 
 def measure_point(server, store, key, items, extra, concurrency, progress, out_of_time=lambda: False,
-                  hopeless=lambda: None, batch1_items=0) -> bool:
+                  hopeless=lambda: None, batch1_items=0, record_stop=True) -> bool:
     """Runs the point's missing items (persisting each; vLLM's counters read around every
     SEGMENT_ITEMS of them) and, once, its batch-1 timing. Returns False when `out_of_time()`
     stopped it between segments (rerun to continue). Before each segment `hopeless()` may
-    give a reason to stop the point for good (recorded in the store)."""
+    give a reason to stop the point: for good, recorded in the store (`record_stop`), or for
+    this run only (the caller decides again next time, e.g. under another budget)."""
     if "requests" in missing_steps(store, key, items):
         pending = [i for i in items if i.id not in store.done(key)]
         for start in range(0, len(pending), SEGMENT_ITEMS):
@@ -236,6 +237,10 @@ def measure_point(server, store, key, items, extra, concurrency, progress, out_o
                 log(f"--max-minutes reached inside {key}; {len(pending) - start} requests left (rerun to continue)")
                 return False
             reason = hopeless()
+            if reason and not record_stop:
+                log(f"  {key}: stopped, {reason}; {len(pending) - start} requests not served")
+                progress.planned -= len(pending) - start
+                return True
             if reason:
                 log(f"  {key}: stopped early, {reason}; {len(pending) - start} requests not served")
                 store.add_segment({"point": key, "ids": [], "stopped_early": reason,

@@ -1,0 +1,685 @@
+"""`selfjudge calibrate`: the fastest acceptance rule that provably meets an operator's
+quality budget on their own prompts (Learn then Test; the statistics are in certify.py).
+
+One `vllm serve` engine with the operator's target and speculative config serves every
+candidate point through per-request control, so every point is paired with the lossless run
+of the same engine on the same prompts. Prompts are split, seeded and by prompt id, into a
+calibration part (where points are certified) and a test part (where the certified points'
+risk is measured again, for the report). Greedy decoding throughout: the certificate is for
+greedy serving.
+
+    stage       what it serves
+    lossless    every prompt (calibration and test), `selfjudge_enabled=false`
+    certify     per rule family, its grid strictest first, on the calibration prompts; a family
+                stops at its first point not certified (fixed-sequence testing), and a point
+                stops early once the changes it already made rule out its certification
+    test        the certified point of each family on the test prompts
+
+Every response is persisted as it completes (OUT/store); a rerun of the same command, after
+a kill or with another budget or measure, serves only what is missing. Nothing here imports
+vLLM: the engine is a subprocess, talked to over HTTP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from selfjudge_vllm import certify
+from selfjudge_vllm.answers import AnswerKind
+from selfjudge_vllm.measurement import Progress, PromptItem, RequestStore, log, measure_point, request_options
+from selfjudge_vllm.rules import RULES
+
+# Knobs per rule family, strictest first (every knob loosens its rule as it decreases). The
+# judge's default grid is its artifact's `accepts_*` operating points (each accepts a share of
+# the validation mismatches), which span the head's own score range.
+DEFAULT_GRIDS = {
+    "judge": (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1),
+    "top_alpha": (0.9, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05),
+    "entropy": (4.0, 3.0, 2.0, 1.5, 1.0, 0.5),
+    # vLLM's FLy default is 0.3 nats of top-3 entropy (at most ln 3 = 1.10).
+    "fly": (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1),
+}
+LOSSLESS = "lossless"
+# Exit statuses: what a script can branch on.
+EXIT_RELAXED_CERTIFIED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ONLY_LOSSLESS, EXIT_INCOMPLETE = 0, 1, 2, 3, 4
+# What the served responses depend on: a rerun into the same folder must match on all of it.
+BOUND_SETTINGS = ("target", "speculative_config", "head_sha256", "prompts_sha256", "max_tokens", "dtype",
+                  "max_model_len", "test_share", "seed", "vllm_args")
+
+
+class CalibrateError(ValueError):
+    """Bad input or configuration; the message says what to change."""
+
+
+@dataclass
+class CalibrateSettings:
+    target: str
+    speculative_config: dict
+    prompts: Path
+    out: Path
+    measure: str
+    budget: float
+    confidence: float = 0.95
+    answer: AnswerKind = field(default_factory=AnswerKind)
+    head: Path | None = None
+    rules: tuple[str, ...] = ()  # families; () = every rule the setup can serve
+    grids: dict[str, tuple[float, ...]] = field(default_factory=dict)  # overrides of the defaults
+    test_share: float = 0.3
+    seed: int = 0
+    max_tokens: int = 256
+    concurrency: int = 16
+    max_model_len: int = 2048
+    dtype: str = "auto"
+    vllm_args: tuple[str, ...] = ()
+    max_minutes: float | None = None
+    startup_timeout_s: float = 1800.0
+
+    @property
+    def delta(self) -> float:
+        return 1.0 - self.confidence
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def check_settings(settings: CalibrateSettings) -> None:
+    if settings.measure not in certify.MEASURES:
+        raise CalibrateError(f"unknown measure {settings.measure!r}; choose one of {', '.join(certify.MEASURES)}")
+    if not 0.0 < settings.budget < 1.0:
+        raise CalibrateError(f"--budget must lie strictly between 0 and 1 (a share of prompts), got {settings.budget}")
+    if not 0.0 < settings.confidence < 1.0:
+        raise CalibrateError(f"--confidence must lie strictly between 0 and 1, got {settings.confidence}")
+    if not 0.0 <= settings.test_share < 1.0:
+        raise CalibrateError(f"--test-share must lie in [0, 1), got {settings.test_share}")
+    if settings.measure != "text_changes" and settings.answer.kind == "text":
+        raise CalibrateError(f"--measure {settings.measure} needs answers: give --answer numeric, pattern or code "
+                             "(or measure text_changes)")
+    unknown = [r for r in settings.rules if r not in RULES]
+    if unknown:
+        raise CalibrateError(f"unknown rule {unknown[0]!r}; rules: {', '.join(RULES)}")
+    if "judge" in settings.rules and settings.head is None:
+        raise CalibrateError("the judge family needs --head (a judge artifact from `selfjudge train`)")
+    for family, grid in settings.grids.items():
+        if family not in RULES:
+            raise CalibrateError(f"--grid for unknown rule {family!r}; rules: {', '.join(RULES)}")
+        if not grid or list(grid) != sorted(grid, reverse=True) or len(set(grid)) != len(grid):
+            raise CalibrateError(f"--grid {family}: give distinct knobs strictest (largest) first, got {list(grid)}")
+    if not isinstance(settings.speculative_config, dict) or "method" not in settings.speculative_config:
+        raise CalibrateError("--speculative-config must be a JSON object with a 'method', as `vllm serve` takes it")
+
+
+def prompt_rows(settings: CalibrateSettings) -> list[dict]:
+    """The prompt file's rows; every row must carry what the measure needs."""
+    from selfjudge_vllm.offline.prompts import PromptFileError, read_prompt_file
+
+    try:
+        rows = read_prompt_file(settings.prompts)
+    except PromptFileError as exc:
+        raise CalibrateError(str(exc)) from None
+    needed = settings.answer.reference_field if settings.measure == "accuracy" else None
+    if settings.answer.kind == "code":
+        needed = "tests"  # a code answer is pass/fail: every measure but text needs the tests
+    if needed:
+        missing = [r["id"] for r in rows if r.get(needed) is None]
+        if missing:
+            raise CalibrateError(f"--measure {settings.measure} with --answer {settings.answer.kind} needs {needed!r} "
+                                 f"in every prompt; {len(missing)} of {len(rows)} lack it (first: {missing[0]!r})")
+    return rows
+
+
+def render_items(rows: list[dict], target: str, max_tokens: int) -> list[PromptItem]:
+    """Prompt text per row: `prompt` as given, `messages` through the target's chat template
+    (as `selfjudge label` renders them), so the served token ids are the labelled ones."""
+    tokenizer = None
+    items = []
+    for row in rows:
+        text = row.get("prompt")
+        if text is None:
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(target)
+                if not getattr(tokenizer, "chat_template", None):
+                    raise CalibrateError(f"prompt {row['id']!r} uses 'messages' but the target has no chat template")
+            text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+        stop = row.get("stop") or ()
+        items.append(PromptItem(row["id"], text, int(row.get("max_tokens", max_tokens)),
+                                tuple([stop] if isinstance(stop, str) else stop)))
+    return items
+
+
+def split_ids(ids: list[str], test_share: float, seed: int) -> tuple[list[str], list[str]]:
+    """(calibration, test): a prompt is in the test part when the hash of (seed, id) falls
+    below test_share; the split of a prompt never depends on the other prompts."""
+    def unit(i):
+        return int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:12], 16) / 16**12
+
+    test = {i for i in ids if unit(i) < test_share}
+    return [i for i in ids if i not in test], [i for i in ids if i in test]
+
+
+def candidate_grids(settings: CalibrateSettings) -> dict[str, tuple[float, ...]]:
+    """Per rule family, its knobs strictest first."""
+    families = settings.rules or tuple(r for r in RULES if r != "judge" or settings.head is not None)
+    grids = {}
+    for family in families:
+        grid = settings.grids.get(family)
+        if grid is None and family == "judge":
+            grid = judge_operating_grid(settings.head)
+        grids[family] = tuple(grid if grid is not None else DEFAULT_GRIDS[family])
+    return grids
+
+
+def judge_operating_grid(head: Path) -> tuple[float, ...] | None:
+    """The head's `accepts_*` operating points' thresholds, strictest first (None: it has none)."""
+    from selfjudge_vllm.artifact import JudgeArtifact
+
+    points = JudgeArtifact.load(head).config.operating_points
+    thresholds = sorted({round(p.threshold, 6) for n, p in points.items() if n.startswith("accepts_")}, reverse=True)
+    return tuple(thresholds) or None
+
+
+def point_key(family: str, knob: float | None) -> str:
+    return LOSSLESS if family == LOSSLESS else f"{family}-{knob:g}"
+
+
+# -- the paired statistics ---------------------------------------------------------------------------
+
+
+@dataclass
+class PairedRisk:
+    n: int
+    changes: int  # items whose answer (text, for text_changes) differs from lossless
+    lost: int  # lossless right, candidate wrong
+    gained: int
+
+    def observed(self, measure: str) -> float:
+        if measure == "accuracy":
+            return (self.lost - self.gained) / self.n
+        return self.changes / self.n
+
+    def p_value(self, measure: str, budget: float) -> float:
+        return certify.p_value(measure, self.n, budget, changes=self.changes, lost=self.lost, gained=self.gained)
+
+
+class Judgement:
+    """Answers and correctness per (item, response), computed once (code runs a subprocess)."""
+
+    def __init__(self, answer: AnswerKind, rows: dict[str, dict]):
+        self.answer, self.rows, self.cache = answer, rows, {}
+
+    def __call__(self, item_id: str, text: str) -> dict:
+        key = (item_id, text)
+        if key not in self.cache:
+            self.cache[key] = self.answer.outcome(text, self.rows[item_id])
+        return self.cache[key]
+
+
+def paired_risk(judgement: Judgement, measure: str, mine: dict, lossless: dict, ids: list[str]) -> PairedRisk:
+    """The point's risk against lossless on the `ids` both have served."""
+    common = [i for i in ids if i in mine and i in lossless]
+    changes = lost = gained = 0
+    for i in common:
+        a, b = mine[i]["text"], lossless[i]["text"]
+        if measure == "text_changes":
+            changes += a != b
+            continue
+        oa, ob = (judgement(i, a), judgement(i, b)) if a != b else (judgement(i, a),) * 2
+        changes += oa["answer"] != ob["answer"]
+        if oa["correct"] is not None and ob["correct"] is not None:
+            lost += ob["correct"] and not oa["correct"]
+            gained += oa["correct"] and not ob["correct"]
+    return PairedRisk(len(common), changes, lost, gained)
+
+
+def largest_certifiable_count(n: int, budget: float, level: float) -> int:
+    """For a change measure: the most changes among n items that still certify (-1: none)."""
+    from scipy import stats
+
+    count = int(stats.binom.ppf(level, n, budget))
+    while count >= 0 and certify.binomial_p_value(count, n, budget) > level:
+        count -= 1
+    while certify.binomial_p_value(count + 1, n, budget) <= level:
+        count += 1
+    return count
+
+
+def acceptance(store: RequestStore, key: str, ids: set[str]) -> dict:
+    """vLLM's counters over the point's segments on `ids`: mean acceptance length (tokens per
+    speculative step: 1 + accepted / drafts) and tokens/s."""
+    segments = store.counter_segments(key, ids)
+    drafts = sum(s["counters"].get("drafts", 0.0) for s in segments)
+    accepted = sum(s["counters"].get("accepted", 0.0) for s in segments)
+    wall, tokens = sum(s["wall_s"] for s in segments), sum(s["tokens"] for s in segments)
+    covered = sum(len(s["ids"]) for s in segments)
+    return {"mean_acceptance_length": 1 + accepted / drafts if drafts and covered == len(ids) else None,
+            "tokens_per_s": tokens / wall if wall and covered == len(ids) else None}
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bound_settings(settings: CalibrateSettings) -> dict:
+    return {
+        "target": str(settings.target), "speculative_config": settings.speculative_config,
+        "head_sha256": _sha256(settings.head / "model.safetensors") if settings.head else None,
+        "prompts_sha256": _sha256(settings.prompts), "max_tokens": settings.max_tokens, "dtype": settings.dtype,
+        "max_model_len": settings.max_model_len, "test_share": settings.test_share, "seed": settings.seed,
+        "vllm_args": list(settings.vllm_args),
+    }
+
+
+def bind_folder(settings: CalibrateSettings) -> dict:
+    """Record what the responses depend on at the first run; refuse a rerun that differs."""
+    settings.out.mkdir(parents=True, exist_ok=True)
+    path = settings.out / "settings.json"
+    now = bound_settings(settings)
+    if path.is_file():
+        before = json.loads(path.read_text())
+        differ = [k for k in BOUND_SETTINGS if before.get(k) != now[k]]
+        if differ:
+            raise CalibrateError(f"{settings.out} holds responses served with other settings ({', '.join(differ)}); "
+                                 "use another --out, or the original settings")
+    else:
+        path.write_text(json.dumps(now, indent=1) + "\n")
+    return now
+
+
+def server_command(settings: CalibrateSettings, port: int) -> tuple[list[str], dict]:
+    """`vllm serve` for the operator's target and speculative config with every candidate rule
+    open to requests; CPU defaults as `selfjudge label` chooses them."""
+    from selfjudge_vllm.server_process import serve_command
+
+    section = {"rule": "judge" if settings.head else "top_alpha", "request_rules": list(RULES)}
+    if settings.head:
+        section["head"] = str(settings.head)
+    env = {}
+    dtype = settings.dtype
+    if not _has_cuda():
+        from selfjudge_vllm.offline.engine import CPU_KV_CACHE_GIB, cpu_has_native_bf16
+
+        if dtype == "auto" and not cpu_has_native_bf16():
+            dtype = "float32"  # bfloat16 without native support is several times slower
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{CPU_KV_CACHE_GIB:g}"
+    command = serve_command(settings.target, port, settings.speculative_config, {"selfjudge": section},
+                            model_name="target", dtype=dtype, extra_args=settings.vllm_args,
+                            max_model_len=settings.max_model_len)
+    return command, env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class Session:
+    """The engine, started only once something has to be served."""
+
+    def __init__(self, settings: CalibrateSettings):
+        self.settings, self.server = settings, None
+
+    def get(self):
+        if self.server is None:
+            from selfjudge_vllm.server_process import Server, free_port
+
+            command, env = server_command(self.settings, free_port())
+            log(f"calibrate: starting vllm serve for {self.settings.target} "
+                f"({self.settings.speculative_config.get('method')}; log in {self.settings.out / 'server.log'})")
+            self.server = Server(command, self.settings.out / "server.log", self.settings.startup_timeout_s, env)
+        return self.server
+
+    def close(self):
+        if self.server is not None:
+            self.server.stop()
+
+
+def run(settings: CalibrateSettings) -> tuple[int, dict]:
+    """Serves what is missing, certifies, writes the report; (exit status, report)."""
+    check_settings(settings)
+    rows = prompt_rows(settings)
+    bound = bind_folder(settings)
+    by_id = {r["id"]: r for r in rows}
+    items = render_items(rows, settings.target, settings.max_tokens)
+    item_by_id = {i.id: i for i in items}
+    calibration_ids, test_ids = split_ids([i.id for i in items], settings.test_share, settings.seed)
+    if not calibration_ids:
+        raise CalibrateError("no calibration prompts: lower --test-share or give more prompts")
+    grids = candidate_grids(settings)
+    level = settings.delta / len(grids)  # Bonferroni over the families
+    store = RequestStore(settings.out / "store")
+    judgement = Judgement(settings.answer, by_id)
+    session = Session(settings)
+    started = time.monotonic()
+
+    def out_of_time() -> bool:
+        return settings.max_minutes is not None and (time.monotonic() - started) / 60 > settings.max_minutes
+
+    def serve(key, ids, extra, hopeless=lambda: None) -> bool:
+        """True when every item of `ids` has a response and counters (or the point stopped
+        early); False when --max-minutes ran out first."""
+        todo = [item_by_id[i] for i in ids if i not in store.done(key)]
+        uncounted = store.uncounted(key, set(ids) & set(store.done(key)))
+        if not todo and not uncounted:
+            return True
+        if out_of_time():
+            return False
+        if hopeless():  # decided already: no engine start for it
+            return True
+        progress = Progress(len(todo) + len(uncounted))
+        log(f"calibrate: {key} on {len(ids)} prompts ({len(todo)} to serve)")
+        return measure_point(session.get(), store, key, [item_by_id[i] for i in ids], extra, settings.concurrency,
+                             progress, out_of_time, hopeless, record_stop=False)
+
+    complete = True
+    try:
+        complete &= serve(LOSSLESS, calibration_ids + test_ids, request_options(LOSSLESS, None))
+        lossless = store.done(LOSSLESS)
+        evaluated: dict[str, list[dict]] = {}
+        n_cal = len(calibration_ids)
+        for family, grid in grids.items():
+            evaluated[family] = []
+            for knob in grid:
+                if not complete:
+                    break
+                key = point_key(family, knob)
+                hopeless = lambda key=key: _hopeless(settings, judgement, store, key, lossless, calibration_ids, level)  # noqa: E731
+                complete &= serve(key, calibration_ids, request_options(family, knob), hopeless)
+                # The scope is every calibration prompt unless the point stopped early.
+                risk = paired_risk(judgement, settings.measure, store.done(key), lossless, calibration_ids)
+                stopped = risk.n < n_cal and complete
+                p = 1.0 if stopped else risk.p_value(settings.measure, settings.budget) if risk.n else 1.0
+                row = {"family": family, "knob": knob, "key": key, "n": risk.n, "changes": risk.changes,
+                       "lost": risk.lost, "gained": risk.gained, "observed_risk": risk.observed(settings.measure)
+                       if risk.n else None, "p_value": p, "stopped_early": stopped,
+                       **acceptance(store, key, set(calibration_ids) & set(store.done(key)))}
+                evaluated[family].append(row)
+                if not complete or p > level:
+                    break  # fixed-sequence testing: the first point not certified ends its family
+        lossless_row = {"family": LOSSLESS, "knob": None, "key": LOSSLESS, "n": n_cal, "changes": 0, "lost": 0,
+                        "gained": 0, "observed_risk": 0.0, "p_value": 0.0, "stopped_early": False,
+                        **acceptance(store, LOSSLESS, set(calibration_ids))}
+        certified = _certified(evaluated, settings.delta) if complete else []
+        best = max(certified, key=lambda r: r["mean_acceptance_length"] or 0.0, default=None)
+        family_best = {f: max((r for r in certified if r["family"] == f),
+                              key=lambda r: r["mean_acceptance_length"] or 0.0) for f in {r["family"] for r in certified}}
+        if complete and test_ids:
+            for row in family_best.values():
+                complete &= serve(row["key"], test_ids, request_options(row["family"], row["knob"]))
+            for row in family_best.values():
+                risk = paired_risk(judgement, settings.measure, store.done(row["key"]), lossless, test_ids)
+                row["test"] = {"n": risk.n, "changes": risk.changes, "lost": risk.lost, "gained": risk.gained,
+                               "observed_risk": risk.observed(settings.measure) if risk.n else None}
+    finally:
+        session.close()
+    report = _report(settings, bound, grids, level, calibration_ids, test_ids, lossless_row, evaluated, certified,
+                     best, complete)
+    _write(settings, report)
+    if not complete:
+        return EXIT_INCOMPLETE, report
+    return (EXIT_RELAXED_CERTIFIED if best else EXIT_ONLY_LOSSLESS), report
+
+
+def _hopeless(settings, judgement, store, key, lossless, calibration_ids, level) -> str | None:
+    """Why the point can no longer be certified (None while it can): for a change measure,
+    its changes so far already exceed the most that certify on all calibration prompts; more
+    prompts can only add changes. (Accuracy: gains can offset losses, so no early stop.)"""
+    if settings.measure == "accuracy":
+        return None
+    risk = paired_risk(judgement, settings.measure, store.done(key), lossless, calibration_ids)
+    most = largest_certifiable_count(len(calibration_ids), settings.budget, level)
+    if risk.changes > most:
+        return f"{risk.changes} changes in {risk.n} prompts; at most {most} of {len(calibration_ids)} certify"
+    return None
+
+
+def _certified(evaluated: dict[str, list[dict]], delta: float) -> list[dict]:
+    """The certified rows (certify.certify: fixed sequence per family, Bonferroni over them);
+    every family has its first point evaluated once the calibration is complete."""
+    assert all(evaluated.values()), "a family without an evaluated point would change the Bonferroni split"
+    candidates = [certify.Candidate(f, r["key"], r["p_value"]) for f, rows in evaluated.items() for r in rows]
+    keys = {c.point for c in certify.certify(candidates, delta)}
+    return [r for rows in evaluated.values() for r in rows if r["key"] in keys]
+
+
+# -- the report -------------------------------------------------------------------------------------------
+
+
+def served_config(family: str | None, knob: float | None, head: Path | None, operating_point: str | None) -> dict:
+    """The `--additional-config` that serves a point."""
+    if family is None:
+        return {"selfjudge": {"enabled": False}}
+    if family == "judge":
+        return {"selfjudge": {"head": str(head), "rule": "judge", "operating_point": operating_point}}
+    return {"selfjudge": {"rule": family, RULES[family].knob: knob}}
+
+
+def operating_point_name(measure: str, budget: float) -> str:
+    """certified_<measure>_<budget in percent>pct, e.g. certified_accuracy_2pct, _2p5pct."""
+    return f"certified_{measure}_{f'{100 * budget:g}'.replace('.', 'p')}pct"
+
+
+def _report(settings, bound, grids, level, calibration_ids, test_ids, lossless_row, evaluated, certified, best,
+            complete) -> dict:
+    point_name = operating_point_name(settings.measure, settings.budget)
+    head_out = settings.out / "head" if best and best["family"] == "judge" else None
+    for rows in evaluated.values():
+        for row in rows:
+            row["certified"] = any(row["key"] == c["key"] for c in certified)
+            row["upper_bound"] = (certify.risk_upper_bound(settings.measure, row["n"], level, row["changes"],
+                                                           row["lost"], row["gained"])
+                                  if row["n"] and not row["stopped_early"] else None)
+    base = lossless_row["mean_acceptance_length"]
+    if best is None:
+        verdict = ("incomplete: rerun the same command to continue; nothing is certified until every calibration "
+                   "prompt is served" if not complete else
+                   f"only lossless is certified: no relaxed point keeps {settings.measure} within "
+                   f"{100 * settings.budget:g}% at {100 * settings.confidence:g}% confidence on these prompts")
+    else:
+        speedup = best["mean_acceptance_length"] / base if base and best["mean_acceptance_length"] else None
+        verdict = (f"certified: {best['family']} {RULES[best['family']].knob} {best['knob']:g}"
+                   + (f", {speedup:.3f}x lossless acceptance length" if speedup else "")
+                   + ("" if complete else " (the test part is incomplete: rerun the same command to finish it)"))
+    return {
+        "verdict": verdict, "complete": complete,
+        "measure": settings.measure, "budget": settings.budget, "confidence": settings.confidence,
+        "delta": settings.delta, "families": list(grids), "level_per_family": level,
+        "method": "Learn then Test: per family, fixed-sequence testing along its grid (strictest first, stop at the "
+                  "first point not certified); Bonferroni over families (delta / number of families each); "
+                  + ("exact binomial p-values" if settings.measure != "accuracy" else
+                     "exact unconditional p-values for the accuracy lost (Berger-Boos restricted nuisance)"),
+        "answer": asdict(settings.answer), "grids": {f: list(g) for f, g in grids.items()},
+        "calibration_prompts": len(calibration_ids), "test_prompts": len(test_ids),
+        "lossless": lossless_row, "points": [r for rows in evaluated.values() for r in rows],
+        "certified": best and {**best, "operating_point": point_name if head_out else None,
+                               "acceptance_vs_lossless": (best["mean_acceptance_length"] / base
+                                                          if base and best["mean_acceptance_length"] else None)},
+        "serve_with": served_config(best and best["family"], best and best["knob"], head_out, point_name),
+        "settings": bound, "date": datetime.date.today().isoformat(),
+    }
+
+
+def _write(settings: CalibrateSettings, report: dict) -> None:
+    out = settings.out
+    best = report["certified"]
+    if best and best["family"] == "judge":
+        _write_certified_head(settings, report)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(_markdown(report))
+    try:
+        _plot(report, out / "report.png")
+    except ImportError:  # matplotlib is in the `calibrate` extra
+        log("calibrate: matplotlib not installed; no plot (pip install -e \".[calibrate]\")")
+
+
+def _write_certified_head(settings: CalibrateSettings, report: dict) -> None:
+    """A copy of the judge artifact with the certified operating point and its evidence."""
+    from selfjudge_vllm.artifact import JudgeArtifact, OperatingPoint
+
+    best = report["certified"]
+    artifact = JudgeArtifact.load(settings.head)
+    evidence = {
+        "measure": report["measure"], "budget": report["budget"], "delta": report["delta"],
+        "level": report["level_per_family"], "n": best["n"], "changes": best["changes"], "lost": best["lost"],
+        "gained": best["gained"], "upper_bound": best["upper_bound"], "p_value": best["p_value"],
+        "mean_acceptance_length": best["mean_acceptance_length"],
+        "lossless_mean_acceptance_length": report["lossless"]["mean_acceptance_length"],
+        "acceptance_vs_lossless": best["acceptance_vs_lossless"], "test": best.get("test"),
+        "prompts_sha256": report["settings"]["prompts_sha256"],
+        "speculative_config": report["settings"]["speculative_config"], "date": report["date"],
+    }
+    points = dict(artifact.config.operating_points)
+    points[best["operating_point"]] = OperatingPoint(
+        threshold=best["knob"], evidence=evidence,
+        description=f"certified by `selfjudge calibrate`: {report['measure']} <= {100 * report['budget']:g}% "
+                    f"at {100 * report['confidence']:g}% confidence on {best['n']} calibration prompts")
+    config = artifact.config.model_copy(update={"operating_points": points})
+    head_out = settings.out / "head"
+    if head_out.exists():
+        shutil.rmtree(head_out)
+    JudgeArtifact(config, artifact.weight, artifact.bias, artifact.scalar_weight).save(head_out)
+
+
+def _fmt(value, spec=".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _markdown(report: dict) -> str:
+    def unit(v):  # every risk is a share of prompts
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    lines = [
+        f"# selfjudge calibrate: {report['measure']} within {100 * report['budget']:g}% "
+        f"at {100 * report['confidence']:g}% confidence", "",
+        f"**{report['verdict']}**", "",
+        f"Serve with: `--additional-config '{json.dumps(report['serve_with'])}'`", "",
+        f"{report['calibration_prompts']} calibration prompts, {report['test_prompts']} test prompts "
+        f"(split by prompt id, seed {report['settings']['seed']}); every point paired with lossless on the same "
+        f"engine. {report['method']}; each family tested at {report['level_per_family']:.4g}.", "",
+        "| point | n | changes | lost | gained | observed risk | upper bound | p-value | certified "
+        "| acceptance length | test risk (n) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    lossless = report["lossless"]
+    lines.append(f"| lossless | {lossless['n']} | 0 | 0 | 0 | 0 | 0 | - | yes "
+                 f"| {_fmt(lossless['mean_acceptance_length'])} | - |")
+    for r in report["points"]:
+        test = r.get("test")
+        lines.append(
+            f"| {r['family']} {r['knob']:g} | {r['n']} | {r['changes']} | {r['lost']} | {r['gained']} "
+            f"| {unit(r['observed_risk'])} | {unit(r['upper_bound'])} | {_fmt(r['p_value'], '.4f')} "
+            f"| {'yes' if r['certified'] else 'stopped early' if r['stopped_early'] else 'no'} "
+            f"| {_fmt(r['mean_acceptance_length'])} "
+            f"| {unit(test['observed_risk']) + ' (' + str(test['n']) + ')' if test else '-'} |")
+    lines += ["", "Upper bound: the smallest budget this point's evidence would certify at its family's level. "
+              "Families not listed past a point: fixed-sequence testing stopped there.", ""]
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    colors = {"judge": "tab:red", "top_alpha": "tab:blue", "entropy": "tab:green", "fly": "tab:purple"}
+    lossless = report["lossless"]["mean_acceptance_length"]
+    if lossless:
+        ax.scatter([0], [lossless], color="black", marker="o", label="lossless", zorder=3)
+    for family in report["families"]:
+        rows = [r for r in report["points"] if r["family"] == family and r["mean_acceptance_length"]
+                and r["observed_risk"] is not None]
+        if not rows:
+            continue
+        color = colors.get(family, "tab:gray")
+        xs = [100 * r["observed_risk"] for r in rows]
+        ys = [r["mean_acceptance_length"] for r in rows]
+        ax.plot(xs, ys, color=color, alpha=0.5, linewidth=1)
+        for r, x, y in zip(rows, xs, ys):
+            if r["upper_bound"] is not None:
+                ax.plot([x, 100 * r["upper_bound"]], [y, y], color=color, linewidth=0.8, alpha=0.6)
+            ax.scatter([x], [y], color=color if r["certified"] else "white", edgecolors=color, zorder=3)
+        ax.scatter([], [], color=color, label=family)
+    best = report["certified"]
+    if best and best["mean_acceptance_length"]:
+        ax.scatter([100 * best["observed_risk"]], [best["mean_acceptance_length"]], marker="*", s=220,
+                   color="gold", edgecolors="black", zorder=4, label="certified point")
+    ax.axvline(100 * report["budget"], color="grey", linestyle="--", linewidth=1)
+    ax.annotate(f"budget {100 * report['budget']:g}%", (100 * report["budget"], 1.0),
+                xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points", fontsize=8,
+                color="grey")
+    ax.scatter([], [], color="white", edgecolors="black", label="not certified")
+    ax.legend(fontsize=8, title="filled: certified\nline: to the upper bound", title_fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    label = {"accuracy": "accuracy lost vs lossless (% of prompts)",
+             "answer_changes": "answers changed vs lossless (% of prompts)",
+             "text_changes": "texts changed vs lossless (% of prompts)"}[report["measure"]]
+    ax.set_xlabel(label)
+    ax.set_ylabel("mean acceptance length (tokens/step)")
+    ax.set_title(f"calibration: {report['calibration_prompts']} prompts, confidence {100 * report['confidence']:g}%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_grid(text: str) -> tuple[str, tuple[float, ...]]:
+    """'top_alpha=0.9,0.5,0.2' -> ('top_alpha', (0.9, 0.5, 0.2))."""
+    family, _, knobs = text.partition("=")
+    try:
+        return family.strip(), tuple(float(k) for k in knobs.split(",") if k.strip())
+    except ValueError:
+        raise CalibrateError(f"--grid {text!r}: give RULE=K1,K2,... with numbers") from None
+
+
+def settings_from_args(args) -> CalibrateSettings:
+    try:
+        answer = AnswerKind(args.answer, args.answer_pattern)
+    except ValueError as exc:
+        raise CalibrateError(str(exc)) from None
+    try:
+        spec = json.loads(args.speculative_config)
+    except json.JSONDecodeError as exc:
+        raise CalibrateError(f"--speculative-config is not valid JSON ({exc.msg})") from None
+    grids = dict(parse_grid(g) for g in args.grid)
+    head = Path(args.head) if args.head else None
+    if head is not None:
+        from selfjudge_vllm.artifact import ArtifactError, JudgeArtifact
+
+        try:
+            JudgeArtifact.load(head)
+        except ArtifactError as exc:
+            raise CalibrateError(str(exc)) from None
+    return CalibrateSettings(
+        target=args.target, speculative_config=spec, prompts=Path(args.prompts), out=Path(args.out),
+        measure=args.measure, budget=args.budget, confidence=args.confidence, answer=answer, head=head,
+        rules=tuple(r.strip() for r in args.rules.split(",") if r.strip()) if args.rules else (), grids=grids,
+        test_share=args.test_share, seed=args.seed, max_tokens=args.max_tokens, concurrency=args.concurrency,
+        max_model_len=args.max_model_len, dtype=args.dtype, vllm_args=tuple(shlex.split(args.vllm_args or "")),
+        max_minutes=args.max_minutes,
+    )
+
+
+def summary_lines(report: dict, out: Path) -> list[str]:
+    lines = [f"selfjudge calibrate: {report['verdict']}"]
+    if report["complete"]:
+        lines.append(f"  serve with: --additional-config '{json.dumps(report['serve_with'])}'")
+    lines.append(f"  report: {out / 'report.md'} (and report.json, report.png)")
+    return lines

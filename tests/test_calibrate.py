@@ -1,0 +1,265 @@
+"""`selfjudge calibrate`: its guarantee by simulation through the command's own pairing code,
+its input errors, and (marked `server`) the whole command on tiny models: lossless is
+certified where an accept-all judge is not, fixed-sequence testing stops at the first failure,
+a certified judge point lands in a head the server can serve by name, and a run killed with
+SIGKILL continues to the same report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from selfjudge_vllm import calibrate, certify
+from selfjudge_vllm.answers import AnswerKind
+from selfjudge_vllm.cli import main
+
+DELTA = 0.05
+
+
+def _simulated_responses(rng, n, measure, risk):
+    """(candidate, lossless) responses of n paired items, each changed with probability `risk`;
+    under answer_changes every candidate text differs too, so only answers count."""
+    mine, base = {}, {}
+    for i in range(n):
+        changed = rng.random() < risk
+        filler = "y" if measure == "answer_changes" else ""
+        base[str(i)] = {"text": "#### 1"}
+        mine[str(i)] = {"text": f"{filler}#### {2 if changed else 1}"}
+    return mine, base
+
+
+def _certifies(rng, n, measure, risk, budget, runs):
+    answer = AnswerKind("numeric")
+    rows = {str(i): {"id": str(i), "answer": "1"} for i in range(n)}
+    count = 0
+    for _ in range(runs):
+        judgement = calibrate.Judgement(answer, rows)
+        mine, base = _simulated_responses(rng, n, measure, risk)
+        result = calibrate.paired_risk(judgement, measure, mine, base, list(rows))
+        count += result.p_value(measure, budget) <= DELTA
+    return count / runs
+
+
+@pytest.mark.parametrize("measure", ["text_changes", "answer_changes"])
+def test_a_change_measure_at_the_budget_certifies_at_most_delta(measure):
+    rng = np.random.default_rng(1)
+    runs, budget = 2000, 0.05
+    at_budget = _certifies(rng, 300, measure, budget, budget, runs)
+    assert at_budget <= DELTA + 3 * math.sqrt(DELTA * (1 - DELTA) / runs), at_budget
+    assert _certifies(rng, 600, measure, budget / 3, budget, 200) > 0.9
+
+
+def test_accuracy_at_the_budget_certifies_at_most_delta():
+    """Each paired item is lost (right -> wrong) with P = g + B, gained with P = g, else right
+    both ways: the true accuracy lost is B exactly."""
+    rng = np.random.default_rng(2)
+    budget, n, runs = 0.05, 200, 400
+    answer = AnswerKind("numeric")
+
+    def share(risk, gained_p, items, count):
+        hits = 0
+        for _ in range(count):
+            u = rng.random(items)
+            # per item: lost (right -> wrong), gained (wrong -> right), or unchanged (right both)
+            outcome = np.where(u < gained_p + risk, "lost", np.where(u < 2 * gained_p + risk, "gained", "same"))
+            base = {str(i): {"text": "#### 2" if o == "gained" else "#### 1"} for i, o in enumerate(outcome)}
+            mine = {str(i): {"text": "#### 2" if o == "lost" else "#### 1"} for i, o in enumerate(outcome)}
+            local_rows = {str(i): {"id": str(i), "answer": "1"} for i in range(items)}
+            result = calibrate.paired_risk(calibrate.Judgement(answer, local_rows), "accuracy", mine, base,
+                                           list(local_rows))
+            assert result.lost - result.gained == int((outcome == "lost").sum() - (outcome == "gained").sum())
+            hits += result.p_value("accuracy", budget) <= DELTA
+        return hits / count
+
+    at_budget = share(budget, 0.03, n, runs)
+    assert at_budget <= DELTA + 3 * math.sqrt(DELTA * (1 - DELTA) / runs), at_budget
+    assert share(budget / 3, 0.0, 800, 40) > 0.9
+
+
+def test_paired_risk_counts_each_measure_on_the_items_both_have():
+    answer = AnswerKind("numeric")
+    rows = {i: {"id": i, "answer": "1"} for i in "abcd"}
+    base = {"a": {"text": "#### 1"}, "b": {"text": "#### 1"}, "c": {"text": "#### 2"}, "d": {"text": "#### 1"}}
+    mine = {"a": {"text": "so #### 1"}, "b": {"text": "#### 3"}, "c": {"text": "#### 1"}}  # d not served
+    j = calibrate.Judgement(answer, rows)
+    text = calibrate.paired_risk(j, "text_changes", mine, base, list(rows))
+    answers = calibrate.paired_risk(j, "answer_changes", mine, base, list(rows))
+    accuracy = calibrate.paired_risk(j, "accuracy", mine, base, list(rows))
+    assert (text.n, text.changes) == (3, 3)
+    assert (answers.n, answers.changes) == (3, 2)
+    assert (accuracy.lost, accuracy.gained, accuracy.observed("accuracy")) == (1, 1, 0.0)
+
+
+def test_early_stop_only_once_certification_is_ruled_out():
+    """The largest certifiable count is exact: one more change fails, it passes."""
+    for n, budget, level in ((300, 0.05, 0.025), (40, 0.2, 0.05), (10, 0.01, 0.05)):
+        most = calibrate.largest_certifiable_count(n, budget, level)
+        if most >= 0:
+            assert certify.binomial_p_value(most, n, budget) <= level
+        assert certify.binomial_p_value(most + 1, n, budget) > level
+
+
+def test_the_upper_bound_is_the_smallest_budget_that_certifies():
+    for measure, kw in (("answer_changes", {"changes": 7}), ("accuracy", {"lost": 9, "gained": 3})):
+        bound = certify.risk_upper_bound(measure, 200, 0.025, **kw)
+        assert certify.p_value(measure, 200, bound + 1e-4, **kw) <= 0.025 < certify.p_value(measure, 200, bound - 1e-3,
+                                                                                           **kw)
+
+
+def test_split_is_seeded_by_prompt_and_stable():
+    ids = [f"p{i}" for i in range(2000)]
+    cal, test = calibrate.split_ids(ids, 0.3, seed=0)
+    assert abs(len(test) / len(ids) - 0.3) < 0.04 and set(cal) | set(test) == set(ids) and not set(cal) & set(test)
+    # a prompt's side does not depend on the other prompts; another seed splits otherwise
+    assert calibrate.split_ids(ids[:100], 0.3, seed=0)[1] == [i for i in test if i in set(ids[:100])]
+    assert calibrate.split_ids(ids, 0.3, seed=1)[1] != test
+
+
+def test_the_operating_point_name_and_served_configs():
+    assert calibrate.operating_point_name("accuracy", 0.02) == "certified_accuracy_2pct"
+    assert calibrate.operating_point_name("text_changes", 0.025) == "certified_text_changes_2p5pct"
+    assert calibrate.served_config(None, None, None, None) == {"selfjudge": {"enabled": False}}
+    assert calibrate.served_config("fly", 0.3, None, None) == {"selfjudge": {"rule": "fly", "fly_threshold": 0.3}}
+
+
+def _args(tmp_path, prompts, **over):
+    base = {"--target": str(tmp_path / "no-model"), "--speculative-config": '{"method": "ngram", '
+            '"num_speculative_tokens": 4}', "--prompts": str(prompts), "--out": str(tmp_path / "out"),
+            "--measure": "text_changes", "--budget": "0.05"}
+    base.update(over)
+    argv = ["calibrate"]
+    for k, v in base.items():
+        if v is not None:
+            argv += [k, v]
+    return argv
+
+
+@pytest.mark.parametrize("over, lines, message", [
+    ({"--budget": "1.5"}, None, "--budget must lie strictly between 0 and 1"),
+    ({"--budget": "0"}, None, "--budget must lie strictly between 0 and 1"),
+    ({"--measure": "accuracy"}, None, "needs answers: give --answer numeric"),
+    ({"--measure": "accuracy", "--answer": "numeric"}, ['{"prompt": "a", "answer": "1"}', '{"prompt": "b"}'],
+     "needs 'answer' in every prompt; 1 of 2 lack it"),
+    ({}, ['{"prompt": "a"}', "not json"], "not valid JSON"),
+    ({"--rules": "judge"}, None, "the judge family needs --head"),
+    ({"--grid": "top_alpha=0.2,0.5"}, None, "strictest (largest) first"),
+    ({"--answer": "pattern", "--answer-pattern": "("}, None, "not a valid regex"),
+    ({"--speculative-config": "{"}, None, "--speculative-config is not valid JSON"),
+    ({"--confidence": "1"}, None, "--confidence must lie strictly between 0 and 1"),
+])
+def test_bad_input_is_refused_before_any_engine_starts(tmp_path, capsys, over, lines, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(lines or ['{"prompt": "a"}', '{"prompt": "b"}']) + "\n")
+    assert main(_args(tmp_path, prompts, **over)) == calibrate.EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "store").exists()
+
+
+def test_an_unknown_measure_is_refused(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    with pytest.raises(SystemExit):
+        main(_args(tmp_path, prompts, **{"--measure": "speed"}))
+    assert "invalid choice: 'speed'" in capsys.readouterr().err
+
+
+def test_a_folder_served_with_other_settings_is_refused(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "settings.json").write_text(json.dumps({"target": "other"}))
+    assert main(_args(tmp_path, prompts)) == calibrate.EXIT_BAD_INPUT
+    assert "holds responses served with other settings (target" in capsys.readouterr().err
+
+
+# -- the command on tiny models ------------------------------------------------------------------------
+
+
+def _calibrate_argv(target, draft, head, prompts, out, budget):
+    from tests.engine_helpers import spec_config
+
+    return ["--target", str(target), "--speculative-config", json.dumps(spec_config("draft_model", draft)),
+            "--prompts", str(prompts), "--out", str(out), "--head", str(head), "--rules", "judge",
+            "--grid", "judge=0.9,0.1", "--measure", "text_changes", "--budget", str(budget), "--test-share", "0.25",
+            "--max-tokens", "16", "--max-model-len", "256", "--concurrency", "8"]
+
+
+def _decisions(report):
+    return [(p["key"], p["n"], p["changes"], p["certified"], round(p["p_value"], 9)) for p in report["points"]]
+
+
+@pytest.mark.server
+def test_calibrate_certifies_lossless_not_an_accept_all_judge_and_resumes_after_kill(tiny_pair, workdir, tmp_path):
+    """The head scores every draft token 0.5: at threshold 0.9 it accepts nothing beyond
+    standard verification (texts equal lossless), at 0.1 everything (an accept-all judge)."""
+    import torch
+
+    from selfjudge_vllm.artifact import JudgeArtifact
+    from selfjudge_vllm.testing.load import make_requests
+    from selfjudge_vllm.testing.tiny_models import write_head
+
+    target, draft = tiny_pair
+    head = write_head(workdir / "heads/calibrate_half", target, torch.zeros(64), bias=0.0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": r["prompt"]}) + "\n"
+                               for i, r in enumerate(make_requests(32, seed=5))))
+    out = tmp_path / "cal"
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    command = [sys.executable, "-m", "selfjudge_vllm.cli", "calibrate"]
+
+    # 1% budget: nothing relaxed can be certified on ~24 prompts; the strict point fails and
+    # fixed-sequence testing never serves the accept-all point.
+    tight = subprocess.run(command + _calibrate_argv(target, draft, head, prompts, out, 0.01), env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert tight.returncode == calibrate.EXIT_ONLY_LOSSLESS, tight.stdout + tight.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"].startswith("only lossless is certified") and report["certified"] is None
+    assert [p["key"] for p in report["points"]] == ["judge-0.9"] and report["points"][0]["changes"] == 0
+    assert report["serve_with"] == {"selfjudge": {"enabled": False}}
+    assert "only lossless is certified" in tight.stdout and (out / "report.png").stat().st_size > 0
+
+    # 20% budget, same folder: no lossless request is served again; the strict point is
+    # certified, the accept-all one changes most texts and is not.
+    loose = subprocess.run(command + _calibrate_argv(target, draft, head, prompts, out, 0.2), env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert loose.returncode == calibrate.EXIT_RELAXED_CERTIFIED, loose.stdout + loose.stderr
+    report = json.loads((out / "report.json").read_text())
+    strict, accept_all = report["points"]
+    assert strict["certified"] and strict["changes"] == 0 and strict["test"]["observed_risk"] == 0.0
+    assert not accept_all["certified"] and accept_all["changes"] > 0.5 * accept_all["n"]
+    assert report["certified"]["key"] == "judge-0.9"
+    name = "certified_text_changes_20pct"
+    assert report["serve_with"]["selfjudge"]["operating_point"] == name
+    point = JudgeArtifact.load(out / "head").config.operating_points[name]
+    assert point.threshold == 0.9 and point.evidence["n"] == strict["n"] and point.evidence["changes"] == 0
+    inspect = subprocess.run([sys.executable, "-m", "selfjudge_vllm.cli", "inspect", str(out / "head")],
+                             capture_output=True, text=True, timeout=120)
+    assert f"operating point {name}" in inspect.stdout and "evidence prompts_sha256" in inspect.stdout
+    lossless_requests = [json.loads(line) for line in (out / "store/requests.jsonl").read_text().splitlines()]
+    assert sum(r["point"] == "lossless" for r in lossless_requests) == 32  # served once, for both runs
+
+    # Killed with SIGKILL (the command and its engine) while serving, then rerun: same report.
+    again = tmp_path / "again"
+    child = subprocess.Popen(command + _calibrate_argv(target, draft, head, prompts, again, 0.2), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    requests = again / "store/requests.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and child.poll() is None:
+        if requests.is_file() and len(requests.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, "the run ended before it could be killed"
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    resumed = subprocess.run(command + _calibrate_argv(target, draft, head, prompts, again, 0.2), env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == calibrate.EXIT_RELAXED_CERTIFIED, resumed.stdout + resumed.stderr
+    assert _decisions(json.loads((again / "report.json").read_text())) == _decisions(report)
