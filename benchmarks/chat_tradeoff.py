@@ -59,7 +59,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import chat_tasks  # noqa: E402
-from benchmarks.chat_tradeoff_report import BUDGETS, METHOD_FAMILIES, Outcomes, beyond_every_budget, point_key, point_rows  # noqa: E402
+from benchmarks.chat_tradeoff_report import (  # noqa: E402
+    BUDGETS,
+    METHOD_FAMILIES,
+    Outcomes,
+    beyond_every_budget,
+    certified_points,
+    parse_key,
+    point_key,
+    point_rows,
+    test_plan,
+)
 from benchmarks.tradeoff import _version, judge_thresholds  # noqa: E402
 from selfjudge_vllm.measurement import (  # noqa: E402
     Progress,
@@ -83,6 +93,7 @@ SCREEN_SWEEP = {
 }
 SCREEN_ITEMS = {"gsm8k": 40, "humaneval": 16}
 CONFIRM_ITEMS = {"gsm8k": 236, "humaneval": 164}  # 400: zero changes bound the rate at 0.75%
+TEST_ITEMS = {"gsm8k": 300}  # the certified points' held-out check (HumanEval has no items left)
 QUICK = {"servers": (("draft_model", 8),), "items": {"gsm8k": 6, "humaneval": 2},
          "sweep": {"lossless": [None], "top_alpha": [0.2]}, "judge_sweep": {"lossless": [None], "judge": [0.5]}}
 # vLLM's default fly_entropy_threshold; the servers keep FLy's default window and top-k.
@@ -244,7 +255,8 @@ def main(argv=None) -> int:
                         help="report, per-request store (RESULTS/chat_tradeoff_store/), judge label run and heads "
                         "(RESULTS/chat_judge/)")
     parser.add_argument("--servers", help="proposer:k list to work on, e.g. draft_model:8,ngram:8 (default: all)")
-    parser.add_argument("--stages", default="reference,screen,ablation,confirm,fly", help="stages to run (default: all)")
+    parser.add_argument("--stages", default="reference,screen,ablation,confirm,fly,test",
+                        help="stages to run (default: all)")
     parser.add_argument("--frontier", choices=sorted(FRONTIER_CRITERIA), default="answer_changes",
                         help="what the confirmation's budgets limit when it picks points from the screening: the "
                         "share of answers that change (default; a point stops early once it is beyond every "
@@ -282,6 +294,8 @@ def main(argv=None) -> int:
     screen = chat_tasks.first_of_each(all_items, QUICK["items"] if args.quick else SCREEN_ITEMS)
     confirm = screen if args.quick else chat_tasks.first_of_each(all_items, CONFIRM_ITEMS)
     confirm = screen + [i for i in confirm if i not in screen]
+    # Test items: later GSM8K items, outside the judge's training prompts and the confirmation set.
+    test = [i for i in all_items if i.family == "gsm8k" and i not in confirm][: TEST_ITEMS["gsm8k"]]
     servers = QUICK["servers"] if args.quick else SERVERS
     if args.servers:
         servers = tuple((p, int(k)) for p, k in (s.split(":") for s in args.servers.split(",")))
@@ -359,10 +373,20 @@ def main(argv=None) -> int:
                 work_on(server, [(point_key(server, m, knob), confirm, request_options(m, knob))
                                  for m, knob in (("lossless", None), ("fly", FLY_DEFAULT_THRESHOLD))])
 
+        if "test" in stages and not args.quick:
+            outcomes = Outcomes(confirm)
+            rows = point_rows(store, outcomes)
+            plan = test_plan(certified_points(store, outcomes, [i.id for i in screen], rows), rows)
+            for server in servers:
+                keys = plan.get(server, [])
+                log(f"test {server}: {', '.join(keys)} on {len(test)} test items")
+                work_on(server, [(key, test, request_options(*parse_key(key)[2:])) for key in keys])
+
     from benchmarks import chat_tradeoff_report
 
     chat_tradeoff_report.write(
         store=store, items=confirm, screen_ids=[i.id for i in screen], results=args.results, tag=tag,
+        test_items=[] if args.quick else test,
         setup={
             "date": max((s.get("measured", "") for s in store.segments), default="") or datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",

@@ -434,16 +434,17 @@ CERTIFY_CONFIDENCE = 0.95
 RULE_FAMILIES = ("judge", "top_alpha", "entropy", "fly")  # one fixed sequence each
 
 
-def certified_points(store, outcomes: Outcomes, screen_ids, rows: list[dict], test_ids=()) -> list[dict]:
+def certified_points(store, outcomes: Outcomes, screen_ids, rows: list[dict], test_items=()) -> list[dict]:
     """Learn then Test on the committed store, as `selfjudge calibrate` certifies (its
     pairing, p-values and procedure): per server, measure and budget, the points measured on
     every held-out confirmation item (the screening items chose them, so they are not
     counted), each rule's points strictest first, Bonferroni over the rules present; per
     method family the certified point with the longest acceptance over the confirmation set,
-    with its risk on the test items (`test_ids`: items outside everything else) where served."""
+    with its risk on the test items (`test_items`: items outside everything else) where served."""
     from selfjudge_vllm import calibrate, certify
 
-    calibration = sorted(set(outcomes.items) - set(screen_ids) - set(test_ids))
+    calibration = sorted(set(outcomes.items) - set(screen_ids))
+    test_outcomes, test_ids = Outcomes(test_items), [i.id for i in test_items]
     out = []
     for server in sorted({(r["proposer"], r["k"]) for r in rows if r["method"] == "lossless"}):
         group = {r["key"]: r for r in rows if (r["proposer"], r["k"]) == server}
@@ -478,7 +479,7 @@ def certified_points(store, outcomes: Outcomes, screen_ids, rows: list[dict], te
                                                                     risk.gained),
                             "acceptance_vs_lossless": best.get("acceptance_length_vs_lossless")}
                     if test_ids:
-                        test = calibrate.paired_risk(outcomes, measure, store.done(best["key"]), base, list(test_ids))
+                        test = calibrate.paired_risk(test_outcomes, measure, store.done(best["key"]), base, test_ids)
                         cell["test"] = {"n": test.n, "observed_risk": test.observed(measure) if test.n else None}
                     entry["families"][family] = cell
                 out.append(entry)
@@ -516,7 +517,26 @@ def _certified_markdown(entries: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def write(store, items, screen_ids, results: Path, tag: str, setup: dict) -> dict:
+def test_plan(certified: list[dict], rows: list[dict]) -> dict[tuple[str, int], list[str]]:
+    """Per server, the points the test stage serves on the test items: lossless, every
+    certified point of the table, and each family's fastest point measured on the whole
+    confirmation set whether certified or not (its test risk shows what certification ruled out)."""
+    plan: dict[tuple[str, int], list[str]] = {}
+    for e in certified:
+        keys = plan.setdefault((e["proposer"], e["k"]), [point_key((e["proposer"], e["k"]), "lossless", None)])
+        keys += [c["certified"] for c in e["families"].values() if c["certified"] and c["certified"] not in keys]
+    for server, keys in plan.items():
+        group = [r for r in rows if (r["proposer"], r["k"]) == server and not r["stopped_early"]
+                 and r.get("acceptance_length_vs_lossless") and r["n"] == max(x["n"] for x in rows)]
+        for methods in METHOD_FAMILIES.values():
+            fastest = max((r for r in group if r["method"] in methods),
+                          key=lambda r: r["acceptance_length_vs_lossless"], default=None)
+            if fastest and fastest["key"] not in keys:
+                keys.append(fastest["key"])
+    return plan
+
+
+def write(store, items, screen_ids, results: Path, tag: str, setup: dict, test_items=()) -> dict:
     results.mkdir(parents=True, exist_ok=True)
     outcomes = Outcomes(items)
     rows = point_rows(store, outcomes)
@@ -525,7 +545,7 @@ def write(store, items, screen_ids, results: Path, tag: str, setup: dict) -> dic
     # The matched tables count held-out items only: confirmed points, bounds on items that
     # did not choose them.
     heads = headlines(held)
-    certified = certified_points(store, outcomes, screen_ids, rows)
+    certified = certified_points(store, outcomes, screen_ids, rows, test_items)
     setup = {**setup, "held_out_items": len(set(outcomes.items) - set(screen_ids))}
     plots = _plots(rows, results, tag) if rows else []
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
