@@ -190,8 +190,10 @@ def response_change_share(response_of: np.ndarray, m: np.ndarray, p_accept: np.n
 
 def answer_change_points(response_of: np.ndarray, m: np.ndarray, p_accept: np.ndarray,
                          changed: np.ndarray) -> dict[str, OperatingPoint]:
-    """`changes_Npct`: the lowest threshold at which, and at every threshold above it, the
-    estimated share of changed responses (response_change_share) is at most N%."""
+    """`estimated_changes_Npct`: the lowest threshold at which, and at every threshold above
+    it, the estimated share of changed responses (response_change_share) is at most N%. An
+    estimate from the label run (serving measured other rates), not a guarantee: `selfjudge
+    calibrate` certifies a point on the operator's prompts."""
     candidates = np.concatenate([[np.nextafter(p_accept.max(), 1.0)], np.unique(p_accept)[::-1]])
     shares = np.array([response_change_share(response_of, m, p_accept, changed, t) for t in candidates])
     # Non-decreasing as the threshold falls (the envelope), so each budget's point is safe.
@@ -201,9 +203,10 @@ def answer_change_points(response_of: np.ndarray, m: np.ndarray, p_accept: np.nd
     for budget in CHANGE_BUDGETS:
         last_ok = int(np.flatnonzero(envelope <= budget + 1e-12).max(initial=0))
         threshold = float(candidates[last_ok])
-        points[f"changes_{round(budget * 100)}pct"] = OperatingPoint(
+        points[f"estimated_changes_{round(budget * 100)}pct"] = OperatingPoint(
             threshold=float(np.clip(threshold, 1e-6, 1 - 1e-6)),
-            description=f"estimated at most {budget:.0%} of responses change their final answer ({n} validation "
+            description=f"ESTIMATE, not certified: at most {budget:.0%} of responses change their final answer "
+                        f"({n} validation "
                         "responses with answer outcomes; first accepted substitution per response, a lower bound)",
             metrics={"estimated_response_change_share": float(envelope[last_ok]), "responses": float(n)})
     return points

@@ -390,7 +390,7 @@ def test_train_with_tau_calibrated_on_answers(labelled_run, tmp_path):
     assert calibration["mismatches"] > 0 and 0 <= calibration["balanced_accuracy"] <= 1
     # The run has answer outcomes, so the artifact names operating points by answer-change budget.
     points = json.loads((tmp_path / "head/config.json").read_text())["operating_points"]
-    budgets = [points[f"changes_{b}pct"] for b in (1, 2, 5)]
+    budgets = [points[f"estimated_changes_{b}pct"] for b in (1, 2, 5)]
     assert [p["threshold"] for p in budgets] == sorted((p["threshold"] for p in budgets), reverse=True)
     assert all(p["metrics"]["estimated_response_change_share"] <= b / 100 for p, b in zip(budgets, (1, 2, 5)))
 

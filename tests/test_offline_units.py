@@ -435,11 +435,11 @@ def test_answer_change_points_follow_the_first_accepted_substitution_of_each_res
     # At 0.5, a's first accepted mismatch (m=10) keeps the answer; its later one does not count.
     assert response_change_share(response, m, p, changed, 0.5) == pytest.approx(1 / 3)
     points = answer_change_points(response, m, p, changed)
-    assert set(points) == {"changes_1pct", "changes_2pct", "changes_5pct"}
+    assert set(points) == {"estimated_changes_1pct", "estimated_changes_2pct", "estimated_changes_5pct"}
     assert all(pt.threshold == 0.9 and pt.metrics["estimated_response_change_share"] == 0.0 for pt in points.values())
     # If the tightest acceptance already changes an answer, the point accepts nothing.
     strict = answer_change_points(response, m, p, np.ones(5, dtype=bool))
-    assert strict["changes_5pct"].threshold > p.max()
+    assert strict["estimated_changes_5pct"].threshold > p.max()
 
 
 def test_engine_arguments_choose_safe_cpu_defaults_and_say_so(monkeypatch):
