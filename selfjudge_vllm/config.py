@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfjudge_vllm.artifact import Threshold, check_one_threshold_choice
+from selfjudge_vllm.guard import GuardConfig
 from selfjudge_vllm.rules import RULE_NAMES, RULES
 
 SECTION = "selfjudge"
@@ -66,12 +67,18 @@ class SelfJudgeConfig(BaseModel):
     allow_unsupported_vllm: bool = False
     # Seconds between the worker's judge log lines (only when counts changed); 0 disables.
     log_interval_s: float = Field(default=10.0, ge=0.0)
+    # Guarded serving (guard.py): re-check a sample of relaxed requests lossless.
+    guard: GuardConfig | None = None
 
     @model_validator(mode="after")
     def _head_when_enabled(self) -> "SelfJudgeConfig":
         if self.enabled and self.head is None and "judge" in self.rules:
             raise ValueError("'head' (the judge artifact directory) is required for the rule 'judge'")
         check_one_threshold_choice(self.threshold, self.operating_point)
+        if self.guard is not None and self.guard.enabled and self.guard.budget is None and not (
+                self.rule == "judge" and (self.operating_point or "").startswith("certified_")):
+            raise ValueError("guard.budget is required unless the server's default is a certified operating point "
+                             "(`selfjudge calibrate`), whose budget the guard then keeps")
         for spec in RULES.values():
             knob, floor = getattr(self, spec.knob, None), getattr(self, spec.floor)
             if spec.name != "judge" and floor is not None and knob < floor:

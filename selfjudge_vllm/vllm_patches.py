@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 
-from selfjudge_vllm.config import SelfJudgeConfig, parse_section
+from selfjudge_vllm.config import ConfigError, SelfJudgeConfig, parse_section
 from selfjudge_vllm.factories import reasoning_scope_refusal
 from selfjudge_vllm.patching import SUPPORTED_VLLM_VERSIONS, UnsupportedConfiguration, _install
 from selfjudge_vllm.request_control import has_options
@@ -55,15 +55,31 @@ def install_admission_hook() -> None:
     _install("vllm.v1.engine.input_processor:InputProcessor._validate_params", _wrap_validate_params)
 
 
+def install_guard_hook() -> None:
+    """The engine client's generate, for guarded serving (adapter_guard.py); a no-op for
+    servers whose selfjudge section has no guard."""
+    from selfjudge_vllm.adapter_guard import install_guard_hook as install
+
+    install()
+
+
 def _wrap_input_processor_init(original):
     def __init__(self, vllm_config, *args, **kwargs):
         original(self, vllm_config, *args, **kwargs)
         # Built at start-up, so a bad section or a missing head fails the front end now,
         # not at the first request that carries selfjudge_* options.
-        if parse_section(getattr(vllm_config, "additional_config", None)) is not None:
+        config = parse_section(getattr(vllm_config, "additional_config", None))
+        if config is not None:
             from selfjudge_vllm.factories import RequestValidator
 
             self._selfjudge_validator = RequestValidator(vllm_config)
+            if config.enabled and config.guard is not None and config.guard.enabled:
+                from selfjudge_vllm.adapter_guard import guard_settings
+
+                try:
+                    guard_settings(config)  # a guard without a budget fails at start-up, not at a request
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
 
     return __init__
 

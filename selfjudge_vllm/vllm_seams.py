@@ -174,6 +174,23 @@ SEAMS = (
          "adaptive verification compacts the logits rows: refused", V2),
     Seam("vllm.config.parallel", "ParallelConfig.enable_batch_sharded_sampling", READ,
          "batch-sharded sampling is refused at start-up", V2),
+    # Guarded serving, API server process (adapter_guard.py): both runners.
+    Seam("vllm.v1.engine.async_llm", "AsyncLLM.generate", PATCHED,
+         "the guard: fallback defaults, and a lossless shadow of sampled relaxed requests"),
+    Seam("vllm.v1.engine.async_llm", "AsyncLLM.generate(priority)", READ, "shadows run at the lowest priority"),
+    Seam("vllm.v1.engine.async_llm", "AsyncLLM.vllm_config", READ, "the guard's section and the scheduling policy"),
+    Seam("vllm.config.scheduler", "SchedulerConfig.policy", READ, "a priority is only passed under 'priority'"),
+    Seam("vllm.sampling_params", "SamplingParams.clone", READ, "the fallback's and the shadow's own parameters"),
+    Seam("vllm.sampling_params", "SamplingParams.temperature", READ, "only greedy requests are shadowed"),
+    Seam("vllm.sampling_params", "SamplingParams.n", READ, "only one-sequence requests are shadowed"),
+    Seam("vllm.sampling_params", "SamplingParams.output_kind", READ,
+         "delta outputs are accumulated; the shadow asks for the final output only"),
+    Seam("vllm.sampling_params", "RequestOutputKind.DELTA", READ, "streaming outputs hold only new tokens"),
+    Seam("vllm.sampling_params", "RequestOutputKind.FINAL_ONLY", READ, "the shadow's output kind"),
+    Seam("vllm.outputs", "RequestOutput.outputs", READ, "the response's tokens and text"),
+    Seam("vllm.outputs", "RequestOutput.finished", READ, "only finished responses are compared"),
+    Seam("vllm.outputs", "CompletionOutput.token_ids", READ, "measure text compares token ids"),
+    Seam("vllm.outputs", "CompletionOutput.text", READ, "measure answer compares the answers"),
 )
 
 

@@ -1,0 +1,235 @@
+"""Guarded serving, the vLLM side: a wrapper of the engine client's `generate` (the one call
+both OpenAI endpoints, chat and completions, streaming or not, make per request) in the API
+server process. Every attribute read or patched here is in vllm_seams.py.
+
+For a sampled request that the server verifies relaxed and that can be compared (greedy, one
+sequence, not a shadow itself), once the user's response has finished, a background task
+submits the same prompt and parameters with `selfjudge_enabled=false` (at the lowest priority
+when vLLM schedules by priority), waits for it and compares the token ids (measure text) or
+the answers (measure answer). The user's request never waits for its shadow. Sampled
+(temperature > 0) requests are never shadowed: their relaxed and lossless runs draw different
+random numbers once a token differs, so a difference says nothing about the rule.
+
+After a fallback, requests that carry no `selfjudge_*` option are served lossless (their
+extra_args get `selfjudge_enabled=false`); requests that chose a rule explicitly keep it (the
+server's policy: an explicit choice is the client's; counted, and still shadowed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+from pathlib import Path
+
+from selfjudge_vllm.config import parse_section
+from selfjudge_vllm.guard import GuardState, answer_of, resolve
+from selfjudge_vllm.request_control import KEY_PREFIX
+
+logger = logging.getLogger("vllm.selfjudge")
+
+SHADOW_PREFIX = "selfjudge-shadow-"
+LOWEST_PRIORITY = 2**31 - 1  # vLLM's priority scheduling serves lower values first
+_STATE = "_selfjudge_guard"
+# Every live guard (one per engine client), for the /metrics collector.
+GUARDS: list[GuardState] = []
+
+
+def install_guard_hook() -> None:
+    from selfjudge_vllm.patching import _install
+
+    _install("vllm.v1.engine.async_llm:AsyncLLM.generate", _wrap_generate)
+
+
+def guard_of(engine) -> GuardState | None:
+    """The engine client's guard, built at its first request (None: no guard configured)."""
+    state = engine.__dict__.get(_STATE, False)
+    if state is False:
+        state = None
+        config = parse_section(getattr(engine.vllm_config, "additional_config", None))
+        if config is not None and config.enabled and config.guard is not None and config.guard.enabled:
+            budget, measure = guard_settings(config)
+            state = GuardState(config.guard, budget, measure)
+            if config.guard.state_file and _fallback_recorded(Path(config.guard.state_file)):
+                state.fell_back = True
+                state.reason = f"fallback recorded in {config.guard.state_file} by an earlier run"
+                logger.warning("selfjudge guard: starting lossless: %s", state.reason)
+            GUARDS.append(state)
+            _register_metrics()
+        engine.__dict__[_STATE] = state
+    return state
+
+
+def guard_settings(config) -> tuple[float, str]:
+    """(budget, measure): the guard's own, or those of the certified operating point it serves."""
+    evidence = None
+    if config.guard.budget is None or config.guard.measure is None:
+        if config.head is not None and config.operating_point:
+            from selfjudge_vllm.artifact import JudgeArtifact
+
+            point = JudgeArtifact.load(config.head).config.operating_points.get(config.operating_point)
+            evidence = point.evidence if point is not None else None
+    return resolve(config, evidence)
+
+
+def _fallback_recorded(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("fell_back"))
+    except (OSError, ValueError):
+        return False
+
+
+def is_explicit(extra_args) -> bool:
+    return bool(extra_args) and any(str(k).startswith(KEY_PREFIX) for k in extra_args)
+
+
+def is_relaxed(extra_args) -> bool:
+    """Whether the server verifies this request relaxed (the judge is on for it)."""
+    value = (extra_args or {}).get(f"{KEY_PREFIX}enabled", True)
+    return not (value is False or str(value).lower() == "false")
+
+
+def comparable(params) -> bool:
+    return params.n == 1 and params.temperature < 1e-5
+
+
+def _wrap_generate(original):
+    async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        guard = guard_of(self)
+        if (guard is None or str(request_id).startswith(SHADOW_PREFIX) or not hasattr(sampling_params, "extra_args")
+                or type(prompt).__name__ == "EngineCoreRequest"):  # a processed request: not re-submittable
+            async for out in original(self, prompt, sampling_params, request_id, *args, **kwargs):
+                yield out
+            return
+        if guard.fell_back:
+            if is_explicit(sampling_params.extra_args):
+                guard.explicit_after_fallback += 1
+            else:
+                sampling_params = sampling_params.clone()
+                sampling_params.extra_args = {**(sampling_params.extra_args or {}), f"{KEY_PREFIX}enabled": False}
+        shadow = is_relaxed(sampling_params.extra_args) and comparable(sampling_params) and guard.sampled()
+        lossless_params = _lossless_copy(sampling_params) if shadow else None
+        shadow_prompt = copy.deepcopy(prompt) if shadow else None  # the engine may consume what it was given
+        token_ids, text, finished = [], [], False
+        cumulative = _is_cumulative(sampling_params)
+        async for out in original(self, prompt, sampling_params, request_id, *args, **kwargs):
+            if shadow and out.outputs:
+                first = out.outputs[0]
+                if cumulative:
+                    token_ids[:], text[:] = list(first.token_ids), [first.text]
+                else:
+                    token_ids.extend(first.token_ids)
+                    text.append(first.text)
+                finished = out.finished
+            yield out
+        if shadow and finished and guard.try_start_shadow():
+            task = asyncio.get_running_loop().create_task(
+                _shadow(self, original, guard, shadow_prompt, lossless_params, str(request_id), token_ids,
+                        "".join(text), kwargs))
+            _TASKS.add(task)
+            task.add_done_callback(_TASKS.discard)
+
+    return generate
+
+
+_TASKS: set[asyncio.Task] = set()  # keeps running shadows referenced until they end
+
+
+def _is_cumulative(params) -> bool:
+    from vllm.sampling_params import RequestOutputKind
+
+    return params.output_kind != RequestOutputKind.DELTA
+
+
+def _lossless_copy(params):
+    from vllm.sampling_params import RequestOutputKind
+
+    shadow = params.clone()
+    shadow.extra_args = {**(params.extra_args or {}), f"{KEY_PREFIX}enabled": False}
+    shadow.output_kind = RequestOutputKind.FINAL_ONLY
+    return shadow
+
+
+async def _shadow(engine, original, guard: GuardState, prompt, params, request_id, token_ids, text, kwargs):
+    """Runs the lossless twin and records the comparison; never raises into the server."""
+    try:
+        keep = {k: v for k, v in kwargs.items() if k in ("lora_request", "tokenization_kwargs", "prompt_text")}
+        if getattr(engine.vllm_config.scheduler_config, "policy", "fcfs") == "priority":
+            keep["priority"] = LOWEST_PRIORITY
+        final = None
+        async for out in original(engine, prompt, params, SHADOW_PREFIX + request_id, **keep):
+            final = out
+        if final is None or not final.finished or not final.outputs:
+            guard.failed += 1
+            return
+        twin = final.outputs[0]
+        text_changed = list(twin.token_ids) != list(token_ids)
+        pattern = guard.config.answer_pattern
+        answer_changed = text_changed and answer_of(twin.text, pattern) != answer_of(text, pattern)
+        message = guard.record(text_changed, answer_changed)
+        if message:
+            logger.warning("selfjudge guard: falling back to lossless verification for requests without "
+                           "selfjudge_* options: %s", message)
+            if guard.config.state_file:
+                Path(guard.config.state_file).write_text(json.dumps(
+                    {"fell_back": True, "reason": message, "compared": guard.compared, "changes": guard.changes}))
+    except asyncio.CancelledError:
+        guard.failed += 1
+        raise
+    except Exception:  # a shadow's failure must not reach the user's request or the server
+        guard.failed += 1
+        logger.exception("selfjudge guard: a shadow request failed")
+    finally:
+        guard.end_shadow()
+
+
+_metrics_registered = False
+
+
+def _register_metrics() -> None:
+    """The guard's figures on the API server's /metrics (prometheus_client's default registry)."""
+    global _metrics_registered
+    if _metrics_registered:
+        return
+    from prometheus_client import REGISTRY
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    prefix = "vllm:selfjudge_guard"
+
+    class Collector:
+        def collect(self):
+            counters = {
+                "shadows_compared": ("Relaxed requests re-run lossless and compared.", lambda g: g.compared),
+                "shadows_skipped": ("Sampled requests not re-run: max_in_flight shadows were running.",
+                                    lambda g: g.skipped),
+                "shadows_failed": ("Shadows that ended without a comparable result.", lambda g: g.failed),
+                "text_changed": ("Compared requests whose tokens differ from lossless.", lambda g: g.text_changed),
+                "answer_changed": ("Compared requests whose answer differs from lossless.", lambda g: g.answer_changed),
+                "explicit_after_fallback": ("Requests served with their explicit selfjudge_* choice after the "
+                                            "fallback.", lambda g: g.explicit_after_fallback),
+            }
+            gauges = {
+                "change_rate_lower": ("Anytime-valid lower confidence bound of the guarded change rate.",
+                                      lambda g: g.lower()),
+                "change_rate_upper": ("Anytime-valid upper confidence bound of the guarded change rate.",
+                                      lambda g: g.upper()),
+                "budget": ("The change rate the guard promises.", lambda g: g.budget),
+                "fallback": ("1 once the guard has fallen back to lossless verification, else 0.",
+                             lambda g: float(g.fell_back)),
+                "shadows_in_flight": ("Shadow requests running now.", lambda g: g.in_flight),
+                "shadows_in_flight_max": ("Most shadow requests running at once so far.",
+                                          lambda g: g.max_in_flight_seen),
+            }
+            for name, (doc, value) in counters.items():
+                family = CounterMetricFamily(f"{prefix}_{name}", doc)
+                family.add_metric([], float(sum(value(g) for g in GUARDS)))
+                yield family
+            for name, (doc, value) in gauges.items():
+                family = GaugeMetricFamily(f"{prefix}_{name}", doc)
+                if GUARDS:
+                    family.add_metric([], float(value(GUARDS[0])))
+                yield family
+
+    REGISTRY.register(Collector())
+    _metrics_registered = True

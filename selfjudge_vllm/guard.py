@@ -1,0 +1,212 @@
+"""Guarded serving, the pure part (no vLLM import): the guard's configuration, its
+anytime-valid confidence sequence for the live change rate, and its state.
+
+The server re-runs a sample of relaxed requests lossless in the background and compares
+(vllm_patches.py wraps the engine client for that). Each comparison is one Bernoulli draw,
+"changed" or not. The guard watches the change rate r with a confidence sequence, valid
+under continuous monitoring (Ville's inequality), not a fixed-n bound recomputed at every
+look:
+
+    for H0 "r <= b", the beta-mixture likelihood ratio over alternatives r' in (b, 1],
+        M_t(b) = [int_b^1 r'^S (1 - r')^F dBeta(r') / Beta((b, 1])] / (b^S (1 - b)^F),
+    after S changes and F unchanged comparisons, is a nonnegative supermartingale under any
+    r <= b (each factor r'/b or (1 - r')/(1 - b) has mean <= 1 when r' > b >= r), so by
+    Ville's inequality P(some t has M_t(b) >= 1/delta) <= delta.
+
+The lower bound at t is the smallest b with M_t(b) < 1/delta (a 1 - delta one-sided bound,
+valid simultaneously at every t); the upper bound is the mirror image (alternatives in
+[0, b)). With `action: fallback` the guard falls back when the lower bound exceeds the
+budget, i.e. when M_t(budget) >= 1/delta: a server whose true change rate is within budget
+falls back with probability at most delta over its whole life.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The mixing prior of the confidence sequence: uniform on the rate.
+PRIOR_A, PRIOR_B = 1.0, 1.0
+
+
+class GuardConfig(BaseModel):
+    """The `guard` section of the `selfjudge` config (unknown keys refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Share of relaxed, comparable requests re-run lossless; 0 turns the guard off.
+    sample_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    # What a change is: any token of the response (text), or its answer: the last match of
+    # `answer_pattern`, or without one the final number (the number after '####'). None: the
+    # certified operating point's measure (answer for answer_changes), else text.
+    measure: Literal["text", "answer"] | None = None
+    answer_pattern: str | None = None
+    # Largest change rate promised; None: the certified operating point's own budget
+    # (`selfjudge calibrate`), required otherwise.
+    budget: float | None = Field(default=None, gt=0.0, lt=1.0)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    action: Literal["report", "fallback"] = "report"
+    max_in_flight: int = Field(default=4, ge=1)
+    # A file the fallback is written to and read back from at start-up, so a restarted server
+    # stays lossless; without it a restart starts relaxed again.
+    state_file: str | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "GuardConfig":
+        if self.answer_pattern is not None:
+            if self.measure != "answer":
+                raise ValueError("guard.answer_pattern goes with measure 'answer'")
+            try:
+                re.compile(self.answer_pattern)
+            except re.error as exc:
+                raise ValueError(f"guard.answer_pattern is not a valid regex ({exc})") from None
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample_share > 0.0
+
+
+def _log_mixture_above(changes: int, kept: int, bound: float) -> float:
+    """log M_t(bound) for H0 "rate <= bound" (mixture over rates above it)."""
+    from scipy import special
+
+    a, b = PRIOR_A + changes, PRIOR_B + kept
+    tail = special.betaincc(a, b, bound)
+    prior_tail = special.betaincc(PRIOR_A, PRIOR_B, bound)
+    if tail <= 0.0:
+        return -math.inf
+    return (special.betaln(a, b) - special.betaln(PRIOR_A, PRIOR_B) + math.log(tail) - math.log(prior_tail)
+            - changes * math.log(bound) - kept * math.log1p(-bound))
+
+
+def _log_mixture_below(changes: int, kept: int, bound: float) -> float:
+    """log of the mirror process for H0 "rate >= bound" (mixture over rates below it)."""
+    return _log_mixture_above(kept, changes, 1.0 - bound)
+
+
+def exceeds(changes: int, kept: int, budget: float, delta: float) -> bool:
+    """Anytime-valid evidence that the change rate is above `budget` at level delta."""
+    return _log_mixture_above(changes, kept, budget) >= math.log(1.0 / delta)
+
+
+def _bisect(inside, lo=0.0, hi=1.0, tol=1e-6) -> float:
+    """The boundary of a set of rates that is an interval ending at `hi` (inside(hi) True)."""
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if inside(mid) else (mid, hi)
+    return hi
+
+
+def lower_bound(changes: int, kept: int, delta: float) -> float:
+    """The smallest rate not rejected as too low: a 1 - delta lower bound valid at every t."""
+    if changes == 0:
+        return 0.0
+    target = math.log(1.0 / delta)
+    return _bisect(lambda b: _log_mixture_above(changes, kept, b) < target, 1e-9, 1 - 1e-9)
+
+
+def upper_bound(changes: int, kept: int, delta: float) -> float:
+    """The largest rate not rejected as too high: a 1 - delta upper bound valid at every t."""
+    if kept == 0:
+        return 1.0
+    return 1.0 - lower_bound(kept, changes, delta)
+
+
+def comparisons_to_fall_back(budget: float, delta: float) -> int:
+    """How many comparisons, all changed, it takes before the guard falls back."""
+    t = 1
+    while not exceeds(t, 0, budget, delta):
+        t += 1
+    return t
+
+
+@dataclass
+class GuardState:
+    """What the guard has seen; one per engine client, driven from its event loop."""
+
+    config: GuardConfig
+    budget: float
+    measure: str = "text"
+    compared: int = 0
+    text_changed: int = 0
+    answer_changed: int = 0
+    skipped: int = 0  # sampled requests not re-run: max_in_flight shadows already running
+    failed: int = 0  # shadows that ended without a comparable result (aborted, errored)
+    in_flight: int = 0
+    max_in_flight_seen: int = 0
+    fell_back: bool = False
+    explicit_after_fallback: int = 0
+    reason: str = ""
+    _rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self):
+        self._rng = random.Random(self.config.seed)
+
+    @property
+    def delta(self) -> float:
+        return 1.0 - self.config.confidence
+
+    @property
+    def changes(self) -> int:
+        return self.answer_changed if self.measure == "answer" else self.text_changed
+
+    def sampled(self) -> bool:
+        return self._rng.random() < self.config.sample_share
+
+    def try_start_shadow(self) -> bool:
+        if self.in_flight >= self.config.max_in_flight:
+            self.skipped += 1
+            return False
+        self.in_flight += 1
+        self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
+        return True
+
+    def end_shadow(self) -> None:
+        self.in_flight -= 1
+
+    def record(self, text_changed: bool, answer_changed: bool) -> str | None:
+        """One comparison; returns the fallback message when this one triggers it."""
+        self.compared += 1
+        self.text_changed += text_changed
+        self.answer_changed += answer_changed
+        if (self.config.action == "fallback" and not self.fell_back
+                and exceeds(self.changes, self.compared - self.changes, self.budget, self.delta)):
+            self.fell_back = True
+            self.reason = (f"{self.measure} changed in {self.changes} of {self.compared} shadow comparisons; "
+                           f"the change rate's {100 * self.config.confidence:g}% anytime-valid lower bound "
+                           f"{100 * self.lower():.2f}% exceeds the budget {100 * self.budget:g}%")
+            return self.reason
+        return None
+
+    def lower(self) -> float:
+        return lower_bound(self.changes, self.compared - self.changes, self.delta)
+
+    def upper(self) -> float:
+        return upper_bound(self.changes, self.compared - self.changes, self.delta)
+
+
+def answer_of(text: str, pattern: str | None) -> str | None:
+    """The answer the guard compares under measure 'answer'."""
+    from selfjudge_vllm.answers import numeric_answer, pattern_answer
+
+    return numeric_answer(text) if pattern is None else pattern_answer(text, re.compile(pattern))
+
+
+def resolve(config, certified_evidence: dict | None) -> tuple[float, str]:
+    """(budget, measure) of the guard: its own settings, else the certified operating point's
+    evidence (`selfjudge calibrate`), else measure text."""
+    guard = config.guard
+    evidence = certified_evidence or {}
+    budget = guard.budget if guard.budget is not None else evidence.get("budget")
+    if budget is None:
+        raise ValueError(f"guard.budget is not set and operating point {config.operating_point!r} carries no "
+                         "certified budget; set guard.budget")
+    measure = guard.measure or {"answer_changes": "answer", "text_changes": "text"}.get(evidence.get("measure"), "text")
+    return float(budget), measure
