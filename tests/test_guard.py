@@ -222,3 +222,142 @@ def test_a_recorded_fallback_survives_a_restart_only_with_a_state_file(tmp_path)
     assert guard_of(engine).fell_back and json.loads(path.read_text())["fell_back"]
     assert guard_of(ScriptedEngine(_section(action="fallback", state_file=str(path)))).fell_back
     assert not guard_of(ScriptedEngine(_section(action="fallback"))).fell_back
+
+
+# -- a real server on tiny models --------------------------------------------------------------------
+
+
+async def _ask(client, kind, stream, prompt, xargs=None):
+    """One request of the given kind; returns its text."""
+    body = {"vllm_xargs": xargs} if xargs else None
+    if kind == "chat":
+        messages = [{"role": "user", "content": prompt}]
+        if stream:
+            parts = []
+            async for chunk in await client.chat.completions.create(model="tiny", messages=messages, max_tokens=24,
+                                                                     temperature=0, stream=True, extra_body=body):
+                parts.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+            return "".join(parts)
+        out = await client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                                   extra_body=body)
+        return out.choices[0].message.content
+    if stream:
+        parts = []
+        async for chunk in await client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0,
+                                                            stream=True, extra_body=body):
+            parts.append(chunk.choices[0].text if chunk.choices else "")
+        return "".join(parts)
+    out = await client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, extra_body=body)
+    return out.choices[0].text
+
+
+def _guard_metrics(server) -> dict:
+    from selfjudge_vllm.testing.load import parse_metric
+
+    text = server.get("/metrics")
+    names = ("shadows_compared_total", "shadows_skipped_total", "shadows_failed_total", "text_changed_total",
+             "fallback", "shadows_in_flight", "shadows_in_flight_max", "change_rate_lower")
+    return {n: parse_metric(text, f"vllm:selfjudge_guard_{n}") for n in names}
+
+
+def _settled(server, timeout=120.0) -> dict:
+    """The guard's metrics once no shadow is running."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _guard_metrics(server)
+        if m["shadows_in_flight"] == 0 or time.monotonic() > deadline:
+            return m
+        time.sleep(0.2)
+
+
+def _start(workdir, tiny_pair, tmp_path, name, bias, guard_section):
+    import torch
+
+    from selfjudge_vllm.testing.load import Server, free_port, serve_command
+    from selfjudge_vllm.testing.tiny_models import write_head
+    from tests.engine_helpers import spec_config
+
+    target, draft = tiny_pair
+    head = write_head(workdir / f"heads/{name}", target, torch.zeros(64), bias=bias)
+    section = {"head": str(head), "guard": guard_section}
+    command = serve_command(target, free_port(), spec_config("draft_model", draft), {"selfjudge": section})
+    return Server(command, tmp_path / f"{name}.log", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+
+
+PROMPTS = ["one two three four five", "the model token draft judge", "river stone house tree red",
+           "accept verify river stone", "green blue the model one", "seven eight nine ten the"]
+KINDS = [("completions", False), ("chat", True), ("completions", True), ("chat", False)]
+
+
+@pytest.mark.server
+def test_a_guarded_server_falls_back_answers_like_lossless_and_bounds_its_shadows(workdir, tiny_pair, tmp_path):
+    from openai import AsyncOpenAI
+
+    server = _start(workdir, tiny_pair, tmp_path, "guard_accept_all", 20.0,
+                    {"sample_share": 1.0, "budget": 0.05, "action": "fallback", "max_in_flight": 2})
+    try:
+        async def scenario():
+            client = AsyncOpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+            # 1. one request at a time, every kind, until the guard falls back
+            sent, history = 0, []
+            while sent < 24:
+                kind, stream = KINDS[sent % len(KINDS)]
+                await _ask(client, kind, stream, PROMPTS[sent % len(PROMPTS)])
+                sent += 1
+                m = _settled(server)
+                history.append(m)
+                if m["fallback"] == 1.0:
+                    break
+            # 2. afterwards a default request answers like lossless, for every kind
+            same = [await _ask(client, k, s, p) == await _ask(client, k, s, p, {"selfjudge_enabled": "false"})
+                    for (k, s), p in zip(KINDS, PROMPTS)]
+            # 3. 64 concurrent users who chose the judge explicitly (still relaxed, still shadowed)
+            results = await asyncio.gather(*(
+                _ask(client, *KINDS[i % len(KINDS)], PROMPTS[i % len(PROMPTS)], {"selfjudge_threshold": "0.5"})
+                for i in range(64)), return_exceptions=True)
+            await client.close()
+            return sent, history, same, results
+
+        sent, history, same, results = asyncio.run(scenario())
+        final = history[-1]
+        compared, changed = int(final["shadows_compared_total"]), int(final["text_changed_total"])
+        assert final["fallback"] == 1.0, history
+        # it fell back at the first comparison where the bound allowed it, not later
+        assert guard.exceeds(changed, compared - changed, 0.05, DELTA)
+        before = history[-2] if len(history) > 1 else None
+        if before is not None:
+            c0, x0 = int(before["shadows_compared_total"]), int(before["text_changed_total"])
+            assert not guard.exceeds(x0, c0 - x0, 0.05, DELTA)
+        assert all(same), same
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors[:3]
+        after = _settled(server)
+        assert after["shadows_in_flight_max"] <= 2 and after["shadows_skipped_total"] > 0
+        assert after["shadows_compared_total"] + after["shadows_skipped_total"] + after["shadows_failed_total"] \
+            >= compared + 64
+        assert "falling back to lossless verification" in server.tail(200_000)
+    finally:
+        server.stop()
+
+
+@pytest.mark.server
+def test_a_guarded_server_with_a_reject_all_head_never_falls_back(workdir, tiny_pair, tmp_path):
+    from openai import AsyncOpenAI
+
+    server = _start(workdir, tiny_pair, tmp_path, "guard_reject_all", -20.0,
+                    {"sample_share": 1.0, "budget": 0.05, "action": "fallback", "max_in_flight": 4})
+    try:
+        async def scenario():
+            client = AsyncOpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+            for i in range(12):
+                await _ask(client, *KINDS[i % len(KINDS)], PROMPTS[i % len(PROMPTS)])
+                _settled(server)
+            await client.close()
+
+        asyncio.run(scenario())
+        m = _settled(server)
+        assert (m["shadows_compared_total"], m["text_changed_total"], m["fallback"]) == (12, 0, 0.0)
+    finally:
+        server.stop()

@@ -57,6 +57,7 @@ def test_serve_with_judge_openai_clients_and_metrics(workdir, tiny_pair, tmp_pat
                 break
             time.sleep(0.5)
         assert drafts > 0 and judged == drafts
+        assert "vllm:selfjudge_guard" not in metrics  # no guard section: no shadow, no guard metric
         accepted = parse_metric(metrics, "vllm:spec_decode_num_accepted_tokens_total")
         assert parse_metric(metrics, "vllm:spec_decode_selfjudge_judge_accepted_total") == accepted == drafts
         assert parse_metric(metrics, "vllm:spec_decode_selfjudge_judge_deferred_total") == 0
