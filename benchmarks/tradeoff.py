@@ -18,7 +18,7 @@ Steps (each resumable: rerun the same command after an interruption):
      with all items in flight (--concurrency) and at batch 1 (a fixed subset, sequential),
      and every quality measure.
   4. report: RESULTS/tradeoff[_quick].json (every point, every item), .csv, PNG plots and a
-     Markdown table (RESULTS/tradeoff[_quick].md) that the README embeds; with --compare-with,
+     Markdown table (RESULTS/tradeoff[_quick].md) that docs/benchmarks.md embeds; with --compare-with,
      an earlier sweep's matched-quality judge points beside this one's.
 """
 

@@ -83,10 +83,10 @@ def test_the_docs_table_lists_every_seam():
         assert f"| `{seam.name}` | {seam.runner.upper()} | {seam.kind} | {seam.why} |" in page, seam.name
 
 
-def test_the_readme_rule_table_is_the_rule_register():
+def test_the_serving_docs_rule_table_is_the_rule_register():
     from selfjudge_vllm.rules import RULES
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    page = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
     for rule in RULES.values():
         keys = ", ".join(f"`selfjudge_{k}`" for k in rule.request_keys)
-        assert f"| `{rule.name}` | `{rule.knob}` | `{rule.floor}` | {keys} | {rule.description} |" in readme, rule.name
+        assert f"| `{rule.name}` | `{rule.knob}` | `{rule.floor}` | {keys} | {rule.description} |" in page, rule.name
