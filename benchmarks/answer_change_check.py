@@ -65,7 +65,7 @@ def head_accept_probability(head_dir: Path, data) -> np.ndarray:
 
         columns = [LOGIT_FEATURES.index(f) for f in head.logit_features]
         evidence = torch.from_numpy(evidence_matrix(data.records)[:, columns])
-    logits = head.scores(data.substituted if head.reads_hidden else None, evidence)
+    logits = head.judge_logits(data.substituted if head.reads_hidden else None, evidence)
     return torch.sigmoid(logits.double()).numpy()
 
 

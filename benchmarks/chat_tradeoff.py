@@ -159,7 +159,7 @@ def head_digest(head: Path) -> str:
 def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None]) -> None:
     """The store's judge points belong to the heads that produced them: record the heads'
     digests at first use and refuse to go on with other heads."""
-    from selfjudge_vllm.testbed import file_sha256
+    from selfjudge_vllm.files import file_sha256
 
     record = store_folder / "heads.json"
     before = json.loads(record.read_text()) if record.is_file() else {}

@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
 
     from selfjudge_vllm.artifact import JudgeArtifact
     from selfjudge_vllm.features import LOGIT_FEATURES
-    from selfjudge_vllm.offline.train import TrainSettings, evidence_matrix, load_run, split_by_prompt
+    from selfjudge_vllm.offline.store import load_run
+    from selfjudge_vllm.offline.train import TrainSettings, evidence_matrix, split_by_prompt
 
     run_dir, head_dir = args.run, args.head
     training = json.loads((head_dir / "training_report.json").read_text())

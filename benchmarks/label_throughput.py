@@ -99,8 +99,7 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="label-throughput-"))
     if args.target is None:
-        from selfjudge_vllm.testing.tiny_models import build_target_and_draft
-        from tests.engine_helpers import PROMPTS
+        from selfjudge_vllm.testing.tiny_models import PROMPTS, build_target_and_draft
 
         args.target, args.draft = build_target_and_draft(work / "models")
         args.prompts = work / "prompts.jsonl"

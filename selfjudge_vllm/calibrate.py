@@ -34,6 +34,7 @@ from pathlib import Path
 
 from selfjudge_vllm import certify
 from selfjudge_vllm.answers import AnswerKind
+from selfjudge_vllm.files import file_sha256
 from selfjudge_vllm.measurement import Progress, PromptItem, RequestStore, log, measure_point, request_options
 from selfjudge_vllm.rules import RULES
 
@@ -267,19 +268,11 @@ def acceptance(store: RequestStore, key: str, ids: set[str]) -> dict:
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def bound_settings(settings: CalibrateSettings) -> dict:
     return {
         "target": str(settings.target), "speculative_config": settings.speculative_config,
-        "head_sha256": _sha256(settings.head / "model.safetensors") if settings.head else None,
-        "prompts_sha256": _sha256(settings.prompts), "max_tokens": settings.max_tokens, "dtype": settings.dtype,
+        "head_sha256": file_sha256(settings.head / "model.safetensors") if settings.head else None,
+        "prompts_sha256": file_sha256(settings.prompts), "max_tokens": settings.max_tokens, "dtype": settings.dtype,
         "max_model_len": settings.max_model_len, "test_share": settings.test_share, "seed": settings.seed,
         "vllm_args": list(settings.vllm_args),
     }

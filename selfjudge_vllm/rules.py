@@ -250,7 +250,7 @@ class JudgeHead:
             self.scalar_weight = None if self.scalar_weight is None else self.scalar_weight.to(device)
         return self
 
-    def scores(self, hidden: torch.Tensor | None, evidence: torch.Tensor | None = None) -> torch.Tensor:
+    def judge_logits(self, hidden: torch.Tensor | None, evidence: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [n, H] (any float dtype) and/or evidence [n, len(logit_features)] -> [n]
         float32 logits."""
         rows = (hidden if hidden is not None else evidence).shape[0]
@@ -366,7 +366,7 @@ def decide_and_force_(
     if JUDGE in step.present:
         if head is None or (head.reads_hidden and hidden is None) or (head.logit_features and evidence is None):
             raise ValueError("the judge rule needs the head and the features it reads")
-        accept |= step.selects(JUDGE) & (head.scores(hidden, evidence) >= knob)
+        accept |= step.selects(JUDGE) & (head.judge_logits(hidden, evidence) >= knob)
     if TOP_ALPHA in step.present:
         row_max = processed_logits.amax(-1)
         margin = draft_logit - (row_max if logit_rows is None else row_max.index_select(0, logit_rows))

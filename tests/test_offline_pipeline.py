@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from selfjudge_vllm.offline.engine import EngineSettings, engine, hidden_states
-from selfjudge_vllm.offline.label import LabelSettings, load_run, run_label
-from selfjudge_vllm.offline.store import RunDir
+from selfjudge_vllm.offline.label import LabelSettings, run_label
+from selfjudge_vllm.offline.store import RunDir, load_run
 from selfjudge_vllm.offline.train import TrainSettings, train
 from tests import reference
 from tests.engine_helpers import PROMPTS, run_engine, spec_config

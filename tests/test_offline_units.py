@@ -248,7 +248,7 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
     is_val = split_by_prompt([r["id"] for r in records], 0.2, 0)
     rows = [k for k in range(n) if is_val[k] and k != 7]  # mismatch 7 has no next_confidence
     evidence = torch.tensor([[records[k]["evidence"][f] for f in LOGIT_FEATURES] for k in rows])
-    served = head.scores(substituted[rows].float() if head.reads_hidden else None, evidence)
+    served = head.judge_logits(substituted[rows].float() if head.reads_hidden else None, evidence)
     labels = [int(scores[k] <= 1.0) for k in rows]
     assert report["validation_mismatches"] == len(rows)
     assert roc_auc_score(labels, served.numpy()) == pytest.approx(report["validation_mismatch_roc_auc"], abs=1e-6)
@@ -324,7 +324,7 @@ def _scored_run(root, shards: dict[int, int], total: int, hidden: int = 4) -> Ru
 
 
 def test_a_run_with_an_empty_shard_loads_as_zero_rows_of_the_hidden_width(tmp_path):
-    from selfjudge_vllm.offline.label import load_run
+    from selfjudge_vllm.offline.store import load_run
 
     _scored_run(tmp_path / "run", {0: 2, 1: 0, 2: 3}, total=3)
     records, substituted, original = load_run(tmp_path / "run")
@@ -334,7 +334,7 @@ def test_a_run_with_an_empty_shard_loads_as_zero_rows_of_the_hidden_width(tmp_pa
 
 def test_a_run_missing_shards_is_refused_naming_them_unless_partial_is_asked_for(tmp_path):
     from selfjudge_vllm.offline import train as train_module
-    from selfjudge_vllm.offline.label import load_run
+    from selfjudge_vllm.offline.store import load_run
 
     run = _scored_run(tmp_path / "run", {0: 40, 2: 40, 3: 40}, total=5)
     with pytest.raises(IncompleteRunError, match="stage 'scores' lacks shard\\(s\\) 1, 4 of 5"):

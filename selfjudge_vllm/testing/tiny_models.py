@@ -22,6 +22,26 @@ _WORDS = (
 ).split()
 
 
+# Prompts in the tiny models' vocabulary (tests, and benchmarks run without real models).
+PROMPTS = [
+    "the model token draft judge accept",
+    "one two three four five six",
+    "red green blue small large quick",
+    "def sum list return value print",
+    "the cat and the dog at the house",
+    "north south east west river stone",
+    "question answer number code function",
+    "verify speculative decoding target",
+    "a tree by the river, a stone by the tree",
+    "if else for while def return",
+    "seven eight nine ten one two",
+    "bright dark slow quick small large",
+    "print value return sum list code",
+    "the house of the cat is blue",
+    "judge reject accept verify draft",
+    "east west north south the river",
+]
+
 def _corpus(n_lines: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     lines = []

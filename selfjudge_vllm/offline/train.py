@@ -41,9 +41,9 @@ import torch
 
 from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, OperatingPoint, TargetIdentity
 from selfjudge_vllm.features import FEATURE_SETS, HIDDEN, LOGIT_FEATURES
-from selfjudge_vllm.offline.label import InputError, load_run, usable_shards
+from selfjudge_vllm.offline.label import InputError
 from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
-from selfjudge_vllm.offline.store import RunDir, provenance
+from selfjudge_vllm.offline.store import RunDir, load_run, provenance, usable_shards
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 STACK_FOLDS = 5
@@ -255,20 +255,33 @@ def evidence_matrix(records: list[dict]) -> np.ndarray | None:
                      for r in records], dtype=np.float64)
 
 
-def _fit_scalar_head(features: np.ndarray, labels: np.ndarray, fit_rows, eval_rows, seed: int, names) -> _Head:
-    """Standardised logistic regression on a few scalar columns, C by validation ROC-AUC."""
+def _logistic(xs: np.ndarray, y: np.ndarray, c: float, seed: int):
     from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(xs, y)
+
+
+def _fit_over_c_grid(x_fit, y_fit, x_eval, y_eval, seed: int):
+    """Standardised logistic regression with C chosen by validation ROC-AUC over C_GRID (the
+    one fitting loop every head uses): (best C, its AUC, scaler, model, {C: (AUC, model)},
+    standardised validation rows)."""
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(features[fit_rows])
+    scaler = StandardScaler().fit(x_fit)
+    xs_fit, xs_eval = scaler.transform(x_fit), scaler.transform(x_eval)
     by_c = {}
     for c in C_GRID:
-        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(
-            scaler.transform(features[fit_rows]), labels[fit_rows])
-        by_c[c] = (roc_auc_score(labels[eval_rows], model.decision_function(scaler.transform(features[eval_rows]))), model)
+        model = _logistic(xs_fit, y_fit, c, seed)
+        by_c[c] = (roc_auc_score(y_eval, model.decision_function(xs_eval)), model)
     best = max(by_c, key=lambda c: by_c[c][0])
-    model = by_c[best][1]
+    return best, by_c[best][0], scaler, by_c[best][1], by_c, xs_eval
+
+
+def _fit_scalar_head(features: np.ndarray, labels: np.ndarray, fit_rows, eval_rows, seed: int, names) -> _Head:
+    """Standardised logistic regression on a few scalar columns, C by validation ROC-AUC."""
+    best, _, scaler, model, _, _ = _fit_over_c_grid(features[fit_rows], labels[fit_rows], features[eval_rows],
+                                                    labels[eval_rows], seed)
     scalar, bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
     return _Head(tuple(names), None, scalar, bias, best)
 
@@ -277,7 +290,6 @@ def _out_of_fold_hidden_logits(x, y, ids, is_val, c, seed, served_logits) -> np.
     """The hidden-state head's logit for every mismatch, as stacking needs it: for a training
     prompt, from a head fitted (paper's rows: substituted and own-token) on the other folds'
     training prompts; for a validation prompt, the served hidden head's (`served_logits`)."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     n = len(ids)
@@ -291,7 +303,7 @@ def _out_of_fold_hidden_logits(x, y, ids, is_val, c, seed, served_logits) -> np.
         if len(set(y[fit])) < 2:
             continue
         scaler = StandardScaler().fit(x[fit])
-        model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaler.transform(x[fit]), y[fit])
+        model = _logistic(scaler.transform(x[fit]), y[fit], c, seed)
         held = np.where(row_fold[:n] == fold)[0]
         if len(held):
             out[held] = model.decision_function(scaler.transform(x[held]))
@@ -417,10 +429,6 @@ class FittedHeads:
 def fit_heads(data: TrainingData, sub_label: np.ndarray, is_val: np.ndarray, settings: TrainSettings,
               with_hidden: bool) -> FittedHeads:
     """The hidden-state head (paper's rows), the logit-feature head and their stack."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.preprocessing import StandardScaler
-
     records = data.records
     ids = [r["id"] for r in records]
     heads, fitted = {}, FittedHeads({}, np.zeros((len(records), 0)), None, np.zeros(0, dtype=bool))
@@ -430,14 +438,7 @@ def fit_heads(data: TrainingData, sub_label: np.ndarray, is_val: np.ndarray, set
         val = np.concatenate([is_val, is_val])
         if len(set(y[~val])) < 2 or len(set(y[val])) < 2:
             raise InputError("both labels must occur in the training and the validation split; adjust tau")
-        scaler = StandardScaler().fit(x[~val])
-        xs_train, xs_val = scaler.transform(x[~val]), scaler.transform(x[val])
-        by_c = {}
-        for c in C_GRID:
-            model = LogisticRegression(C=c, max_iter=2000, random_state=settings.seed).fit(xs_train, y[~val])
-            by_c[c] = (roc_auc_score(y[val], model.predict_proba(xs_val)[:, 1]), model)
-        best_c = max(by_c, key=lambda c: by_c[c][0])
-        auc, model = by_c[best_c]
+        best_c, auc, scaler, model, by_c, xs_val = _fit_over_c_grid(x[~val], y[~val], x[val], y[val], settings.seed)
         hidden_weight, hidden_bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_,
                                                           scaler.scale_)
         fitted.x_sub = x[: len(records)]

@@ -26,12 +26,12 @@ import torch
 
 from selfjudge_vllm.answers import pattern_answer
 from selfjudge_vllm.features import evidence_from_logprobs
+from selfjudge_vllm.files import file_sha256
 from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
 from selfjudge_vllm.offline.prompts import Prompt, read_prompt_file, tokenize_prompts
 from selfjudge_vllm.offline.proposers import NgramSettings, ngram_mismatches
 from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
 from selfjudge_vllm.offline.store import RunDir
-from selfjudge_vllm.testbed import file_sha256
 
 logger = logging.getLogger("selfjudge.label")
 
@@ -362,33 +362,3 @@ def write_target_identity(run: RunDir, target: str) -> None:
         "vocab_size": text.vocab_size,
         "num_hidden_layers": text.num_hidden_layers,
     })
-
-
-def usable_shards(run: RunDir, with_hidden: bool, allow_partial: bool = False) -> list[int]:
-    """The shards training reads: scored (and with features, when `with_hidden`)."""
-    done = run.complete_shards("scores", allow_partial=allow_partial)
-    if with_hidden:
-        with_features = set(run.complete_shards("features", ("jsonl", "safetensors"), allow_partial=allow_partial))
-        done = [i for i in done if i in with_features]
-    return done
-
-
-def load_run(out_dir: str | Path, with_hidden: bool = True,
-             allow_partial: bool = False) -> tuple[list[dict], torch.Tensor | None, torch.Tensor | None]:
-    """All scored mismatches with their two feature rows, in shard order (without the
-    feature rows, and without needing the features stage, when `with_hidden` is False).
-    A run missing shards of the stages read is refused unless `allow_partial`."""
-    run = RunDir(out_dir)
-    records, subs, origs = [], [], []
-    for index in usable_shards(run, with_hidden, allow_partial):
-        records += run.read_records("scores", index)
-        if with_hidden:
-            tensors = run.read_tensors("features", index)
-            if tensors["substituted"].shape[0]:  # an empty shard adds no rows (older runs wrote [0, 0])
-                subs.append(tensors["substituted"])
-                origs.append(tensors["original"])
-    if not records:
-        raise InputError(f"{out_dir}: no labelled mismatches (run `selfjudge label` first)")
-    if not with_hidden:
-        return records, None, None
-    return records, torch.cat(subs), torch.cat(origs)
