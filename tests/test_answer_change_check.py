@@ -1,4 +1,4 @@
-"""benchmarks/answer_change_check.py: the estimated share of changed responses at each served
+"""benchmarks/diagnostics/answer_change_check.py: the estimated share of changed responses at each served
 point, against a hand count on a small run (no engine)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from benchmarks.answer_change_check import check, out_of_fold_auc
+from benchmarks.diagnostics.answer_change_check import check, out_of_fold_auc
 from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, TargetIdentity
 from selfjudge_vllm.features import LOGIT_FEATURES
 from selfjudge_vllm.offline.store import RunDir

@@ -237,10 +237,10 @@ def test_prompts_to_served_judge(labelled_run, tiny_pair, tmp_path):
 
 
 def test_judge_diagnostics_agree_with_the_training_report(labelled_run, tiny_pair, tmp_path):
-    """benchmarks/judge_diagnostics.py recomputes, from the folded artifact, what `train`
+    """benchmarks/diagnostics/judge_diagnostics.py recomputes, from the folded artifact, what `train`
     measured with scikit-learn; its log-probability ratios come from an independent
     transformers pass."""
-    from benchmarks import judge_diagnostics
+    from benchmarks.diagnostics import judge_diagnostics
 
     report = train(labelled_run.root, tmp_path / "head", TrainSettings(suffix_length=3, reject_share=0.5))
     points = json.loads((tmp_path / "head/config.json").read_text())["operating_points"]

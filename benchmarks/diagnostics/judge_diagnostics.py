@@ -11,8 +11,8 @@ only rows the head decides online):
     log p(draft) - log p(top-1) at each mismatch (the target run again with transformers,
     float32, on the label run's sequences), and how well each signal ranks the labels
 
-    python benchmarks/judge_diagnostics.py            # after benchmarks/tradeoff.py, its defaults
-    python benchmarks/judge_diagnostics.py --run RUN --head HEAD --sweep SWEEP.json --out OUT.json
+    python benchmarks/diagnostics/judge_diagnostics.py            # after benchmarks/tradeoff.py, its defaults
+    python benchmarks/diagnostics/judge_diagnostics.py --run RUN --head HEAD --sweep SWEEP.json --out OUT.json
 
 Writes benchmarks/results/judge_diagnostics.json (or --out) and prints Markdown tables.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import tasks  # noqa: E402

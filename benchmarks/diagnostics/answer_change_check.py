@@ -21,7 +21,7 @@ answer was compared), the served head, and the chat benchmark's report:
 The estimate is computed on the label run's responses (the judge's training prompts, never
 the benchmark's items), on all of them and on the head's validation prompts alone.
 
-    python benchmarks/answer_change_check.py --run benchmarks/results/chat_judge/label-run \\
+    python benchmarks/diagnostics/answer_change_check.py --run benchmarks/results/chat_judge/label-run \\
         --head benchmarks/results/chat_judge/head --report benchmarks/results/chat_tradeoff.json \\
         --server draft_model:8 --json benchmarks/results/answer_change_check.json
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 SCORE_N = "20"  # the label score's suffix length, as the benchmark's head was trained
@@ -223,7 +223,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     proposer, k = args.server.split(":")
     result = check(args.run, args.head, json.loads(args.report.read_text()), (proposer, int(k)), probe=args.probe)
-    result["command"] = "python benchmarks/answer_change_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    arguments = " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python benchmarks/diagnostics/answer_change_check.py " + arguments
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(_markdown(result))

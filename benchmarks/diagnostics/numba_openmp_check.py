@@ -10,7 +10,7 @@ a call, in a child process with the worker's OpenMP environment, once per numba 
 layer, and prints the milliseconds and the share of the GEMM's CPU time spent outside the
 calling thread (0 = one core; contention from other processes does not change that share).
 
-    python benchmarks/numba_openmp_check.py
+    python benchmarks/diagnostics/numba_openmp_check.py
 """
 
 from __future__ import annotations
