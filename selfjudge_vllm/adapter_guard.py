@@ -49,8 +49,8 @@ def guard_of(engine) -> GuardState | None:
         state = None
         config = parse_section(getattr(engine.vllm_config, "additional_config", None))
         if config is not None and config.enabled and config.guard is not None and config.guard.enabled:
-            budget, measure = guard_settings(config)
-            state = GuardState(config.guard, budget, measure)
+            budget, measure, pattern = guard_settings(config)
+            state = GuardState(config.guard, budget, measure, pattern)
             if config.guard.state_file and _fallback_recorded(Path(config.guard.state_file)):
                 state.fell_back = True
                 state.reason = f"fallback recorded in {config.guard.state_file} by an earlier run"
@@ -61,8 +61,9 @@ def guard_of(engine) -> GuardState | None:
     return state
 
 
-def guard_settings(config) -> tuple[float, str]:
-    """(budget, measure): the guard's own, or those of the certified operating point it serves."""
+def guard_settings(config) -> tuple[float, str, str | None]:
+    """(budget, measure, answer pattern): the guard's own, or those of the certified operating
+    point it serves."""
     evidence = None
     if config.guard.budget is None or config.guard.measure is None:
         if config.head is not None and config.operating_point:
@@ -165,7 +166,7 @@ async def _shadow(engine, original, guard: GuardState, prompt, params, request_i
             return
         twin = final.outputs[0]
         text_changed = list(twin.token_ids) != list(token_ids)
-        pattern = guard.config.answer_pattern
+        pattern = guard.answer_pattern
         answer_changed = text_changed and answer_of(twin.text, pattern) != answer_of(text, pattern)
         message = guard.record(text_changed, answer_changed)
         if message:

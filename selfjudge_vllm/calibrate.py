@@ -529,7 +529,7 @@ def _write_certified_head(settings: CalibrateSettings, report: dict) -> None:
     best = report["certified"]
     artifact = JudgeArtifact.load(settings.head)
     evidence = {
-        "measure": report["measure"], "budget": report["budget"], "delta": report["delta"],
+        "measure": report["measure"], "answer": report["answer"], "budget": report["budget"], "delta": report["delta"],
         "level": report["level_per_family"], "n": best["n"], "changes": best["changes"], "lost": best["lost"],
         "gained": best["gained"], "upper_bound": best["upper_bound"], "p_value": best["p_value"],
         "mean_acceptance_length": best["mean_acceptance_length"],

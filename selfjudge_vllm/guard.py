@@ -134,6 +134,7 @@ class GuardState:
     config: GuardConfig
     budget: float
     measure: str = "text"
+    answer_pattern: str | None = None
     compared: int = 0
     text_changed: int = 0
     answer_changed: int = 0
@@ -199,14 +200,25 @@ def answer_of(text: str, pattern: str | None) -> str | None:
     return numeric_answer(text) if pattern is None else pattern_answer(text, re.compile(pattern))
 
 
-def resolve(config, certified_evidence: dict | None) -> tuple[float, str]:
-    """(budget, measure) of the guard: its own settings, else the certified operating point's
-    evidence (`selfjudge calibrate`), else measure text."""
+def resolve(config, certified_evidence: dict | None) -> tuple[float, str, str | None]:
+    """(budget, measure, answer pattern) of the guard: its own settings, else those of the
+    certified operating point it serves (`selfjudge calibrate`'s evidence), else measure text.
+    A certificate on accuracy or on code answers does not carry over: the guard compares
+    responses, it has no references or tests."""
     guard = config.guard
     evidence = certified_evidence or {}
-    budget = guard.budget if guard.budget is not None else evidence.get("budget")
-    if budget is None:
-        raise ValueError(f"guard.budget is not set and operating point {config.operating_point!r} carries no "
-                         "certified budget; set guard.budget")
-    measure = guard.measure or {"answer_changes": "answer", "text_changes": "text"}.get(evidence.get("measure"), "text")
-    return float(budget), measure
+    measure, pattern = guard.measure, guard.answer_pattern
+    if guard.budget is None or measure is None:
+        certified = evidence.get("measure")
+        kind = (evidence.get("answer") or {}).get("kind")
+        if guard.budget is None and (certified not in ("answer_changes", "text_changes") or kind == "code"):
+            raise ValueError(f"guard.budget is not set and operating point {config.operating_point!r} carries no "
+                             "certified change budget the guard can watch (it needs answer_changes or "
+                             f"text_changes, not {certified or 'none'}{' on code' if kind == 'code' else ''}); "
+                             "set guard.budget")
+        if measure is None:
+            measure = "answer" if certified == "answer_changes" and kind != "code" else "text"
+            if measure == "answer" and pattern is None and kind == "pattern":
+                pattern = (evidence.get("answer") or {}).get("pattern")
+    budget = guard.budget if guard.budget is not None else evidence["budget"]
+    return float(budget), measure, pattern

@@ -79,11 +79,19 @@ def test_bad_guard_sections_are_refused(section, message):
 def test_the_certified_point_gives_its_budget_and_measure():
     config = parse_section({"selfjudge": {"head": "h", "operating_point": "certified_answer_changes_2pct",
                                           "guard": {"sample_share": 0.05}}})
-    assert guard.resolve(config, {"budget": 0.02, "measure": "answer_changes"}) == (0.02, "answer")
-    with pytest.raises(ValueError, match="carries no certified budget"):
-        guard.resolve(config, {})
+    numeric = {"kind": "numeric", "pattern": None}
+    assert guard.resolve(config, {"budget": 0.02, "measure": "answer_changes", "answer": numeric}) == (
+        0.02, "answer", None)
+    pattern = {"kind": "pattern", "pattern": "[A-D]"}
+    assert guard.resolve(config, {"budget": 0.02, "measure": "answer_changes", "answer": pattern}) == (
+        0.02, "answer", "[A-D]")
+    assert guard.resolve(config, {"budget": 0.05, "measure": "text_changes"}) == (0.05, "text", None)
+    for evidence, why in (({}, "not none"), ({"budget": 0.02, "measure": "accuracy"}, "not accuracy"),
+                          ({"budget": 0.02, "measure": "answer_changes", "answer": {"kind": "code"}}, "on code")):
+        with pytest.raises(ValueError, match=f"carries no certified change budget.*{why}"):
+            guard.resolve(config, evidence)
     own = parse_section({"selfjudge": {"rule": "top_alpha", "guard": {"sample_share": 0.05, "budget": 0.1}}})
-    assert guard.resolve(own, None) == (0.1, "text")
+    assert guard.resolve(own, None) == (0.1, "text", None)
 
 
 # -- the wrapper against a scripted engine -----------------------------------------------------------
