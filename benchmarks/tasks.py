@@ -189,14 +189,10 @@ def paired_difference(values, baseline, z: float = 1.96) -> tuple[float, float, 
 
 def change_rate_upper_bound(changes: int, n: int, confidence: float = 0.95) -> float:
     """Exact (Clopper-Pearson) one-sided upper bound of a binomial rate: with 0 changes in n
-    items it is 1 - (1 - confidence)^(1/n), about 3/n at 95%."""
-    from scipy.stats import beta
+    items it is 1 - (1 - confidence)^(1/n), about 3/n at 95% (certify.py's definition)."""
+    from selfjudge_vllm.certify import risk_upper_bound
 
-    if n <= 0:
-        return 1.0
-    if changes >= n:
-        return 1.0
-    return float(beta.ppf(confidence, changes + 1, n - changes))
+    return 1.0 if n <= 0 else risk_upper_bound("answer_changes", n, 1.0 - confidence, changes)
 
 
 def accuracy_change_lower_bound(gained: int, lost: int, n: int, confidence: float = 0.95) -> float:
