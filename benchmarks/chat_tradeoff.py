@@ -29,8 +29,10 @@ The design (a full grid would take days on this machine's 2 cores):
   5. fly: per server, vLLM's FLy at its defaults (the plugin's `fly` rule, which makes FLy's
      greedy decisions exactly: threshold 0.3 nats of top-3 entropy, window min(6, k - 1)) on
      the confirmation set, paired with the same server's lossless run: the training-free
-     baseline every vLLM >= 0.33 user has one flag away.
-  6. report: RESULTS/chat_tradeoff[_quick].{json,csv,md} and PNG plots; a point is "within
+     baseline every vLLM >= 0.33 user has one flag away (--fly-thresholds adds other thresholds).
+  6. test: per server, lossless, each family's certified point and its fastest confirmed point
+     on 300 later GSM8K items (the certified table's held-out check).
+  7. report: RESULTS/chat_tradeoff[_quick].{json,csv,md} and PNG plots; a point is "within
      budget B" when the exact 95% upper bound of its answer-change rate is <= B.
 The per-request store (RESULTS/chat_tradeoff_store/) and the judge's label run and heads
 (RESULTS/chat_judge/) are kept with the results, so a sitting on a fresh machine continues
@@ -262,6 +264,11 @@ def main(argv=None) -> int:
                         "share of answers that change (default; a point stops early once it is beyond every "
                         "budget), or the accuracy lost (the SelfJudge paper's measure; no early stop, since "
                         "gains can offset losses)")
+    parser.add_argument("--fly-thresholds", type=lambda text: [float(t) for t in text.split(",")],
+                        default=[FLY_DEFAULT_THRESHOLD],
+                        help="the fly stage's FLy thresholds, served in this order on the confirmation set (default: "
+                        f"vLLM's {FLY_DEFAULT_THRESHOLD}; e.g. 1.0,0.6,0.3 adds stricter points, strictest first); "
+                        "the window and top-k stay the server's (FLy's defaults)")
     parser.add_argument("--max-minutes", type=float,
                         help="start no new point, nor segment of SEGMENT_ITEMS requests, after this many minutes")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -371,7 +378,7 @@ def main(argv=None) -> int:
         if "fly" in stages and not args.quick:
             for server in servers:
                 work_on(server, [(point_key(server, m, knob), confirm, request_options(m, knob))
-                                 for m, knob in (("lossless", None), ("fly", FLY_DEFAULT_THRESHOLD))])
+                                 for m, knob in [("lossless", None)] + [("fly", t) for t in args.fly_thresholds]])
 
         if "test" in stages and not args.quick:
             outcomes = Outcomes(confirm)
