@@ -706,3 +706,46 @@ def test_matched_tables_count_only_held_out_items_and_confirmed_points(tmp_path)
              "held_out_items": n - screen}
     report = _markdown(rows, headlines(held), setup)
     assert "on the 344 held-out items" in report and "draft_model k=8 judge 0.5: 0/344, 0.87%" in report
+
+
+def test_the_certified_table_runs_calibrates_procedure_on_the_held_out_items(tmp_path):
+    """Per rule strictest first, stopping at the first failure; the screening items do not
+    count; a family's certified point is its fastest certified one; a point served on part
+    of the items only (stopped early) is not a candidate."""
+    from benchmarks.chat_tradeoff_report import certified_points, test_plan
+
+    n, screen = 400, 56
+    items = _gsm_items(n)
+    right = [f"#### {i}" for i in range(n)]
+
+    def changed(count, start=screen):  # `count` answers changed among the held-out items
+        texts = list(right)
+        for i in range(start, start + count):
+            texts[i] = "#### -1"
+        return texts
+
+    ng = ("ngram", 8)
+    keys = {"lossless": point_key(ng, "lossless", None), "ta9": point_key(ng, "top_alpha", 0.9),
+            "ta5": point_key(ng, "top_alpha", 0.5), "ta2": point_key(ng, "top_alpha", 0.2),
+            "judge": point_key(ng, "judge", 0.5), "fly": point_key(ng, "fly", 0.3)}
+    store = _store(tmp_path, {
+        keys["lossless"]: (right, {"drafts": 100, "draft_tokens": 800, "accepted": 100}),
+        keys["ta9"]: (changed(0), {"drafts": 100, "draft_tokens": 800, "accepted": 110}),
+        keys["ta5"]: (changed(30), {"drafts": 100, "draft_tokens": 800, "accepted": 150}),  # fails at 5%
+        keys["ta2"]: (changed(0), {"drafts": 100, "draft_tokens": 800, "accepted": 200}),  # after a failure
+        keys["judge"]: (changed(5, start=0), {"drafts": 100, "draft_tokens": 800, "accepted": 120}),
+        keys["fly"]: (changed(3), {"drafts": 100, "draft_tokens": 800, "accepted": 180}),
+    })
+    # the judge changed only screening items: 0 changes where it counts
+    outcomes = Outcomes(items)
+    rows = point_rows(store, outcomes)
+    entries = certified_points(store, outcomes, [i.id for i in items[:screen]], rows)
+    at_5 = next(e for e in entries if e["measure"] == "answer_changes" and e["budget"] == 0.05)
+    assert at_5["calibration_items"] == n - screen
+    assert at_5["families"]["training_free"]["certified"] == keys["ta9"]  # ta2 is never tested
+    assert at_5["families"]["judge"]["certified"] == keys["judge"]
+    assert at_5["families"]["fly"]["certified"] == keys["fly"]  # 3 of 344 at level 0.05 / 3 rules
+    at_1 = next(e for e in entries if e["measure"] == "answer_changes" and e["budget"] == 0.01)
+    assert at_1["families"]["fly"]["certified"] is None and at_1["families"]["fly"]["tried"]
+    plan = test_plan(entries, rows)[ng]
+    assert plan[0] == keys["lossless"] and {keys["ta9"], keys["judge"], keys["fly"], keys["ta2"]} <= set(plan)
