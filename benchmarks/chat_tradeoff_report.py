@@ -444,6 +444,8 @@ def certified_points(store, outcomes: Outcomes, screen_ids, rows: list[dict], te
     from selfjudge_vllm import calibrate, certify
 
     calibration = sorted(set(outcomes.items) - set(screen_ids))
+    if not calibration:  # --quick: every item is a screening item
+        return []
     test_outcomes, test_ids = Outcomes(test_items), [i.id for i in test_items]
     out = []
     for server in sorted({(r["proposer"], r["k"]) for r in rows if r["method"] == "lossless"}):
