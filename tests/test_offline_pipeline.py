@@ -132,14 +132,14 @@ def _serve_and_capture(tiny_pair, head, prompt_text, what: str, kind: str = "dra
 
     def capture(worker):
         runtime = worker.model_runner._selfjudge_runtime
-        scores = runtime.head.scores
+        judge_logits = runtime.head.judge_logits
 
         def spy(hidden, evidence=None):
             read = hidden if what == "hidden" else evidence
             captured.append((read.clone(), runtime.pending.draft_token_ids.clone()))
-            return scores(hidden, evidence)
+            return judge_logits(hidden, evidence)
 
-        runtime.head.scores = spy
+        runtime.head.judge_logits = spy
 
     llm = LLM(model=str(target), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
               speculative_config=spec_config(kind, drafter or draft),
