@@ -362,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-model-len", type=int, default=2048)
     cal.add_argument("--dtype", default="auto", help="as `vllm serve` takes it (default auto: float32 on a CPU "
                      "without native bfloat16)")
-    cal.add_argument("--vllm-args", help="further `vllm serve` arguments, one string, e.g. "
-                     "\"--gpu-memory-utilization 0.8 --tensor-parallel-size 2\"")
+    cal.add_argument("--vllm-args", help="further `vllm serve` arguments as one string, joined with '=' since it "
+                     "starts with '--', e.g. --vllm-args=\"--gpu-memory-utilization 0.8 --tensor-parallel-size 2\"")
     cal.add_argument("--max-minutes", type=float, help="start no new segment of requests after this many minutes")
     cal.set_defaults(func=_calibrate)
 
