@@ -299,7 +299,8 @@ def server_command(settings: CalibrateSettings, port: int) -> tuple[list[str], d
     open to requests; CPU defaults as `selfjudge label` chooses them."""
     from selfjudge_vllm.server_process import serve_command
 
-    section = {"rule": "judge" if settings.head else "top_alpha", "request_rules": list(RULES)}
+    rules = [r for r in RULES if r != "judge" or settings.head]  # the judge needs a head
+    section = {"rule": rules[0], "request_rules": rules}
     if settings.head:
         section["head"] = str(settings.head)
     env = {}

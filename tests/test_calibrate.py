@@ -123,6 +123,17 @@ def test_split_is_seeded_by_prompt_and_stable():
     assert calibrate.split_ids(ids, 0.3, seed=1)[1] != test
 
 
+def test_the_engine_serves_every_candidate_rule_and_needs_a_head_only_for_the_judge(tmp_path):
+    from selfjudge_vllm.config import parse_section
+
+    settings = calibrate.CalibrateSettings(target="t", speculative_config={"method": "ngram"}, prompts=tmp_path,
+                                           out=tmp_path, measure="text_changes", budget=0.05, dtype="float32")
+    command, _ = calibrate.server_command(settings, 8000)
+    section = json.loads(command[command.index("--additional-config") + 1])
+    config = parse_section(section)  # valid without a head: the judge is not offered
+    assert "judge" not in config.rules and set(config.rules) == {"top_alpha", "entropy", "fly"}
+
+
 def test_the_operating_point_name_and_served_configs():
     assert calibrate.operating_point_name("accuracy", 0.02) == "certified_accuracy_2pct"
     assert calibrate.operating_point_name("text_changes", 0.025) == "certified_text_changes_2p5pct"
