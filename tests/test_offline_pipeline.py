@@ -301,12 +301,20 @@ def _assert_same_run(run: RunDir, reference: RunDir, shards: int) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair):
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, tiny_pair) -> RunDir:
+    """An uninterrupted `selfjudge label` run of 10 prompts in 5 shards: the reference the
+    killed, staged and Ray runs must equal (one engine run shared by those tests)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    prompts = _prompt_file(root / "prompts.jsonl", PROMPTS[:10])
+    subprocess.run(_label_cli(tiny_pair, prompts, root / "whole", 2), env=dict(os.environ), check=True,
+                   capture_output=True, timeout=600)
+    return RunDir(root / "whole")
+
+
+def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair, uninterrupted_run):
     prompts = _prompt_file(tmp_path / "prompts.jsonl", PROMPTS[:10])
     env = dict(os.environ)
-    # Uninterrupted reference run.
-    subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "whole", 2), env=env, check=True,
-                   capture_output=True, timeout=600)
     # Interrupted run: SIGKILL once the scores stage has written some but not all shards.
     written = _kill_inside_the_scores_stage(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env,
                                             tmp_path / "cut", 300)
@@ -319,9 +327,8 @@ def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair):
     assert early.returncode == 2 and "stage 'responses' lacks shard(s) 0-4 of 5" in early.stderr
     for stage in ("responses", "mismatches", "scores", "features"):
         subprocess.run(staged_cli + ["--stage", stage], env=env, check=True, capture_output=True, timeout=600)
-    whole = RunDir(tmp_path / "whole")
     for other in (RunDir(tmp_path / "cut"), RunDir(tmp_path / "staged")):
-        _assert_same_run(other, whole, 5)
+        _assert_same_run(other, uninterrupted_run, 5)
 
 
 def test_answer_outcomes_equal_a_transformers_continuation(labelled_run, tiny_pair):
@@ -437,7 +444,7 @@ def test_an_engine_that_cannot_start_is_reported_in_selfjudge_terms(tmp_path, re
     assert len(ours) == 1 and "vLLM could not start an engine for" in ours[0] and "100000 GiB: --kv-cache-gib" in ours[0]
 
 
-def test_label_on_local_ray_equals_a_local_run_and_resumes_after_a_kill(tmp_path, tiny_pair):
+def test_label_on_local_ray_equals_a_local_run_and_resumes_after_a_kill(tmp_path, tiny_pair, uninterrupted_run):
     """`selfjudge label --ray` on a local Ray (2 tasks per stage, each with its own engine)
     writes the same run, record for record and tensor for tensor, as a run here; killed in
     the scores stage and run again on Ray, it loses and duplicates nothing."""
@@ -445,12 +452,10 @@ def test_label_on_local_ray_equals_a_local_run_and_resumes_after_a_kill(tmp_path
     # Ray kills tasks when the whole node is above 95% memory, which a shared test machine can
     # be while the tiny engines need little: its memory monitor is off for this test.
     env = dict(os.environ, RAY_memory_monitor_refresh_ms="0")
-    subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "local", 2), env=env, check=True,
-                   capture_output=True, timeout=600)
     ray_cli = _label_cli(tiny_pair, prompts, tmp_path / "ray", 2) + ["--ray", "--ray-workers", "2"]
     # The driver, its local Ray and every task are killed.
     assert 1 <= _kill_inside_the_scores_stage(ray_cli, env, tmp_path / "ray", 400) < 5
     done = subprocess.run(ray_cli, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(ray, 2 tasks)" in done.stderr
-    _assert_same_run(RunDir(tmp_path / "ray"), RunDir(tmp_path / "local"), 5)
+    _assert_same_run(RunDir(tmp_path / "ray"), uninterrupted_run, 5)
