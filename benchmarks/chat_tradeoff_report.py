@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from benchmarks import chat_tasks, tasks
+from selfjudge_vllm.calibrate import CachedOutcomes
 
 BUDGETS = (0.01, 0.02, 0.05)
 # Families the matched tables compare; `fly` is vLLM's own FLy verifier (made by the plugin's
@@ -44,18 +45,12 @@ def parse_key(key: str) -> tuple[str, int, str, float | None]:
     return proposer, int(k), method, (float(knob) if knob else None)
 
 
-class Outcomes:
-    """Final answer / pass result per (item, text), computed once (code runs in a subprocess)."""
+class Outcomes(CachedOutcomes):
+    """Final answer / pass result per (item, text) of the benchmark's items, computed once."""
 
     def __init__(self, items):
         self.items = {i.id: i for i in items}
-        self.cache: dict[tuple[str, str], dict] = {}
-
-    def __call__(self, item_id: str, text: str) -> dict:
-        key = (item_id, text)
-        if key not in self.cache:
-            self.cache[key] = chat_tasks.outcome(self.items[item_id], text)
-        return self.cache[key]
+        super().__init__(lambda item_id, text: chat_tasks.outcome(self.items[item_id], text))
 
 
 def _acceptance(store, key: str, ids: set[str]) -> dict:

@@ -211,17 +211,25 @@ class PairedRisk:
         return certify.p_value(measure, self.n, budget, changes=self.changes, lost=self.lost, gained=self.gained)
 
 
-class Judgement:
-    """Answers and correctness per (item, response), computed once (code runs a subprocess)."""
+class CachedOutcomes:
+    """{"answer", "correct"} per (item id, response text), computed once each (code answers run
+    a subprocess); `outcome(item_id, text)` computes one."""
 
-    def __init__(self, answer: AnswerKind, rows: dict[str, dict]):
-        self.answer, self.rows, self.cache = answer, rows, {}
+    def __init__(self, outcome):
+        self.outcome, self.cache = outcome, {}
 
     def __call__(self, item_id: str, text: str) -> dict:
         key = (item_id, text)
         if key not in self.cache:
-            self.cache[key] = self.answer.outcome(text, self.rows[item_id])
+            self.cache[key] = self.outcome(item_id, text)
         return self.cache[key]
+
+
+class Judgement(CachedOutcomes):
+    """Outcomes of a prompt file's responses under one answer kind."""
+
+    def __init__(self, answer: AnswerKind, rows: dict[str, dict]):
+        super().__init__(lambda item_id, text: answer.outcome(text, rows[item_id]))
 
 
 def paired_risk(judgement: Judgement, measure: str, mine: dict, lossless: dict, ids: list[str]) -> PairedRisk:
