@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
-from selfjudge_vllm.measurement import PromptItem, append_jsonl, log, run_items  # noqa: E402
+from selfjudge_vllm.measurement import Progress, PromptItem, append_jsonl, log, run_items  # noqa: E402
 from selfjudge_vllm.server_process import Server, exit_cleanly_on_sigterm, free_port, parse_metric, serve_command  # noqa: E402
 
 NGRAM8 = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
@@ -52,6 +52,14 @@ def guard_metrics(server) -> dict:
 
 
 def serve_arm(args, name: str, guard: dict | None, items: list[PromptItem]) -> dict:
+    """One arm on its own server; its summary is kept in --work, so a rerun after a kill
+    serves only the arms not yet finished (an arm is timed whole, so it is the unit)."""
+    summary_path = args.work / f"{name}.summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("guard") == guard and summary.get("item_ids") == [i.id for i in items]:
+            log(f"{name}: finished in an earlier sitting, kept")
+            return summary
     section = {"head": str(args.head), "threshold": args.threshold} if args.head else {"rule": "top_alpha",
                                                                                        "alpha": args.alpha}
     if guard:
@@ -64,14 +72,12 @@ def serve_arm(args, name: str, guard: dict | None, items: list[PromptItem]) -> d
     try:
         out_path = args.work / f"{name}.jsonl"
         out_path.unlink(missing_ok=True)
-        tokens, done = [0], [0]
+        tokens, progress = [0], Progress(len(items))
 
         def on_done(item, result):
             tokens[0] += result["tokens"]
-            done[0] += 1
             append_jsonl(out_path, {"id": item.id, **result})
-            if done[0] % 10 == 0:
-                log(f"  {name}: {done[0]}/{len(items)} requests")
+            progress.tick(label=name)
 
         start = time.monotonic()
         asyncio.run(run_items(server.base, items, None, args.concurrency, on_done))
@@ -81,8 +87,11 @@ def serve_arm(args, name: str, guard: dict | None, items: list[PromptItem]) -> d
             time.sleep(0.5)
             metrics = guard_metrics(server)
         wall = time.monotonic() - start
-        return {"arm": name, "items": len(items), "user_tokens": tokens[0], "users_done_s": users_done,
-                "wall_s": wall, "user_tokens_per_s": tokens[0] / wall, "guard": guard, "metrics": metrics}
+        summary = {"arm": name, "items": len(items), "user_tokens": tokens[0], "users_done_s": users_done,
+                   "wall_s": wall, "user_tokens_per_s": tokens[0] / wall, "guard": guard, "metrics": metrics,
+                   "item_ids": [i.id for i in items]}
+        summary_path.write_text(json.dumps(summary))
+        return summary
     finally:
         server.stop()
 
