@@ -29,7 +29,8 @@ The design (a full grid would take days on this machine's 2 cores):
   5. fly: per server, vLLM's FLy at its defaults (the plugin's `fly` rule, which makes FLy's
      greedy decisions exactly: threshold 0.3 nats of top-3 entropy, window min(6, k - 1)) on
      the confirmation set, paired with the same server's lossless run: the training-free
-     baseline every vLLM >= 0.33 user has one flag away (--fly-thresholds adds other thresholds).
+     baseline every vLLM >= 0.33 user has one flag away (--fly-thresholds adds other thresholds;
+     --fly-windows serves other windows, one server each, on the screening items).
   6. test: per server, lossless, each family's certified point and its fastest confirmed point
      on 300 later GSM8K items (the certified table's held-out check).
   7. report: RESULTS/chat_tradeoff[_quick].{json,csv,md} and PNG plots; a point is "within
@@ -192,7 +193,9 @@ def interleaved(sweep: dict) -> list[tuple[str, float | None]]:
     return out
 
 
-def start_server(testbed: Path, server, head: Path | None, work: Path, args):
+def start_server(testbed: Path, server, head: Path | None, work: Path, args, fly_window: int | None = None):
+    """The server's plugin config serves the judge (or top_alpha without a head) by default
+    and lets requests choose the training-free rules; `fly_window` is a server setting."""
     from selfjudge_vllm.testing.load import Server, free_port, serve_command
 
     proposer, k = server
@@ -205,6 +208,8 @@ def start_server(testbed: Path, server, head: Path | None, work: Path, args):
         rules = ["top_alpha", "entropy", "fly"]
         plugin = {"selfjudge": ({"head": str(head), "rule": "judge", "request_rules": rules} if head else
                                 {"rule": "top_alpha", "request_rules": rules})}
+        if fly_window is not None:
+            plugin["selfjudge"]["fly_window"] = fly_window
     command = serve_command(testbed / "target", free_port(), spec, plugin, model_name="target",
                             dtype="float32", max_model_len=args.max_model_len)
     log(f"server: {proposer}" + (f", k={k}" if spec else " (no speculative decoding)") + "; starting (minutes)")
@@ -269,6 +274,9 @@ def main(argv=None) -> int:
                         help="the fly stage's FLy thresholds, served in this order on the confirmation set (default: "
                         f"vLLM's {FLY_DEFAULT_THRESHOLD}; e.g. 1.0,0.6,0.3 adds stricter points, strictest first); "
                         "the window and top-k stay the server's (FLy's defaults)")
+    parser.add_argument("--fly-windows", type=lambda text: [int(w) for w in text.split(",")], default=[],
+                        help="the fly stage also serves FLy with these windows (server setting fly_window; default "
+                        "min(6, k - 1)) at each --fly-thresholds on the screening items, as method fly_w<W>")
     parser.add_argument("--max-minutes", type=float,
                         help="start no new point, nor segment of SEGMENT_ITEMS requests, after this many minutes")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -328,7 +336,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     out_of_time = lambda: args.max_minutes is not None and (time.monotonic() - started) / 60 > args.max_minutes  # noqa: E731
 
-    def work_on(server, plan, served_head=head, hopeless=lambda key: None) -> None:
+    def work_on(server, plan, served_head=head, hopeless=lambda key: None, fly_window=None) -> None:
         """plan: [(key, items, extra)]; starts the server only if something is missing.
         hopeless(key): a reason to stop that point early, or None."""
         todo = [(key, items, extra) for key, items, extra in plan if needs_work(store, key, items, args.batch1_items)]
@@ -337,7 +345,7 @@ def main(argv=None) -> int:
         # Every item no counters segment covers is served in this sitting: the new ones, and
         # those of a segment a cut sitting left (served again for their counters).
         to_serve = sum(len(store.uncounted(key, {i.id for i in store.in_scope(key, items)})) for key, items, _ in todo)
-        srv = start_server(args.testbed, server, served_head, work, args)
+        srv = start_server(args.testbed, server, served_head, work, args, fly_window)
         try:
             progress = Progress(to_serve)
             for key, items, extra in todo:
@@ -379,6 +387,12 @@ def main(argv=None) -> int:
             for server in servers:
                 work_on(server, [(point_key(server, m, knob), confirm, request_options(m, knob))
                                  for m, knob in [("lossless", None)] + [("fly", t) for t in args.fly_thresholds]])
+                for window in args.fly_windows:
+                    # Another window is another server; screened like the ablation heads (the
+                    # screening items, paired with this server's lossless: greedy lossless output
+                    # does not depend on the window). Method fly_w<W>, not in the fly family.
+                    work_on(server, [(point_key(server, f"fly_w{window}", t), screen, request_options("fly", t))
+                                     for t in args.fly_thresholds], fly_window=window)
 
         if "test" in stages and not args.quick:
             outcomes = Outcomes(confirm)

@@ -28,9 +28,9 @@ METHOD_FAMILIES = {"judge": ("judge",), "training_free": ("top_alpha", "entropy"
 FAMILY_LABELS = {"judge": "judge", "training_free": "training-free", "fly": "FLy"}
 METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "judge_hidden": ("tab:orange", "v"),
                 "judge_both": ("tab:purple", "P"), "top_alpha": ("tab:blue", "^"), "entropy": ("tab:green", "D"),
-                "fly": ("tab:brown", "X")}
+                "fly": ("tab:brown", "X"), "fly_w2": ("peru", "x"), "fly_w4": ("sienna", "x")}
 METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "judge_hidden": 2, "judge_both": 3, "top_alpha": 4, "entropy": 5,
-                "fly": 6}
+                "fly": 6, "fly_w2": 7, "fly_w4": 8}
 
 
 def point_key(server: tuple[str, int], method: str, knob) -> str:
