@@ -4,6 +4,7 @@ the training-free rules, on the Gemma 3 270M testbed, through vLLM's OpenAI serv
     python benchmarks/tradeoff.py --testbed testbed               # the full sweep (~90 min here, 56 with a trained judge)
     python benchmarks/tradeoff.py --testbed testbed --quick       # ~9 min here, 5.5 with a trained judge
     python benchmarks/tradeoff.py --testbed testbed --report-only # the report from the points measured so far
+                                                                  # (or, with no sweep here, from the committed report)
 
 Steps (each resumable: rerun the same command after an interruption):
   1. judge: unless --head is given, `selfjudge label` (draft-model and ngram mismatches) +
@@ -170,17 +171,29 @@ def main(argv=None) -> int:
                              "are listed beside this sweep's")
     args = parser.parse_args(argv)
 
-    draft = args.draft or args.testbed / f"draft-{args.draft_layers}l"
-    for path in (args.testbed / "target", draft):
-        if not (path / "config.json").is_file():
-            sys.exit(f"tradeoff: {path} missing; run `selfjudge testbed --out {args.testbed} "
-                     f"--draft-layers {args.draft_layers}` first")
     tag = args.tag or ("tradeoff_quick" if args.quick else "tradeoff")
     previous = None
     if args.compare_with:
         if not args.compare_with.is_file():
             sys.exit(f"tradeoff: --compare-with {args.compare_with} does not exist")
         previous = json.loads(args.compare_with.read_text())
+    committed = args.results / f"{tag}.json"
+    if args.report_only and not (args.work / tag / "points.jsonl").is_file() and committed.is_file():
+        # No sweep here (e.g. a fresh clone): the committed report holds every point's counters
+        # and every item's text and scores, so the report is rebuilt from it alone.
+        from benchmarks import tradeoff_report
+
+        log(f"report: rebuilt from {tasks.shown_path(committed)} (no sweep in {args.work / tag})")
+        report = json.loads(committed.read_text())
+        tradeoff_report.write(points=points_from_report(report), reference=report["reference"], items=[],
+                              results=args.results, tag=tag, setup=report["setup"], previous=previous)
+        return 0
+
+    draft = args.draft or args.testbed / f"draft-{args.draft_layers}l"
+    for path in (args.testbed / "target", draft):
+        if not (path / "config.json").is_file():
+            sys.exit(f"tradeoff: {path} missing; run `selfjudge testbed --out {args.testbed} "
+                     f"--draft-layers {args.draft_layers}` first")
     if args.batch1_items is None:  # batch-1 passes dominate a quick run's time on CPU
         args.batch1_items = 1 if args.quick else 4
     work = args.work / tag
@@ -302,6 +315,16 @@ def main(argv=None) -> int:
     )
     log(f"done in {(time.monotonic() - started) / 60:.1f} min")
     return 0
+
+
+def points_from_report(report: dict) -> list[dict]:
+    """The points file's records, from a report `tradeoff_report.write` wrote: each point's
+    counters and timings (its row) with its items' texts and quality scores."""
+    rows = {(r["proposer"], r["k"], r["method"], r["knob"]): r for r in report["points"]}
+    kept = ("drafts", "draft_tokens", "accepted", "mean_acceptance_length", "acceptance_rate", "tokens_per_s",
+            "tokens_per_s_batch1")
+    return [{**{key: rows[(p["proposer"], p["k"], p["method"], p["knob"])][key] for key in kept}, **p}
+            for p in report["items"]]
 
 
 def _version(dist: str) -> str | None:

@@ -25,7 +25,9 @@ METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "top_alph
 
 
 def _item_scores(points, reference, items):
-    """Per point: {measure: [per-item value, in item order]}; code checks are cached by text."""
+    """Per point: {measure: [per-item value, in item order]}; code checks are cached by text.
+    Points that carry their scores (rebuilt from a committed report) keep them."""
+    points = [p for p in points if "scores" not in p]
     by_id = {i.id: i for i in items}
     code_cache, cosine_cache = {}, {}
     refs = {i.id: reference["texts"][i.id] for i in items if i.family == "continuation"}

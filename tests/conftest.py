@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 _WORK = Path(os.environ.get("SELFJUDGE_TEST_WORKDIR") or tempfile.mkdtemp(prefix="selfjudge-tests-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: each worker builds its own models and caches
+    _WORK = _WORK / os.environ["PYTEST_XDIST_WORKER"]
 # vLLM hygiene on these machines: no hub, small KV cache, caches and
 # IPC paths inside the workspace.
 for key, value in {
@@ -24,11 +26,24 @@ for key, value in {
     os.environ.setdefault(key, value)
 (_WORK / "rpc").mkdir(parents=True, exist_ok=True)
 
+# Module fixtures that run an engine (a label run, a shared LLM): under `pytest -n 2
+# --dist loadgroup` the tests that use one go to the same worker, so it is built once.
+SHARED_ENGINE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "engine: starts real vLLM engines on tiny models (slow)")
     config.addinivalue_line("markers", "server: starts `vllm serve` subprocesses (slow)")
     config.addinivalue_line("markers", "gemma: needs the Gemma 3 270M testbed (very slow)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in SHARED_ENGINE_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
+                break
 
 
 @pytest.fixture(scope="session")
