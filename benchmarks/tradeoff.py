@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -185,6 +186,11 @@ def main(argv=None) -> int:
 
         log(f"report: rebuilt from {tasks.shown_path(committed)} (no sweep in {args.work / tag})")
         report = json.loads(committed.read_text())
+        if previous is None:  # compared as its recorded command compared it
+            recorded = shlex.split(report["setup"]["command"])
+            if "--compare-with" in recorded:
+                earlier = ROOT / recorded[recorded.index("--compare-with") + 1]
+                previous = json.loads(earlier.read_text()) if earlier.is_file() else None
         tradeoff_report.write(points=points_from_report(report), reference=report["reference"], items=[],
                               results=args.results, tag=tag, setup=report["setup"], previous=previous)
         return 0

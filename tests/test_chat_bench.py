@@ -13,7 +13,8 @@ import types
 import pytest
 
 from benchmarks import chat_tasks, tasks
-from benchmarks.chat_tradeoff_report import Outcomes, headlines, parse_key, point_key, point_rows
+from benchmarks.chat_tradeoff_report import Outcomes, headlines, point_rows
+from benchmarks.runner import parse_key, point_key
 from selfjudge_vllm.answers import numeric_answer
 
 # -- testbed: joining split GGUF part packages ------------------------------------------------
@@ -406,7 +407,7 @@ def test_the_store_refuses_another_head_but_not_the_same_one_saved_again(tmp_pat
     import torch
     from safetensors.torch import save_file
 
-    from benchmarks.chat_tradeoff import check_heads_unchanged
+    from benchmarks.runner import check_heads_unchanged
 
     def save(folder, bias, metadata):
         folder.mkdir(exist_ok=True)
@@ -420,14 +421,14 @@ def test_the_store_refuses_another_head_but_not_the_same_one_saved_again(tmp_pat
     # A store begun before digests: the file's SHA-256 is still accepted, then upgraded.
     legacy = hashlib.sha256((head / "model.safetensors").read_bytes()).hexdigest()
     (store / "heads.json").write_text(json.dumps({"judge": legacy}))
-    check_heads_unchanged(store, {"judge": head, "judge_hidden": None})
+    check_heads_unchanged(store, {"judge": head, "judge_hidden": None}, "chat_tradeoff")
     assert json.loads((store / "heads.json").read_text())["judge"] != legacy
     # The same tensors in a file that differs (other metadata): the same head.
     save(head, 0.5, {"format": "selfjudge-head", "format_version": "2"})
-    check_heads_unchanged(store, {"judge": head})
+    check_heads_unchanged(store, {"judge": head}, "chat_tradeoff")
     save(head, 0.25, {"format": "selfjudge-head"})
     with pytest.raises(SystemExit, match="judge head differs"):
-        check_heads_unchanged(store, {"judge": head})
+        check_heads_unchanged(store, {"judge": head}, "chat_tradeoff")
 
 
 def _fake_server(monkeypatch, served: list[str], drafts_per_read: int = 10):
@@ -657,7 +658,8 @@ def test_a_gemma_report_only_run_before_any_sweep_says_what_is_missing(tmp_path)
         (tmp_path / "testbed" / model).mkdir(parents=True)
         (tmp_path / "testbed" / model / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"judge/head/config.json missing; run the sweep"):
-        tradeoff.main(["--testbed", str(tmp_path / "testbed"), "--work", str(tmp_path / "work"), "--report-only"])
+        tradeoff.main(["--testbed", str(tmp_path / "testbed"), "--work", str(tmp_path / "work"), "--report-only",
+                       "--results", str(tmp_path / "results")])
 
 
 def test_matched_tables_survive_a_lossless_row_without_acceptance():
