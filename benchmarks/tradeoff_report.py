@@ -1,18 +1,17 @@
 """Quality measures, summary, CSV, plots and the Markdown table of benchmarks/tradeoff.py.
 
-Every figure comes from the points file the sweep wrote (WORK/tradeoff/points.jsonl);
-tradeoff.py calls `write` at its end, and rerunning it when every point exists only rebuilds
-the report.
+Every figure comes from the points tradeoff.py builds from its per-request store (or, with
+no store, from the committed report: its points carry their scores); tradeoff.py calls `write`
+at its end, and rerunning it when every point exists only rebuilds the report.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 
 from benchmarks import tasks
+from benchmarks.report import METHOD_STYLE, legend_beside, write_files
 
 PRIMARY = {"code": "pass_rate", "short_answer": "accuracy", "continuation": "cosine"}
 MAX_QUALITY_LOSS = 0.01
@@ -20,8 +19,7 @@ BUDGETS = (0.01, 0.05, 0.10)  # relative quality-loss budgets of the matched-qua
 # Below this many items a normal-approximation interval means nothing; the table says so.
 MIN_ITEMS_FOR_INTERVAL = 20
 JUDGE, TRAINING_FREE = {"judge"}, {"top_alpha", "entropy"}
-METHOD_STYLE = {"lossless": ("black", "o"), "judge": ("tab:red", "s"), "top_alpha": ("tab:blue", "^"),
-                "entropy": ("tab:green", "D")}
+PLOTTED_METHODS = ("lossless", "judge", "top_alpha", "entropy")
 
 
 def _item_scores(points, reference, items):
@@ -146,7 +144,7 @@ def _plots(rows, results: Path, tag: str):
 
     files = []
     for proposer in sorted({r["proposer"] for r in rows}):
-        for y_field, y_label, name in (("mean_acceptance_length", "mean acceptance length", "acceptance"),
+        for y_field, y_label, name in (("mean_acceptance_length", "mean acceptance length (tokens/step)", "acceptance"),
                                        ("tokens_per_s", "output tokens/s (concurrent)", "speed")):
             fig, axes = plt.subplots(1, 3, figsize=(14, 4))
             for ax, task in zip(axes, PRIMARY):
@@ -157,13 +155,14 @@ def _plots(rows, results: Path, tag: str):
                     ax.scatter(100 * r[f"{task}_rel_change"], r[y_field], color=color, marker=marker,
                                s=30 + 12 * r["k"], alpha=0.8)
                 ax.axvline(-100 * MAX_QUALITY_LOSS, color="grey", linestyle=":")
+                ax.annotate(f"{100 * MAX_QUALITY_LOSS:g}% loss budget", (-100 * MAX_QUALITY_LOSS, 1.0),
+                            xycoords=("data", "axes fraction"), xytext=(-2, -4), textcoords="offset points",
+                            fontsize=7, color="grey", rotation=90, va="top", ha="right")
                 ax.set_xlabel(f"{task}: {PRIMARY[task]} change vs lossless (%)")
                 ax.set_ylabel(y_label)
-            for method, (color, marker) in METHOD_STYLE.items():
-                axes[0].scatter([], [], color=color, marker=marker, label=method)
-            axes[0].legend(fontsize=8, title="marker size: draft length")
+            legend_beside(fig, PLOTTED_METHODS, "marker size:\ndraft length")
             fig.suptitle(f"{proposer}: {y_label} vs quality (Gemma 3 270M)")
-            fig.tight_layout()
+            fig.tight_layout(rect=(0, 0, 0.9, 1))
             path = results / f"{tag}_{proposer}_{name}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
@@ -322,13 +321,7 @@ def write(points, reference, items, results: Path, tag: str, setup: dict, previo
               "headlines": headlines, "points": rows,
               "items": [{"proposer": p["proposer"], "k": p["k"], "method": p["method"], "knob": p["knob"],
                          "items": p["items"], "scores": p["scores"]} for p in points]}
-    (results / f"{tag}.json").write_text(json.dumps(report, indent=1))
     fields = [k for k in rows[0] if not isinstance(rows[0][k], list)] if rows else []
-    with (results / f"{tag}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
     markdown = _markdown(rows, headlines, setup, reference, [tasks.shown_path(results / p) for p in plots], previous)
-    (results / f"{tag}.md").write_text(markdown)
-    print(markdown)
+    write_files(results, tag, report, rows, fields, markdown)
     return report

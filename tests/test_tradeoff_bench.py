@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from selfjudge_vllm.measurement import RequestStore
 from selfjudge_vllm.testing.tiny_models import write_head
 
 pytestmark = pytest.mark.server
@@ -29,7 +30,8 @@ def test_quick_tradeoff_on_tiny_models(tmp_path, tiny_pair):
     report = json.loads((results / "tradeoff_quick.json").read_text())
     points = {(p["proposer"], p["method"]): p for p in report["points"]}
     assert len(points) == 8  # 2 proposers x (lossless, judge, top_alpha, entropy)
-    reference = json.loads((tmp_path / "work/tradeoff_quick/reference.json").read_text())["texts"]
+    alone = RequestStore(tmp_path / "work/tradeoff_quick/store").done("target-k0/alone")
+    reference = {item_id: row["text"] for item_id, row in alone.items()}
     for proposer in ("draft_model", "ngram"):
         lossless = points[(proposer, "lossless")]
         # Greedy lossless SD reproduces the target alone, item for item.
