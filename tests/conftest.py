@@ -26,9 +26,9 @@ for key, value in {
     os.environ.setdefault(key, value)
 (_WORK / "rpc").mkdir(parents=True, exist_ok=True)
 
-# Module fixtures that run an engine (a label run, a shared LLM): under `pytest -n 2
-# --dist loadgroup` the tests that use one go to the same worker, so it is built once.
-SHARED_ENGINE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm")
+# Module fixtures shared by long tests (a label run, a shared LLM, the README's models): under
+# `pytest -n 2 --dist loadgroup` the tests that use one go to the same worker, so it is built once.
+SHARED_ENGINE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm", "readme_pair")
 
 
 def pytest_configure(config):
@@ -44,6 +44,10 @@ def pytest_collection_modifyitems(config, items):
             if name in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
                 break
+    # The longest work first (servers, shared engine runs), so two workers end together
+    # rather than one waiting on a long test handed out last; otherwise collection order.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("server") or item.get_closest_marker("xdist_group")
+               else 1)
 
 
 @pytest.fixture(scope="session")

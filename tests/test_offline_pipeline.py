@@ -321,12 +321,14 @@ def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair, unint
     assert 1 <= written < 5
     subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env=env, check=True,
                    capture_output=True, timeout=600)
-    # Stage by stage (`--stage`), in a third folder; a stage whose inputs are missing is refused.
+    # Stage by stage (`--stage`, two stages per command), in a third folder; a stage whose
+    # inputs are missing is refused.
     staged_cli = _label_cli(tiny_pair, prompts, tmp_path / "staged", 2)
     early = subprocess.run(staged_cli + ["--stage", "scores"], env=env, capture_output=True, text=True, timeout=600)
     assert early.returncode == 2 and "stage 'responses' lacks shard(s) 0-4 of 5" in early.stderr
-    for stage in ("responses", "mismatches", "scores", "features"):
-        subprocess.run(staged_cli + ["--stage", stage], env=env, check=True, capture_output=True, timeout=600)
+    for stages in (("responses", "mismatches"), ("scores", "features")):
+        subprocess.run(staged_cli + [arg for stage in stages for arg in ("--stage", stage)], env=env, check=True,
+                       capture_output=True, timeout=600)
     for other in (RunDir(tmp_path / "cut"), RunDir(tmp_path / "staged")):
         _assert_same_run(other, uninterrupted_run, 5)
 
