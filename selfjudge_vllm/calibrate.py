@@ -392,7 +392,10 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
 
     complete = True
     try:
-        complete &= serve(LOSSLESS, calibration_ids + test_ids, request_options(LOSSLESS, None))
+        # Calibration prompts first, then the test prompts: vLLM's counters are read per segment,
+        # and a segment mixing both would leave the calibration prompts' acceptance unknown.
+        complete &= (serve(LOSSLESS, calibration_ids, request_options(LOSSLESS, None))
+                     and serve(LOSSLESS, calibration_ids + test_ids, request_options(LOSSLESS, None)))
         lossless = store.done(LOSSLESS)
         evaluated: dict[str, list[dict]] = {}
         n_cal = len(calibration_ids)

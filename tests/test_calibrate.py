@@ -248,6 +248,11 @@ def test_calibrate_certifies_lossless_not_an_accept_all_judge_and_resumes_after_
     assert strict["certified"] and strict["changes"] == 0 and strict["test"]["observed_risk"] == 0.0
     assert not accept_all["certified"] and accept_all["changes"] > 0.5 * accept_all["n"]
     assert report["certified"]["key"] == "judge-0.9"
+    # Lossless's acceptance is known on the calibration prompts (its counters never mix them
+    # with the test prompts), so the certified point's speed-up is stated.
+    assert report["lossless"]["mean_acceptance_length"] > 1.0
+    assert report["certified"]["acceptance_vs_lossless"] == pytest.approx(
+        strict["mean_acceptance_length"] / report["lossless"]["mean_acceptance_length"])
     name = "certified_text_changes_20pct"
     assert report["serve_with"]["selfjudge"]["operating_point"] == name
     certified_head = JudgeArtifact.load(out / "head")
