@@ -18,8 +18,9 @@ from pathlib import Path
 
 from benchmarks import chat_tasks, tasks
 from benchmarks.report import METHOD_STYLE, OTHER_STYLE, legend_beside, write_files
-from benchmarks.runner import parse_key, point_key, point_summary
+from benchmarks.runner import parse_key, point_key
 from selfjudge_vllm.calibrate import CachedOutcomes
+from selfjudge_vllm.measurement import point_summary
 
 BUDGETS = (0.01, 0.02, 0.05)
 # Families the matched tables compare; `fly` is vLLM's own FLy verifier (made by the plugin's

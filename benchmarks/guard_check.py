@@ -33,10 +33,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
+from benchmarks.runner import speculative_config  # noqa: E402
 from selfjudge_vllm.measurement import Progress, PromptItem, append_jsonl, log, run_items  # noqa: E402
 from selfjudge_vllm.server_process import Server, exit_cleanly_on_sigterm, free_port, parse_metric, serve_command  # noqa: E402
-
-NGRAM8 = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
 
 def guard_metrics(server) -> dict:
@@ -133,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    args.speculative_config = NGRAM8
+    args.speculative_config = speculative_config(("ngram", 8), None)  # the benchmark's ngram k=8 server
     if args.testbed:
         from benchmarks import chat_tasks
 

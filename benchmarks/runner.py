@@ -1,6 +1,7 @@
 """The one benchmark runner: both experiments (the Gemma sweep, `tradeoff.py`; the Qwen
 benchmark, `chat_tradeoff.py`) serve their points through it, on the package's measurement
-engine (`selfjudge_vllm/measurement.py`: the per-request store, vLLM's counters, progress).
+engine (`selfjudge_vllm/measurement.py`: the per-request store, vLLM's counters and a point's
+acceptance from them (`point_summary`), progress).
 
 A point is (server, method, knob): a server is (proposer, draft length), or REFERENCE (the
 target alone); every point of a server is served on one `vllm serve` process through
@@ -100,25 +101,6 @@ class Sitting:
                     return
         finally:
             server.stop()
-
-
-def point_summary(store, key: str, ids: set[str]) -> dict:
-    """A point's acceptance (vLLM's counters over the segments covering `ids`) and speed."""
-    segments = store.counter_segments(key, ids)
-    counts = {name: sum(s["counters"].get(name, 0.0) for s in segments) for name in ("drafts", "draft_tokens", "accepted")}
-    wall, tokens = sum(s["wall_s"] for s in segments), sum(s["tokens"] for s in segments)
-    batch1 = store.batch1(key)
-    return {
-        **counts,
-        "mean_acceptance_length": 1 + counts["accepted"] / counts["drafts"] if counts["drafts"] else None,
-        "acceptance_rate": counts["accepted"] / counts["draft_tokens"] if counts["draft_tokens"] else None,
-        "tokens_per_s": tokens / wall if wall else None,
-        "tokens_per_s_batch1": batch1["tokens"] / batch1["wall_s"] if batch1 else None,
-        "timed_items": sum(len(s["ids"]) for s in segments),
-        "timed_items_all_cores": sum(len(s["ids"]) for s in segments if s.get("worker_cores") == "all"),
-        "timed_items_numba_workqueue": sum(len(s["ids"]) for s in segments
-                                           if s.get("numba_threading_layer") == "workqueue"),
-    }
 
 
 def interleaved(sweep: dict) -> list[tuple[str, float | None]]:

@@ -50,11 +50,10 @@ from benchmarks.runner import (  # noqa: E402
     package_version,
     plugin_config,
     point_key,
-    point_summary,
     speculative_config,
     start_server,
 )
-from selfjudge_vllm.measurement import RequestStore, log, request_options  # noqa: E402
+from selfjudge_vllm.measurement import RequestStore, log, needs_work, point_summary, request_options  # noqa: E402
 
 SWEEP = {
     "lossless": [None],
@@ -221,21 +220,17 @@ def main(argv=None) -> int:
     servers = [(proposer, k) for proposer in PROPOSERS for k in draft_lengths]
     plan = {server: [(method, knob) for method, knobs in sweep.items() for knob in knobs] for server in servers}
     keys = [point_key(server, m, knob) for server in servers for m, knob in plan[server]]
-    remaining = [key for key in keys if store.uncounted(key, {i.id for i in items}) or store.batch1(key) is None]
+    remaining = [key for key in keys if needs_work(store, key, items, len(b1_items))]
     log(f"sweep: {len(keys)} points, {len(remaining)} to run, {len(items)} items each")
     for server in () if args.report_only else servers:
         sitting.work_on(start(server), [(point_key(server, m, knob), items, request_options(m, knob))
                                         for m, knob in plan[server]])
     ids = {i.id for i in items}
-
-    def measured(key):
-        return not store.uncounted(key, ids) and store.batch1(key) is not None
-
     points = []
     for server in servers:
         for method, knob in plan[server]:
             key = point_key(server, method, knob)
-            if not measured(key):
+            if needs_work(store, key, items, len(b1_items)):  # not measured whole yet
                 continue
             done = store.done(key)
             points.append({"proposer": server[0], "k": server[1], "method": method, "knob": knob,

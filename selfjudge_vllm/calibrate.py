@@ -35,7 +35,15 @@ from pathlib import Path
 from selfjudge_vllm import certify
 from selfjudge_vllm.answers import AnswerKind
 from selfjudge_vllm.files import file_sha256
-from selfjudge_vllm.measurement import Progress, PromptItem, RequestStore, log, measure_point, request_options
+from selfjudge_vllm.measurement import (
+    Progress,
+    PromptItem,
+    RequestStore,
+    log,
+    measure_point,
+    point_summary,
+    request_options,
+)
 from selfjudge_vllm.rules import RULES
 
 # Knobs per rule family, strictest first (every knob loosens its rule as it decreases). The
@@ -263,14 +271,10 @@ def largest_certifiable_count(n: int, budget: float, level: float) -> int:
 
 def acceptance(store: RequestStore, key: str, ids: set[str]) -> dict:
     """vLLM's counters over the point's segments on `ids`: mean acceptance length (tokens per
-    speculative step: 1 + accepted / drafts) and tokens/s."""
-    segments = store.counter_segments(key, ids)
-    drafts = sum(s["counters"].get("drafts", 0.0) for s in segments)
-    accepted = sum(s["counters"].get("accepted", 0.0) for s in segments)
-    wall, tokens = sum(s["wall_s"] for s in segments), sum(s["tokens"] for s in segments)
-    covered = sum(len(s["ids"]) for s in segments)
-    return {"mean_acceptance_length": 1 + accepted / drafts if drafts and covered == len(ids) else None,
-            "tokens_per_s": tokens / wall if wall and covered == len(ids) else None}
+    speculative step: 1 + accepted / drafts) and tokens/s; None unless they cover every id."""
+    summary = point_summary(store, key, ids)
+    covered = summary["timed_items"] == len(ids)
+    return {name: summary[name] if covered else None for name in ("mean_acceptance_length", "tokens_per_s")}
 
 
 # -- the run ---------------------------------------------------------------------------------------------

@@ -209,6 +209,27 @@ class Progress:
         return f"{self.done}/{self.planned} requests, ETA {eta} at this sitting's pace"
 
 
+def point_summary(store, key: str, ids: set[str]) -> dict:
+    """A point's acceptance (vLLM's counters over the segments covering `ids`) and speed;
+    `timed_items` says how many of `ids` those segments cover (all, for the figures to be the
+    point's on `ids`)."""
+    segments = store.counter_segments(key, ids)
+    counts = {name: sum(s["counters"].get(name, 0.0) for s in segments) for name in ("drafts", "draft_tokens", "accepted")}
+    wall, tokens = sum(s["wall_s"] for s in segments), sum(s["tokens"] for s in segments)
+    batch1 = store.batch1(key)
+    return {
+        **counts,
+        "mean_acceptance_length": 1 + counts["accepted"] / counts["drafts"] if counts["drafts"] else None,
+        "acceptance_rate": counts["accepted"] / counts["draft_tokens"] if counts["draft_tokens"] else None,
+        "tokens_per_s": tokens / wall if wall else None,
+        "tokens_per_s_batch1": batch1["tokens"] / batch1["wall_s"] if batch1 else None,
+        "timed_items": sum(len(s["ids"]) for s in segments),
+        "timed_items_all_cores": sum(len(s["ids"]) for s in segments if s.get("worker_cores") == "all"),
+        "timed_items_numba_workqueue": sum(len(s["ids"]) for s in segments
+                                           if s.get("numba_threading_layer") == "workqueue"),
+    }
+
+
 def missing_steps(store, key, items, batch1_items=0) -> list[str]:
     """What measure_point still has to do for this point, in its order: "requests" (items
     without a stored output), "counters" (vLLM's counters cover only part of the items),

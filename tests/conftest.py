@@ -28,7 +28,7 @@ for key, value in {
 
 # Module fixtures shared by long tests (a label run, a shared LLM, the README's models): under
 # `pytest -n 2 --dist loadgroup` the tests that use one go to the same worker, so it is built once.
-SHARED_ENGINE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm", "readme_pair")
+SHARED_MODULE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm", "readme_pair")
 
 
 def pytest_configure(config):
@@ -40,7 +40,7 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        for name in SHARED_ENGINE_FIXTURES:
+        for name in SHARED_MODULE_FIXTURES:
             if name in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
                 break
