@@ -397,11 +397,14 @@ RULE_FAMILIES = ("judge", "top_alpha", "entropy", "fly")  # one fixed sequence e
 
 def certified_points(store, outcomes: Outcomes, screen_ids, rows: list[dict], test_items=()) -> list[dict]:
     """Learn then Test on the committed store, as `selfjudge calibrate` certifies (its
-    pairing, p-values and procedure): per server, measure and budget, the points measured on
-    every held-out confirmation item (the screening items chose them, so they are not
-    counted), each rule's points strictest first, Bonferroni over the rules present; per
-    method family the certified point with the longest acceptance over the confirmation set,
-    with its risk on the test items (`test_items`: items outside everything else) where served."""
+    pairing, p-values and procedure): per server, measure and budget, the confirmed points
+    (the screening items chose them, so those items are not counted), each rule's points
+    strictest first, Bonferroni over the rules present; per method family the certified point
+    with the longest acceptance over the confirmation set, with its risk on the test items
+    (`test_items`: items outside everything else) where served. A point stopped early (its
+    answer changes ruled every budget out) stays in its sequence, failed, as in calibrate:
+    leaving it out would skip a failure the data made. A point a sitting has not finished is
+    left out: that depends on the clock, not on the answers."""
     from selfjudge_vllm import calibrate, certify
 
     calibration = sorted(set(outcomes.items) - set(screen_ids))
@@ -413,15 +416,17 @@ def certified_points(store, outcomes: Outcomes, screen_ids, rows: list[dict], te
         group = {r["key"]: r for r in rows if (r["proposer"], r["k"]) == server}
         lossless = point_key(server, "lossless", None)
         base = store.done(lossless)
-        sequences = {f: sorted((r for r in group.values() if r["method"] == f and not r["stopped_early"]
-                                and set(calibration) <= store.done(r["key"]).keys()),
+        complete = {key for key in group if set(calibration) <= store.done(key).keys()}
+        sequences = {f: sorted((r for r in group.values() if r["method"] == f
+                                and (r["key"] in complete or r["stopped_early"])),
                                key=lambda r: -r["knob"]) for f in RULE_FAMILIES}
         sequences = {f: seq for f, seq in sequences.items() if seq}
         for measure in CERTIFY_MEASURES:
             risks = {r["key"]: calibrate.paired_risk(outcomes, measure, store.done(r["key"]), base, calibration)
                      for seq in sequences.values() for r in seq}
             for budget in BUDGETS:
-                candidates = [certify.Candidate(f, r["key"], risks[r["key"]].p_value(measure, budget))
+                candidates = [certify.Candidate(f, r["key"], risks[r["key"]].p_value(measure, budget)
+                                                if r["key"] in complete else 1.0)
                               for f, seq in sequences.items() for r in seq]
                 certified = {c.point for c in certify.certify(candidates, 1 - CERTIFY_CONFIDENCE)} if candidates else set()
                 level = (1 - CERTIFY_CONFIDENCE) / max(1, len(sequences))

@@ -712,8 +712,9 @@ def test_matched_tables_count_only_held_out_items_and_confirmed_points(tmp_path)
 
 def test_the_certified_table_runs_calibrates_procedure_on_the_held_out_items(tmp_path):
     """Per rule strictest first, stopping at the first failure; the screening items do not
-    count; a family's certified point is its fastest certified one; a point served on part
-    of the items only (stopped early) is not a candidate."""
+    count; a family's certified point is its fastest certified one; a point stopped early
+    fails its sequence (as in calibrate), while one a sitting left unfinished is not a
+    candidate."""
     from benchmarks.chat_tradeoff_report import certified_points, test_plan
 
     n, screen = 400, 56
@@ -729,7 +730,9 @@ def test_the_certified_table_runs_calibrates_procedure_on_the_held_out_items(tmp
     ng = ("ngram", 8)
     keys = {"lossless": point_key(ng, "lossless", None), "ta9": point_key(ng, "top_alpha", 0.9),
             "ta5": point_key(ng, "top_alpha", 0.5), "ta2": point_key(ng, "top_alpha", 0.2),
-            "judge": point_key(ng, "judge", 0.5), "fly": point_key(ng, "fly", 0.3)}
+            "judge": point_key(ng, "judge", 0.5), "fly": point_key(ng, "fly", 0.3),
+            "judge_unfinished": point_key(ng, "judge", 0.9), "entropy_stopped": point_key(ng, "entropy", 3.0),
+            "entropy": point_key(ng, "entropy", 2.0)}
     store = _store(tmp_path, {
         keys["lossless"]: (right, {"drafts": 100, "draft_tokens": 800, "accepted": 100}),
         keys["ta9"]: (changed(0), {"drafts": 100, "draft_tokens": 800, "accepted": 110}),
@@ -737,7 +740,11 @@ def test_the_certified_table_runs_calibrates_procedure_on_the_held_out_items(tmp
         keys["ta2"]: (changed(0), {"drafts": 100, "draft_tokens": 800, "accepted": 200}),  # after a failure
         keys["judge"]: (changed(5, start=0), {"drafts": 100, "draft_tokens": 800, "accepted": 120}),
         keys["fly"]: (changed(3), {"drafts": 100, "draft_tokens": 800, "accepted": 180}),
+        keys["judge_unfinished"]: (right[:200], {"drafts": 50, "draft_tokens": 400, "accepted": 60}),
+        keys["entropy_stopped"]: (changed(20)[:200], {"drafts": 50, "draft_tokens": 400, "accepted": 60}),
+        keys["entropy"]: (changed(0), {"drafts": 100, "draft_tokens": 800, "accepted": 130}),
     })
+    store.add_segment({"point": keys["entropy_stopped"], "ids": [], "stopped_early": "20 answers changed"})
     # the judge changed only screening items: 0 changes where it counts
     outcomes = Outcomes(items)
     rows = point_rows(store, outcomes)
@@ -746,7 +753,10 @@ def test_the_certified_table_runs_calibrates_procedure_on_the_held_out_items(tmp
     assert at_5["calibration_items"] == n - screen
     assert at_5["families"]["training_free"]["certified"] == keys["ta9"]  # ta2 is never tested
     assert at_5["families"]["judge"]["certified"] == keys["judge"]
-    assert at_5["families"]["fly"]["certified"] == keys["fly"]  # 3 of 344 at level 0.05 / 3 rules
+    assert at_5["families"]["fly"]["certified"] == keys["fly"]  # 3 of 344 at level 0.05 / 4 rules
+    assert at_5["rules"] == ["judge", "top_alpha", "entropy", "fly"]
+    # entropy 2.0 changed nothing, but its sequence failed first, at the point stopped early
+    assert not any(e["families"]["training_free"]["certified"] == keys["entropy"] for e in entries)
     at_1 = next(e for e in entries if e["measure"] == "answer_changes" and e["budget"] == 0.01)
     assert at_1["families"]["fly"]["certified"] is None and at_1["families"]["fly"]["tried"]
     plan = test_plan(entries, rows)[ng]
