@@ -79,7 +79,10 @@ def _summarise(points):
             row["worst_quality_loss"] = max(losses.values(), default=0.0)
             row["acceptance_length_vs_lossless"] = p["mean_acceptance_length"] / base["mean_acceptance_length"]
             row["tokens_per_s_vs_lossless"] = p["tokens_per_s"] / base["tokens_per_s"]
-            row["tokens_per_s_batch1_vs_lossless"] = p["tokens_per_s_batch1"] / base["tokens_per_s_batch1"]
+            # None without batch-1 passes (--batch1-items 0)
+            row["tokens_per_s_batch1_vs_lossless"] = (p["tokens_per_s_batch1"] / base["tokens_per_s_batch1"]
+                                                      if p["tokens_per_s_batch1"] and base["tokens_per_s_batch1"]
+                                                      else None)
         row["within_1pct"] = base is not None and row["worst_quality_loss"] <= MAX_QUALITY_LOSS
         rows.append(row)
     return rows
@@ -203,7 +206,7 @@ def _markdown(rows, headlines, setup, reference, plots, previous=None) -> str:
         f"draft_model draft = {setup['draft']}. Greedy decoding; concurrent = all items with up to "
         f"{setup['concurrency']} in flight; batch 1 = {setup['batch1_items']} continuation items one at a time. "
         f"Target alone: {reference['tokens_per_s']:.1f} tok/s concurrent, "
-        f"{reference['tokens_per_s_batch1']:.1f} tok/s at batch 1. "
+        f"{_fmt(reference['tokens_per_s_batch1'], 1)} tok/s at batch 1. "
         + (f"The judge reads {', '.join(setup['head_features'])}. " if setup.get("head_features") else "")
         + (f"**Partial: {setup['points_missing']} of {setup['points_planned']} points not measured yet** "
            "(rerun the sweep to finish). " if setup.get("points_missing") else "")
@@ -224,7 +227,7 @@ def _markdown(rows, headlines, setup, reference, plots, previous=None) -> str:
         lines.append(
             f"| {r['proposer']} | {r['k']} | {r['method']} | {'' if r['knob'] is None else r['knob']} "
             f"| {r['mean_acceptance_length']:.2f} | {r['acceptance_rate']:.3f} | {r['tokens_per_s']:.1f} "
-            f"| {r['tokens_per_s_batch1']:.1f} | {q('code')} | {q('short_answer')} | {q('continuation')} "
+            f"| {_fmt(r['tokens_per_s_batch1'], 1)} | {q('code')} | {q('short_answer')} | {q('continuation')} "
             f"| {_fmt(r.get('continuation_exact'))} | {'yes' if r['within_1pct'] else 'no'} |"
         )
     lines += ["", "Quality change against the same server's lossless run, relative, paired item by item, "

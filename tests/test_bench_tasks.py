@@ -86,3 +86,26 @@ def test_the_gemma_reports_rebuild_from_their_committed_results_unchanged(tmp_pa
         assert after["points"] == before["points"] and after["headlines"] == before["headlines"]
         table = (tmp_path / f"{tag}.md").read_text().replace(str(tmp_path), "benchmarks/results")
         assert table == (committed / f"{tag}.md").read_text()
+
+
+def test_a_gemma_report_without_batch1_timings_says_not_measured(tmp_path):
+    """A sweep run with `--batch1-items 0` has no batch-1 speeds: the report says n/a for
+    them instead of failing on the missing figure."""
+    import json
+    from pathlib import Path
+
+    from benchmarks import tradeoff
+
+    report = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/tradeoff.json").read_text())
+    report["setup"]["command"] = "python benchmarks/tradeoff.py --batch1-items 0"
+    report["setup"]["batch1_items"] = 0
+    report["reference"]["tokens_per_s_batch1"] = None
+    for row in report["points"]:
+        row["tokens_per_s_batch1"] = None
+    (tmp_path / "tradeoff.json").write_text(json.dumps(report))
+    assert tradeoff.main(["--testbed", str(tmp_path / "no-testbed"), "--report-only", "--results", str(tmp_path),
+                          "--work", str(tmp_path / "work")]) == 0
+    rebuilt = json.loads((tmp_path / "tradeoff.json").read_text())
+    assert all(r["tokens_per_s_batch1_vs_lossless"] is None for r in rebuilt["points"] if r["method"] != "lossless")
+    assert all(r["tokens_per_s_vs_lossless"] for r in rebuilt["points"] if r["method"] != "lossless")
+    assert "n/a tok/s at batch 1" in (tmp_path / "tradeoff.md").read_text()
