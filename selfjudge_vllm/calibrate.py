@@ -60,8 +60,14 @@ LOSSLESS = "lossless"
 # Exit statuses: what a script can branch on.
 EXIT_RELAXED_CERTIFIED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ONLY_LOSSLESS, EXIT_INCOMPLETE = 0, 1, 2, 3, 4
 # What the served responses depend on: a rerun into the same folder must match on all of it.
-BOUND_SETTINGS = ("target", "speculative_config", "head_sha256", "prompts_sha256", "max_tokens", "dtype",
-                  "max_model_len", "test_share", "seed", "vllm_args")
+BOUND_SETTINGS = ("target", "speculative_config", "selfjudge_settings", "head_sha256", "prompts_sha256",
+                  "max_tokens", "dtype", "max_model_len", "test_share", "seed", "vllm_args")
+# Server settings of the `selfjudge` section an operator may calibrate under (--selfjudge-config):
+# they change what the rules decide (where relaxed acceptance applies, FLy's and the entropy
+# rule's windows), so the certificate holds for them only and the served config carries them.
+# The rule, its knob, the head and the floors are calibrate's to set.
+SERVER_SETTINGS = ("scope", "reasoning_start_token_id", "reasoning_end_token_id", "entropy_window", "fly_window",
+                   "fly_top_k")
 
 
 class CalibrateError(ValueError):
@@ -88,6 +94,7 @@ class CalibrateSettings:
     max_model_len: int = 2048
     dtype: str = "auto"
     vllm_args: tuple[str, ...] = ()
+    selfjudge_settings: dict = field(default_factory=dict)  # SERVER_SETTINGS given
     max_minutes: float | None = None
     startup_timeout_s: float = 1800.0
 
@@ -123,6 +130,23 @@ def check_settings(settings: CalibrateSettings) -> None:
             raise CalibrateError(f"--grid {family}: give distinct knobs strictest (largest) first, got {list(grid)}")
     if not isinstance(settings.speculative_config, dict) or "method" not in settings.speculative_config:
         raise CalibrateError("--speculative-config must be a JSON object with a 'method', as `vllm serve` takes it")
+    check_selfjudge_settings(settings.selfjudge_settings)
+
+
+def check_selfjudge_settings(given) -> None:
+    """Only SERVER_SETTINGS, with values the plugin accepts."""
+    from selfjudge_vllm.config import ConfigError, parse_section
+
+    if not isinstance(given, dict):
+        raise CalibrateError("--selfjudge-config must be a JSON object, e.g. '{\"scope\": \"reasoning\"}'")
+    other = sorted(set(given) - set(SERVER_SETTINGS))
+    if other:
+        raise CalibrateError(f"--selfjudge-config may set {', '.join(SERVER_SETTINGS)}; not {', '.join(other)} "
+                             "(calibrate chooses the rule, its knob and the head)")
+    try:
+        parse_section({"selfjudge": {"rule": "top_alpha", **given}})
+    except ConfigError as exc:
+        raise CalibrateError(f"--selfjudge-config: {exc}") from None
 
 
 def prompt_rows(settings: CalibrateSettings) -> list[dict]:
@@ -283,6 +307,8 @@ def acceptance(store: RequestStore, key: str, ids: set[str]) -> dict:
 def bound_settings(settings: CalibrateSettings) -> dict:
     return {
         "target": str(settings.target), "speculative_config": settings.speculative_config,
+        # None when not given: folders written before the option bind as they did
+        "selfjudge_settings": settings.selfjudge_settings or None,
         "head_sha256": file_sha256(settings.head / "model.safetensors") if settings.head else None,
         "prompts_sha256": file_sha256(settings.prompts), "max_tokens": settings.max_tokens, "dtype": settings.dtype,
         "max_model_len": settings.max_model_len, "test_share": settings.test_share, "seed": settings.seed,
@@ -312,7 +338,7 @@ def server_command(settings: CalibrateSettings, port: int) -> tuple[list[str], d
     from selfjudge_vllm.server_process import serve_command
 
     rules = [r for r in RULES if r != "judge" or settings.head]  # the judge needs a head
-    section = {"rule": rules[0], "request_rules": rules}
+    section = {"rule": rules[0], "request_rules": rules, **settings.selfjudge_settings}
     if settings.head:
         section["head"] = str(settings.head)
     env = {}
@@ -471,13 +497,16 @@ def _certified(evaluated: dict[str, list[dict]], delta: float) -> list[dict]:
 # -- the report -------------------------------------------------------------------------------------------
 
 
-def served_config(family: str | None, knob: float | None, head: Path | None, operating_point: str | None) -> dict:
-    """The `--additional-config` that serves a point."""
+def served_config(family: str | None, knob: float | None, head: Path | None, operating_point: str | None,
+                  selfjudge_settings: dict | None = None) -> dict:
+    """The `--additional-config` that serves a point, with the server settings it was
+    calibrated under."""
     if family is None:
         return {"selfjudge": {"enabled": False}}
     if family == "judge":
-        return {"selfjudge": {"head": str(head), "rule": "judge", "operating_point": operating_point}}
-    return {"selfjudge": {"rule": family, RULES[family].knob: knob}}
+        return {"selfjudge": {"head": str(head), "rule": "judge", "operating_point": operating_point,
+                              **(selfjudge_settings or {})}}
+    return {"selfjudge": {"rule": family, RULES[family].knob: knob, **(selfjudge_settings or {})}}
 
 
 def operating_point_name(measure: str, budget: float) -> str:
@@ -520,7 +549,8 @@ def _report(settings, bound, grids, level, calibration_ids, test_ids, lossless_r
         "certified": best and {**best, "operating_point": point_name if head_out else None,
                                "acceptance_vs_lossless": (best["mean_acceptance_length"] / base
                                                           if base and best["mean_acceptance_length"] else None)},
-        "serve_with": served_config(best and best["family"], best and best["knob"], head_out, point_name),
+        "serve_with": served_config(best and best["family"], best and best["knob"], head_out, point_name,
+                                    settings.selfjudge_settings),
         "settings": bound, "date": datetime.date.today().isoformat(),
     }
 
@@ -552,7 +582,8 @@ def _write_certified_head(settings: CalibrateSettings, report: dict) -> None:
         "lossless_mean_acceptance_length": report["lossless"]["mean_acceptance_length"],
         "acceptance_vs_lossless": best["acceptance_vs_lossless"], "test": best.get("test"),
         "prompts_sha256": report["settings"]["prompts_sha256"],
-        "speculative_config": report["settings"]["speculative_config"], "date": report["date"],
+        "speculative_config": report["settings"]["speculative_config"],
+        "selfjudge_settings": report["settings"]["selfjudge_settings"], "date": report["date"],
     }
     points = dict(artifact.config.operating_points)
     points[best["operating_point"]] = OperatingPoint(
@@ -668,6 +699,10 @@ def settings_from_args(args) -> CalibrateSettings:
     except json.JSONDecodeError as exc:
         raise CalibrateError(f"--speculative-config is not valid JSON ({exc.msg})") from None
     grids = dict(parse_grid(g) for g in args.grid)
+    try:
+        selfjudge_settings = json.loads(args.selfjudge_config) if args.selfjudge_config else {}
+    except json.JSONDecodeError as exc:
+        raise CalibrateError(f"--selfjudge-config is not valid JSON ({exc.msg})") from None
     head = Path(args.head) if args.head else None
     if head is not None:
         from selfjudge_vllm.artifact import ArtifactError, JudgeArtifact
@@ -682,7 +717,7 @@ def settings_from_args(args) -> CalibrateSettings:
         rules=tuple(r.strip() for r in args.rules.split(",") if r.strip()) if args.rules else (), grids=grids,
         test_share=args.test_share, seed=args.seed, max_tokens=args.max_tokens, concurrency=args.concurrency,
         max_model_len=args.max_model_len, dtype=args.dtype, vllm_args=tuple(shlex.split(args.vllm_args or "")),
-        max_minutes=args.max_minutes,
+        selfjudge_settings=selfjudge_settings, max_minutes=args.max_minutes,
     )
 
 

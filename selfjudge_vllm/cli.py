@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     testbed.set_defaults(func=_testbed)
 
     from selfjudge_vllm.answers import ANSWER_KINDS
-    from selfjudge_vllm.calibrate import DEFAULT_GRIDS
+    from selfjudge_vllm.calibrate import DEFAULT_GRIDS, SERVER_SETTINGS
     from selfjudge_vllm.certify import MEASURES
 
     cal = sub.add_parser(
@@ -364,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "without native bfloat16)")
     cal.add_argument("--vllm-args", help="further `vllm serve` arguments as one string, joined with '=' since it "
                      "starts with '--', e.g. --vllm-args=\"--gpu-memory-utilization 0.8 --tensor-parallel-size 2\"")
+    cal.add_argument("--selfjudge-config",
+                     help="server settings of the selfjudge section to calibrate under, as JSON, e.g. "
+                     "'{\"scope\": \"reasoning\"}' or '{\"fly_window\": 4}' (keys: " + ", ".join(SERVER_SETTINGS)
+                     + "); the certificate holds under them only, and the printed serve config carries them")
     cal.add_argument("--max-minutes", type=float, help="start no new segment of requests after this many minutes")
     cal.set_defaults(func=_calibrate)
 

@@ -134,6 +134,31 @@ def test_the_engine_serves_every_candidate_rule_and_needs_a_head_only_for_the_ju
     assert "judge" not in config.rules and set(config.rules) == {"top_alpha", "entropy", "fly"}
 
 
+def test_server_settings_reach_the_engine_the_binding_and_the_served_config(tmp_path):
+    """What the operator serves under (--selfjudge-config) is what calibrate served under: it
+    goes into the engine's section, binds the folder, and the printed config carries it."""
+    from selfjudge_vllm.config import parse_section
+
+    given = {"scope": "reasoning", "reasoning_end_token_id": 7, "fly_window": 4}
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    settings = calibrate.CalibrateSettings(target="t", speculative_config={"method": "ngram"}, prompts=prompts,
+                                           out=tmp_path, measure="text_changes", budget=0.05, dtype="float32",
+                                           selfjudge_settings=given)
+    calibrate.check_settings(settings)
+    command, _ = calibrate.server_command(settings, 8000)
+    config = parse_section(json.loads(command[command.index("--additional-config") + 1]))
+    assert (config.scope, config.reasoning_end_token_id, config.fly_window) == ("reasoning", 7, 4)
+    served = calibrate.served_config("fly", 0.6, None, None, given)
+    assert served == {"selfjudge": {"rule": "fly", "fly_threshold": 0.6, **given}}
+    assert parse_section(served).fly_window == 4
+    assert calibrate.served_config(None, None, None, None, given) == {"selfjudge": {"enabled": False}}
+    assert calibrate.bound_settings(settings)["selfjudge_settings"] == given
+    plain = calibrate.CalibrateSettings(target="t", speculative_config={"method": "ngram"}, prompts=prompts,
+                                        out=tmp_path, measure="text_changes", budget=0.05)
+    assert calibrate.bound_settings(plain)["selfjudge_settings"] is None  # as folders written before the option
+
+
 def test_the_operating_point_name_and_served_configs():
     assert calibrate.operating_point_name("accuracy", 0.02) == "certified_accuracy_2pct"
     assert calibrate.operating_point_name("text_changes", 0.025) == "certified_text_changes_2p5pct"
@@ -165,6 +190,10 @@ def _args(tmp_path, prompts, **over):
     ({"--answer": "pattern", "--answer-pattern": "("}, None, "not a valid regex"),
     ({"--speculative-config": "{"}, None, "--speculative-config is not valid JSON"),
     ({"--confidence": "1"}, None, "--confidence must lie strictly between 0 and 1"),
+    ({"--selfjudge-config": "["}, None, "--selfjudge-config is not valid JSON"),
+    ({"--selfjudge-config": '{"rule": "judge", "threshold": 0.1}'}, None, "not rule, threshold (calibrate chooses"),
+    ({"--selfjudge-config": '{"fly_window": 0}'}, None, "--selfjudge-config: invalid --additional-config"),
+    ({"--selfjudge-config": '["scope"]'}, None, "--selfjudge-config must be a JSON object"),
 ])
 def test_bad_input_is_refused_before_any_engine_starts(tmp_path, capsys, over, lines, message):
     prompts = tmp_path / "p.jsonl"
