@@ -761,3 +761,5 @@ def test_the_certified_table_runs_calibrates_procedure_on_the_held_out_items(tmp
     assert at_1["families"]["fly"]["certified"] is None and at_1["families"]["fly"]["tried"]
     plan = test_plan(entries, rows)[ng]
     assert plan[0] == keys["lossless"] and {keys["ta9"], keys["judge"], keys["fly"], keys["ta2"]} <= set(plan)
+    # elsewhere only lossless and the certified points
+    assert set(test_plan(entries, rows, fastest_on=())[ng]) == {keys["lossless"], keys["ta9"], keys["judge"], keys["fly"]}
