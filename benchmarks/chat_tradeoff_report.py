@@ -482,7 +482,33 @@ def _certified_markdown(entries: list[dict]) -> list[str]:
             cells.append(f"{c['method']} {c['knob']:g}: {ratio}, {100 * c['observed_risk']:.2f}% "
                          f"(<= {100 * c['upper_bound']:.2f}%){test_text}")
         lines.append(f"| {e['proposer']} k={e['k']} | {e['measure']} | {100 * e['budget']:g}% | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + [""] + _certificate_resolution(entries)
+
+
+RESOLUTION_GAINED = 10  # an illustrative count of items gained, about 3% of the calibration items
+
+
+def _certificate_resolution(entries: list[dict]) -> list[str]:
+    """What the certificate can resolve with these many items and rules: per budget, the most
+    answer changes, and the most items lost (with none, and with RESOLUTION_GAINED, gained),
+    that still certify at the family-wise level."""
+    from selfjudge_vllm import calibrate
+
+    lines = []
+    for n, rules in sorted({(e["calibration_items"], len(e["rules"])) for e in entries}):
+        level = (1 - CERTIFY_CONFIDENCE) / max(1, rules)
+        def most(count, what):
+            return f"at most {count} {what}" if count >= 0 else f"not even 0 {what}"
+
+        parts = []
+        for budget in BUDGETS:
+            changes = calibrate.largest_certifiable_count(n, budget, level)
+            lost = [calibrate.largest_certifiable_loss(n, budget, level, g) for g in (0, RESOLUTION_GAINED)]
+            parts.append(f"{100 * budget:g}%: {most(changes, 'answer changes')}; {most(lost[0], 'items lost')} with "
+                         f"none gained, {most(lost[1], 'lost')} with {RESOLUTION_GAINED} gained")
+        lines.append(f"What certifies with {n} items and {rules} rules (each tested at level {level:.4g}): "
+                     + "; ".join(parts) + ".")
+    return lines + [""] if lines else []
 
 
 # The issue's target server: there the test stage also serves each family's fastest point.

@@ -107,6 +107,17 @@ def test_early_stop_only_once_certification_is_ruled_out():
         assert certify.binomial_p_value(most + 1, n, budget) > level
 
 
+def test_the_largest_certifiable_loss_is_exact():
+    """One more item lost fails, the count passes; more gains allow more losses."""
+    for n, budget, level, gained in ((344, 0.02, 0.0125, 11), (344, 0.05, 0.0125, 0), (60, 0.01, 0.05, 0)):
+        most = calibrate.largest_certifiable_loss(n, budget, level, gained)
+        if most >= 0:
+            assert certify.accuracy_p_value(most, gained, n, budget) <= level
+        assert certify.accuracy_p_value(most + 1, gained, n, budget) > level
+    assert calibrate.largest_certifiable_loss(344, 0.05, 0.0125, 11) > calibrate.largest_certifiable_loss(
+        344, 0.05, 0.0125, 0)
+
+
 def test_the_upper_bound_is_the_smallest_budget_that_certifies():
     for measure, kw in (("answer_changes", {"changes": 7}), ("accuracy", {"lost": 9, "gained": 3})):
         bound = certify.risk_upper_bound(measure, 200, 0.025, **kw)

@@ -715,7 +715,7 @@ def test_the_certified_table_runs_calibrates_procedure_on_the_held_out_items(tmp
     count; a family's certified point is its fastest certified one; a point stopped early
     fails its sequence (as in calibrate), while one a sitting left unfinished is not a
     candidate."""
-    from benchmarks.chat_tradeoff_report import certified_points, test_plan
+    from benchmarks.chat_tradeoff_report import _certified_markdown, certified_points, test_plan
 
     n, screen = 400, 56
     items = _gsm_items(n)
@@ -761,5 +761,8 @@ def test_the_certified_table_runs_calibrates_procedure_on_the_held_out_items(tmp
     assert at_1["families"]["fly"]["certified"] is None and at_1["families"]["fly"]["tried"]
     plan = test_plan(entries, rows)[ng]
     assert plan[0] == keys["lossless"] and {keys["ta9"], keys["judge"], keys["fly"], keys["ta2"]} <= set(plan)
+    table = "\n".join(_certified_markdown(entries))
+    # 0 changes of 344 bound the rate at 1.27% at level 0.05 / 4 rules: a 1% budget is out of reach
+    assert "What certifies with 344 items and 4 rules (each tested at level 0.0125): 1%: not even 0 answer" in table
     # elsewhere only lossless and the certified points
     assert set(test_plan(entries, rows, fastest_on=())[ng]) == {keys["lossless"], keys["ta9"], keys["judge"], keys["fly"]}
