@@ -494,12 +494,12 @@ def _certificate_resolution(entries: list[dict]) -> list[str]:
     that still certify at the family-wise level."""
     from selfjudge_vllm import calibrate
 
+    def most(count, what):
+        return f"at most {count} {what}" if count >= 0 else f"not even 0 {what}"
+
     lines = []
     for n, rules in sorted({(e["calibration_items"], len(e["rules"])) for e in entries}):
         level = (1 - CERTIFY_CONFIDENCE) / max(1, rules)
-        def most(count, what):
-            return f"at most {count} {what}" if count >= 0 else f"not even 0 {what}"
-
         parts = []
         for budget in BUDGETS:
             changes = calibrate.largest_certifiable_count(n, budget, level)

@@ -295,8 +295,8 @@ def largest_certifiable_count(n: int, budget: float, level: float) -> int:
 
 def largest_certifiable_loss(n: int, budget: float, level: float, gained: int = 0) -> int:
     """For accuracy: the most items lost (lossless right, candidate wrong) among n that still
-    certify when `gained` items went the other way (-1: none). Discordant items add variance,
-    so the net loss allowed shrinks as `gained` grows less than the losses it offsets."""
+    certify when `gained` items went the other way (-1: none). Gains offset losses only in
+    part: every discordant item adds variance."""
     lost = -1
     while lost + 1 + gained <= n and certify.accuracy_p_value(lost + 1, gained, n, budget) <= level:
         lost += 1  # the p-value only grows with the losses
