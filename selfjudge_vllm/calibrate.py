@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -303,6 +304,41 @@ def largest_certifiable_loss(n: int, budget: float, level: float, gained: int = 
     return lost
 
 
+def zero_risk_certifies(measure: str, n: int, budget: float, level: float) -> bool:
+    """Whether a point that changes nothing on n prompts would be certified: below that n a
+    budget is out of reach for every point (for accuracy, for every point that does not gain
+    more than it loses)."""
+    if measure == "accuracy":
+        return largest_certifiable_loss(n, budget, level) >= 0
+    return largest_certifiable_count(n, budget, level) >= 0
+
+
+def prompts_for_zero_risk(measure: str, budget: float, level: float) -> int:
+    """The fewest calibration prompts on which a point that changes nothing is certified."""
+    n = max(1, math.ceil(math.log(level) / math.log(1.0 - budget)))  # exact for the change measures
+    high = n
+    while not zero_risk_certifies(measure, high, budget, level):  # accuracy: a little more
+        n, high = high + 1, 2 * high
+    while n < high:  # bisection: certification only gets easier with more prompts
+        middle = (n + high) // 2
+        n, high = (n, middle) if zero_risk_certifies(measure, middle, budget, level) else (middle + 1, high)
+    return high
+
+
+def resolution(settings: CalibrateSettings, n_cal: int, level: float) -> dict:
+    """What these many calibration prompts can certify, said before anything is served."""
+    enough = zero_risk_certifies(settings.measure, n_cal, settings.budget, level)
+    needed = None if enough else prompts_for_zero_risk(settings.measure, settings.budget, level)
+    note = None if enough else (
+        f"with {n_cal} calibration prompts and each rule family tested at {level:.4g}, not even a point that "
+        f"changes nothing can be certified within {100 * settings.budget:g}%"
+        + (" (only one that gains more than it loses)" if settings.measure == "accuracy" else "")
+        + f"; that takes at least {needed} calibration prompts (about "
+        f"{math.ceil(needed / (1.0 - settings.test_share))} in all at --test-share {settings.test_share:g}), "
+        "fewer --rules, or a larger --budget")
+    return {"zero_risk_certifies": enough, "prompts_needed_for_zero_risk": needed, "note": note}
+
+
 def acceptance(store: RequestStore, key: str, ids: set[str]) -> dict:
     """vLLM's counters over the point's segments on `ids`: mean acceptance length (tokens per
     speculative step: 1 + accepted / drafts) and tokens/s; None unless they cover every id."""
@@ -406,6 +442,9 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
         raise CalibrateError("no calibration prompts: lower --test-share or give more prompts")
     grids = candidate_grids(settings)
     level = settings.delta / len(grids)  # Bonferroni over the families
+    reach = resolution(settings, len(calibration_ids), level)
+    if reach["note"]:
+        log(f"calibrate: warning: {reach['note']}")
     store = RequestStore(settings.out / "store")
     judgement = Judgement(settings.answer, by_id)
     session = Session(settings)
@@ -474,7 +513,7 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
                                "observed_risk": risk.observed(settings.measure) if risk.n else None}
     finally:
         session.close()
-    report = _report(settings, bound, grids, level, calibration_ids, test_ids, lossless_row, evaluated, certified,
+    report = _report(settings, bound, grids, level, reach, calibration_ids, test_ids, lossless_row, evaluated, certified,
                      best, complete)
     _write(settings, report)
     if not complete:
@@ -524,7 +563,7 @@ def operating_point_name(measure: str, budget: float) -> str:
     return f"certified_{measure}_{f'{100 * budget:g}'.replace('.', 'p')}pct"
 
 
-def _report(settings, bound, grids, level, calibration_ids, test_ids, lossless_row, evaluated, certified, best,
+def _report(settings, bound, grids, level, reach, calibration_ids, test_ids, lossless_row, evaluated, certified, best,
             complete) -> dict:
     point_name = operating_point_name(settings.measure, settings.budget)
     head_out = settings.out / "head" if best and best["family"] == "judge" else None
@@ -554,7 +593,7 @@ def _report(settings, bound, grids, level, calibration_ids, test_ids, lossless_r
                   + ("exact binomial p-values" if settings.measure != "accuracy" else
                      "exact unconditional p-values for the accuracy lost (Berger-Boos restricted nuisance)"),
         "answer": asdict(settings.answer), "grids": {f: list(g) for f, g in grids.items()},
-        "calibration_prompts": len(calibration_ids), "test_prompts": len(test_ids),
+        "calibration_prompts": len(calibration_ids), "test_prompts": len(test_ids), "resolution": reach,
         "lossless": lossless_row, "points": [r for rows in evaluated.values() for r in rows],
         "certified": best and {**best, "operating_point": point_name if head_out else None,
                                "acceptance_vs_lossless": (best["mean_acceptance_length"] / base
@@ -623,6 +662,7 @@ def _markdown(report: dict) -> str:
         f"{report['calibration_prompts']} calibration prompts, {report['test_prompts']} test prompts "
         f"(split by prompt id, seed {report['settings']['seed']}); every point paired with lossless on the same "
         f"engine. {report['method']}; each family tested at {report['level_per_family']:.4g}.", "",
+        *([f"Warning: {report['resolution']['note']}.", ""] if report["resolution"]["note"] else []),
         "| point | n | changes | lost | gained | observed risk | upper bound | p-value | certified "
         "| acceptance length | test risk (n) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
@@ -733,6 +773,8 @@ def settings_from_args(args) -> CalibrateSettings:
 
 def summary_lines(report: dict, out: Path) -> list[str]:
     lines = [f"selfjudge calibrate: {report['verdict']}"]
+    if report["resolution"]["note"]:
+        lines.append(f"  warning: {report['resolution']['note']}")
     if report["complete"]:
         lines.append(f"  serve with: --additional-config '{json.dumps(report['serve_with'])}'")
     lines.append(f"  report: {out / 'report.md'} (and report.json, report.png)")

@@ -118,6 +118,28 @@ def test_the_largest_certifiable_loss_is_exact():
         344, 0.05, 0.0125, 0)
 
 
+@pytest.mark.parametrize("measure", ["answer_changes", "accuracy"])
+def test_the_prompts_a_budget_needs_are_exact(measure):
+    """The fewest calibration prompts on which a point that changes nothing certifies: one
+    fewer does not (at 1% and level 0.05 / 4 rules: 437 for a change measure)."""
+    for budget, level in ((0.01, 0.0125), (0.02, 0.05), (0.05, 0.025)):
+        n = calibrate.prompts_for_zero_risk(measure, budget, level)
+        assert calibrate.zero_risk_certifies(measure, n, budget, level)
+        assert not calibrate.zero_risk_certifies(measure, n - 1, budget, level)
+    assert measure != "answer_changes" or calibrate.prompts_for_zero_risk(measure, 0.01, 0.0125) == 437
+
+
+def test_an_unreachable_budget_is_said_before_serving(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    settings = calibrate.CalibrateSettings(target="t", speculative_config={"method": "ngram"}, prompts=prompts,
+                                           out=tmp_path, measure="accuracy", budget=0.01, test_share=0.3)
+    reach = calibrate.resolution(settings, 344, 0.0125)
+    assert not reach["zero_risk_certifies"] and reach["prompts_needed_for_zero_risk"] > 437
+    assert "not even a point that changes nothing can be certified within 1% (only one that gains" in reach["note"]
+    assert calibrate.resolution(settings, reach["prompts_needed_for_zero_risk"], 0.0125)["note"] is None
+
+
 def test_the_upper_bound_is_the_smallest_budget_that_certifies():
     for measure, kw in (("answer_changes", {"changes": 7}), ("accuracy", {"lost": 9, "gained": 3})):
         bound = certify.risk_upper_bound(measure, 200, 0.025, **kw)
@@ -277,6 +299,9 @@ def test_calibrate_certifies_lossless_not_an_accept_all_judge_and_resumes_after_
     assert [p["key"] for p in report["points"]] == ["judge-0.9"] and report["points"][0]["changes"] == 0
     assert report["serve_with"] == {"selfjudge": {"enabled": False}}
     assert "only lossless is certified" in tight.stdout and (out / "report.png").stat().st_size > 0
+    # said before serving, and in the report: 1% is out of reach on these few prompts
+    assert "not even a point that changes nothing can be certified within 1%" in tight.stderr + tight.stdout
+    assert report["resolution"]["prompts_needed_for_zero_risk"] == 299  # one family at level 0.05
 
     # 20% budget, same folder: no lossless request is served again; the strict point is
     # certified, the accept-all one changes most texts and is not.
