@@ -485,6 +485,31 @@ def _certified_markdown(entries: list[dict]) -> list[str]:
     return lines + [""] + _certificate_resolution(entries)
 
 
+def _test_markdown(tested: list[dict], n_items: int) -> list[str]:
+    """Every point served on the test items, paired with its server's lossless there."""
+    if not tested:
+        return []
+    lines = [f"## The test items ({n_items} GSM8K items outside the judge's training prompts and the confirmation set)",
+             "", "Every point the test stage served on them, paired with the same server's lossless on the same "
+             "items: the certified points, and on the headline server each family's fastest point, certified or "
+             "not. Answer changes with a 95% upper bound, accuracy change with a 95% lower bound.", "",
+             "| server | point | items | acceptance vs lossless | text differs | answers changed (bound) "
+             "| accuracy change (bound) | GSM8K accuracy |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in tested:
+        point = "lossless" if r["method"] == "lossless" else f"{r['method']} {r['knob']:g}"
+        if r["method"] == "lossless":
+            lines.append(f"| {r['proposer']} k={r['k']} | lossless | {r['n']} | | | | | {r['accuracy']:.3f} |")
+            continue
+        if "paired_n" not in r:  # no lossless on these items yet
+            continue
+        ratio = r["acceptance_length_vs_lossless"]
+        lines.append(
+            f"| {r['proposer']} k={r['k']} | {point} | {r['paired_n']} | {_fmt(ratio, '.3f')}{'x' if ratio else ''} "
+            f"| {r['text_changes']} | {r['changes']} ({100 * r['change_upper95']:.2f}%) "
+            f"| {100 * r['accuracy_change']:+.2f}% ({100 * r['accuracy_change_lower95']:+.2f}%) | {r['accuracy']:.3f} |")
+    return lines + [""]
+
+
 RESOLUTION_GAINED = 10  # an illustrative count of items gained, about 3% of the calibration items
 
 
@@ -548,15 +573,20 @@ def write(store, items, screen_ids, results: Path, tag: str, setup: dict, test_i
     # did not choose them.
     heads = headlines(held)
     certified = certified_points(store, outcomes, screen_ids, rows, test_items)
+    test_outcomes = Outcomes(test_items)
+    tested = point_rows(store, test_outcomes) if test_items else []
     setup = {**setup, "held_out_items": len(set(outcomes.items) - set(screen_ids))}
     plots = _plots(rows, results, tag) if rows else []
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     report = {"setup": setup, "headlines": heads, "certified": certified, "points": public,
               "screening": [{k: v for k, v in r.items() if not k.startswith("_")} for r in screen_rows],
-              "outcomes": {r["key"]: r["_results"] for r in rows}}
+              "outcomes": {r["key"]: r["_results"] for r in rows},
+              "test_points": [{k: v for k, v in r.items() if not k.startswith("_")} for r in tested],
+              "test_outcomes": {r["key"]: r["_results"] for r in tested}}
     fields = list(dict.fromkeys(k for r in public for k, v in r.items() if not isinstance(v, (list, dict))))
     shown = ", ".join(f"`{tasks.shown_path(results / p)}`" for p in plots)
-    markdown = (_markdown(rows, heads, setup) + "\n".join(["", *_certified_markdown(certified)])
+    markdown = (_markdown(rows, heads, setup) + "\n".join(["", *_certified_markdown(certified),
+                                                         *_test_markdown(tested, len(test_items))])
                 + (f"\nPlots: {shown}\n" if plots else ""))
     write_files(results, tag, report, public, fields, markdown)
     return report

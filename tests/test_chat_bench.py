@@ -766,3 +766,26 @@ def test_the_certified_table_runs_calibrates_procedure_on_the_held_out_items(tmp
     assert "What certifies with 344 items and 4 rules (each tested at level 0.0125): 1%: not even 0 answer" in table
     # elsewhere only lossless and the certified points
     assert set(test_plan(entries, rows, fastest_on=())[ng]) == {keys["lossless"], keys["ta9"], keys["judge"], keys["fly"]}
+
+
+def test_the_test_items_table_pairs_every_point_served_there_with_its_lossless(tmp_path):
+    """Each point the test stage served is compared with the same server's lossless on the
+    test items: answers changed, accuracy lost and gained, acceptance on the same items."""
+    from benchmarks.chat_tradeoff_report import Outcomes, _test_markdown, point_rows
+
+    n = 300
+    items = _gsm_items(n)
+    right = [f"#### {i}" for i in range(n)]
+    relaxed = list(right)
+    relaxed[0] = relaxed[1] = "#### -1"  # two lost
+    ng = ("ngram", 8)
+    store = _store(tmp_path, {
+        point_key(ng, "lossless", None): (right, {"drafts": 100, "draft_tokens": 800, "accepted": 100}),
+        point_key(ng, "judge", 0.188512): (relaxed, {"drafts": 100, "draft_tokens": 800, "accepted": 120}),
+    })
+    tested = point_rows(store, Outcomes(items))
+    table = "\n".join(_test_markdown(tested, n))
+    assert "| ngram k=8 | lossless | 300 | | | | | 1.000 |" in table
+    # acceptance 2.2 vs 2.0 tokens per step; 2 of 300 changed (one-sided Clopper-Pearson bound 2.08%); accuracy -0.67%
+    assert "| ngram k=8 | judge 0.188512 | 300 | 1.100x | 2 | 2 (2.08%) | -0.67% (" in table
+    assert _test_markdown([], n) == []
