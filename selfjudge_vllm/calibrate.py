@@ -308,9 +308,7 @@ def zero_risk_certifies(measure: str, n: int, budget: float, level: float) -> bo
     """Whether a point that changes nothing on n prompts would be certified: below that n a
     budget is out of reach for every point (for accuracy, for every point that does not gain
     more than it loses)."""
-    if measure == "accuracy":
-        return largest_certifiable_loss(n, budget, level) >= 0
-    return largest_certifiable_count(n, budget, level) >= 0
+    return certify.p_value(measure, n, budget) <= level  # no change, nothing lost or gained
 
 
 def prompts_for_zero_risk(measure: str, budget: float, level: float) -> int:
