@@ -353,3 +353,42 @@ def test_calibrate_certifies_lossless_not_an_accept_all_judge_and_resumes_after_
     assert resumed_report["certified"]["test"] == report["certified"]["test"]
     stored = [json.loads(line) for line in (again / "store/requests.jsonl").read_text().splitlines()]
     assert len({(r["point"], r["id"]) for r in stored}) == len(stored) == 32 + 32  # nothing lost, nothing twice
+
+
+@pytest.mark.server
+@pytest.mark.timeout(1200)
+def test_a_certificate_holds_for_the_scope_it_was_served_under(tiny_pair, workdir, tmp_path):
+    """The accept-all judge of the test above changes most texts when it relaxes everywhere.
+    Served with relaxation inside reasoning only, where the span opens at a token that ends
+    every response (end of sequence: no response is inside it), it relaxes nothing: calibrate
+    serves that policy end to end, certifies it, and the printed config and the certified
+    head's evidence carry the scope, which is the only condition the certificate holds under."""
+    import torch
+
+    from selfjudge_vllm.artifact import JudgeArtifact
+    from selfjudge_vllm.testing.load import make_requests
+    from selfjudge_vllm.testing.tiny_models import write_head
+
+    target, draft = tiny_pair
+    head = write_head(workdir / "heads/calibrate_half", target, torch.zeros(64), bias=0.0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": r["prompt"]}) + "\n"
+                               for i, r in enumerate(make_requests(32, seed=5))))
+    scope = {"scope": "reasoning", "reasoning_start_token_id": 1, "reasoning_end_token_id": 2}  # 1: </s>
+    out = tmp_path / "cal"
+    run = subprocess.run([sys.executable, "-m", "selfjudge_vllm.cli", "calibrate",
+                          *_calibrate_argv(target, draft, head, prompts, out, 0.2, "0.1"),
+                          "--selfjudge-config", json.dumps(scope)],
+                         env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == calibrate.EXIT_RELAXED_CERTIFIED, run.stdout + run.stderr
+    report = json.loads((out / "report.json").read_text())
+    (accept_all,) = report["points"]
+    assert accept_all["key"] == "judge-0.1" and accept_all["n"] > 16  # the calibration part of 32
+    assert accept_all["changes"] == 0 and accept_all["certified"]
+    assert accept_all["test"]["observed_risk"] == 0.0
+    name = "certified_text_changes_20pct"
+    assert report["serve_with"] == {"selfjudge": {"head": str(out / "head"), "rule": "judge",
+                                                "operating_point": name, **scope}}
+    point = JudgeArtifact.load(out / "head").config.operating_points[name]
+    assert point.threshold == 0.1 and point.evidence["selfjudge_settings"] == scope
