@@ -454,10 +454,24 @@ def certified_points(store, outcomes: Outcomes, screen_ids, rows: list[dict], te
     return out
 
 
-def _certified_markdown(entries: list[dict]) -> list[str]:
+def certified_like_the_test_items(store, items, screen_ids, rows: list[dict], test_items) -> list[dict]:
+    """The certified table recomputed on the confirmation items of the test items' families
+    only. A certificate covers traffic drawn like its calibration prompts; the test items are
+    GSM8K only while the confirmation set mixes in HumanEval, so this is the certificate the
+    test items check. Empty without test items or when the confirmation set has no other
+    family."""
+    families = {i.family for i in test_items}
+    like = [i for i in items if i.family in families]
+    if not test_items or len(like) == len(items):
+        return []
+    return certified_points(store, Outcomes(like), screen_ids, rows, test_items)
+
+
+def _certified_markdown(entries: list[dict], heading: str = "Certified points (Learn then Test on the held-out "
+                        "confirmation items)", preface: str = "") -> list[str]:
     if not entries:
         return []
-    lines = ["## Certified points (Learn then Test on the held-out confirmation items)", "",
+    lines = [f"## {heading}", "", *([preface, ""] if preface else []),
              f"Per server, measure and budget: the certified point with the longest acceptance, per family, at "
              f"{100 * CERTIFY_CONFIDENCE:g}% confidence, on the {entries[0]['calibration_items']} confirmation items "
              "outside the screening subset (which chose the points). `selfjudge calibrate`'s procedure: each rule's "
@@ -508,6 +522,13 @@ def _test_markdown(tested: list[dict], n_items: int) -> list[str]:
             f"| {r['text_changes']} | {r['changes']} ({100 * r['change_upper95']:.2f}%) "
             f"| {100 * r['accuracy_change']:+.2f}% ({100 * r['accuracy_change_lower95']:+.2f}%) | {r['accuracy']:.3f} |")
     return lines + [""]
+
+
+LIKE_TEST_HEADING = "Certified on the GSM8K confirmation items alone (the test items' distribution)"
+LIKE_TEST_PREFACE = ("A certificate covers traffic drawn like its calibration prompts. The test items are GSM8K only, "
+                     "the table above calibrates on a GSM8K/HumanEval mix; here the same procedure, on the same "
+                     "points, counts the GSM8K confirmation items only, so its test cells check a certificate "
+                     "against its own distribution. A test cell is shown where the test stage served the point.")
 
 
 RESOLUTION_GAINED = 10  # an illustrative count of items gained, about 3% of the calibration items
@@ -573,12 +594,14 @@ def write(store, items, screen_ids, results: Path, tag: str, setup: dict, test_i
     # did not choose them.
     heads = headlines(held)
     certified = certified_points(store, outcomes, screen_ids, rows, test_items)
+    certified_like_test = certified_like_the_test_items(store, items, screen_ids, rows, test_items)
     test_outcomes = Outcomes(test_items)
     tested = point_rows(store, test_outcomes) if test_items else []
     setup = {**setup, "held_out_items": len(set(outcomes.items) - set(screen_ids))}
     plots = _plots(rows, results, tag) if rows else []
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    report = {"setup": setup, "headlines": heads, "certified": certified, "points": public,
+    report = {"setup": setup, "headlines": heads, "certified": certified,
+              "certified_like_the_test_items": certified_like_test, "points": public,
               "screening": [{k: v for k, v in r.items() if not k.startswith("_")} for r in screen_rows],
               "outcomes": {r["key"]: r["_results"] for r in rows},
               "test_points": [{k: v for k, v in r.items() if not k.startswith("_")} for r in tested],
@@ -586,7 +609,9 @@ def write(store, items, screen_ids, results: Path, tag: str, setup: dict, test_i
     fields = list(dict.fromkeys(k for r in public for k, v in r.items() if not isinstance(v, (list, dict))))
     shown = ", ".join(f"`{tasks.shown_path(results / p)}`" for p in plots)
     markdown = (_markdown(rows, heads, setup) + "\n".join(["", *_certified_markdown(certified),
-                                                         *_test_markdown(tested, len(test_items))])
+                                                         *_test_markdown(tested, len(test_items)),
+                                                         *_certified_markdown(certified_like_test, LIKE_TEST_HEADING,
+                                                                              LIKE_TEST_PREFACE)])
                 + (f"\nPlots: {shown}\n" if plots else ""))
     write_files(results, tag, report, public, fields, markdown)
     return report

@@ -789,3 +789,34 @@ def test_the_test_items_table_pairs_every_point_served_there_with_its_lossless(t
     # acceptance 2.2 vs 2.0 tokens per step; 2 of 300 changed (one-sided Clopper-Pearson bound 2.08%); accuracy -0.67%
     assert "| ngram k=8 | judge 0.188512 | 300 | 1.100x | 2 | 2 (2.08%) | -0.67% (" in table
     assert _test_markdown([], n) == []
+
+
+def test_the_test_items_certificate_counts_only_their_family(tmp_path):
+    """The test items are GSM8K only; the certificate they check is recomputed on the GSM8K
+    confirmation items alone (HumanEval items are never scored for it)."""
+    from benchmarks.chat_tradeoff_report import certified_like_the_test_items, point_rows
+
+    n, screen, code = 400, 56, 100
+    items = _gsm_items(n - code) + [tasks.Item("humaneval", f"gsm8k/{1000 + i}", "p", 10)  # never scored here
+                                    for i in range(n - code, n)]
+    right = [f"#### {i}" for i in range(n)]
+    changed = list(right)
+    for i in range(screen, screen + 6):  # 6 GSM8K confirmation answers changed
+        changed[i] = "#### -1"
+    ng = ("ngram", 8)
+    store = _store(tmp_path, {
+        point_key(ng, "lossless", None): (right, {"drafts": 100, "draft_tokens": 800, "accepted": 100}),
+        point_key(ng, "top_alpha", 0.9): (changed, {"drafts": 100, "draft_tokens": 800, "accepted": 110}),
+    })
+    rows = point_rows(store, Outcomes(items[: n - code]))
+    test_items = [tasks.Item("gsm8k", f"gsm8k/{5000 + i}", "p", 10, answers=("1",)) for i in range(3)]
+    entries = certified_like_the_test_items(store, items, [i.id for i in items[:screen]], rows, test_items)
+    at_5 = next(e for e in entries if e["measure"] == "answer_changes" and e["budget"] == 0.05)
+    assert at_5["calibration_items"] == n - code - screen
+    cell = at_5["families"]["training_free"]
+    assert cell["certified"] == point_key(ng, "top_alpha", 0.9) and cell["n"] == n - code - screen
+    assert cell["observed_risk"] == pytest.approx(6 / (n - code - screen))
+    assert cell["test"] == {"n": 0, "observed_risk": None}  # not served on the test items
+    # nothing to recompute when every confirmation item is of the test items' family, or without test items
+    assert certified_like_the_test_items(store, items[: n - code], [], rows, test_items) == []
+    assert certified_like_the_test_items(store, items, [], rows, []) == []
