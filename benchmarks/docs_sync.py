@@ -1,0 +1,132 @@
+"""Keep the figures the docs quote equal to the committed results files.
+
+    python -m benchmarks.docs_sync           # rewrite the generated blocks
+    python -m benchmarks.docs_sync --check   # exit 1 and name the stale blocks (a test runs this)
+
+Blocks, each between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->`:
+- docs/benchmarks.md `chat_tradeoff` and `tradeoff`: copies of the two benchmark reports;
+- README.md `results`: the results table, rendered from benchmarks/results/chat_tradeoff.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from benchmarks.chat_tradeoff_report import BUDGETS, test_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+# The README's rows: (point key, how the README names it). Each server's FLy default and its
+# certified points, and on the headline server each family's fastest confirmed point.
+README_ROWS = (
+    ("ngram-k8/judge-0.188512", "judge 0.188512 (its fastest confirmed point)"),
+    ("ngram-k8/entropy-0.5", "`entropy` 0.5 (the loosest training-free point confirmed)"),
+    ("ngram-k8/fly-0.3", "FLy, vLLM's defaults"),
+    ("ngram-k8/fly-0.6", "FLy at threshold 0.6"),
+    ("ngram-k8/top_alpha-0.9", "`top_alpha` 0.9"),
+    ("ngram-k8/fly-1.0", "FLy at threshold 1.0 (stricter than its default)"),
+    ("ngram-k8/entropy-3.0", "`entropy` 3.0"),
+    ("ngram-k4/fly-0.3", "FLy, vLLM's defaults"),
+    ("ngram-k4/top_alpha-0.9", "`top_alpha` 0.9"),
+    ("ngram-k4/entropy-3.0", "`entropy` 3.0"),
+    ("draft_model-k8/fly-0.3", "FLy, vLLM's defaults"),
+    ("draft_model-k8/entropy-3.0", "`entropy` 3.0"),
+    ("draft_model-k4/fly-0.3", "FLy, vLLM's defaults"),
+    ("draft_model-k4/entropy-3.0", "`entropy` 3.0"),
+)
+
+
+def _certified_within(report: dict, key: str) -> str:
+    """The tightest accuracy budget the certified table certifies the point at, with its bound."""
+    for budget in sorted(BUDGETS):
+        for entry in report["certified"]:
+            if entry["measure"] != "accuracy" or entry["budget"] != budget:
+                continue
+            for cell in entry["families"].values():
+                if cell["certified"] == key:
+                    return f"{100 * budget:g}% (bound {100 * cell['upper_bound']:.2f}%)"
+    return "no"
+
+
+def _on_test_items(report: dict, key: str, planned: set[str], n_test: int) -> str:
+    if key not in planned:
+        return "-"
+    row = next((r for r in report["test_points"] if r["key"] == key), None)
+    if row is None or row.get("paired_n", 0) < n_test:
+        return "not served yet"
+    return f"{row['changes']} ({100 * row['change_rate']:.2f}%), {100 * row['accuracy_change']:+.2f}%"
+
+
+def readme_results(report: dict) -> str:
+    points = {p["key"]: p for p in report["points"]}
+    planned = {key for keys in test_plan(report["certified"], report["points"]).values() for key in keys}
+    n_test = max((r["n"] for r in report["test_points"] if r["method"] == "lossless"), default=0)
+    held = report["setup"]["held_out_items"]
+    lines = [f"| server | point | acceptance vs lossless | answers changed (of {points[README_ROWS[0][0]]['n']}) "
+             f"| accuracy change on the {held} held-out items (95% bound) | certified within accuracy loss of "
+             f"| on {n_test} test items: answers changed, accuracy change |", "|---|---|---:|---:|---:|---|---:|"]
+    for key, label in README_ROWS:
+        p = points[key]
+        lines.append(f"| `{p['proposer']}` k={p['k']} | {label} | {p['acceptance_length_vs_lossless']:.2f}x "
+                     f"| {p['changes']} | {100 * p['held_out_accuracy_change']:+.2f}% "
+                     f"({100 * p['held_out_accuracy_change_lower95']:+.2f}%) | {_certified_within(report, key)} "
+                     f"| {_on_test_items(report, key, planned, n_test)} |")
+    return "\n".join(lines) + "\n"
+
+
+def blocks() -> dict[tuple[Path, str], str]:
+    """(file, block name) -> what the block must hold."""
+    report = json.loads((RESULTS / "chat_tradeoff.json").read_text())
+    return {(ROOT / "docs" / "benchmarks.md", "chat_tradeoff"): (RESULTS / "chat_tradeoff.md").read_text(),
+            (ROOT / "docs" / "benchmarks.md", "tradeoff"): (RESULTS / "tradeoff.md").read_text(),
+            (ROOT / "README.md", "results"): readme_results(report)}
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {name}:begin[^\n]*-->\n)(.*?)(<!-- {name}:end -->)", re.S)
+
+
+def stale(files: dict[Path, str], wanted: dict[tuple[Path, str], str]) -> list[str]:
+    out = []
+    for (path, name), body in wanted.items():
+        match = _pattern(name).search(files[path])
+        if match is None:
+            out.append(f"{path.name}: no {name} block")
+        elif match.group(2) != body:
+            out.append(f"{path.name}: block {name} differs from what the results files give")
+    return out
+
+
+def sync(files: dict[Path, str], wanted: dict[tuple[Path, str], str]) -> dict[Path, str]:
+    files = dict(files)
+    for (path, name), body in wanted.items():
+        files[path], count = _pattern(name).subn(lambda m, body=body: m.group(1) + body + m.group(3), files[path])
+        if count != 1:
+            raise SystemExit(f"{path}: expected one {name} block, found {count}")
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only say which blocks are stale (exit 1 if any)")
+    args = parser.parse_args(argv)
+    wanted = blocks()
+    files = {path: path.read_text() for path, _ in wanted}
+    if args.check:
+        problems = stale(files, wanted)
+        for line in problems:
+            print(line)
+        return 1 if problems else 0
+    for path, text in sync(files, wanted).items():
+        if text != files[path]:
+            path.write_text(text)
+            print(f"updated {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
