@@ -58,7 +58,8 @@ def _on_test_items(report: dict, key: str, planned: set[str], n_test: int) -> st
     row = next((r for r in report["test_points"] if r["key"] == key), None)
     if row is None or row.get("paired_n", 0) < n_test:
         return "not served yet"
-    return f"{row['changes']} ({100 * row['change_rate']:.2f}%), {100 * row['accuracy_change']:+.2f}%"
+    return (f"{row['acceptance_length_vs_lossless']:.2f}x; {row['changes']} ({100 * row['change_rate']:.2f}%); "
+            f"{100 * row['accuracy_change']:+.2f}%")
 
 
 def readme_results(report: dict) -> str:
@@ -68,7 +69,8 @@ def readme_results(report: dict) -> str:
     held = report["setup"]["held_out_items"]
     lines = [f"| server | point | acceptance vs lossless | answers changed (of {points[README_ROWS[0][0]]['n']}) "
              f"| accuracy change on the {held} held-out items (95% bound) | certified within accuracy loss of "
-             f"| on {n_test} test items: answers changed, accuracy change |", "|---|---|---:|---:|---:|---|---:|"]
+             f"| on {n_test} test items: acceptance vs lossless; answers changed; accuracy change |",
+             "|---|---|---:|---:|---:|---|---:|"]
     for key, label in README_ROWS:
         p = points[key]
         lines.append(f"| `{p['proposer']}` k={p['k']} | {label} | {p['acceptance_length_vs_lossless']:.2f}x "
