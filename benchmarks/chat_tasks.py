@@ -109,6 +109,26 @@ def sharegpt_first_turns(limit: int) -> list[tuple[str, str]]:
     return out
 
 
+# Disjoint slices of the usable ShareGPT first turns (sharegpt_first_turns' order): the served
+# head's judge-training prompts are the first 60 (train_prompt_rows); each later use has its own
+# slice, so no prompt trains a judge and also validates a scorer or measures a point.
+SHAREGPT_SPLITS = {
+    "served_head_training": (0, 1000),  # the committed head used the first 60; the rest stay unused
+    "validation": (1000, 2000),  # meaning scorers' validation pairs (benchmarks/meaning_validation.py)
+    "benchmark": (2000, 4000),  # the chat benchmark: calibrate and its test prompts
+    "judge_labels": (4000, None),  # the paper's judge trained for chat traffic
+}
+
+
+def sharegpt_split(split: str, count: int) -> list[tuple[str, str]]:
+    """The first `count` (id, first user turn) of a SHAREGPT_SPLITS slice (ids "sharegpt/<id>")."""
+    start, end = SHAREGPT_SPLITS[split]
+    if end is not None and count > end - start:
+        raise ValueError(f"the {split} split holds {end - start} prompts, not {count}")
+    turns = sharegpt_first_turns(start + count)[start:]
+    return [(f"sharegpt/{cid}", text) for cid, text in turns]
+
+
 class ChatTemplate:
     """Renders messages with the target's chat template into prompt text."""
 

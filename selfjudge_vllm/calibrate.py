@@ -36,10 +36,12 @@ from pathlib import Path
 from selfjudge_vllm import certify
 from selfjudge_vllm.answers import AnswerKind
 from selfjudge_vllm.files import file_sha256
+from selfjudge_vllm.meaning import MEANING_MEASURES, MeaningJudge, Pair, ScorerSettings, request_text
 from selfjudge_vllm.measurement import (
     Progress,
     PromptItem,
     RequestStore,
+    every_core_env,
     log,
     measure_point,
     point_summary,
@@ -60,6 +62,7 @@ DEFAULT_GRIDS = {
 LOSSLESS = "lossless"
 # Exit statuses: what a script can branch on.
 EXIT_RELAXED_CERTIFIED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ONLY_LOSSLESS, EXIT_INCOMPLETE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 # What the served responses depend on: a rerun into the same folder must match on all of it.
 BOUND_SETTINGS = ("target", "speculative_config", "selfjudge_settings", "head_sha256", "prompts_sha256",
                   "max_tokens", "dtype", "max_model_len", "test_share", "seed", "vllm_args")
@@ -96,12 +99,23 @@ class CalibrateSettings:
     dtype: str = "auto"
     vllm_args: tuple[str, ...] = ()
     selfjudge_settings: dict = field(default_factory=dict)  # SERVER_SETTINGS given
+    # meaning_changes / judged_loss: who decides (meaning.py); None = the measure's defaults
+    scorer: str | None = None
+    scorer_model: str | None = None
+    scorer_threshold: float | None = None
     max_minutes: float | None = None
     startup_timeout_s: float = 1800.0
 
     @property
     def delta(self) -> float:
         return 1.0 - self.confidence
+
+    @property
+    def scorer_settings(self) -> ScorerSettings | None:
+        """The meaning measures' scorer, model, threshold and prompt version (None for the others)."""
+        if self.measure not in MEANING_MEASURES:
+            return None
+        return ScorerSettings.make(self.measure, self.scorer, self.scorer_model, self.scorer_threshold)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -116,9 +130,18 @@ def check_settings(settings: CalibrateSettings) -> None:
         raise CalibrateError(f"--confidence must lie strictly between 0 and 1, got {settings.confidence}")
     if not 0.0 <= settings.test_share < 1.0:
         raise CalibrateError(f"--test-share must lie in [0, 1), got {settings.test_share}")
-    if settings.measure != "text_changes" and settings.answer.kind == "text":
+    answerless = ("text_changes",) + MEANING_MEASURES
+    if settings.measure not in answerless and settings.answer.kind == "text":
         raise CalibrateError(f"--measure {settings.measure} needs answers: give --answer numeric, pattern or code "
-                             "(or measure text_changes)")
+                             "(or measure text_changes, meaning_changes or judged_loss)")
+    if settings.measure in MEANING_MEASURES:
+        try:
+            settings.scorer_settings  # noqa: B018 (validates)
+        except ValueError as exc:
+            raise CalibrateError(str(exc)) from None
+    elif (settings.scorer, settings.scorer_model, settings.scorer_threshold) != (None, None, None):
+        raise CalibrateError(f"--scorer, --scorer-model and --scorer-threshold apply to --measure "
+                             f"{' or '.join(MEANING_MEASURES)}, not {settings.measure}")
     unknown = [r for r in settings.rules if r not in RULES]
     if unknown:
         raise CalibrateError(f"unknown rule {unknown[0]!r}; rules: {', '.join(RULES)}")
@@ -236,7 +259,7 @@ class PairedRisk:
     gained: int
 
     def observed(self, measure: str) -> float:
-        if measure == "accuracy":
+        if measure in certify.NET_LOSS_MEASURES:
             return (self.lost - self.gained) / self.n
         return self.changes / self.n
 
@@ -259,15 +282,19 @@ class CachedOutcomes:
 
 
 class Judgement(CachedOutcomes):
-    """Outcomes of a prompt file's responses under one answer kind."""
+    """Outcomes of a prompt file's responses under one answer kind; `meaning` decides the
+    meaning measures (a meaning.MeaningJudge, or None)."""
 
-    def __init__(self, answer: AnswerKind, rows: dict[str, dict]):
+    def __init__(self, answer: AnswerKind, rows: dict[str, dict], meaning: MeaningJudge | None = None):
         super().__init__(lambda item_id, text: answer.outcome(text, rows[item_id]))
+        self.rows, self.meaning = rows, meaning
 
 
 def paired_risk(judgement: Judgement, measure: str, mine: dict, lossless: dict, ids: list[str]) -> PairedRisk:
     """The point's risk against lossless on the `ids` both have served."""
     common = [i for i in ids if i in mine and i in lossless]
+    if measure in MEANING_MEASURES:
+        return _meaning_risk(judgement, measure, mine, lossless, common)
     changes = lost = gained = 0
     for i in common:
         a, b = mine[i]["text"], lossless[i]["text"]
@@ -280,6 +307,18 @@ def paired_risk(judgement: Judgement, measure: str, mine: dict, lossless: dict, 
             lost += ob["correct"] and not oa["correct"]
             gained += oa["correct"] and not ob["correct"]
     return PairedRisk(len(common), changes, lost, gained)
+
+
+def _meaning_risk(judgement: Judgement, measure: str, mine: dict, lossless: dict, common: list[str]) -> PairedRisk:
+    """meaning_changes: changes are the scorer's "meaning changed" (or a new loop); judged_loss:
+    lost / gained by the LLM judge's verdict, changes the prompts not kept."""
+    pairs = [Pair(i, request_text(judgement.rows[i]), lossless[i]["text"], mine[i]["text"]) for i in common]
+    judgement.meaning.score(pairs)  # the missing scores, persisted as they come
+    if measure == "meaning_changes":
+        return PairedRisk(len(pairs), sum(judgement.meaning.changed(p) for p in pairs), 0, 0)
+    verdicts = [judgement.meaning.verdict(p) for p in pairs]
+    lost, gained = verdicts.count("lost"), verdicts.count("gained")
+    return PairedRisk(len(pairs), lost + gained, lost, gained)
 
 
 def largest_certifiable_count(n: int, budget: float, level: float) -> int:
@@ -330,7 +369,7 @@ def resolution(settings: CalibrateSettings, n_cal: int, level: float) -> dict:
     note = None if enough else (
         f"with {n_cal} calibration prompts and each rule family tested at {level:.4g}, not even a point that "
         f"changes nothing can be certified within {100 * settings.budget:g}%"
-        + (" (only one that gains more than it loses)" if settings.measure == "accuracy" else "")
+        + (" (only one that gains more than it loses)" if settings.measure in certify.NET_LOSS_MEASURES else "")
         + f"; that takes at least {needed} calibration prompts (about "
         f"{math.ceil(needed / (1.0 - settings.test_share))} in all at --test-share {settings.test_share:g}), "
         "fewer --rules, or a larger --budget")
@@ -385,19 +424,28 @@ def server_command(settings: CalibrateSettings, port: int) -> tuple[list[str], d
     section = {"rule": rules[0], "request_rules": rules, **settings.selfjudge_settings}
     if settings.head:
         section["head"] = str(settings.head)
-    env = {}
-    dtype = settings.dtype
-    if not _has_cuda():
-        from selfjudge_vllm.offline.engine import CPU_KV_CACHE_GIB, cpu_has_native_bf16
-
-        if dtype == "auto" and not cpu_has_native_bf16():
-            dtype = "float32"  # bfloat16 without native support is several times slower
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            env["VLLM_CPU_KVCACHE_SPACE"] = f"{CPU_KV_CACHE_GIB:g}"
+    dtype, env = server_environment(settings)
     command = serve_command(settings.target, port, settings.speculative_config, {"selfjudge": section},
                             model_name="target", dtype=dtype, extra_args=settings.vllm_args,
                             max_model_len=settings.max_model_len)
     return command, env
+
+
+def server_environment(settings: CalibrateSettings) -> tuple[str, dict]:
+    """(dtype, environment) of a server calibrate starts: on a CPU machine float32 unless
+    bfloat16 is native, a capped KV cache and every core for the model, unless the operator
+    set those variables."""
+    if _has_cuda():
+        return settings.dtype, {}
+    from selfjudge_vllm.offline.engine import CPU_KV_CACHE_GIB, cpu_has_native_bf16
+
+    dtype = settings.dtype
+    if dtype == "auto" and not cpu_has_native_bf16():
+        dtype = "float32"  # bfloat16 without native support is several times slower
+    env = every_core_env()
+    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{CPU_KV_CACHE_GIB:g}"
+    return dtype, env
 
 
 def _has_cuda() -> bool:
@@ -427,6 +475,40 @@ class Session:
             self.server.stop()
 
 
+class ScorerSession:
+    """The LLM judge of the meaning measures: the calibrate engine itself when the judge model
+    is the target (its requests go lossless), else a plain `vllm serve` of the judge model,
+    started on the first score."""
+
+    def __init__(self, settings: CalibrateSettings, session: Session):
+        self.settings, self.session, self.server, self._client = settings, session, None, None
+
+    def client(self):
+        from selfjudge_vllm.meaning import LLMJudgeClient
+
+        if self._client is None:
+            model = self.settings.scorer_settings.model
+            if model == "target":
+                self._client = LLMJudgeClient(self.session.get().base, "target", str(self.settings.target),
+                                              self.settings.concurrency)
+            else:
+                from selfjudge_vllm.server_process import Server, free_port, serve_command
+
+                dtype, env = server_environment(self.settings)
+                command = serve_command(model, free_port(), None, None, model_name="judge", dtype=dtype,
+                                        max_model_len=self.settings.max_model_len)
+                log(f"calibrate: starting vllm serve for the judge model {model} "
+                    f"(log in {self.settings.out / 'scorer-server.log'})")
+                self.server = Server(command, self.settings.out / "scorer-server.log",
+                                     self.settings.startup_timeout_s, env)
+                self._client = LLMJudgeClient(self.server.base, "judge", model, self.settings.concurrency)
+        return self._client
+
+    def close(self):
+        if self.server is not None:
+            self.server.stop()
+
+
 def run(settings: CalibrateSettings) -> tuple[int, dict]:
     """Serves what is missing, certifies, writes the report; (exit status, report)."""
     check_settings(settings)
@@ -444,8 +526,11 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
     if reach["note"]:
         log(f"calibrate: warning: {reach['note']}")
     store = RequestStore(settings.out / "store")
-    judgement = Judgement(settings.answer, by_id)
     session = Session(settings)
+    scorer_session = ScorerSession(settings, session)
+    meaning = (MeaningJudge(settings.scorer_settings, settings.out / "store" / "scores.jsonl",
+                            llm_client=scorer_session.client) if settings.scorer_settings else None)
+    judgement = Judgement(settings.answer, by_id, meaning)
     started = time.monotonic()
 
     def out_of_time() -> bool:
@@ -510,6 +595,7 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
                 row["test"] = {"n": risk.n, "changes": risk.changes, "lost": risk.lost, "gained": risk.gained,
                                "observed_risk": risk.observed(settings.measure) if risk.n else None}
     finally:
+        scorer_session.close()
         session.close()
     report = _report(settings, bound, grids, level, reach, calibration_ids, test_ids, lossless_row, evaluated, certified,
                      best, complete)
@@ -523,7 +609,7 @@ def _hopeless(settings, judgement, store, key, lossless, calibration_ids, level)
     """Why the point can no longer be certified (None while it can): for a change measure,
     its changes so far already exceed the most that certify on all calibration prompts; more
     prompts can only add changes. (Accuracy: gains can offset losses, so no early stop.)"""
-    if settings.measure == "accuracy":
+    if settings.measure in certify.NET_LOSS_MEASURES:
         return None
     risk = paired_risk(judgement, settings.measure, store.done(key), lossless, calibration_ids)
     most = largest_certifiable_count(len(calibration_ids), settings.budget, level)
@@ -588,8 +674,10 @@ def _report(settings, bound, grids, level, reach, calibration_ids, test_ids, los
         "delta": settings.delta, "families": list(grids), "level_per_family": level,
         "method": "Learn then Test: per family, fixed-sequence testing along its grid (strictest first, stop at the "
                   "first point not certified); Bonferroni over families (delta / number of families each); "
-                  + ("exact binomial p-values" if settings.measure != "accuracy" else
-                     "exact unconditional p-values for the accuracy lost (Berger-Boos restricted nuisance)"),
+                  + ("exact binomial p-values" if settings.measure in certify.SHARE_MEASURES else
+                     f"exact unconditional p-values for the {settings.measure.replace('_', ' ')} (lost - gained; "
+                     "Berger-Boos restricted nuisance)"),
+        "scorer": settings.scorer_settings and settings.scorer_settings.as_dict(),
         "answer": asdict(settings.answer), "grids": {f: list(g) for f, g in grids.items()},
         "calibration_prompts": len(calibration_ids), "test_prompts": len(test_ids), "resolution": reach,
         "lossless": lossless_row, "points": [r for rows in evaluated.values() for r in rows],
@@ -628,7 +716,7 @@ def _write_certified_head(settings: CalibrateSettings, report: dict) -> None:
         "mean_acceptance_length": best["mean_acceptance_length"],
         "lossless_mean_acceptance_length": report["lossless"]["mean_acceptance_length"],
         "acceptance_vs_lossless": best["acceptance_vs_lossless"], "test": best.get("test"),
-        "prompts_sha256": report["settings"]["prompts_sha256"],
+        "scorer": report.get("scorer"), "prompts_sha256": report["settings"]["prompts_sha256"],
         "speculative_config": report["settings"]["speculative_config"],
         "selfjudge_settings": report["settings"]["selfjudge_settings"], "date": report["date"],
     }
@@ -648,6 +736,17 @@ def _fmt(value, spec=".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _scorer_line(report: dict) -> str:
+    """The meaning measures' scorer as the report names it, e.g. "llm scorer (target,
+    equivalence-v1) below 0.5"."""
+    scorer = report.get("scorer")
+    if not scorer:
+        return ""
+    what = f"{scorer['scorer']} scorer ({scorer['model']}" + (f", {scorer['prompt_version']})" if
+                                                               scorer["prompt_version"] else ")")
+    return what + (f" below {scorer['threshold']:g}" if scorer["threshold"] is not None else "")
+
+
 def _markdown(report: dict) -> str:
     def unit(v):  # every risk is a share of prompts
         return "n/a" if v is None else f"{100 * v:.2f}%"
@@ -660,6 +759,9 @@ def _markdown(report: dict) -> str:
         f"{report['calibration_prompts']} calibration prompts, {report['test_prompts']} test prompts "
         f"(split by prompt id, seed {report['settings']['seed']}); every point paired with lossless on the same "
         f"engine. {report['method']}; each family tested at {report['level_per_family']:.4g}.", "",
+        *([f"Decided by the {_scorer_line(report)}; a new repetition loop in the relaxed response counts as "
+           f"{'changed' if report['measure'] == 'meaning_changes' else 'lost'}. The certificate holds for this "
+           "scorer's verdicts, not for a person's judgement.", ""] if report.get("scorer") else []),
         *([f"Warning: {report['resolution']['note']}.", ""] if report["resolution"]["note"] else []),
         "| point | n | changes | lost | gained | observed risk | upper bound | p-value | certified "
         "| acceptance length | test risk (n) |",
@@ -719,7 +821,10 @@ def _plot(report: dict, path: Path) -> None:
               loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     label = {"accuracy": "accuracy lost vs lossless (% of prompts)",
              "answer_changes": "answers changed vs lossless (% of prompts)",
-             "text_changes": "texts changed vs lossless (% of prompts)"}[report["measure"]]
+             "text_changes": "texts changed vs lossless (% of prompts)",
+             "meaning_changes": f"meanings changed vs lossless (% of prompts; {_scorer_line(report)})",
+             "judged_loss": f"judged loss vs lossless (lost - gained, % of prompts; {_scorer_line(report)})",
+             }[report["measure"]]
     ax.set_xlabel(label)
     ax.set_ylabel("mean acceptance length (tokens/step)")
     ax.set_title(f"calibration: {report['calibration_prompts']} prompts, confidence {100 * report['confidence']:g}%")
@@ -765,7 +870,8 @@ def settings_from_args(args) -> CalibrateSettings:
         rules=tuple(r.strip() for r in args.rules.split(",") if r.strip()) if args.rules else (), grids=grids,
         test_share=args.test_share, seed=args.seed, max_tokens=args.max_tokens, concurrency=args.concurrency,
         max_model_len=args.max_model_len, dtype=args.dtype, vllm_args=tuple(shlex.split(args.vllm_args or "")),
-        selfjudge_settings=selfjudge_settings, max_minutes=args.max_minutes,
+        selfjudge_settings=selfjudge_settings, scorer=args.scorer, scorer_model=args.scorer_model,
+        scorer_threshold=args.scorer_threshold, max_minutes=args.max_minutes,
     )
 
 

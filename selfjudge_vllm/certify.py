@@ -34,7 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MEASURES = ("answer_changes", "text_changes", "accuracy")
+# Shares of prompts (the exact binomial test): answers, texts or meanings (meaning.py) changed.
+SHARE_MEASURES = ("answer_changes", "text_changes", "meaning_changes")
+# Net losses, lost - gained over prompts (the accuracy test): against references, or by an
+# LLM judge's preference (meaning.py).
+NET_LOSS_MEASURES = ("accuracy", "judged_loss")
+MEASURES = SHARE_MEASURES + NET_LOSS_MEASURES
 
 
 def binomial_p_value(count: int, n: int, budget: float) -> float:
@@ -85,20 +90,20 @@ def accuracy_p_value(lost: int, gained: int, n: int, budget: float, nuisance_lev
 
 def p_value(measure: str, n: int, budget: float, changes: int = 0, lost: int = 0, gained: int = 0) -> float:
     """The p-value of H0 "risk > budget" for a measure (MEASURES)."""
-    if measure in ("answer_changes", "text_changes"):
+    if measure in SHARE_MEASURES:
         return binomial_p_value(changes, n, budget)
-    if measure == "accuracy":
+    if measure in NET_LOSS_MEASURES:
         return accuracy_p_value(lost, gained, n, budget)
     raise ValueError(f"unknown measure {measure!r}; known: {', '.join(MEASURES)}")
 
 
 def risk_upper_bound(measure: str, n: int, level: float, changes: int = 0, lost: int = 0, gained: int = 0) -> float:
     """The smallest budget this evidence certifies at `level`: a 1 - level upper confidence
-    bound of the risk (Clopper-Pearson for shares; for accuracy, by bisection, since the
+    bound of the risk (Clopper-Pearson for shares; for net losses, by bisection, since the
     p-value only falls as the budget grows). 0.0 when even a budget near 0 certifies."""
     from scipy import stats
 
-    if measure in ("answer_changes", "text_changes"):
+    if measure in SHARE_MEASURES:
         return 1.0 if changes >= n else float(stats.beta.ppf(1.0 - level, changes + 1, n - changes))
     lo, hi = 1e-6, 1.0 - 1e-6
 

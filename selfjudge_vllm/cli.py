@@ -136,6 +136,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError) as exc:  # the engine did not start (its log is in OUT/server.log)
         print(f"selfjudge calibrate: {exc}", file=sys.stderr)
         return calibrate.EXIT_FAILED
+    except KeyboardInterrupt:  # run()'s `finally` has stopped the engines; every response so far is kept
+        print(f"selfjudge calibrate: interrupted; every finished response is kept in {settings.out / 'store'}. "
+              "Rerun the same command to continue where it stopped.", file=sys.stderr)
+        return calibrate.EXIT_INTERRUPTED
     for line in calibrate.summary_lines(report, settings.out):
         print(line)
     return status
@@ -316,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     from selfjudge_vllm.answers import ANSWER_KINDS
     from selfjudge_vllm.calibrate import DEFAULT_GRIDS, SERVER_SETTINGS
     from selfjudge_vllm.certify import MEASURES
+    from selfjudge_vllm.meaning import DEFAULT_THRESHOLDS, SCORERS
 
     cal = sub.add_parser(
         "calibrate",
@@ -328,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on held-out test prompts, writes OUT/report.{json,md,png} and, when a judge point wins, OUT/head with "
         "operating point certified_<measure>_<budget>. Every response is kept (OUT/store): rerun to continue "
         "after an interruption, or with another budget or measure (only what is missing is served). "
-        "Exit status: 0 a relaxed point certified, 3 only lossless, 4 incomplete (rerun), 2 bad input, 1 failure.",
+        "Exit status: 0 a relaxed point certified, 3 only lossless, 4 incomplete (rerun), 2 bad input, 1 failure, "
+        "130 interrupted (Ctrl-C: the engine is stopped, rerun to continue).",
     )
     cal.add_argument("--target", required=True, help="target model (folder or name, as `vllm serve` takes it)")
     cal.add_argument("--speculative-config", required=True,
@@ -340,7 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True, help="folder for the store, the report and a certified head")
     cal.add_argument("--measure", required=True, choices=MEASURES,
                      help="the risk the budget limits: share of prompts whose answer changes, whose text changes, "
-                     "or accuracy lost (lost - gained, over prompts)")
+                     "whose meaning changes by --scorer (no references needed), accuracy lost (lost - gained, over "
+                     "prompts), or judged loss (lost - gained by an LLM judge's preference, no references needed)")
+    cal.add_argument("--scorer", choices=SCORERS,
+                     help="meaning_changes: who says two responses mean the same: embedding (MiniLM cosine, "
+                     "offline; the default) or llm (an equivalence judge served by vLLM); judged_loss: llm")
+    cal.add_argument("--scorer-model", help="llm scorer / judged_loss: the judge model (default: the target itself)")
+    cal.add_argument("--scorer-threshold", type=float,
+                     help="meaning changed below this score (default: embedding "
+                     f"{DEFAULT_THRESHOLDS['embedding']:g} cosine, llm {DEFAULT_THRESHOLDS['llm']:g} P(same))")
     cal.add_argument("--budget", required=True, type=float, help="the largest risk allowed, e.g. 0.02 for 2%%")
     cal.add_argument("--confidence", type=float, default=0.95, help="probability the guarantee holds (default 0.95)")
     cal.add_argument("--answer", choices=ANSWER_KINDS, default="text",

@@ -136,6 +136,10 @@ class RequestStore:
         return [i for i in items if i.id in self.done(point)] if self.stopped_early(point) else items
 
 
+# What gives a CPU vLLM server's model every core (give_the_worker_every_core says why).
+EVERY_CORE_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "NUMBA_THREADING_LAYER": "workqueue"}
+
+
 def all_cores_for_the_worker() -> bool:
     """vLLM's CPU backend leaves one core to its scheduler process by default,
     which on 2 cores halves the model's threads (measured: 1.56x tokens/s with all cores)."""
@@ -150,8 +154,13 @@ def give_the_worker_every_core() -> None:
     the worker's main thread is pinned to one core (GOMP_CPU_AFFINITY). With numba's OpenMP
     layer that sets the OpenMP thread count the target's oneDNN GEMMs use, so they ran on one
     core. numba's own `workqueue` layer leaves OpenMP alone (measured: 1.73x tokens/s)."""
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
+    os.environ.update(EVERY_CORE_ENV)
+
+
+def every_core_env() -> dict[str, str]:
+    """EVERY_CORE_ENV for the variables the operator has not set: what a CPU server that
+    `selfjudge calibrate` starts gets by default."""
+    return {k: v for k, v in EVERY_CORE_ENV.items() if k not in os.environ}
 
 
 async def _request(client, item, body, model):
