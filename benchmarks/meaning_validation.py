@@ -39,6 +39,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import chat_tasks  # noqa: E402
 from benchmarks.runner import Sitting, plugin_config, speculative_config, start_server  # noqa: E402
+from selfjudge_vllm.meaning import MeaningJudge, Pair, ScorerSettings  # noqa: E402
 from selfjudge_vllm.measurement import (  # noqa: E402
     PromptItem,
     RequestStore,
@@ -118,6 +119,177 @@ def pairs(args) -> None:
     log(f"pairs: {len(new)} new differing pairs; {len(written) + len(new)} in all ({OUT / 'pairs.jsonl'})")
 
 
+# -- scoring -------------------------------------------------------------------------------------------
+
+GSM8K_POINTS = ("judge-0.188512", "fly-0.3", "entropy-0.5", "top_alpha-0.9", "fly-1.0")  # on ngram k=8
+GSM8K_PAIRS = 300
+# The scorers validated, each with the thresholds offered ((scorer, judge model) -> thresholds).
+LLM_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
+EMBEDDING_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
+
+
+def chat_pairs(args) -> list[Pair]:
+    store = RequestStore(OUT / "store")
+    requests = dict(chat_tasks.sharegpt_split("validation", args.prompts))
+    lossless = store.done("lossless")
+    return [Pair(row["pair"], requests[row["prompt"]], lossless[row["prompt"]]["text"],
+                 store.done(row["point"])[row["prompt"]]["text"]) for row in load_jsonl(OUT / "key.jsonl")]
+
+
+def gsm8k_pairs() -> list[tuple[Pair, bool]]:
+    """(pair, answer changed) for up to GSM8K_PAIRS differing GSM8K responses of the Qwen
+    benchmark's ngram k=8 server, taken in a seeded order over GSM8K_POINTS."""
+    from selfjudge_vllm.answers import numeric_answer
+
+    store = RequestStore(RESULTS / "chat_tradeoff_store")
+    lossless = store.done("ngram-k8/lossless")
+    questions = {f"gsm8k/{i}": row["question"] for i, row in enumerate(chat_tasks.gsm8k_rows())}
+    candidates = []
+    for point in GSM8K_POINTS:
+        for item_id, row in store.done(f"ngram-k8/{point}").items():
+            base = lossless.get(item_id)
+            if item_id.startswith("gsm8k/") and base and base["text"] != row["text"]:
+                changed = numeric_answer(base["text"]) != numeric_answer(row["text"])
+                candidates.append((Pair(f"{item_id}|{point}", questions[item_id], base["text"], row["text"]), changed))
+    random.Random(0).shuffle(candidates)
+    return candidates[:GSM8K_PAIRS]
+
+
+def judges(folder: Path, llm_client=None) -> dict[str, MeaningJudge]:
+    """The validated scorers over one scores file (a threshold changes no score)."""
+    out = {f"embedding@{t:g}": MeaningJudge(ScorerSettings.make("meaning_changes", "embedding", None, t),
+                                             folder / "scores.jsonl") for t in EMBEDDING_THRESHOLDS}
+    out |= {f"llm@{t:g}": MeaningJudge(ScorerSettings.make("meaning_changes", "llm", None, t), folder / "scores.jsonl",
+                                       llm_client=llm_client) for t in LLM_THRESHOLDS}
+    out["judged_loss"] = MeaningJudge(ScorerSettings.make("judged_loss", None, None, None), folder / "scores.jsonl",
+                                      llm_client=llm_client)
+    return out
+
+
+def score(args) -> None:
+    """Every scorer on the chat pairs and the GSM8K pairs; the LLM judges on the target alone
+    (a plain server: the judge's requests are lossless anyway)."""
+    from benchmarks.runner import REFERENCE
+    from selfjudge_vllm.meaning import LLMJudgeClient
+
+    sets = {"chat": chat_pairs(args), "gsm8k": [p for p, _ in gsm8k_pairs()]}
+    server = None
+
+    def client():
+        nonlocal server
+        if server is None:
+            server = start_server(args.testbed / "target", REFERENCE, None, None, OUT / "judge-server.log", "float32",
+                                  4096)
+        return LLMJudgeClient(server.base, "target", str(args.testbed / "target"), args.concurrency)
+
+    work = []  # (set name, pairs, judge): one judge per score kind, the embedding first (no server)
+    for name, pairs in sets.items():
+        kinds = {}
+        for judge in judges(OUT / name, client).values():
+            kinds.setdefault(judge.settings.score_key, judge)
+        work += [(name, pairs, j) for j in kinds.values() if not (args.embedding_only and j.settings.scorer == "llm")]
+    work.sort(key=lambda w: w[2].settings.scorer != "embedding")
+    try:
+        for name, pairs, judge in work:
+            for start in range(0, len(pairs), 32):  # persisted per batch: a kill loses one batch
+                judge.score(pairs[start:start + 32])
+                log(f"score: {name} {judge.settings.score_key}: {min(start + 32, len(pairs))}/{len(pairs)}")
+    finally:
+        if server is not None:
+            server.stop()
+
+
+# -- the report ----------------------------------------------------------------------------------------
+
+
+def agreement(predicted: list[bool], truth: list[bool]) -> dict:
+    """Precision and recall of "changed" against the truth, Cohen's kappa, and the counts."""
+    from sklearn.metrics import cohen_kappa_score
+
+    tp = sum(p and t for p, t in zip(predicted, truth))
+    fp = sum(p and not t for p, t in zip(predicted, truth))
+    fn = sum(t and not p for p, t in zip(predicted, truth))
+    kappa = cohen_kappa_score(truth, predicted) if len(set(truth) | set(predicted)) > 1 else None
+    return {"n": len(truth), "truth_changed": sum(truth), "predicted_changed": sum(predicted), "tp": tp, "fp": fp,
+            "fn": fn, "precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None,
+            "kappa": None if kappa is None or kappa != kappa else float(kappa)}
+
+
+def _short(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def report(args) -> None:
+    """Agreement tables (RESULTS/meaning_validation/report.{json,md}) from what is scored."""
+    truth_sets = {}
+    gsm = gsm8k_pairs()
+    truth_sets["gsm8k"] = ([p for p, _ in gsm], [c for _, c in gsm], "answer changed")
+    verdicts = {row["pair"]: row["verdict"] == "different" for row in load_jsonl(OUT / "verdicts.jsonl")}
+    chat = [p for p in chat_pairs(args) if p.id in verdicts]
+    truth_sets["chat"] = (chat, [verdicts[p.id] for p in chat], "blind reading: different meaning")
+    tables, examples = {}, {}
+    for name, (pairs, truth, truth_name) in truth_sets.items():
+        rows = {}
+        for label, judge in judges(OUT / name).items():
+            scored = [(p, t) for p, t in zip(pairs, truth) if p.key in judge.scores]
+            if not scored:
+                continue
+            if judge.settings.measure == "judged_loss":
+                predicted = [judge.verdict(p) != "kept" for p, _ in scored]
+            else:
+                predicted = [judge.changed(p) for p, _ in scored]
+            seconds = [judge.scores[p.key]["seconds"] for p, _ in scored]
+            rows[label] = {**agreement(predicted, [t for _, t in scored]), "seconds_per_pair": sum(seconds) / len(seconds),
+                           "loops": sum(judge.scores[p.key]["loop"] is not None for p, _ in scored)}
+            if label in (f"embedding@{meaning_defaults()['embedding']:g}", f"llm@{meaning_defaults()['llm']:g}"):
+                wrong = [(p, t, judge.scores[p.key]) for (p, t), c in zip(scored, predicted) if c != t]
+                examples[f"{name}/{label}"] = [
+                    {"pair": p.id, "truth": truth_name if t else "not " + truth_name,
+                     "score": row.get("score"), "loop": row["loop"], "request": _short(p.request, 200),
+                     "lossless": _short(p.lossless), "relaxed": _short(p.relaxed)} for p, t, row in wrong[:4]]
+        tables[name] = {"truth": truth_name, "rows": rows}
+    result = {"tables": tables, "examples": examples, "defaults": meaning_defaults(),
+              "command": "python benchmarks/meaning_validation.py --testbed testbed-qwen --stages report"}
+    (OUT / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    (OUT / "report.md").write_text(_markdown(result))
+    log(f"report: {OUT / 'report.md'}")
+
+
+def meaning_defaults() -> dict:
+    from selfjudge_vllm.meaning import DEFAULT_THRESHOLDS
+
+    return dict(DEFAULT_THRESHOLDS)
+
+
+def _markdown(result: dict) -> str:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.0f}%"
+
+    lines = ["# Validating the meaning scorers", "",
+             "Each scorer's \"meaning changed\" (a new repetition loop counts as changed) against a truth: on GSM8K "
+             "pairs (lossless vs relaxed, Qwen2.5-Coder 1.5B, `ngram` k=8), whether the final answer changed; on "
+             "ShareGPT chat pairs, a blind reading (benchmarks/results/meaning_validation/CRITERIA.md). judged_loss: "
+             "the LLM judge's verdict is not \"kept\". Only pairs whose texts differ are listed (identical texts are "
+             "unchanged by every scorer).", ""]
+    for name, table in result["tables"].items():
+        lines += [f"## {name}: truth = {table['truth']}", "",
+                  "| scorer | n | truth changed | scorer changed | precision | recall | Cohen's kappa | new loops "
+                  "| s/pair |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for label, r in table["rows"].items():
+            kappa = "n/a" if r["kappa"] is None else f"{r['kappa']:.2f}"
+            lines.append(f"| {label} | {r['n']} | {r['truth_changed']} | {r['predicted_changed']} | {pct(r['precision'])} "
+                         f"| {pct(r['recall'])} | {kappa} | {r['loops']} | {r['seconds_per_pair']:.2f} |")
+        lines.append("")
+    lines += ["## Where the default scorers and the truth disagree", ""]
+    for label, rows in result["examples"].items():
+        for e in rows:
+            lines += [f"**{label}**, pair `{e['pair']}` ({e['truth']}; score {e['score']}, loop {e['loop']!r}):", "",
+                      f"> request: {e['request']!r}", ">", f"> lossless: {e['lossless']!r}", ">",
+                      f"> relaxed: {e['relaxed']!r}", ""]
+    lines += [f"Reproduce: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--testbed", type=Path, required=True, help="`selfjudge testbed --model qwen-coder` folder")
@@ -127,13 +299,14 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--all-cores", action="store_true", help="give the model every core (on 2 cores: faster)")
+    parser.add_argument("--embedding-only", action="store_true", help="score: the embedding scorer only (no server)")
     args = parser.parse_args()
     from selfjudge_vllm.server_process import exit_cleanly_on_sigterm
 
     exit_cleanly_on_sigterm()
     OUT.mkdir(parents=True, exist_ok=True)
     for stage in args.stages.split(","):
-        {"serve": serve, "pairs": pairs}[stage](args)
+        {"serve": serve, "pairs": pairs, "score": score, "report": report}[stage](args)
     return 0
 
 

@@ -281,18 +281,18 @@ class LLMJudgeClient:
         return asyncio.run(self._ask_all(questions))
 
     async def _ask_all(self, questions):
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, BadRequestError
 
         client = AsyncOpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0)
         gate = asyncio.Semaphore(self.concurrency)
 
         async def ask(question):
             async with gate:
-                out = await client.completions.create(
-                    model=self.model_name, prompt=self.render(question), max_tokens=1, temperature=0.0,
-                    logprobs=TOP_LOGPROBS, timeout=3600,
-                    # lossless on a server that carries the plugin; ignored by one that does not
-                    extra_body={"vllm_xargs": {"selfjudge_enabled": "false"}})
+                try:
+                    out = await self._create(client, question)
+                except BadRequestError as exc:  # e.g. the question is longer than the model's context
+                    raise RuntimeError(f"the judge model refused a question ({exc.message}); a question holds the "
+                                       "request and both responses: raise --max-model-len") from None
                 top = out.choices[0].logprobs.top_logprobs
                 return dict(top[0]) if top and top[0] else {}
 
@@ -300,6 +300,13 @@ class LLMJudgeClient:
             return await asyncio.gather(*(ask(q) for q in questions))
         finally:
             await client.close()
+
+    async def _create(self, client, question):
+        return await client.completions.create(
+            model=self.model_name, prompt=self.render(question), max_tokens=1, temperature=0.0,
+            logprobs=TOP_LOGPROBS, timeout=3600,
+            # lossless on a server that carries the plugin; ignored by one that does not
+            extra_body={"vllm_xargs": {"selfjudge_enabled": "false"}})
 
 
 @dataclass(frozen=True)
