@@ -820,3 +820,27 @@ def test_the_test_items_certificate_counts_only_their_family(tmp_path):
     # nothing to recompute when every confirmation item is of the test items' family, or without test items
     assert certified_like_the_test_items(store, items[: n - code], [], rows, test_items) == []
     assert certified_like_the_test_items(store, items, [], rows, []) == []
+
+
+def test_sharegpt_splits_are_disjoint_and_the_served_heads_prompts_come_first(monkeypatch):
+    """Every use of ShareGPT prompts has its own slice: the served head's training prompts
+    (train_prompt_rows' first turns), the scorer validation, the chat benchmark, the paper's
+    judge labels; a split asked for more than it holds is refused."""
+    turns = [(f"c{i}", f"question {i}") for i in range(60)]
+    monkeypatch.setattr(chat_tasks, "sharegpt_first_turns", lambda limit: turns[:limit])
+    monkeypatch.setattr(chat_tasks, "SHAREGPT_SPLITS", {"served_head_training": (0, 10), "validation": (10, 20),
+                                                        "benchmark": (20, 40), "judge_labels": (40, None)})
+    ids = {split: {i for i, _ in chat_tasks.sharegpt_split(split, 10)} for split in chat_tasks.SHAREGPT_SPLITS}
+    assert sum(len(s) for s in ids.values()) == len(set().union(*ids.values())) == 40
+    assert ids["served_head_training"] == {f"sharegpt/c{i}" for i in range(10)}
+    with pytest.raises(ValueError, match="holds 10 prompts, not 11"):
+        chat_tasks.sharegpt_split("validation", 11)
+
+
+def test_the_real_splits_are_ordered_and_cover_the_committed_heads_prompts():
+    spans = sorted(chat_tasks.SHAREGPT_SPLITS.values(), key=lambda s: s[0])
+    assert all(a[1] is not None and a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    train = [json.loads(line) for line in open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                                                            "chat_judge", "train_prompts.jsonl"))]
+    start, end = chat_tasks.SHAREGPT_SPLITS["served_head_training"]
+    assert start == 0 and sum(r["id"].startswith("sharegpt/") for r in train) <= end
