@@ -642,14 +642,17 @@ def served_config(family: str | None, knob: float | None, head: Path | None, ope
     return {"selfjudge": {"rule": family, RULES[family].knob: knob, **(selfjudge_settings or {})}}
 
 
-def operating_point_name(measure: str, budget: float) -> str:
-    """certified_<measure>_<budget in percent>pct, e.g. certified_accuracy_2pct, _2p5pct."""
-    return f"certified_{measure}_{f'{100 * budget:g}'.replace('.', 'p')}pct"
+def operating_point_name(measure: str, budget: float, scorer: ScorerSettings | None = None) -> str:
+    """certified_<measure>[_<scorer>]_<budget in percent>pct, e.g. certified_accuracy_2pct,
+    _2p5pct, certified_meaning_changes_llm_5pct (the scorer, so certificates by two scorers
+    do not overwrite each other)."""
+    by = f"_{scorer.scorer}" if scorer is not None and scorer.measure == "meaning_changes" else ""
+    return f"certified_{measure}{by}_{f'{100 * budget:g}'.replace('.', 'p')}pct"
 
 
 def _report(settings, bound, grids, level, reach, calibration_ids, test_ids, lossless_row, evaluated, certified, best,
             complete) -> dict:
-    point_name = operating_point_name(settings.measure, settings.budget)
+    point_name = operating_point_name(settings.measure, settings.budget, settings.scorer_settings)
     head_out = settings.out / "head" if best and best["family"] == "judge" else None
     for rows in evaluated.values():
         for row in rows:

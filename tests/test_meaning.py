@@ -261,6 +261,13 @@ def test_bad_scorer_settings_are_refused_before_any_engine_starts(tmp_path, caps
     assert not (tmp_path / "out" / "store").exists()
 
 
+def test_a_meaning_certificate_names_its_scorer_in_the_operating_point():
+    llm = ScorerSettings.make("meaning_changes", "llm", None, None)
+    assert calibrate.operating_point_name("meaning_changes", 0.05, llm) == "certified_meaning_changes_llm_5pct"
+    judged = ScorerSettings.make("judged_loss", None, None, None)
+    assert calibrate.operating_point_name("judged_loss", 0.1, judged) == "certified_judged_loss_10pct"
+
+
 def test_meaning_measures_need_no_answers(tmp_path):
     for measure in ("meaning_changes", "judged_loss"):
         settings = calibrate.CalibrateSettings(target="t", speculative_config={"method": "ngram"},
