@@ -113,6 +113,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         features=args.features,
         allow_partial_run=args.allow_partial_run,
+        max_train_mismatches=args.max_train_mismatches,
     )
     try:
         report = train(args.run, args.out, settings)
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "row and the row after), both (stacked); auto (default) fits each, reports them "
                        "side by side in training_report.json and serves the best on validation mismatches")
     train.add_argument("--validation-share", type=float, default=0.2)
+    train.add_argument("--max-train-mismatches", type=int,
+                       help="fit on at most this many training mismatches (whole prompts, seeded order; the "
+                       "validation prompts stay all): one size of a data-scaling curve")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--allow-partial-run", action="store_true",
                        help="train on the complete shards of a run whose stages lack some (refused by default; "

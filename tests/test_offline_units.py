@@ -14,7 +14,7 @@ from selfjudge_vllm.offline.label import InputError, LabelSettings, check_inputs
 from selfjudge_vllm.offline.prompts import PromptFileError
 from selfjudge_vllm.offline.scores import semantic_preservation_scores
 from selfjudge_vllm.offline.store import IncompleteRunError, RunDir, RunError
-from selfjudge_vllm.offline.train import fold_standardisation, split_by_prompt, tau_from_outcomes
+from selfjudge_vllm.offline.train import fold_standardisation, limit_training, split_by_prompt, tau_from_outcomes
 
 
 def test_scores_by_hand():
@@ -37,6 +37,21 @@ def test_split_keeps_each_prompt_on_one_side():
         sides = {bool(v) for i, v in zip(ids, val) if i == pid}
         assert len(sides) == 1
     assert len({i for i, v in zip(ids, val) if v}) == 2
+
+
+def test_a_training_limit_keeps_whole_prompts_every_validation_row_and_nests():
+    ids = [f"p{i // 3}" for i in range(60)]  # 20 prompts, 3 mismatches each
+    is_val = split_by_prompt(ids, 0.25, seed=1)
+    kept = {}
+    for limit in (7, 20, 1000):
+        keep = limit_training(ids, is_val, limit, seed=1)
+        assert keep[is_val].all()  # the validation set never shrinks
+        training = [i for i, k, v in zip(ids, keep, is_val) if k and not v]
+        assert len(training) <= max(limit, 3) and len(training) % 3 == 0  # whole prompts only
+        kept[limit] = set(training)
+    assert len(kept[7]) == 2 and len(kept[20]) == 6 and len(kept[1000]) == 15
+    assert kept[7] <= kept[20] <= kept[1000]  # the sizes of a scaling curve nest
+    assert limit_training(ids, is_val, 1, seed=1).sum() == is_val.sum() + 3  # at least one prompt
 
 
 def test_folded_weights_equal_scaler_then_model():

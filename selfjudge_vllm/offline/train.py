@@ -63,6 +63,9 @@ class TrainSettings:
     features: str = "auto"
     # Train on the complete shards of a run that lacks some (recorded in the report).
     allow_partial_run: bool = False
+    # Fit on the training prompts' mismatches up to this many (whole prompts, in a seeded order;
+    # the validation prompts stay all): a point of a data-scaling curve. None: all.
+    max_train_mismatches: int | None = None
 
 
 def tau_from_outcomes(scores: np.ndarray, changed: np.ndarray) -> tuple[float, float]:
@@ -119,6 +122,24 @@ def split_by_prompt(ids: list[str], validation_share: float, seed: int) -> np.nd
     n_val = max(1, round(len(unique) * validation_share)) if len(unique) > 1 else 0
     val_ids = set(rng.permutation(unique)[:n_val].tolist())
     return np.array([i in val_ids for i in ids])
+
+
+def limit_training(ids: list[str], is_val: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Rows kept when training on at most `limit` mismatches: every validation row, and whole
+    training prompts in a seeded order while their mismatches fit (at least one prompt). A
+    smaller limit keeps a prefix of a larger one's prompts, so a scaling curve's sizes nest."""
+    counts: dict[str, int] = {}
+    for i, v in zip(ids, is_val):
+        if not v:
+            counts[i] = counts.get(i, 0) + 1
+    order = np.random.default_rng(seed + 1).permutation(sorted(counts)).tolist()
+    kept, total = set(), 0
+    for prompt in order:
+        if kept and total + counts[prompt] > limit:
+            break
+        kept.add(prompt)
+        total += counts[prompt]
+    return np.array([bool(v) or i in kept for i, v in zip(ids, is_val)])
 
 
 def fold_standardisation(coef: np.ndarray, intercept: float, mean: np.ndarray, scale: np.ndarray):
@@ -329,6 +350,14 @@ class TrainingData:
     target: dict
     shards: list[dict]
     outcomes: Outcomes
+
+    def subset(self, keep: np.ndarray) -> TrainingData:
+        """The rows where `keep` is true."""
+        rows = torch.from_numpy(np.flatnonzero(keep))
+        return TrainingData([r for r, k in zip(self.records, keep) if k],
+                            None if self.substituted is None else self.substituted[rows],
+                            None if self.original is None else self.original[rows], self.target, self.shards,
+                            self.outcomes)
 
 
 def _setting(settings: dict, dotted: str):
@@ -572,6 +601,11 @@ def train(run_dirs: str | Path | list[str | Path], out_dir: str | Path, settings
     is_val = split_by_prompt(ids, settings.validation_share, settings.seed)
     if not is_val.any() or is_val.all():
         raise InputError("need mismatches from at least two prompts to split train/validation")
+    if settings.max_train_mismatches is not None:
+        keep = limit_training(ids, is_val, settings.max_train_mismatches, settings.seed)
+        data = data.subset(keep)
+        records, scores, is_val = data.records, scores[keep], is_val[keep]
+        ids = [r["id"] for r in records]
     tau, calibration = choose_tau(scores, is_val, data, settings)
     sub_label = (scores <= tau).astype(int)  # 1 = accept
 
@@ -584,6 +618,8 @@ def train(run_dirs: str | Path | list[str | Path], out_dir: str | Path, settings
         "runs": [str(d) for d in run_dirs],
         "shards": data.shards,
         "mismatches": len(records),
+        "training_mismatches": int((~is_val).sum()),
+        "max_train_mismatches": settings.max_train_mismatches,
         "rows": int(len(records) * (2 if with_hidden else 1)),
         "tau": tau,
         "suffix_length": settings.suffix_length,
