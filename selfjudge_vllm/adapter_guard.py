@@ -211,10 +211,13 @@ def _register_metrics() -> None:
                                             "fallback.", lambda g: g.explicit_after_fallback),
             }
             gauges = {
-                "change_rate_lower": ("Anytime-valid lower confidence bound of the guarded change rate.",
-                                      lambda g: g.lower()),
-                "change_rate_upper": ("Anytime-valid upper confidence bound of the guarded change rate.",
-                                      lambda g: g.upper()),
+                "change_rate_lower": ("Lower end of the anytime-valid two-sided interval of the guarded change "
+                                      "rate (at the guard's confidence).", lambda g: g.lower()),
+                "change_rate_upper": ("Upper end of the anytime-valid two-sided interval of the guarded change "
+                                      "rate (at the guard's confidence).", lambda g: g.upper()),
+                "change_rate_fallback_bound": ("One-sided anytime-valid lower bound of the change rate at the "
+                                               "guard's confidence; the fallback fires when it exceeds the budget.",
+                                               lambda g: g.fallback_bound()),
                 "budget": ("The change rate the guard promises.", lambda g: g.budget),
                 "fallback": ("1 once the guard has fallen back to lossless verification, else 0.",
                              lambda g: float(g.fell_back)),

@@ -15,9 +15,12 @@ look:
 
 The lower bound at t is the smallest b with M_t(b) < 1/delta (a 1 - delta one-sided bound,
 valid simultaneously at every t); the upper bound is the mirror image (alternatives in
-[0, b)). With `action: fallback` the guard falls back when the lower bound exceeds the
-budget, i.e. when M_t(budget) >= 1/delta: a server whose true change rate is within budget
-falls back with probability at most delta over its whole life.
+[0, b)). The two-sided interval the guard reports spends delta/2 on each side, so by a union
+bound it covers at level 1 - delta (with delta on each side it would be a 1 - 2 delta
+interval). The fallback is a one-sided test and spends all of delta: with `action: fallback`
+the guard falls back when M_t(budget) >= 1/delta, i.e. when the one-sided 1 - delta lower
+bound exceeds the budget; a server whose true change rate is within budget falls back with
+probability at most delta over its whole life.
 """
 
 from __future__ import annotations
@@ -181,16 +184,21 @@ class GuardState:
                 and exceeds(self.changes, self.compared - self.changes, self.budget, self.delta)):
             self.fell_back = True
             self.reason = (f"{self.measure} changed in {self.changes} of {self.compared} shadow comparisons; "
-                           f"the change rate's {100 * self.config.confidence:g}% anytime-valid lower bound "
-                           f"{100 * self.lower():.2f}% exceeds the budget {100 * self.budget:g}%")
+                           f"the change rate's {100 * self.config.confidence:g}% one-sided anytime-valid lower "
+                           f"bound {100 * self.fallback_bound():.2f}% exceeds the budget {100 * self.budget:g}%")
             return self.reason
         return None
 
+    # The reported interval: delta/2 per side, so that both ends hold together at 1 - delta.
     def lower(self) -> float:
-        return lower_bound(self.changes, self.compared - self.changes, self.delta)
+        return lower_bound(self.changes, self.compared - self.changes, self.delta / 2)
 
     def upper(self) -> float:
-        return upper_bound(self.changes, self.compared - self.changes, self.delta)
+        return upper_bound(self.changes, self.compared - self.changes, self.delta / 2)
+
+    def fallback_bound(self) -> float:
+        """The one-sided 1 - delta lower bound the fallback compares with the budget."""
+        return lower_bound(self.changes, self.compared - self.changes, self.delta)
 
 
 def answer_of(text: str, pattern: str | None) -> str | None:
