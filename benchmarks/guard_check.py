@@ -41,8 +41,10 @@ from selfjudge_vllm.server_process import Server, exit_cleanly_on_sigterm, free_
 def guard_metrics(server) -> dict:
     text = server.get("/metrics")
     out = {}
-    for name in ("shadows_compared_total", "shadows_skipped_total", "shadows_failed_total", "text_changed_total",
-                 "answer_changed_total", "change_rate_lower", "change_rate_upper", "shadows_in_flight"):
+    for name in ("shadows_sampled_total", "shadows_compared_total", "shadows_skipped_total",
+                 "shadows_abandoned_total", "shadows_failed_total", "text_changed_total", "answer_changed_total",
+                 "change_rate_lower", "change_rate_upper", "change_rate_fallback_bound", "shadows_in_flight",
+                 "shadows_pending"):
         try:
             out[name] = parse_metric(text, f"vllm:selfjudge_guard_{name}")
         except KeyError:
@@ -82,7 +84,7 @@ def serve_arm(args, name: str, guard: dict | None, items: list[PromptItem]) -> d
         asyncio.run(run_items(server.base, items, None, args.concurrency, on_done))
         users_done = time.monotonic() - start
         metrics = guard_metrics(server) if guard else {}
-        while guard and (metrics.get("shadows_in_flight") or 0) > 0:  # the shadows' work counts against the arm
+        while guard and (metrics.get("shadows_pending") or 0) > 0:  # the shadows' work counts against the arm
             time.sleep(0.5)
             metrics = guard_metrics(server)
         wall = time.monotonic() - start

@@ -2,13 +2,18 @@
 both OpenAI endpoints, chat and completions, streaming or not, make per request) in the API
 server process. Every attribute read or patched here is in vllm_seams.py.
 
-For a sampled request that the server verifies relaxed and that can be compared (greedy, one
-sequence, not a shadow itself), once the user's response has finished, a background task
-submits the same prompt and parameters with `selfjudge_enabled=false` (at the lowest priority
-when vLLM schedules by priority), waits for it and compares the token ids (measure text) or
-the answers (measure answer). The user's request never waits for its shadow. Sampled
-(temperature > 0) requests are never shadowed: their relaxed and lossless runs draw different
-random numbers once a token differs, so a difference says nothing about the rule.
+When a request arrives that the server verifies relaxed and that can be compared (greedy, one
+sequence, not a shadow itself, not an already processed EngineCoreRequest), the guard decides
+there whether it is sampled, before anything about its response is known, and gives it its
+place in the sampling order. Once the user's response has run to its end, its shadow (the
+same prompt and parameters with `selfjudge_enabled=false`, at the lowest priority when vLLM
+schedules by priority) waits for one of max_in_flight slots, runs in the background and is
+compared on token ids (measure text) or answers (measure answer). The user's request never
+waits for its shadow. A sampled response that does not run to its end (the client closed the
+stream or disconnected, the engine aborted it, an error) is recorded as abandoned, so it is
+counted, not lost. Sampled (temperature > 0) requests are never shadowed: their relaxed and
+lossless runs draw different random numbers once a token differs, so a difference says
+nothing about the rule.
 
 After a fallback, requests that carry no `selfjudge_*` option are served lossless (their
 extra_args get `selfjudge_enabled=false`); requests that chose a rule explicitly keep it (the
@@ -19,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import logging
 from pathlib import Path
 
 from selfjudge_vllm.config import parse_section
-from selfjudge_vllm.guard import GuardState, answer_of, resolve
+from selfjudge_vllm.guard import ABANDONED, FAILED, GuardState, answer_of, resolve
 from selfjudge_vllm.request_control import KEY_PREFIX
 
 logger = logging.getLogger("vllm.selfjudge")
@@ -95,6 +101,10 @@ def comparable(params) -> bool:
     return params.n == 1 and params.temperature < 1e-5
 
 
+# vLLM's finish reasons of a response that ran to its end ("abort" and "error" did not).
+COMPLETE = ("stop", "length", "repetition")
+
+
 def _wrap_generate(original):
     async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
         guard = guard_of(self)
@@ -109,32 +119,71 @@ def _wrap_generate(original):
             else:
                 sampling_params = sampling_params.clone()
                 sampling_params.extra_args = {**(sampling_params.extra_args or {}), f"{KEY_PREFIX}enabled": False}
-        shadow = is_relaxed(sampling_params.extra_args) and comparable(sampling_params) and guard.sampled()
-        lossless_params = _lossless_copy(sampling_params) if shadow else None
-        shadow_prompt = copy.deepcopy(prompt) if shadow else None  # the engine may consume what it was given
-        token_ids, text, finished = [], [], False
+        # Decided at arrival, so whether a request is measured cannot depend on its response.
+        seq = guard.admit() if is_relaxed(sampling_params.extra_args) and comparable(sampling_params) else None
+        if seq is None:
+            async for out in original(self, prompt, sampling_params, request_id, *args, **kwargs):
+                yield out
+            return
+        try:
+            lossless_params = _lossless_copy(sampling_params)
+            shadow_prompt = copy.deepcopy(prompt)  # the engine may consume what it was given
+        except Exception:  # an admitted request must end as an outcome, or every later one waits
+            logger.exception("selfjudge guard: cannot prepare a shadow request")
+            _resolve(guard, seq, FAILED)
+            async for out in original(self, prompt, sampling_params, request_id, *args, **kwargs):
+                yield out
+            return
+        token_ids, text, ended = [], [], False
         cumulative = _is_cumulative(sampling_params)
-        async for out in original(self, prompt, sampling_params, request_id, *args, **kwargs):
-            if shadow and out.outputs:
-                first = out.outputs[0]
-                if cumulative:
-                    token_ids[:], text[:] = list(first.token_ids), [first.text]
-                else:
-                    token_ids.extend(first.token_ids)
-                    text.append(first.text)
-                finished = out.finished
-            yield out
-        if shadow and finished and guard.try_start_shadow():
-            task = asyncio.get_running_loop().create_task(
-                _shadow(self, original, guard, shadow_prompt, lossless_params, str(request_id), token_ids,
-                        "".join(text), kwargs))
-            _TASKS.add(task)
-            task.add_done_callback(_TASKS.discard)
+        try:
+            async for out in original(self, prompt, sampling_params, request_id, *args, **kwargs):
+                if out.outputs:
+                    first = out.outputs[0]
+                    if cumulative:
+                        token_ids[:], text[:] = list(first.token_ids), [first.text]
+                    else:
+                        token_ids.extend(first.token_ids)
+                        text.append(first.text)
+                if out.finished and not ended:
+                    # Settled before the final output is handed on: a caller may stop reading there.
+                    ended = True
+                    if out.outputs and out.outputs[0].finish_reason in COMPLETE:
+                        guard.queue_shadow(functools.partial(
+                            _shadow, self, original, guard, seq, shadow_prompt, lossless_params, str(request_id),
+                            list(token_ids), "".join(text), kwargs))
+                        _start_ready(guard)
+                    else:
+                        _resolve(guard, seq, ABANDONED)
+                yield out
+        finally:
+            if not ended:  # closed, cancelled (client gone) or failed before its final output
+                _resolve(guard, seq, ABANDONED)
 
     return generate
 
 
 _TASKS: set[asyncio.Task] = set()  # keeps running shadows referenced until they end
+
+
+def _start_ready(guard: GuardState) -> None:
+    """Starts queued shadows while slots are free (first ready, first started)."""
+    while (job := guard.next_shadow()) is not None:
+        task = asyncio.get_running_loop().create_task(job())
+        _TASKS.add(task)
+        task.add_done_callback(_TASKS.discard)
+
+
+def _resolve(guard: GuardState, seq: int, outcome) -> None:
+    """Records an outcome; any outcome may complete the prefix that triggers the fallback."""
+    message = guard.resolve(seq, outcome)
+    if message:
+        logger.warning("selfjudge guard: falling back to lossless verification for requests without "
+                       "selfjudge_* options: %s", message)
+        if guard.config.state_file:
+            Path(guard.config.state_file).write_text(json.dumps(
+                {"fell_back": True, "reason": message, "compared": guard.compared, "changes": guard.changes,
+                 "sampled_without_comparison": guard.missing}))
 
 
 def _is_cumulative(params) -> bool:
@@ -152,8 +201,9 @@ def _lossless_copy(params):
     return shadow
 
 
-async def _shadow(engine, original, guard: GuardState, prompt, params, request_id, token_ids, text, kwargs):
+async def _shadow(engine, original, guard: GuardState, seq, prompt, params, request_id, token_ids, text, kwargs):
     """Runs the lossless twin and records the comparison; never raises into the server."""
+    outcome, cancelled = FAILED, False
     try:
         keep = {k: v for k, v in kwargs.items() if k in ("lora_request", "tokenization_kwargs", "prompt_text")}
         if getattr(engine.vllm_config.scheduler_config, "policy", "fcfs") == "priority":
@@ -161,28 +211,21 @@ async def _shadow(engine, original, guard: GuardState, prompt, params, request_i
         final = None
         async for out in original(engine, prompt, params, SHADOW_PREFIX + request_id, **keep):
             final = out
-        if final is None or not final.finished or not final.outputs:
-            guard.failed += 1
-            return
-        twin = final.outputs[0]
-        text_changed = list(twin.token_ids) != list(token_ids)
-        pattern = guard.answer_pattern
-        answer_changed = text_changed and answer_of(twin.text, pattern) != answer_of(text, pattern)
-        message = guard.record(text_changed, answer_changed)
-        if message:
-            logger.warning("selfjudge guard: falling back to lossless verification for requests without "
-                           "selfjudge_* options: %s", message)
-            if guard.config.state_file:
-                Path(guard.config.state_file).write_text(json.dumps(
-                    {"fell_back": True, "reason": message, "compared": guard.compared, "changes": guard.changes}))
-    except asyncio.CancelledError:
-        guard.failed += 1
+        if final is not None and final.finished and final.outputs and final.outputs[0].finish_reason in COMPLETE:
+            twin = final.outputs[0]
+            text_changed = list(twin.token_ids) != list(token_ids)
+            pattern = guard.answer_pattern
+            outcome = (text_changed, text_changed and answer_of(twin.text, pattern) != answer_of(text, pattern))
+    except asyncio.CancelledError:  # the server is shutting down
+        cancelled = True
         raise
     except Exception:  # a shadow's failure must not reach the user's request or the server
-        guard.failed += 1
         logger.exception("selfjudge guard: a shadow request failed")
     finally:
         guard.end_shadow()
+        _resolve(guard, seq, outcome)
+        if not cancelled:
+            _start_ready(guard)
 
 
 _metrics_registered = False
@@ -200,10 +243,14 @@ def _register_metrics() -> None:
 
     class Collector:
         def collect(self):
+            # Outcomes are counted once recorded (in sampling order); the rest are pending.
             counters = {
-                "shadows_compared": ("Relaxed requests re-run lossless and compared.", lambda g: g.compared),
-                "shadows_skipped": ("Sampled requests not re-run: max_in_flight shadows were running.",
-                                    lambda g: g.skipped),
+                "shadows_sampled": ("Comparable relaxed requests sampled at arrival.", lambda g: g.sampled),
+                "shadows_compared": ("Sampled requests re-run lossless and compared.", lambda g: g.compared),
+                "shadows_skipped": ("Sampled requests not re-run: max_pending sampled requests were awaiting "
+                                    "their outcome.", lambda g: g.skipped),
+                "shadows_abandoned": ("Sampled requests whose response did not run to its end (client closed or "
+                                      "disconnected, aborted, failed): no shadow.", lambda g: g.abandoned),
                 "shadows_failed": ("Shadows that ended without a comparable result.", lambda g: g.failed),
                 "text_changed": ("Compared requests whose tokens differ from lossless.", lambda g: g.text_changed),
                 "answer_changed": ("Compared requests whose answer differs from lossless.", lambda g: g.answer_changed),
@@ -211,14 +258,19 @@ def _register_metrics() -> None:
                                             "fallback.", lambda g: g.explicit_after_fallback),
             }
             gauges = {
-                "change_rate_lower": ("Anytime-valid lower confidence bound of the guarded change rate.",
-                                      lambda g: g.lower()),
-                "change_rate_upper": ("Anytime-valid upper confidence bound of the guarded change rate.",
-                                      lambda g: g.upper()),
+                "change_rate_lower": ("Lower end of the anytime-valid two-sided interval of the guarded change "
+                                      "rate (at the guard's confidence).", lambda g: g.lower()),
+                "change_rate_upper": ("Upper end of the anytime-valid two-sided interval of the guarded change "
+                                      "rate (at the guard's confidence).", lambda g: g.upper()),
+                "change_rate_fallback_bound": ("One-sided anytime-valid lower bound of the change rate at the "
+                                               "guard's confidence; the fallback fires when it exceeds the budget.",
+                                               lambda g: g.fallback_bound()),
                 "budget": ("The change rate the guard promises.", lambda g: g.budget),
                 "fallback": ("1 once the guard has fallen back to lossless verification, else 0.",
                              lambda g: float(g.fell_back)),
                 "shadows_in_flight": ("Shadow requests running now.", lambda g: g.in_flight),
+                "shadows_queued": ("Shadows waiting for one of max_in_flight slots.", lambda g: g.queued),
+                "shadows_pending": ("Sampled requests whose outcome is not recorded yet.", lambda g: g.pending),
                 "shadows_in_flight_max": ("Most shadow requests running at once so far.",
                                           lambda g: g.max_in_flight_seen),
             }

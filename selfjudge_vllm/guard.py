@@ -15,9 +15,26 @@ look:
 
 The lower bound at t is the smallest b with M_t(b) < 1/delta (a 1 - delta one-sided bound,
 valid simultaneously at every t); the upper bound is the mirror image (alternatives in
-[0, b)). With `action: fallback` the guard falls back when the lower bound exceeds the
-budget, i.e. when M_t(budget) >= 1/delta: a server whose true change rate is within budget
-falls back with probability at most delta over its whole life.
+[0, b)). The two-sided interval the guard reports spends delta/2 on each side, so by a union
+bound it covers at level 1 - delta (with delta on each side it would be a 1 - 2 delta
+interval). The fallback is a one-sided test and spends all of delta: with `action: fallback`
+the guard falls back when M_t(budget) >= 1/delta, i.e. when the one-sided 1 - delta lower
+bound exceeds the budget; a server whose true change rate is within budget falls back with
+probability at most delta over its whole life.
+
+What the sequence is made of (issue 44): sampling is decided when a comparable request
+arrives, before anything about its response is known, and every sampled request then ends
+as exactly one outcome: compared (changed or not), or missing: skipped (max_pending sampled
+requests were already waiting), abandoned (its response was cut off: client gone, aborted,
+failed) or failed (its shadow gave no comparable result). Outcomes are recorded in sampling
+order, not completion order (a reorder buffer): the order shadows finish in depends on the
+responses (a changed, longer response finishes later), and a sequence whose order depends on
+its outcomes is not the i.i.d. sequence the supermartingale assumes. A missing outcome may
+depend on the response (degenerate relaxed outputs are the likeliest to be cut off), so it is
+neither dropped nor guessed: it counts as unchanged for the lower bounds and the fallback and
+as changed for the upper bound. Each is then a bound on the rate of the sampled population
+whatever made outcomes missing, and stays valid (a sequence pointwise below the true one
+only lowers the mixture for H0 "rate <= b", whose factors grow with each change).
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,7 +69,11 @@ class GuardConfig(BaseModel):
     budget: float | None = Field(default=None, gt=0.0, lt=1.0)
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
     action: Literal["report", "fallback"] = "report"
+    # Shadows running at once; a sampled request whose response ends beyond it waits its turn.
     max_in_flight: int = Field(default=4, ge=1)
+    # Sampled requests awaiting their outcome (response running, shadow queued or running, or
+    # an earlier one not yet recorded); one sampled beyond it is skipped at arrival and counted.
+    max_pending: int = Field(default=1000, ge=1)
     # A file the fallback is written to and read back from at start-up, so a restarted server
     # stays lossless; without it a restart starts relaxed again.
     state_file: str | None = None
@@ -127,18 +149,24 @@ def comparisons_to_fall_back(budget: float, delta: float) -> int:
     return t
 
 
+SKIPPED, ABANDONED, FAILED = "skipped", "abandoned", "failed"  # the missing outcomes
+
+
 @dataclass
 class GuardState:
-    """What the guard has seen; one per engine client, driven from its event loop."""
+    """What the guard has seen; one per engine client, driven from its event loop. The
+    outcome counts are those recorded so far, a prefix of the sampling order."""
 
     config: GuardConfig
     budget: float
     measure: str = "text"
     answer_pattern: str | None = None
+    sampled: int = 0  # comparable requests sampled at arrival (the sequence's length so far)
     compared: int = 0
     text_changed: int = 0
     answer_changed: int = 0
-    skipped: int = 0  # sampled requests not re-run: max_in_flight shadows already running
+    skipped: int = 0  # sampled while max_pending were awaiting their outcome
+    abandoned: int = 0  # the user's response did not run to its end: no shadow
     failed: int = 0  # shadows that ended without a comparable result (aborted, errored)
     in_flight: int = 0
     max_in_flight_seen: int = 0
@@ -146,6 +174,8 @@ class GuardState:
     explicit_after_fallback: int = 0
     reason: str = ""
     _rng: random.Random = field(default_factory=random.Random)
+    _outcomes: dict = field(default_factory=dict)  # resolved, not yet recorded: seq -> outcome
+    _ready: deque = field(default_factory=deque)  # shadows waiting for a slot, in readiness order
 
     def __post_init__(self):
         self._rng = random.Random(self.config.seed)
@@ -158,39 +188,92 @@ class GuardState:
     def changes(self) -> int:
         return self.answer_changed if self.measure == "answer" else self.text_changed
 
-    def sampled(self) -> bool:
-        return self._rng.random() < self.config.sample_share
+    @property
+    def missing(self) -> int:
+        return self.skipped + self.abandoned + self.failed
 
-    def try_start_shadow(self) -> bool:
-        if self.in_flight >= self.config.max_in_flight:
-            self.skipped += 1
-            return False
+    @property
+    def recorded(self) -> int:
+        return self.compared + self.missing
+
+    @property
+    def pending(self) -> int:
+        return self.sampled - self.recorded
+
+    @property
+    def queued(self) -> int:
+        return len(self._ready)
+
+    def admit(self) -> int | None:
+        """At a comparable request's arrival: its place in the sampling order when sampled and
+        admitted, else None (not sampled, or sampled and skipped)."""
+        if not self._rng.random() < self.config.sample_share:
+            return None
+        seq, self.sampled = self.sampled, self.sampled + 1
+        if self.pending > self.config.max_pending:
+            self.resolve(seq, SKIPPED)  # folds nothing that could fall back: it is counted unchanged
+            return None
+        return seq
+
+    def resolve(self, seq: int, outcome) -> str | None:
+        """Sampled request `seq` ended: (text_changed, answer_changed), or SKIPPED, ABANDONED or
+        FAILED. Records every outcome now next in sampling order; returns the fallback message
+        when one of them triggers it."""
+        if seq in self._outcomes or not self.recorded <= seq < self.sampled:
+            raise ValueError(f"sampled request {seq} resolved twice or never sampled")
+        self._outcomes[seq] = outcome
+        message = None
+        while self.recorded in self._outcomes:
+            message = self._record(self._outcomes.pop(self.recorded)) or message
+        return message
+
+    def _record(self, outcome) -> str | None:
+        if outcome in (SKIPPED, ABANDONED, FAILED):
+            setattr(self, outcome, getattr(self, outcome) + 1)
+        else:
+            text_changed, answer_changed = outcome
+            self.compared += 1
+            self.text_changed += text_changed
+            self.answer_changed += answer_changed
+        if (self.config.action == "fallback" and not self.fell_back
+                and exceeds(self.changes, self._kept_low, self.budget, self.delta)):
+            self.fell_back = True
+            missing = f" ({self.missing} sampled without a comparison counted unchanged)" if self.missing else ""
+            self.reason = (f"{self.measure} changed in {self.changes} of {self.compared} shadow comparisons{missing}; "
+                           f"the change rate's {100 * self.config.confidence:g}% one-sided anytime-valid lower "
+                           f"bound {100 * self.fallback_bound():.2f}% exceeds the budget {100 * self.budget:g}%")
+            return self.reason
+        return None
+
+    def queue_shadow(self, job) -> None:
+        self._ready.append(job)
+
+    def next_shadow(self):
+        """The next queued shadow when a slot is free (the slot is taken), else None."""
+        if not self._ready or self.in_flight >= self.config.max_in_flight:
+            return None
         self.in_flight += 1
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
-        return True
+        return self._ready.popleft()
 
     def end_shadow(self) -> None:
         self.in_flight -= 1
 
-    def record(self, text_changed: bool, answer_changed: bool) -> str | None:
-        """One comparison; returns the fallback message when this one triggers it."""
-        self.compared += 1
-        self.text_changed += text_changed
-        self.answer_changed += answer_changed
-        if (self.config.action == "fallback" and not self.fell_back
-                and exceeds(self.changes, self.compared - self.changes, self.budget, self.delta)):
-            self.fell_back = True
-            self.reason = (f"{self.measure} changed in {self.changes} of {self.compared} shadow comparisons; "
-                           f"the change rate's {100 * self.config.confidence:g}% anytime-valid lower bound "
-                           f"{100 * self.lower():.2f}% exceeds the budget {100 * self.budget:g}%")
-            return self.reason
-        return None
+    # Missing outcomes count unchanged below and changed above (see the module docstring).
+    @property
+    def _kept_low(self) -> int:
+        return self.compared - self.changes + self.missing
 
+    # The reported interval: delta/2 per side, so that both ends hold together at 1 - delta.
     def lower(self) -> float:
-        return lower_bound(self.changes, self.compared - self.changes, self.delta)
+        return lower_bound(self.changes, self._kept_low, self.delta / 2)
 
     def upper(self) -> float:
-        return upper_bound(self.changes, self.compared - self.changes, self.delta)
+        return upper_bound(self.changes + self.missing, self.compared - self.changes, self.delta / 2)
+
+    def fallback_bound(self) -> float:
+        """The one-sided 1 - delta lower bound the fallback compares with the budget."""
+        return lower_bound(self.changes, self._kept_low, self.delta)
 
 
 def answer_of(text: str, pattern: str | None) -> str | None:

@@ -189,6 +189,8 @@ SEAMS = (
     Seam("vllm.sampling_params", "RequestOutputKind.FINAL_ONLY", READ, "the shadow's output kind"),
     Seam("vllm.outputs", "RequestOutput.outputs", READ, "the response's tokens and text"),
     Seam("vllm.outputs", "RequestOutput.finished", READ, "only finished responses are compared"),
+    Seam("vllm.outputs", "CompletionOutput.finish_reason", READ,
+         "a response aborted or failed by the engine is abandoned, not compared"),
     Seam("vllm.outputs", "CompletionOutput.token_ids", READ, "measure text compares token ids"),
     Seam("vllm.outputs", "CompletionOutput.text", READ, "measure answer compares the answers"),
 )
