@@ -240,8 +240,9 @@ class PairedRisk:
             return (self.lost - self.gained) / self.n
         return self.changes / self.n
 
-    def p_value(self, measure: str, budget: float) -> float:
-        return certify.p_value(measure, self.n, budget, changes=self.changes, lost=self.lost, gained=self.gained)
+    def p_value(self, measure: str, budget: float, level: float) -> float:
+        return certify.p_value(measure, self.n, budget, changes=self.changes, lost=self.lost, gained=self.gained,
+                               level=level)
 
 
 class CachedOutcomes:
@@ -299,7 +300,8 @@ def largest_certifiable_loss(n: int, budget: float, level: float, gained: int = 
     certify when `gained` items went the other way (-1: none). Gains offset losses only in
     part: every discordant item adds variance."""
     lost = -1
-    while lost + 1 + gained <= n and certify.accuracy_p_value(lost + 1, gained, n, budget) <= level:
+    gamma = certify.berger_boos_gamma(level)
+    while lost + 1 + gained <= n and certify.accuracy_p_value(lost + 1, gained, n, budget, gamma) <= level:
         lost += 1  # the p-value only grows with the losses
     return lost
 
@@ -308,7 +310,7 @@ def zero_risk_certifies(measure: str, n: int, budget: float, level: float) -> bo
     """Whether a point that changes nothing on n prompts would be certified: below that n a
     budget is out of reach for every point (for accuracy, for every point that does not gain
     more than it loses)."""
-    return certify.p_value(measure, n, budget) <= level  # no change, nothing lost or gained
+    return certify.p_value(measure, n, budget, level=level) <= level  # no change, nothing lost or gained
 
 
 def prompts_for_zero_risk(measure: str, budget: float, level: float) -> int:
@@ -487,7 +489,7 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
                 # The scope is every calibration prompt unless the point stopped early.
                 risk = paired_risk(judgement, settings.measure, store.done(key), lossless, calibration_ids)
                 stopped = risk.n < n_cal and complete
-                p = 1.0 if stopped else risk.p_value(settings.measure, settings.budget) if risk.n else 1.0
+                p = 1.0 if stopped else risk.p_value(settings.measure, settings.budget, level) if risk.n else 1.0
                 row = {"family": family, "knob": knob, "key": key, "n": risk.n, "changes": risk.changes,
                        "lost": risk.lost, "gained": risk.gained, "observed_risk": risk.observed(settings.measure)
                        if risk.n else None, "p_value": p, "stopped_early": stopped,
