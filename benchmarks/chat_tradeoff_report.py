@@ -425,11 +425,11 @@ def certified_points(store, outcomes: Outcomes, screen_ids, rows: list[dict], te
             risks = {r["key"]: calibrate.paired_risk(outcomes, measure, store.done(r["key"]), base, calibration)
                      for seq in sequences.values() for r in seq}
             for budget in BUDGETS:
-                candidates = [certify.Candidate(f, r["key"], risks[r["key"]].p_value(measure, budget)
+                level = (1 - CERTIFY_CONFIDENCE) / max(1, len(sequences))
+                candidates = [certify.Candidate(f, r["key"], risks[r["key"]].p_value(measure, budget, level)
                                                 if r["key"] in complete else 1.0)
                               for f, seq in sequences.items() for r in seq]
                 certified = {c.point for c in certify.certify(candidates, 1 - CERTIFY_CONFIDENCE)} if candidates else set()
-                level = (1 - CERTIFY_CONFIDENCE) / max(1, len(sequences))
                 entry = {"proposer": server[0], "k": server[1], "measure": measure, "budget": budget,
                          "calibration_items": len(calibration), "rules": list(sequences),
                          "lossless_acceptance_length": group[lossless]["mean_acceptance_length"], "families": {}}

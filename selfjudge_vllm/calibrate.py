@@ -15,8 +15,9 @@ greedy serving.
                 stops early once the changes it already made rule out its certification
     test        the certified point of each family on the test prompts
 
-Every response is persisted as it completes (OUT/store); a rerun of the same command, after
-a kill or with another budget or measure, serves only what is missing. Nothing here imports
+Every response is persisted as it completes (OUT/store); a rerun of the same command after a
+kill serves only what is missing. The first run to read a candidate binds the folder's
+certificate (CERTIFICATE_BINDING); a rerun that changes it is exploratory. Nothing here imports
 vLLM: the engine is a subprocess, talked to over HTTP on 127.0.0.1.
 """
 
@@ -63,9 +64,29 @@ LOSSLESS = "lossless"
 # Exit statuses: what a script can branch on.
 EXIT_RELAXED_CERTIFIED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ONLY_LOSSLESS, EXIT_INCOMPLETE = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EXIT_EXPLORATORY = 5  # the folder's certificate was computed with other settings: nothing certified
 # What the served responses depend on: a rerun into the same folder must match on all of it.
 BOUND_SETTINGS = ("target", "speculative_config", "selfjudge_settings", "head_sha256", "prompts_sha256",
                   "max_tokens", "dtype", "max_model_len", "test_share", "seed", "vllm_args")
+# What a certificate is computed with (the experiment, as opposed to the responses): recorded in
+# OUT/certificate.json before any candidate's outcome is read. A later run into the folder that
+# changes any of it tests again on responses whose results were seen (a narrower --rules after a
+# family failed, a grid without the point that stopped a sequence, another budget), which the
+# family-wise guarantee does not cover: its result is exploratory. A measure with settings of its
+# own binds them by adding an entry: key -> its value from (settings, grids).
+CERTIFICATE_BINDING = {
+    "measure": lambda settings, grids: settings.measure,
+    "budget": lambda settings, grids: settings.budget,
+    "confidence": lambda settings, grids: settings.confidence,
+    "families": lambda settings, grids: sorted(grids),
+    "grids": lambda settings, grids: {f: list(g) for f, g in grids.items()},
+    # how answers are read decides the outcomes; text and meaning measures read no answer
+    "answer": lambda settings, grids: (None if settings.measure in ("text_changes",) + MEANING_MEASURES
+                                       else asdict(settings.answer)),
+    # the meaning measures' scorer, its model, threshold and prompt version decide their outcomes
+    "scorer": lambda settings, grids: settings.scorer_settings and settings.scorer_settings.as_dict(),
+}
+CERTIFICATE_FILE = "certificate.json"
 # Server settings of the `selfjudge` section an operator may calibrate under (--selfjudge-config):
 # they change what the rules decide (where relaxed acceptance applies, FLy's and the entropy
 # rule's windows), so the certificate holds for them only and the served config carries them.
@@ -192,6 +213,32 @@ def prompt_rows(settings: CalibrateSettings) -> list[dict]:
     return rows
 
 
+def without_label_prompts(settings: CalibrateSettings, rows: list[dict]) -> list[dict]:
+    """The rows less any prompt the head was labelled on (its provenance's digests), each drop
+    said: a head's errors on its own training prompts are not those of traffic, so they would
+    bias its certificate."""
+    if settings.head is None:
+        return rows
+    from selfjudge_vllm.artifact import JudgeArtifact
+    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, prompt_digest
+
+    labelled = JudgeArtifact.load(settings.head).config.provenance.get(PROMPT_DIGESTS_KEY)
+    if labelled is None:
+        log(f"calibrate: warning: {settings.head} records no digests of the prompts it was labelled on (trained "
+            "before they were recorded); make sure --prompts holds none of them")
+        return rows
+    labelled = set(labelled)
+    kept = [r for r in rows if prompt_digest(r) not in labelled]
+    if len(kept) < len(rows):
+        dropped = [r["id"] for r in rows if prompt_digest(r) in labelled]
+        log(f"calibrate: warning: dropped {len(dropped)} of {len(rows)} prompts the head was labelled on "
+            f"(first: {dropped[0]!r}); the certificate holds for prompts it was not trained on")
+    if not kept:
+        raise CalibrateError(f"every prompt in {settings.prompts} is one {settings.head} was labelled on: "
+                             "calibrate on prompts the head has not seen")
+    return kept
+
+
 def render_items(rows: list[dict], target: str, max_tokens: int) -> list[PromptItem]:
     """Prompt text per row: `prompt` as given, `messages` through the target's chat template
     (as `selfjudge label` renders them), so the served token ids are the labelled ones."""
@@ -263,8 +310,9 @@ class PairedRisk:
             return (self.lost - self.gained) / self.n
         return self.changes / self.n
 
-    def p_value(self, measure: str, budget: float) -> float:
-        return certify.p_value(measure, self.n, budget, changes=self.changes, lost=self.lost, gained=self.gained)
+    def p_value(self, measure: str, budget: float, level: float) -> float:
+        return certify.p_value(measure, self.n, budget, changes=self.changes, lost=self.lost, gained=self.gained,
+                               level=level)
 
 
 class CachedOutcomes:
@@ -338,7 +386,8 @@ def largest_certifiable_loss(n: int, budget: float, level: float, gained: int = 
     certify when `gained` items went the other way (-1: none). Gains offset losses only in
     part: every discordant item adds variance."""
     lost = -1
-    while lost + 1 + gained <= n and certify.accuracy_p_value(lost + 1, gained, n, budget) <= level:
+    gamma = certify.berger_boos_gamma(level)
+    while lost + 1 + gained <= n and certify.accuracy_p_value(lost + 1, gained, n, budget, gamma) <= level:
         lost += 1  # the p-value only grows with the losses
     return lost
 
@@ -347,7 +396,7 @@ def zero_risk_certifies(measure: str, n: int, budget: float, level: float) -> bo
     """Whether a point that changes nothing on n prompts would be certified: below that n a
     budget is out of reach for every point (for accuracy, for every point that does not gain
     more than it loses)."""
-    return certify.p_value(measure, n, budget) <= level  # no change, nothing lost or gained
+    return certify.p_value(measure, n, budget, level=level) <= level  # no change, nothing lost or gained
 
 
 def prompts_for_zero_risk(measure: str, budget: float, level: float) -> int:
@@ -413,6 +462,33 @@ def bind_folder(settings: CalibrateSettings) -> dict:
     else:
         path.write_text(json.dumps(now, indent=1) + "\n")
     return now
+
+
+def certificate_binding(settings: CalibrateSettings, grids: dict[str, tuple[float, ...]]) -> dict:
+    """CERTIFICATE_BINDING's values for this run, as JSON stores them."""
+    return json.loads(json.dumps({key: value(settings, grids) for key, value in CERTIFICATE_BINDING.items()}))
+
+
+def certificate_changes(out: Path, binding: dict) -> list[str]:
+    """What this run changes in the settings the folder's certificate was computed with, one
+    "key (before -> now)" each; [] when it changes nothing or no certificate was begun."""
+    path = out / CERTIFICATE_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+    else:  # a folder calibrated before the binding was recorded: its report has the same keys
+        report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+        if not report.get("points"):
+            return []
+        before = report
+    return [f"{key} ({json.dumps(before.get(key))} -> {json.dumps(value)})" for key, value in binding.items()
+            if before.get(key) != value]
+
+
+def record_certificate_binding(out: Path, binding: dict) -> None:
+    """Bind the folder's certificate to these settings, once (before any candidate is read)."""
+    path = out / CERTIFICATE_FILE
+    if not path.is_file():
+        path.write_text(json.dumps(binding, indent=1) + "\n")
 
 
 def server_command(settings: CalibrateSettings, port: int) -> tuple[list[str], dict]:
@@ -512,7 +588,7 @@ class ScorerSession:
 def run(settings: CalibrateSettings) -> tuple[int, dict]:
     """Serves what is missing, certifies, writes the report; (exit status, report)."""
     check_settings(settings)
-    rows = prompt_rows(settings)
+    rows = without_label_prompts(settings, prompt_rows(settings))
     bound = bind_folder(settings)
     by_id = {r["id"]: r for r in rows}
     items = render_items(rows, settings.target, settings.max_tokens)
@@ -522,6 +598,11 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
         raise CalibrateError("no calibration prompts: lower --test-share or give more prompts")
     grids = candidate_grids(settings)
     level = settings.delta / len(grids)  # Bonferroni over the families
+    binding = certificate_binding(settings, grids)
+    changed = certificate_changes(settings.out, binding)
+    if changed:
+        log(f"calibrate: exploratory run, nothing will be certified: {settings.out}'s certificate was computed "
+            f"with other settings: {'; '.join(changed)}")
     reach = resolution(settings, len(calibration_ids), level)
     if reach["note"]:
         log(f"calibrate: warning: {reach['note']}")
@@ -559,6 +640,8 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
         complete &= (serve(LOSSLESS, calibration_ids, request_options(LOSSLESS, None))
                      and serve(LOSSLESS, calibration_ids + test_ids, request_options(LOSSLESS, None)))
         lossless = store.done(LOSSLESS)
+        if complete and not changed:
+            record_certificate_binding(settings.out, binding)
         evaluated: dict[str, list[dict]] = {}
         n_cal = len(calibration_ids)
         for family, grid in grids.items():
@@ -572,10 +655,12 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
                 # The scope is every calibration prompt unless the point stopped early.
                 risk = paired_risk(judgement, settings.measure, store.done(key), lossless, calibration_ids)
                 stopped = risk.n < n_cal and complete
-                p = 1.0 if stopped else risk.p_value(settings.measure, settings.budget) if risk.n else 1.0
+                p = 1.0 if stopped else risk.p_value(settings.measure, settings.budget, level) if risk.n else 1.0
                 row = {"family": family, "knob": knob, "key": key, "n": risk.n, "changes": risk.changes,
                        "lost": risk.lost, "gained": risk.gained, "observed_risk": risk.observed(settings.measure)
                        if risk.n else None, "p_value": p, "stopped_early": stopped,
+                       # cut by --max-minutes: the prompts that finished first (likely the short ones)
+                       "partial": risk.n < n_cal and not complete,
                        **acceptance(store, key, set(calibration_ids) & set(store.done(key)))}
                 evaluated[family].append(row)
                 if not complete or p > level:
@@ -583,7 +668,8 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
         lossless_row = {"family": LOSSLESS, "knob": None, "key": LOSSLESS, "n": n_cal, "changes": 0, "lost": 0,
                         "gained": 0, "observed_risk": 0.0, "p_value": 0.0, "stopped_early": False,
                         **acceptance(store, LOSSLESS, set(calibration_ids))}
-        certified = _certified(evaluated, settings.delta) if complete else []
+        passing = _certified(evaluated, settings.delta) if complete else []
+        certified = [] if changed else passing  # an exploratory run certifies nothing
         best = max(certified, key=lambda r: r["mean_acceptance_length"] or 0.0, default=None)
         family_best = {f: max((r for r in certified if r["family"] == f),
                               key=lambda r: r["mean_acceptance_length"] or 0.0) for f in {r["family"] for r in certified}}
@@ -599,10 +685,35 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
         session.close()
     report = _report(settings, bound, grids, level, reach, calibration_ids, test_ids, lossless_row, evaluated, certified,
                      best, complete)
+    if changed:
+        _mark_exploratory(report, changed, passing)
     _write(settings, report)
     if not complete:
         return EXIT_INCOMPLETE, report
+    if changed:
+        return EXIT_EXPLORATORY, report
     return (EXIT_RELAXED_CERTIFIED if best else EXIT_ONLY_LOSSLESS), report
+
+
+def _mark_exploratory(report: dict, changed: list[str], passing: list[dict]) -> None:
+    """Say why the run certifies nothing, and which points would pass were it not reusing seen
+    results (for exploring only: they are not certified)."""
+    keys = {r["key"] for r in passing}
+    for row in report["points"]:
+        row["passes_exploratory"] = row["key"] in keys
+    report["exploratory"] = {"changed": changed, "passing": sorted(keys)}
+    if report["complete"]:
+        report["verdict"] = (
+            f"exploratory, nothing certified: this folder's certificate was computed with other settings "
+            f"({'; '.join(changed)}); these responses' results were seen under them, so the family-wise guarantee "
+            f"does not cover a new test on them. Passing here: {', '.join(sorted(keys)) or 'none'}. To certify these "
+            "settings, calibrate on fresh prompts in another --out")
+
+
+def report_stem(report: dict) -> str:
+    """report.* for a run under the folder's certificate; exploratory.* otherwise (so the
+    certificate's report is kept)."""
+    return "exploratory" if report.get("exploratory") else "report"
 
 
 def _hopeless(settings, judgement, store, key, lossless, calibration_ids, level) -> str | None:
@@ -659,7 +770,7 @@ def _report(settings, bound, grids, level, reach, calibration_ids, test_ids, los
             row["certified"] = any(row["key"] == c["key"] for c in certified)
             row["upper_bound"] = (certify.risk_upper_bound(settings.measure, row["n"], level, row["changes"],
                                                            row["lost"], row["gained"])
-                                  if row["n"] and not row["stopped_early"] else None)
+                                  if row["n"] and not row["stopped_early"] and not row.get("partial") else None)
     base = lossless_row["mean_acceptance_length"]
     if best is None:
         verdict = ("incomplete: rerun the same command to continue; nothing is certified until every calibration "
@@ -689,7 +800,8 @@ def _report(settings, bound, grids, level, reach, calibration_ids, test_ids, los
                                                           if base and best["mean_acceptance_length"] else None)},
         "serve_with": served_config(best and best["family"], best and best["knob"], head_out, point_name,
                                     settings.selfjudge_settings),
-        "settings": bound, "date": datetime.date.today().isoformat(),
+        "settings": bound, "certificate_binding": certificate_binding(settings, grids),
+        "date": datetime.date.today().isoformat(),
     }
 
 
@@ -698,10 +810,11 @@ def _write(settings: CalibrateSettings, report: dict) -> None:
     best = report["certified"]
     if best and best["family"] == "judge":
         _write_certified_head(settings, report)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(_markdown(report))
+    stem = report_stem(report)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(_markdown(report))
     try:
-        _plot(report, out / "report.png")
+        _plot(report, out / f"{stem}.png")
     except ImportError:  # matplotlib is in the `calibrate` extra
         log("calibrate: matplotlib not installed; no plot (pip install -e \".[calibrate]\")")
 
@@ -715,7 +828,12 @@ def _write_certified_head(settings: CalibrateSettings, report: dict) -> None:
     evidence = {
         "measure": report["measure"], "answer": report["answer"], "budget": report["budget"], "delta": report["delta"],
         "level": report["level_per_family"], "n": best["n"], "changes": best["changes"], "lost": best["lost"],
-        "gained": best["gained"], "upper_bound": best["upper_bound"], "p_value": best["p_value"],
+        "gained": best["gained"], "p_value": best["p_value"],
+        # this point's own bound at its family's level, not a bound that holds after the choice
+        "upper_bound_per_point": best["upper_bound"],
+        "upper_bound_per_point_is": "the smallest budget this point's evidence certifies at level delta / families, "
+                                    "for this point alone: not simultaneous over the points tested nor after picking "
+                                    "the fastest certified point (what holds after the choice is risk <= budget)",
         "mean_acceptance_length": best["mean_acceptance_length"],
         "lossless_mean_acceptance_length": report["lossless"]["mean_acceptance_length"],
         "acceptance_vs_lossless": best["acceptance_vs_lossless"], "test": best.get("test"),
@@ -750,6 +868,16 @@ def _scorer_line(report: dict) -> str:
     return what + (f" below {scorer['threshold']:g}" if scorer["threshold"] is not None else "")
 
 
+def _decision(row: dict) -> str:
+    if row["certified"]:
+        return "yes"
+    if row.get("passes_exploratory"):
+        return "passes (exploratory: not certified)"
+    if row.get("partial"):
+        return f"partial: {row['n']} prompts, those that finished first"
+    return "stopped early" if row["stopped_early"] else "no"
+
+
 def _markdown(report: dict) -> str:
     def unit(v):  # every risk is a share of prompts
         return "n/a" if v is None else f"{100 * v:.2f}%"
@@ -778,11 +906,14 @@ def _markdown(report: dict) -> str:
         lines.append(
             f"| {r['family']} {r['knob']:g} | {r['n']} | {r['changes']} | {r['lost']} | {r['gained']} "
             f"| {unit(r['observed_risk'])} | {unit(r['upper_bound'])} | {_fmt(r['p_value'], '.4f')} "
-            f"| {'yes' if r['certified'] else 'stopped early' if r['stopped_early'] else 'no'} "
+            f"| {_decision(r)} "
             f"| {_fmt(r['mean_acceptance_length'])} "
             f"| {unit(test['observed_risk']) + ' (' + str(test['n']) + ')' if test else '-'} |")
-    lines += ["", "Upper bound: the smallest budget this point's evidence would certify at its family's level. "
-              "Families not listed past a point: fixed-sequence testing stopped there.", ""]
+    lines += ["", "Upper bound: the smallest budget this point's evidence would certify at its family's level, for "
+              "this point alone (not simultaneous over the points, nor after picking the fastest: the guarantee is "
+              "the certificate, risk within the budget). Families not listed past a point: fixed-sequence testing "
+              "stopped there. A partial point's figures (an incomplete run) are on the prompts that finished "
+              "first, not a sample of the calibration prompts: nothing is decided on them.", ""]
     return "\n".join(lines)
 
 
@@ -884,5 +1015,6 @@ def summary_lines(report: dict, out: Path) -> list[str]:
         lines.append(f"  warning: {report['resolution']['note']}")
     if report["complete"]:
         lines.append(f"  serve with: --additional-config '{json.dumps(report['serve_with'])}'")
-    lines.append(f"  report: {out / 'report.md'} (and report.json, report.png)")
+    stem = report_stem(report)
+    lines.append(f"  report: {out / f'{stem}.md'} (and {stem}.json, {stem}.png)")
     return lines

@@ -336,9 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Bonferroni over rules). Picks the certified point with the longest mean acceptance, measures it again "
         "on held-out test prompts, writes OUT/report.{json,md,png} and, when a judge point wins, OUT/head with "
         "operating point certified_<measure>_<budget>. Every response is kept (OUT/store): rerun to continue "
-        "after an interruption, or with another budget or measure (only what is missing is served). "
-        "Exit status: 0 a relaxed point certified, 3 only lossless, 4 incomplete (rerun), 2 bad input, 1 failure, "
-        "130 interrupted (Ctrl-C: the engine is stopped, rerun to continue).",
+        "after an interruption (only what is missing is served). The first run to test a candidate binds OUT's "
+        "certificate to its measure (and scorer), budget, confidence, rules and grids: a rerun that changes any "
+        "of them is exploratory (OUT/exploratory.{json,md,png}), never certified. "
+        "Exit status: 0 a relaxed point certified, 3 only lossless, 4 incomplete (rerun), 5 exploratory, "
+        "2 bad input, 1 failure, 130 interrupted (Ctrl-C: the engine is stopped, rerun to continue).",
     )
     cal.add_argument("--target", required=True, help="target model (folder or name, as `vllm serve` takes it)")
     cal.add_argument("--speculative-config", required=True,

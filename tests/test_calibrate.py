@@ -1,8 +1,8 @@
 """`selfjudge calibrate`: its guarantee by simulation through the command's own pairing code,
 its input errors, and (marked `server`) the whole command on tiny models: lossless is
 certified where an accept-all judge is not, fixed-sequence testing stops at the first failure,
-a certified judge point lands in a head the server can serve by name, and a run killed with
-SIGKILL continues to the same report."""
+a certified judge point lands in a head the server can serve by name, a rerun at another
+budget is exploratory, and a run killed with SIGKILL continues to the same report."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _certifies(rng, n, measure, risk, budget, runs):
         judgement = calibrate.Judgement(answer, rows)
         mine, base = _simulated_responses(rng, n, measure, risk)
         result = calibrate.paired_risk(judgement, measure, mine, base, list(rows))
-        count += result.p_value(measure, budget) <= DELTA
+        count += result.p_value(measure, budget, DELTA) <= DELTA
     return count / runs
 
 
@@ -76,7 +76,7 @@ def test_accuracy_at_the_budget_certifies_at_most_delta():
             result = calibrate.paired_risk(calibrate.Judgement(answer, local_rows), "accuracy", mine, base,
                                            list(local_rows))
             assert result.lost - result.gained == int((outcome == "lost").sum() - (outcome == "gained").sum())
-            hits += result.p_value("accuracy", budget) <= DELTA
+            hits += result.p_value("accuracy", budget, DELTA) <= DELTA
         return hits / count
 
     at_budget = share(budget, 0.03, n, runs)
@@ -112,8 +112,8 @@ def test_the_largest_certifiable_loss_is_exact():
     for n, budget, level, gained in ((344, 0.02, 0.0125, 11), (344, 0.05, 0.0125, 0), (60, 0.01, 0.05, 0)):
         most = calibrate.largest_certifiable_loss(n, budget, level, gained)
         if most >= 0:
-            assert certify.accuracy_p_value(most, gained, n, budget) <= level
-        assert certify.accuracy_p_value(most + 1, gained, n, budget) > level
+            assert certify.p_value("accuracy", n, budget, lost=most, gained=gained, level=level) <= level
+        assert certify.p_value("accuracy", n, budget, lost=most + 1, gained=gained, level=level) > level
     assert calibrate.largest_certifiable_loss(344, 0.05, 0.0125, 11) > calibrate.largest_certifiable_loss(
         344, 0.05, 0.0125, 0)
 
@@ -127,6 +127,35 @@ def test_the_prompts_a_budget_needs_are_exact(measure):
         assert calibrate.zero_risk_certifies(measure, n, budget, level)
         assert not calibrate.zero_risk_certifies(measure, n - 1, budget, level)
     assert measure != "answer_changes" or calibrate.prompts_for_zero_risk(measure, 0.01, 0.0125) == 437
+
+
+def test_confidence_above_99_9_percent_still_certifies_accuracy():
+    """With gamma fixed at 0.001 a level at or below it could never certify accuracy, and the
+    search for the prompts it needs doubled n until scipy failed (TypeError). Now: a finite,
+    exact count."""
+    for budget, level in ((0.02, 0.0005), (0.05, 0.001)):
+        n = calibrate.prompts_for_zero_risk("accuracy", budget, level)
+        assert calibrate.zero_risk_certifies("accuracy", n, budget, level)
+        assert not calibrate.zero_risk_certifies("accuracy", n - 1, budget, level)
+    assert calibrate.largest_certifiable_loss(2000, 0.05, 0.001) > 0
+
+
+def test_calibrate_at_confidence_0_999_says_what_accuracy_needs(tmp_path, capsys, monkeypatch):
+    """`--confidence 0.999 --measure accuracy`: a clear message before serving (how many
+    prompts it takes), not a traceback; the engine is not started here."""
+    def no_engine(self):
+        raise RuntimeError("no engine in this test")
+
+    monkeypatch.setattr(calibrate.Session, "get", no_engine)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "a", "answer": "1"}) + "\n" for i in range(20)))
+    # the default rules (three without a head): each tested at 0.001 / 3
+    argv = _args(tmp_path, prompts, **{"--confidence": "0.999", "--measure": "accuracy", "--answer": "numeric",
+                                       "--budget": "0.02"})
+    assert main(argv) == calibrate.EXIT_FAILED
+    said = capsys.readouterr()
+    assert "not even a point that changes nothing can be certified within 2%" in said.out
+    assert "no engine in this test" in said.err
 
 
 def test_an_unreachable_budget_is_said_before_serving(tmp_path):
@@ -143,8 +172,8 @@ def test_an_unreachable_budget_is_said_before_serving(tmp_path):
 def test_the_upper_bound_is_the_smallest_budget_that_certifies():
     for measure, kw in (("answer_changes", {"changes": 7}), ("accuracy", {"lost": 9, "gained": 3})):
         bound = certify.risk_upper_bound(measure, 200, 0.025, **kw)
-        assert certify.p_value(measure, 200, bound + 1e-4, **kw) <= 0.025 < certify.p_value(measure, 200, bound - 1e-3,
-                                                                                           **kw)
+        assert (certify.p_value(measure, 200, bound + 1e-4, **kw, level=0.025) <= 0.025
+                < certify.p_value(measure, 200, bound - 1e-3, **kw, level=0.025))
 
 
 def test_split_is_seeded_by_prompt_and_stable():
@@ -289,22 +318,7 @@ def test_calibrate_certifies_lossless_not_an_accept_all_judge_and_resumes_after_
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     command = [sys.executable, "-m", "selfjudge_vllm.cli", "calibrate"]
 
-    # 1% budget: nothing relaxed can be certified on ~24 prompts; the strict point fails and
-    # fixed-sequence testing never serves the accept-all point.
-    tight = subprocess.run(command + _calibrate_argv(target, draft, head, prompts, out, 0.01), env=env,
-                           capture_output=True, text=True, timeout=900)
-    assert tight.returncode == calibrate.EXIT_ONLY_LOSSLESS, tight.stdout + tight.stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["verdict"].startswith("only lossless is certified") and report["certified"] is None
-    assert [p["key"] for p in report["points"]] == ["judge-0.9"] and report["points"][0]["changes"] == 0
-    assert report["serve_with"] == {"selfjudge": {"enabled": False}}
-    assert "only lossless is certified" in tight.stdout and (out / "report.png").stat().st_size > 0
-    # said before serving, and in the report: 1% is out of reach on these few prompts
-    assert "not even a point that changes nothing can be certified within 1%" in tight.stderr + tight.stdout
-    assert report["resolution"]["prompts_needed_for_zero_risk"] == 299  # one family at level 0.05
-
-    # 20% budget, same folder: no lossless request is served again; the strict point is
-    # certified, the accept-all one changes most texts and is not.
+    # 20% budget: the strict point is certified, the accept-all one changes most texts and is not.
     loose = subprocess.run(command + _calibrate_argv(target, draft, head, prompts, out, 0.2), env=env,
                            capture_output=True, text=True, timeout=900)
     assert loose.returncode == calibrate.EXIT_RELAXED_CERTIFIED, loose.stdout + loose.stderr
@@ -327,6 +341,23 @@ def test_calibrate_certifies_lossless_not_an_accept_all_judge_and_resumes_after_
     inspect = subprocess.run([sys.executable, "-m", "selfjudge_vllm.cli", "inspect", str(out / "head")],
                              capture_output=True, text=True, timeout=120)
     assert f"operating point {name}" in inspect.stdout and "evidence prompts_sha256" in inspect.stdout
+
+    # 1%, same folder: the certificate of this folder was computed at 20%, so this run is
+    # exploratory and certifies nothing; it serves nothing (the strict point is stored and
+    # fails at 1%, so fixed-sequence testing stops there) and keeps the certificate's report.
+    certificate = (out / "report.json").read_text()
+    tight = subprocess.run(command + _calibrate_argv(target, draft, head, prompts, out, 0.01), env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert tight.returncode == calibrate.EXIT_EXPLORATORY, tight.stdout + tight.stderr
+    explored = json.loads((out / "exploratory.json").read_text())
+    assert explored["verdict"].startswith("exploratory, nothing certified") and explored["certified"] is None
+    assert "budget (0.2 -> 0.01)" in explored["verdict"] and "exploratory" in tight.stdout
+    assert [p["key"] for p in explored["points"]] == ["judge-0.9"] and explored["points"][0]["changes"] == 0
+    assert explored["serve_with"] == {"selfjudge": {"enabled": False}}
+    assert (out / "exploratory.png").stat().st_size > 0 and (out / "report.json").read_text() == certificate
+    # said before serving, and in the report: 1% is out of reach on these few prompts
+    assert "not even a point that changes nothing can be certified within 1%" in tight.stderr + tight.stdout
+    assert explored["resolution"]["prompts_needed_for_zero_risk"] == 299  # one family at level 0.05
     lossless_requests = [json.loads(line) for line in (out / "store/requests.jsonl").read_text().splitlines()]
     assert sum(r["point"] == "lossless" for r in lossless_requests) == 32  # served once, for both runs
 

@@ -62,16 +62,20 @@ def _trinomial_pmf(n, lost, gained):
     return np.where(ok, np.nan_to_num(np.exp(log)), 0.0)
 
 
-@pytest.mark.parametrize("n, budget", [(40, 0.05), (60, 0.02)])
-def test_accuracy_certification_has_exact_coverage(n, budget):
+@pytest.mark.parametrize("n, budget, level", [
+    (40, 0.05, DELTA), (60, 0.02, DELTA),
+    # at or below the 0.001 a fixed gamma spent (confidence 0.999 with one rule, 0.9995): gamma
+    # is a tenth of the level there, so the test certifies and keeps its size
+    (40, 0.25, 0.001), (60, 0.2, 0.0005)])
+def test_accuracy_certification_has_exact_coverage(n, budget, level):
     """Every outcome (items lost, items gained) of n paired items is enumerated: at parameters
     on H0's boundary (P(lost) = P(gained) + budget, P(gained) on a fine grid) and inside H0,
-    the probability of the outcomes that certify is at most delta."""
+    the probability of the outcomes that certify at `level` is at most `level`."""
     certifies = np.zeros((n + 1, n + 1), dtype=bool)
     for x in range(n + 1):
         for y in range(n + 1 - x):
             # Outcomes with far more lost than gained cannot certify: skip their p-values.
-            if x - y <= budget * n and certify.accuracy_p_value(x, y, n, budget) <= DELTA:
+            if x - y <= budget * n and certify.p_value("accuracy", n, budget, lost=x, gained=y, level=level) <= level:
                 certifies[x, y] = True
     assert certifies.any()
     worst = 0.0
@@ -81,7 +85,16 @@ def test_accuracy_certification_has_exact_coverage(n, budget):
             lost = gained + budget + extra
             if lost + gained < 1:
                 worst = max(worst, float(_trinomial_pmf(n, lost, gained)[certifies].sum()))
-    assert worst <= DELTA, worst
+    assert worst <= level, worst
+
+
+def test_gamma_is_fixed_in_advance_below_the_level():
+    """Berger and Boos's 0.001 at the usual levels (the figures in the docs), a tenth of the
+    level below 1%: always below the level, so the accuracy test can certify at any confidence."""
+    assert certify.berger_boos_gamma(DELTA) == certify.berger_boos_gamma(0.0125) == 1e-3
+    for level in (0.001, 0.0005, 1e-5):
+        assert certify.berger_boos_gamma(level) == pytest.approx(level / 10)
+        assert certify.p_value("accuracy", 5000, 0.05, level=level) <= level  # nothing lost or gained
 
 
 def test_accuracy_certification_has_power_when_accuracy_holds():
@@ -92,7 +105,8 @@ def test_accuracy_certification_has_power_when_accuracy_holds():
 
     def certified_share(lost, gained, runs=150):
         outcomes = rng.multinomial(n, [lost, gained, 1 - lost - gained], size=runs)
-        return float(np.mean([certify.accuracy_p_value(int(x), int(y), n, budget) <= DELTA for x, y, _ in outcomes]))
+        return float(np.mean([certify.p_value("accuracy", n, budget, lost=int(x), gained=int(y), level=DELTA) <= DELTA
+                              for x, y, _ in outcomes]))
 
     assert certified_share(0.04, 0.04) > 0.8
     assert certified_share(0.12, 0.02) == 0.0
@@ -109,9 +123,9 @@ def test_fixed_sequence_stops_at_the_first_failure_and_splits_delta_over_familie
     with pytest.raises(ValueError, match="budget"):
         certify.binomial_p_value(0, 10, 1.0)
     with pytest.raises(ValueError, match="no paired items"):
-        certify.accuracy_p_value(0, 0, 0, 0.05)
+        certify.accuracy_p_value(0, 0, 0, 0.05, 1e-3)
     with pytest.raises(ValueError, match="unknown measure"):
-        certify.p_value("speed", 10, 0.05)
+        certify.p_value("speed", 10, 0.05, level=DELTA)
 
 
 def test_the_whole_procedure_is_family_wise_valid_by_simulation():

@@ -202,7 +202,7 @@ def _simulated_meaning_certifies(tmp_path, risk, n, budget, runs, rng):
         judgement = _judgement(tmp_path / str(run), "meaning_changes", rows, threshold=0.7)
         result = calibrate.paired_risk(judgement, "meaning_changes", mine, base, list(rows))
         assert result.changes == changed.sum()
-        hits += result.p_value("meaning_changes", budget) <= 0.05
+        hits += result.p_value("meaning_changes", budget, 0.05) <= 0.05
     return hits / runs
 
 
@@ -233,8 +233,8 @@ def test_judged_loss_is_certified_by_the_net_loss_test(tmp_path):
     risk = calibrate.paired_risk(judgement, "judged_loss", mine, base, list(rows))
     assert (risk.n, risk.lost, risk.gained, risk.changes) == (6, 2, 0, 2)
     assert risk.observed("judged_loss") == pytest.approx(2 / 6)
-    assert risk.p_value("judged_loss", 0.05) == pytest.approx(
-        calibrate.certify.accuracy_p_value(2, 0, 6, 0.05))
+    assert risk.p_value("judged_loss", 0.05, 0.05) == pytest.approx(
+        calibrate.certify.p_value("accuracy", 6, 0.05, lost=2, gained=0, level=0.05))
 
 
 # -- the command's input checks -------------------------------------------------------------------------------
@@ -295,11 +295,12 @@ def test_a_cpu_server_gets_every_core_unless_the_operator_chose(tmp_path, monkey
 @pytest.mark.server
 @pytest.mark.timeout(1800)
 def test_calibrate_under_each_reference_free_measure_on_tiny_models(tiny_pair, workdir, tmp_path):
-    """One folder, three measures: the lossless and relaxed responses are served once; the
-    embedding scorer, the llm scorer (the target itself, over the same engine) and judged_loss
-    each decide from them, persist their scores, and name themselves in the report. Texts the
-    accept-all judge changes are scored; the scores are deterministic (a second llm run reads
-    them back and agrees)."""
+    """The lossless and relaxed (accept-all judge) responses are served once, in folder A;
+    each measure then decides from them: the embedding scorer certifies in A; another scorer
+    in A is exploratory (the certificate is bound to its scorer); judged_loss and the llm
+    scorer (the target itself, over calibrate's own engine) certify in folders B and C that
+    share A's responses, serving nothing again. Every scorer persists its scores and names
+    itself in the report; a rerun reads them back and decides the same."""
     import torch
 
     from selfjudge_vllm.testing.load import make_requests
@@ -311,39 +312,54 @@ def test_calibrate_under_each_reference_free_measure_on_tiny_models(tiny_pair, w
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": r["prompt"]}) + "\n"
                                for i, r in enumerate(make_requests(24, seed=7))))
-    out = tmp_path / "cal"
-    base = [sys.executable, "-m", "selfjudge_vllm.cli", "calibrate", "--target", str(target),
-            "--speculative-config", json.dumps(spec_config("draft_model", draft)), "--prompts", str(prompts),
-            "--out", str(out), "--head", str(head), "--rules", "judge", "--grid", "judge=0.1",
-            "--budget", "0.5", "--test-share", "0", "--max-tokens", "16", "--max-model-len", "512",
-            "--concurrency", "8"]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    reports = {}
-    for name, extra in [("embedding", ["--measure", "meaning_changes", "--scorer", "embedding"]),
-                        ("llm", ["--measure", "meaning_changes", "--scorer", "llm"]),
-                        ("judged", ["--measure", "judged_loss"]),
-                        ("llm-again", ["--measure", "meaning_changes", "--scorer", "llm"])]:
-        done = subprocess.run(base + extra, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode in (calibrate.EXIT_RELAXED_CERTIFIED, calibrate.EXIT_ONLY_LOSSLESS), \
-            done.stdout + done.stderr
-        reports[name] = json.loads((out / "report.json").read_text())
-    requests = [json.loads(line) for line in (out / "store" / "requests.jsonl").read_text().splitlines()]
-    assert len(requests) == 2 * 24  # lossless and judge 0.1, served once for all four runs
+
+    def calibrate_into(out, *extra):
+        command = [sys.executable, "-m", "selfjudge_vllm.cli", "calibrate", "--target", str(target),
+                   "--speculative-config", json.dumps(spec_config("draft_model", draft)), "--prompts", str(prompts),
+                   "--out", str(out), "--head", str(head), "--rules", "judge", "--grid", "judge=0.1",
+                   "--budget", "0.5", "--test-share", "0", "--max-tokens", "16", "--max-model-len", "512",
+                   "--concurrency", "8", *extra]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        return done.returncode, done.stdout + done.stderr
+
+    first, shared_b, shared_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    status, log = calibrate_into(first, "--measure", "meaning_changes", "--scorer", "embedding")
+    assert status in (calibrate.EXIT_RELAXED_CERTIFIED, calibrate.EXIT_ONLY_LOSSLESS), log
+    embedding = json.loads((first / "report.json").read_text())
+    status, log = calibrate_into(first, "--measure", "meaning_changes", "--scorer", "llm")
+    assert status == calibrate.EXIT_EXPLORATORY, log
+    verdict = json.loads((first / "exploratory.json").read_text())["verdict"]
+    assert "scorer (" in verdict and '"embedding"' in verdict and '"llm"' in verdict, verdict
+    for folder in (shared_b, shared_c):  # another certificate on the same responses
+        folder.mkdir()
+        (folder / "store").symlink_to(first / "store", target_is_directory=True)
+    status, log = calibrate_into(shared_b, "--measure", "judged_loss")
+    assert status in (calibrate.EXIT_RELAXED_CERTIFIED, calibrate.EXIT_ONLY_LOSSLESS), log
+    judged = json.loads((shared_b / "report.json").read_text())
+    status, log = calibrate_into(shared_c, "--measure", "meaning_changes", "--scorer", "llm")
+    assert status in (calibrate.EXIT_RELAXED_CERTIFIED, calibrate.EXIT_ONLY_LOSSLESS), log
+    llm = json.loads((shared_c / "report.json").read_text())
+
+    requests = [json.loads(line) for line in (first / "store" / "requests.jsonl").read_text().splitlines()]
+    assert len(requests) == 2 * 24  # lossless and judge 0.1, served once for every run
     lossless = {r["id"]: r["text"] for r in requests if r["point"] == "lossless"}
     relaxed = {r["id"]: r["text"] for r in requests if r["point"] == "judge-0.1"}
     differing = {i for i in lossless if lossless[i] != relaxed[i]}
     assert differing, "the accept-all judge changed no text: nothing was scored"
-    scores = [json.loads(line) for line in (out / "store" / "scores.jsonl").read_text().splitlines()]
+    scores = [json.loads(line) for line in (first / "store" / "scores.jsonl").read_text().splitlines()]
     by_scorer = {}
     for row in scores:
-        by_scorer.setdefault(row["scorer"], set()).add(row["id"])
-    assert by_scorer == {"embedding:all-MiniLM-L6-v2:-": differing,
-                         f"llm:target:{meaning.EQUIVALENCE_PROMPT_VERSION}": differing,
-                         f"preference:target:{meaning.PREFERENCE_PROMPT_VERSION}": differing}
-    for name, scorer in [("embedding", "embedding"), ("llm", "llm"), ("judged", "llm")]:
-        report = reports[name]
+        by_scorer.setdefault(row["scorer"], []).append(row["id"])
+    # each kind scored every differing pair exactly once (the exploratory llm run's scores were reused)
+    assert {k: sorted(v) for k, v in by_scorer.items()} == {
+        "embedding:all-MiniLM-L6-v2:-": sorted(differing),
+        f"llm:target:{meaning.EQUIVALENCE_PROMPT_VERSION}": sorted(differing),
+        f"preference:target:{meaning.PREFERENCE_PROMPT_VERSION}": sorted(differing)}
+    for report, scorer in ((embedding, "embedding"), (llm, "llm"), (judged, "llm")):
         assert report["scorer"]["scorer"] == scorer and report["points"][0]["n"] == 24
         assert report["points"][0]["changes"] <= len(differing)
-    assert reports["judged"]["measure"] == "judged_loss" and reports["judged"]["scorer"]["threshold"] is None
-    assert reports["llm-again"]["points"] == reports["llm"]["points"]
-    assert "scorer's verdicts, not for a person's judgement" in (out / "report.md").read_text()
+    assert judged["measure"] == "judged_loss" and judged["scorer"]["threshold"] is None
+    assert "scorer's verdicts, not for a person's judgement" in (shared_c / "report.md").read_text()
+    status, log = calibrate_into(shared_c, "--measure", "meaning_changes", "--scorer", "llm")  # read back
+    assert json.loads((shared_c / "report.json").read_text())["points"] == llm["points"], log

@@ -28,7 +28,7 @@ from selfjudge_vllm.answers import pattern_answer
 from selfjudge_vllm.features import evidence_from_logprobs
 from selfjudge_vllm.files import file_sha256
 from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
-from selfjudge_vllm.offline.prompts import Prompt, read_prompt_file, tokenize_prompts
+from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_FILE, Prompt, prompt_digest, read_prompt_file, tokenize_prompts
 from selfjudge_vllm.offline.proposers import NgramSettings, ngram_mismatches
 from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
 from selfjudge_vllm.offline.store import RunDir
@@ -275,6 +275,8 @@ def prepare_job(settings: LabelSettings, out_dir: str | Path) -> LabelJob:
     run.bind_settings(bound, addable=("answer_pattern", "prompts_sha256"), digests={"prompts": "prompts_sha256"})
     if settings.answer_pattern is None:  # a rerun without it goes on with the run's
         settings = replace(settings, answer_pattern=run.read_json("run.json").get("answer_pattern"))
+    # Which prompts the head will have seen, so calibrate can keep them out of its certificate.
+    run.write_json(PROMPT_DIGESTS_FILE, sorted({prompt_digest(r) for r in read_prompt_file(settings.prompts)}))
     shards = _shards(prompts, settings.shard_size)
     run.bind_shard_count(len(shards))
     write_target_identity(run, settings.target)

@@ -9,6 +9,7 @@ answer) is kept for calibration. `messages` is rendered with the target's chat t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,19 @@ class Prompt:
     id: str
     token_ids: tuple[int, ...]
     answer: str | None = None
+
+
+# Where a label run records the digests of its prompts (RUN/PROMPT_DIGESTS_FILE), and the key a
+# head trained on it carries them under in its provenance.
+PROMPT_DIGESTS_FILE, PROMPT_DIGESTS_KEY = "prompt_digests.json", "label_prompt_digests"
+
+
+def prompt_digest(row: dict) -> str:
+    """A prompt's identity by content (its `prompt` or `messages`, not its id or file): what
+    `selfjudge calibrate` compares with the prompts a head was labelled on, without keeping them.
+    64 bits of SHA-256: no accidental collision among any realistic number of prompts."""
+    content = {"prompt": row["prompt"]} if "prompt" in row else {"messages": row["messages"]}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def read_prompt_file(path: str | Path) -> list[dict]:

@@ -42,6 +42,7 @@ import torch
 from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, OperatingPoint, TargetIdentity
 from selfjudge_vllm.features import FEATURE_SETS, HIDDEN, LOGIT_FEATURES
 from selfjudge_vllm.offline.label import InputError
+from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_FILE, PROMPT_DIGESTS_KEY
 from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
 from selfjudge_vllm.offline.store import RunDir, load_run, provenance, usable_shards
 
@@ -651,6 +652,18 @@ def train(run_dirs: str | Path | list[str | Path], out_dir: str | Path, settings
     return report
 
 
+def label_prompt_digests(run_dirs: list[str]) -> list[str] | None:
+    """The digests of every prompt the runs labelled (training and validation alike: both
+    shaped the head and its operating points); None when a run predates recording them."""
+    digests: set[str] = set()
+    for run_dir in run_dirs:
+        path = Path(run_dir) / PROMPT_DIGESTS_FILE
+        if not path.is_file():
+            return None
+        digests |= set(json.loads(path.read_text()))
+    return sorted(digests)
+
+
 def write_artifact(out_dir: str | Path, head: _Head, target: dict, serving: ServingPoints, settings: TrainSettings,
                    report: dict) -> None:
     config = JudgeArtifactConfig(
@@ -659,7 +672,8 @@ def write_artifact(out_dir: str | Path, head: _Head, target: dict, serving: Serv
         target=TargetIdentity(**target),
         default_threshold=serving.default,
         operating_points=serving.points,
-        provenance=provenance({"runs": report["runs"], "seed": settings.seed, "report": report}),
+        provenance=provenance({"runs": report["runs"], "seed": settings.seed, "report": report,
+                               PROMPT_DIGESTS_KEY: label_prompt_digests(report["runs"])}),
     )
     JudgeArtifact(config, None if head.weight is None else torch.from_numpy(head.weight).float(),
                   torch.tensor([head.bias]),

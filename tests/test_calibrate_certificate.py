@@ -1,0 +1,231 @@
+"""`selfjudge calibrate` run end to end on a simulated engine (tests/simulated_engine.py): its
+whole decision loop (early stop included) is family-wise valid by simulation; a rerun that
+changes what the certificate was computed with is exploratory, not certified; an incomplete
+run's points are marked partial; the certified head labels its bound per point."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from selfjudge_vllm import calibrate, certify, measurement
+from tests import simulated_engine as sim
+
+GRIDS = {"top_alpha": (0.9, 0.5, 0.2), "entropy": (3.0, 2.0, 1.0)}
+# top_alpha's strictest point is well within the 10% budget, every other point exactly at it
+# (the worst case of H0 "risk > budget"): certifying any of those is a family-wise error.
+RISKS = {("top_alpha", 0.9): 0.025, ("top_alpha", 0.5): 0.1, ("top_alpha", 0.2): 0.1,
+         ("entropy", 3.0): 0.1, ("entropy", 2.0): 0.1, ("entropy", 1.0): 0.1}
+
+
+def _run(monkeypatch, tmp_path, engine, out="out", n=150, **over):
+    engine.install(monkeypatch)
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.is_file():
+        sim.write_prompts(prompts, n)
+    return calibrate.run(sim.settings(prompts, tmp_path / out, over.pop("grids", GRIDS), **over))
+
+
+@pytest.mark.parametrize("measure, gained, runs", [("answer_changes", 0.0, 2000), ("accuracy", 0.03, 600)])
+def test_the_calibrate_loop_is_family_wise_valid_by_simulation(monkeypatch, tmp_path, measure, gained, runs):
+    """`calibrate.run` itself (split, serving order, early stop between segments, pairing,
+    p-values, fixed sequence, Bonferroni) on 150 prompts, two families of three points, 90%
+    confidence, 10% budget: the share of runs that certify a point at the budget stays within
+    delta plus Monte Carlo error. Accuracy: 3% of prompts gained, 13% lost. The strict point
+    within budget is certified in most runs, so the later points are tested too."""
+    # Persistence, logs and the report's per-point bounds decide nothing: left out for speed.
+    monkeypatch.setattr(measurement, "append_jsonl", lambda path, row: None)
+    monkeypatch.setattr(calibrate, "_write", lambda settings, report: None)
+    monkeypatch.setattr(certify, "risk_upper_bound", lambda *args, **kwargs: None)
+    monkeypatch.setattr(calibrate, "log", lambda message: None)
+    monkeypatch.setattr(measurement, "log", lambda message: None)
+    sim.write_prompts(tmp_path / "prompts.jsonl", 150)
+    errors = strict = stopped = 0
+    for k in range(runs):
+        _, report = _run(monkeypatch, tmp_path, sim.SimulatedEngine(RISKS, seed=k, gained=gained), out=f"r{k}",
+                         measure=measure)
+        certified = [(p["family"], p["knob"]) for p in report["points"] if p["certified"]]
+        errors += any(RISKS[point] >= report["budget"] for point in certified)
+        strict += ("top_alpha", 0.9) in certified
+        stopped += any(p["stopped_early"] for p in report["points"])
+    delta = 0.1
+    error = errors / runs
+    print(f"{measure}: {runs} runs, family-wise error {error:.4f} (delta {delta}), strict point certified "
+          f"{strict / runs:.3f}, runs with an early stop {stopped / runs:.3f}")
+    assert error <= delta + 3 * math.sqrt(delta * (1 - delta) / runs), error
+    assert strict / runs > 0.6
+    assert measure == "accuracy" or stopped / runs > 0.5  # the early stop is exercised (change measures only)
+
+
+# -- the certificate's binding ---------------------------------------------------------------------
+
+
+def _first(monkeypatch, tmp_path, engine=None, **over):
+    engine = engine or sim.SimulatedEngine(RISKS, seed=3)
+    status, report = _run(monkeypatch, tmp_path, engine, **over)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED, report["verdict"]
+    return engine, report
+
+
+def test_the_first_run_binds_the_certificate_and_the_same_command_keeps_it(monkeypatch, tmp_path):
+    engine, report = _first(monkeypatch, tmp_path)
+    bound = json.loads((tmp_path / "out" / calibrate.CERTIFICATE_FILE).read_text())
+    assert bound == {"measure": "answer_changes", "budget": 0.1, "confidence": 0.9, "families": ["entropy", "top_alpha"],
+                     "grids": {"top_alpha": [0.9, 0.5, 0.2], "entropy": [3.0, 2.0, 1.0]},
+                     "answer": {"kind": "numeric", "pattern": None}}
+    assert report["certificate_binding"] == bound
+    served = len(engine.served)
+    status, again = _run(monkeypatch, tmp_path, engine)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and "exploratory" not in again
+    assert again["certified"]["key"] == report["certified"]["key"] and len(engine.served) == served
+
+
+@pytest.mark.parametrize("change, over, said", [
+    # seen: entropy fails at 0.1 / 2; rerun with top_alpha only, tested at the full 0.1
+    ("narrower --rules", {"grids": {"top_alpha": GRIDS["top_alpha"]}}, "families ("),
+    # seen: top_alpha 0.5 ends the sequence; rerun without it, so the sequence goes on to 0.2
+    ("a deleted grid point", {"grids": {"top_alpha": (0.9, 0.2), "entropy": GRIDS["entropy"]}}, "grids ("),
+    ("another confidence", {"confidence": 0.8}, "confidence (0.9 -> 0.8)"),
+    ("another budget", {"budget": 0.2}, "budget (0.1 -> 0.2)"),
+    ("another measure", {"measure": "accuracy"}, 'measure ("answer_changes" -> "accuracy")'),
+    ("another way to read answers", {"answer": calibrate.AnswerKind("pattern", r"#### (\d)")}, "answer ("),
+])
+def test_a_rerun_that_changes_the_experiment_is_exploratory(monkeypatch, tmp_path, capsys, change, over, said):
+    engine, report = _first(monkeypatch, tmp_path)
+    before = (tmp_path / "out" / "report.json").read_text()
+    status, rerun = _run(monkeypatch, tmp_path, engine, **over)
+    assert status == calibrate.EXIT_EXPLORATORY, change
+    assert rerun["certified"] is None and not any(p["certified"] for p in rerun["points"])
+    assert rerun["serve_with"] == {"selfjudge": {"enabled": False}}
+    assert rerun["verdict"].startswith("exploratory, nothing certified") and said in rerun["verdict"]
+    assert any(said in line for line in rerun["exploratory"]["changed"])
+    # the certificate's report is kept; the exploration is written beside it
+    assert (tmp_path / "out" / "report.json").read_text() == before
+    written = json.loads((tmp_path / "out" / "exploratory.json").read_text())
+    assert written["verdict"] == rerun["verdict"]
+    assert "passes (exploratory: not certified)" in (tmp_path / "out" / "exploratory.md").read_text() or \
+        not rerun["exploratory"]["passing"]
+    assert "exploratory run, nothing will be certified" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / calibrate.CERTIFICATE_FILE).read_text()) == report["certificate_binding"]
+
+
+def test_a_run_cut_before_any_candidate_was_read_binds_nothing(monkeypatch, tmp_path):
+    """Killed (here: out of minutes) while serving lossless, nothing about a candidate was
+    seen: a rerun with another budget certifies."""
+    engine = sim.SimulatedEngine(RISKS, seed=3)
+    status, _ = _run(monkeypatch, tmp_path, engine, max_minutes=100.0)  # lossless needs 150 requests
+    assert status == calibrate.EXIT_INCOMPLETE
+    assert not (tmp_path / "out" / calibrate.CERTIFICATE_FILE).exists()
+    status, report = _run(monkeypatch, tmp_path, engine, budget=0.2)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and report["certificate_binding"]["budget"] == 0.2
+
+
+def test_a_folder_calibrated_before_the_binding_was_recorded_binds_its_report(monkeypatch, tmp_path):
+    engine, _ = _first(monkeypatch, tmp_path)
+    (tmp_path / "out" / calibrate.CERTIFICATE_FILE).unlink()  # as such a folder has it
+    status, rerun = _run(monkeypatch, tmp_path, engine, budget=0.2)
+    assert status == calibrate.EXIT_EXPLORATORY and "budget (0.1 -> 0.2)" in rerun["verdict"]
+
+
+def test_a_measure_binds_its_own_settings_by_adding_a_key(monkeypatch, tmp_path):
+    """What another measure's settings (a scorer, its model and threshold) need: one entry."""
+    scorer = {"name": "scorer-a"}
+    monkeypatch.setitem(calibrate.CERTIFICATE_BINDING, "scorer", lambda settings, grids: dict(scorer))
+    engine, _ = _first(monkeypatch, tmp_path)
+    scorer["name"] = "scorer-b"
+    status, rerun = _run(monkeypatch, tmp_path, engine)
+    assert status == calibrate.EXIT_EXPLORATORY
+    assert rerun["exploratory"]["changed"] == ['scorer ({"name": "scorer-a"} -> {"name": "scorer-b"})']
+
+
+# -- what the report says ------------------------------------------------------------------------
+
+
+def test_an_incomplete_run_marks_its_partial_points(monkeypatch, tmp_path):
+    """Out of minutes inside top_alpha 0.9 after its first 64 prompts (those that finished
+    first): the row is partial, with no bound, and the report says so."""
+    engine = sim.SimulatedEngine(RISKS, seed=3)
+    status, report = _run(monkeypatch, tmp_path, engine, max_minutes=160.0)  # 150 lossless, then one segment
+    assert status == calibrate.EXIT_INCOMPLETE
+    (row,) = report["points"]
+    assert row["key"] == "top_alpha-0.9" and row["n"] == 64 and row["partial"] and row["upper_bound"] is None
+    assert not row["certified"] and not row["stopped_early"]
+    assert "| partial: 64 prompts, those that finished first |" in (tmp_path / "out" / "report.md").read_text()
+    status, report = _run(monkeypatch, tmp_path, engine)  # the same command finishes it
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and not any(p["partial"] for p in report["points"])
+
+
+def test_the_certified_heads_bound_is_labelled_per_point(monkeypatch, tmp_path):
+    from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, TargetIdentity
+
+    identity = TargetIdentity(name="t", architecture="LlamaForCausalLM", hidden_size=4, vocab_size=10,
+                              num_hidden_layers=1)
+    JudgeArtifact(JudgeArtifactConfig(target=identity, default_threshold=0.5), torch.zeros(4),
+                  torch.zeros(1)).save(tmp_path / "head")
+    engine = sim.SimulatedEngine({("judge", 0.9): 0.0, ("judge", 0.5): 0.1}, seed=1)
+    status, report = _run(monkeypatch, tmp_path, engine, grids={"judge": (0.9, 0.5)}, head=tmp_path / "head")
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and report["certified"]["key"] == "judge-0.9"
+    evidence = JudgeArtifact.load(tmp_path / "out" / "head").config.operating_points[
+        "certified_answer_changes_10pct"].evidence
+    assert "upper_bound" not in evidence
+    assert evidence["upper_bound_per_point"] == report["certified"]["upper_bound"] > 0
+    assert "not simultaneous" in evidence["upper_bound_per_point_is"] and evidence["level"] == pytest.approx(0.1)
+
+
+# -- prompts the head was labelled on ------------------------------------------------------------
+
+
+def _head_labelled_on(path, rows):
+    from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, TargetIdentity
+    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, prompt_digest
+
+    identity = TargetIdentity(name="t", architecture="LlamaForCausalLM", hidden_size=4, vocab_size=10,
+                              num_hidden_layers=1)
+    provenance = {} if rows is None else {PROMPT_DIGESTS_KEY: sorted(prompt_digest(r) for r in rows)}
+    JudgeArtifact(JudgeArtifactConfig(target=identity, default_threshold=0.5, provenance=provenance),
+                  torch.zeros(4), torch.zeros(1)).save(path)
+    return path
+
+
+def test_prompts_the_head_was_labelled_on_are_dropped_with_a_warning(monkeypatch, tmp_path, capsys):
+    """Ten of the 150 prompts were labelled (by content, under other ids): none is served, the
+    run says so; a head that records no label prompts is warned about."""
+    sim.write_prompts(tmp_path / "prompts.jsonl", 150)
+    labelled = [{"id": f"label-{i}", "prompt": f"question {i}"} for i in range(0, 100, 10)]
+    head = _head_labelled_on(tmp_path / "head", labelled + [{"prompt": "never asked"}])
+    engine = sim.SimulatedEngine({("judge", 0.9): 0.0}, seed=1)
+    status, report = _run(monkeypatch, tmp_path, engine, grids={"judge": (0.9,)}, head=head)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED
+    assert report["calibration_prompts"] == 140
+    assert not {f"q{i}" for i in range(0, 100, 10)} & {i for _, i in engine.served}
+    assert "dropped 10 of 150 prompts the head was labelled on (first: 'q0')" in capsys.readouterr().out
+    _head_labelled_on(tmp_path / "old-head", None)
+    _run(monkeypatch, tmp_path, sim.SimulatedEngine({("judge", 0.9): 0.0}), out="old", grids={"judge": (0.9,)},
+         head=tmp_path / "old-head")
+    assert "records no digests of the prompts it was labelled on" in capsys.readouterr().out
+
+
+def test_calibrating_only_on_label_prompts_is_refused(tmp_path):
+    prompts = sim.write_prompts(tmp_path / "prompts.jsonl", 5)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    head = _head_labelled_on(tmp_path / "head", rows)
+    with pytest.raises(calibrate.CalibrateError, match="every prompt in .* is one .* was labelled on"):
+        calibrate.run(sim.settings(prompts, tmp_path / "out", {"judge": (0.9,)}, head=head))
+
+
+def test_a_label_runs_prompt_digests_reach_the_trained_heads_provenance(tmp_path):
+    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_FILE, prompt_digest
+    from selfjudge_vllm.offline.train import label_prompt_digests
+
+    for name, rows in (("a", [{"prompt": "x"}, {"messages": [{"role": "user", "content": "y"}]}]),
+                       ("b", [{"prompt": "x"}, {"prompt": "z"}])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / PROMPT_DIGESTS_FILE).write_text(json.dumps([prompt_digest(r) for r in rows]))
+    union = label_prompt_digests([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert len(union) == 3 and prompt_digest({"id": "other", "prompt": "z"}) in union
+    assert prompt_digest({"prompt": "x"}) != prompt_digest({"messages": [{"role": "user", "content": "x"}]})
+    (tmp_path / "c").mkdir()
+    assert label_prompt_digests([str(tmp_path / "a"), str(tmp_path / "c")]) is None  # a run from before
