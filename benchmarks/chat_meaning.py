@@ -6,11 +6,12 @@ by `selfjudge calibrate` itself on meaning, with no reference answers.
                 scorer validation pairs and the paper-judge label prompts) as a calibrate prompt
                 file, RESULTS/chat_meaning/prompts.jsonl (chat messages; calibrate renders them
                 with the target's template)
-    calibrate   per server, `selfjudge calibrate --measure meaning_changes` with each scorer and
-                budget of MEASUREMENTS in turn, into one folder per server: the responses are
-                served once (lossless shared, every point's responses kept) and each later
-                measurement only scores what it lacks; every family's grid, FLy at vLLM's
-                default (0.3) and stricter
+    calibrate   per server, `selfjudge calibrate` with each measure, scorer and budget of
+                MEASUREMENTS in turn, each its own certificate in its own folder
+                (OUT/<server>/<measurement>), all sharing one response store
+                (OUT/<server>/store, linked as each folder's store): the responses are served
+                once and each later measurement only serves and scores what it lacks; every
+                family's grid, FLy at vLLM's default (0.3) and stricter
     report      the calibrate reports side by side (RESULTS/chat_meaning/summary.{json,md})
 
 Resumable like calibrate (a rerun continues; --max-minutes ends a sitting between segments):
@@ -61,11 +62,24 @@ def write_prompts(args) -> Path:
     return path
 
 
+def measurement_folder(server: tuple[str, int], measure: str, scorer: str | None, budget: float) -> Path:
+    """OUT/<server>/<measure>[-<scorer>]-<budget>pct, its `store` a link to the server's shared
+    store (the responses depend only on the server and the prompts, which every folder binds)."""
+    root = OUT / f"{server[0]}-k{server[1]}"
+    folder = root / f"{measure}{'-' + scorer if scorer else ''}-{100 * budget:g}pct"
+    (root / "store").mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)
+    if not (folder / "store").exists():
+        (folder / "store").symlink_to(Path("..") / "store", target_is_directory=True)
+    return folder
+
+
 def calibrate_command(args, server: tuple[str, int], measure: str, scorer: str | None, budget: float) -> list[str]:
     spec = speculative_config(server, args.testbed / "draft")
     command = [sys.executable, "-m", "selfjudge_vllm.cli", "calibrate", "--target", str(args.testbed / "target"),
                "--head", str(args.head), "--speculative-config", json.dumps(spec), "--prompts",
-               str(OUT / "prompts.jsonl"), "--out", str(OUT / f"{server[0]}-k{server[1]}"), "--measure", measure,
+               str(OUT / "prompts.jsonl"), "--out", str(measurement_folder(server, measure, scorer, budget)),
+               "--measure", measure,
                "--budget", str(budget), "--grid", FLY_GRID, "--dtype", "float32", "--max-model-len", "4096",
                "--max-tokens", str(MAX_TOKENS)]
     if scorer:
@@ -90,9 +104,9 @@ def run_calibrate(args) -> None:
 
 def summary(args) -> None:
     rows = []
-    for folder in sorted(p for p in OUT.iterdir() if (p / "report.json").is_file()):
+    for folder in sorted(p for p in OUT.glob("*/*") if (p / "report.json").is_file()):
         report = json.loads((folder / "report.json").read_text())
-        rows.append({"server": folder.name, "measure": report["measure"], "scorer": report.get("scorer"),
+        rows.append({"server": folder.parent.name, "folder": folder.name, "measure": report["measure"], "scorer": report.get("scorer"),
                      "budget": report["budget"], "verdict": report["verdict"], "points": report["points"],
                      "lossless": report["lossless"]})
     (OUT / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -330,7 +330,7 @@ class MeaningJudge:
     `llm_client()` returns the LLMJudgeClient to ask (started lazily by the caller: the target's
     own server, or a server for another judge model)."""
 
-    def __init__(self, settings: ScorerSettings, scores_path: Path, llm_client=None, embedder_factory=SentenceEmbedder):
+    def __init__(self, settings: ScorerSettings, scores_path: Path, llm_client=None, embedder_factory=None):
         self.settings, self.path = settings, Path(scores_path)
         self.llm_client, self.embedder_factory, self.embedder = llm_client, embedder_factory, None
         self.scores: dict[str, dict] = {}
@@ -381,7 +381,7 @@ class MeaningJudge:
 
     def _embedding(self, pairs):
         if self.embedder is None:
-            self.embedder = self.embedder_factory()
+            self.embedder = (self.embedder_factory or SentenceEmbedder)()
         cosines = self.embedder.cosine([p.relaxed for p in pairs], [p.lossless for p in pairs])
         return [{"score": c} for c in cosines]
 

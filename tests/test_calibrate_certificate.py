@@ -75,7 +75,7 @@ def test_the_first_run_binds_the_certificate_and_the_same_command_keeps_it(monke
     bound = json.loads((tmp_path / "out" / calibrate.CERTIFICATE_FILE).read_text())
     assert bound == {"measure": "answer_changes", "budget": 0.1, "confidence": 0.9, "families": ["entropy", "top_alpha"],
                      "grids": {"top_alpha": [0.9, 0.5, 0.2], "entropy": [3.0, 2.0, 1.0]},
-                     "answer": {"kind": "numeric", "pattern": None}}
+                     "answer": {"kind": "numeric", "pattern": None}, "scorer": None}
     assert report["certificate_binding"] == bound
     served = len(engine.served)
     status, again = _run(monkeypatch, tmp_path, engine)

@@ -237,6 +237,33 @@ def test_judged_loss_is_certified_by_the_net_loss_test(tmp_path):
         calibrate.certify.p_value("accuracy", 6, 0.05, lost=2, gained=0, level=0.05))
 
 
+def test_another_scorer_or_threshold_after_a_certificate_is_exploratory(monkeypatch, tmp_path):
+    """The certificate binds the scorer and its threshold: a rerun with another threshold
+    serves and scores nothing again (the scores are kept) but certifies nothing."""
+    from tests import simulated_engine as sim
+
+    WordOverlap.calls = 0
+    monkeypatch.setattr(meaning, "SentenceEmbedder", WordOverlap)
+    engine = sim.SimulatedEngine({("top_alpha", 0.9): 0.0, ("top_alpha", 0.2): 0.3}, seed=1)
+    engine.install(monkeypatch)
+    prompts = sim.write_prompts(tmp_path / "p.jsonl", 60)
+    grids = {"top_alpha": (0.9, 0.2)}
+
+    def run(threshold):
+        return calibrate.run(sim.settings(prompts, tmp_path / "out", grids, measure="meaning_changes",
+                                          answer=AnswerKind("text"), scorer="embedding", scorer_threshold=threshold))
+
+    status, report = run(0.9)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and report["scorer"]["threshold"] == 0.9
+    served, calls = len(engine.served), WordOverlap.calls
+    assert calls > 0  # "#### 1" against "#### 8": differing texts were scored
+    status, report = run(0.5)
+    assert status == calibrate.EXIT_EXPLORATORY and "scorer (" in report["verdict"], report["verdict"]
+    assert (len(engine.served), WordOverlap.calls) == (served, calls)  # nothing served or scored again
+    status, report = run(0.9)  # the bound settings again: certified as before
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED
+
+
 # -- the command's input checks -------------------------------------------------------------------------------
 
 
