@@ -106,7 +106,8 @@ def summary(args) -> None:
     rows = []
     for folder in sorted(p for p in OUT.glob("*/*") if (p / "report.json").is_file()):
         report = json.loads((folder / "report.json").read_text())
-        rows.append({"server": folder.parent.name, "folder": folder.name, "measure": report["measure"], "scorer": report.get("scorer"),
+        rows.append({"server": folder.parent.name, "folder": folder.name, "measure": report["measure"],
+                     "scorer": report.get("scorer"),
                      "budget": report["budget"], "verdict": report["verdict"], "points": report["points"],
                      "lossless": report["lossless"]})
     (OUT / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
