@@ -191,6 +191,8 @@ def score(args) -> None:
     work.sort(key=lambda w: w[2].settings.scorer != "embedding")
     try:
         for name, pairs, judge in work:
+            if judge.settings.scorer == "llm" and args.llm_pairs is not None:
+                pairs = pairs[: args.llm_pairs]  # a prefix of the seeded order: the LLM costs a prefill per order
             for start in range(0, len(pairs), 32):  # persisted per batch: a kill loses one batch
                 judge.score(pairs[start:start + 32])
                 log(f"score: {name} {judge.settings.score_key}: {min(start + 32, len(pairs))}/{len(pairs)}")
@@ -300,6 +302,7 @@ def main() -> int:
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--all-cores", action="store_true", help="give the model every core (on 2 cores: faster)")
     parser.add_argument("--embedding-only", action="store_true", help="score: the embedding scorer only (no server)")
+    parser.add_argument("--llm-pairs", type=int, help="score: the LLM judges on the first N pairs of each set only")
     args = parser.parse_args()
     from selfjudge_vllm.server_process import exit_cleanly_on_sigterm
 
