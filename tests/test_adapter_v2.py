@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,18 +31,24 @@ def _mrv2_site_packages() -> Path:
     return next((MRV2_VENV / "lib").glob("python3*/site-packages"))
 
 
-def test_the_adapter_judges_inside_vllm_034_verification_kernels():
-    """tests/mrv2_verification_check.py in the vLLM 0.34.0 environment: judge off equals
-    stock verification, accept-all accepts every draft (greedy and sampled), a half-threshold
-    head equals an independent reference, per-request lossless rows stay stock in a mixed
-    step, chunked verification equals one chunk, placeholders are never accepted, and a step
-    verified elsewhere fails."""
+def test_the_adapter_judges_inside_vllm_034_sampling_and_verification():
+    """tests/mrv2_verification_check.py in the vLLM 0.34.0 environment, through vLLM's own
+    Sampler and RejectionSampler: float16 at temperature 1.0 (the model's own tensor is
+    verified) accepts forced drafts, so does probabilistic draft sampling, chunked
+    verification equals one chunk, placeholders are never accepted, vLLM's FLy equals the
+    `fly` rule, a step verified elsewhere fails; and the matrix (dtype x sampling x logprobs
+    mode x grammar x draft sampling x rule, an all-pairs cover): in every cell judge off is
+    stock verification token for token and logprob for logprob, and the judge's output and
+    logprobs equal an independent reference."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT),
                VLLM_LOGGING_LEVEL="WARNING")
     proc = subprocess.run([str(_mrv2_python()), str(ROOT / "tests" / "mrv2_verification_check.py")],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "vLLM 0.34.0: 8 passed, 0 failed" in proc.stdout, proc.stdout
+    cells = int(re.search(r"^matrix: (\d+) cells", proc.stdout, re.M).group(1))
+    focused = len(re.findall(r"^ok (?!matrix)", proc.stdout, re.M))
+    assert cells >= 30 and focused == 7, proc.stdout
+    assert f"vLLM 0.34.0: {focused + cells} passed, 0 failed" in proc.stdout, proc.stdout
 
 
 def test_check_vllm_finds_every_model_runner_v2_seam_in_vllm_034(tmp_path):
