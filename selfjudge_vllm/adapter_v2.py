@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from selfjudge_vllm.patching import UnsupportedConfiguration, _install, argument_getter, judged_call
-from selfjudge_vllm.runtime import JudgeNotAppliedError
+from selfjudge_vllm.runtime import JudgeNotAppliedError, host_to_device
 
 RUNNER = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
 VERIFY = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
@@ -103,7 +103,7 @@ class VerifyStep:
         if rows.size == 0:
             return
         device = processed_logits.device
-        verify_rows = torch.from_numpy(rows).to(device, non_blocking=True)
+        verify_rows = host_to_device(rows, device)
         drafts = draft_sampled.index_select(0, verify_rows + 1)
         rules = self.runtime.step_rules(self.requests[first:last], device, prune=False)
         token_rows = self.logits_indices[lo:hi]

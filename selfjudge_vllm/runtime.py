@@ -255,10 +255,23 @@ class JudgeRuntime:
         thread.start()
 
 
+def host_to_device(array: np.ndarray, device) -> torch.Tensor:
+    """A host array on `device` without blocking the host: on CUDA it is staged in pinned
+    memory (a copy from pageable memory waits for the device), as vLLM's async_tensor_h2d
+    does. The pinned block comes from torch's caching host allocator, which records the
+    copy and hands the block out again only once the copy has finished, so a caller can
+    drop the staging tensor at once."""
+    device = torch.device(device)
+    host = torch.from_numpy(array)
+    if device.type != "cuda":
+        return host.to(device, copy=True)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class RequestRuleTable:
     """Per-request rule state in persistent host buffers, vLLM's pattern for sampling
     parameters: a request's values are written when it is added or its rule changes; a step
-    gathers its batch's values with one vectorized index into a staging buffer (pinned on
+    gathers its batch's values with one vectorized index into a staging tensor (pinned on
     CUDA) and copies it to the device once, where StepRules.expand makes the rows."""
 
     def __init__(self, device, capacity: int = 64):
@@ -267,14 +280,6 @@ class RequestRuleTable:
         self._rule_in_slot: list[RowRule | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))
         self._values = np.zeros((capacity, TABLE_COLUMNS - 1), np.float32)  # request_values per slot
-        # Two staging buffers used in turn; on CUDA a buffer is reused only once the copy
-        # that read it has finished (its event), so a step never overwrites values in flight.
-        self._staging = [self._host_buffer(capacity) for _ in range(2)]
-        self._copied = [None, None]
-        self._turn = 0
-
-    def _host_buffer(self, capacity: int) -> torch.Tensor:
-        return torch.zeros((capacity, TABLE_COLUMNS), dtype=torch.float32, pin_memory=self.device.type == "cuda")
 
     def set(self, req_id: str, rule: RowRule) -> None:
         slot = self._slot_of.get(req_id)
@@ -299,30 +304,24 @@ class RequestRuleTable:
             self.remove(req_id)
 
     def step(self, req_ids: list[str], counts: list[int]) -> StepRules:
+        """The rules of one verification call (model runner V2 makes one per chunk, so a
+        step can make several). Each call stages into its own tensor: a fixed pair of
+        buffers reused in turn made the third chunk of a step wait for the first chunk's
+        copy, i.e. for the device to finish the step so far."""
         slots = [self._slot_of[req_id] for req_id in req_ids]
         rules = [self._rule_in_slot[slot] for slot in slots]
         if not StepRules.needs_table(rules, counts):
             return StepRules.expand(rules, counts, None)
-        staging = self._staging[self._turn]
-        if self._copied[self._turn] is not None:
-            self._copied[self._turn].synchronize()
-        rows = staging[: len(slots)].numpy()
+        rows = np.empty((len(slots), TABLE_COLUMNS), np.float32)
         rows[:, : TABLE_COLUMNS - 1] = self._values[slots]
         rows[:, TABLE_COLUMNS - 1] = counts
-        table = staging[: len(slots)].to(self.device, non_blocking=True, copy=True)
-        if self.device.type == "cuda":
-            self._copied[self._turn] = torch.cuda.Event()
-            self._copied[self._turn].record()
-        self._turn ^= 1
-        return StepRules.expand(rules, counts, table)
+        return StepRules.expand(rules, counts, host_to_device(rows, self.device))
 
     def _grow(self) -> None:
         old = len(self._rule_in_slot)
         self._rule_in_slot += [None] * old
         self._free += list(range(2 * old - 1, old - 1, -1))
         self._values = np.concatenate([self._values, np.zeros_like(self._values)])
-        self._staging = [self._host_buffer(2 * old) for _ in range(2)]
-        self._copied = [None, None]
 
 
 def reasoning_span(rule: RowRule, prompt, output, previous: tuple[int, bool] | None) -> tuple[int, bool]:

@@ -654,18 +654,28 @@ def probabilistic_draft_sampling_accepts_forced_drafts():
 
 @check
 def chunked_verification_decides_the_same_rows():
+    """vLLM verifies a large batch in chunks of whole requests; with four chunks and a rule
+    per request (the per-request table is staged once per chunk) the tokens equal one chunk."""
     hidden, lm_head, requests = fixture(4, torch.float32, "greedy", "none", drafts_per_request=(4, 3, 5, 4, 2, 3))
     head = JudgeHead(torch.randn(HIDDEN, generator=torch.Generator().manual_seed(9)), torch.tensor(0.0))
     threshold = float((hidden @ head.weight).median())
-    whole = run({}, requests, hidden, lm_head, torch.float32, JudgeRuntime(head, None, 0.0, RowRule(JUDGE, threshold)))
+    rules = [RowRule(JUDGE, threshold), RowRule.named("top_alpha", 0.3), RowRule.named("entropy", 2.0), LOSSLESS]
+    for i, request in enumerate(requests):
+        request.options = {"rule_key": i % 4}
+
+    def runtime():
+        return JudgeRuntime(head, None, 0.0, LOSSLESS, lambda extra: rules[extra["rule_key"]], entropy_window=1)
+
+    whole = run({}, requests, hidden, lm_head, torch.float32, runtime())
     saved = vllm_verify.MAX_CHUNK_BYTES
     vllm_verify.MAX_CHUNK_BYTES = VOCAB * 4 * 6  # at most 6 logits rows per chunk: 4 chunks here
     try:
-        chunked = run({}, requests, hidden, lm_head, torch.float32,
-                      JudgeRuntime(head, None, 0.0, RowRule(JUDGE, threshold)))
+        chunked = run({}, requests, hidden, lm_head, torch.float32, runtime())
     finally:
         vllm_verify.MAX_CHUNK_BYTES = saved
     assert chunked == whole, (chunked, whole)
+    stock = run({}, requests, hidden, lm_head, torch.float32, judged=False)
+    assert chunked != stock, "the rules should relax something on this fixture"
 
 
 @check
