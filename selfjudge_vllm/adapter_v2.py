@@ -21,6 +21,8 @@ belongs to the model class, so the plugin wraps instead.
 Patches, in the order a worker meets them:
 
 1. `GPUModelRunner.__init__`: attaches a JudgeRuntime (as on V1).
+   `GPUModelRunner.load_model` (builds the model state): refuses, at start-up, a model state
+   that samples more than one new token per step (the bonus-row layout the judge reads).
 2. `GPUModelRunner.add_requests` / `_remove_request`: V2 keeps no SamplingParams per request,
    so the adapter keeps each new request's `extra_args` until vLLM removes the request
    (finished or preempted; a preempted request is added again when it resumes).
@@ -63,6 +65,7 @@ VERIFY = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 
 def install_step_hooks() -> None:
     _install(f"{RUNNER}.__init__", _wrap_runner_init)
+    _install(f"{RUNNER}.load_model", _wrap_load_model)
     _install(f"{RUNNER}.add_requests", _wrap_add_requests)
     _install(f"{RUNNER}._remove_request", _wrap_remove_request)
     _install(f"{RUNNER}.sample", _wrap_sample)
@@ -130,6 +133,24 @@ def _wrap_runner_init(original):
     return __init__
 
 
+def _check_one_new_token_per_step(model_state) -> None:
+    if model_state.num_new_sampled_tokens_per_step != 1:
+        raise UnsupportedConfiguration(
+            "selfjudge supports models that sample one new token per step (plus drafts); "
+            f"{type(model_state).__name__} samples {model_state.num_new_sampled_tokens_per_step}: "
+            "serve this model without the selfjudge section, or with \"enabled\": false")
+
+
+def _wrap_load_model(original):
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if getattr(self, "_selfjudge_runtime", None) is not None:
+            _check_one_new_token_per_step(self.model_state)  # start-up, not the first step
+        return result
+
+    return load_model
+
+
 def _wrap_add_requests(original):
     def add_requests(self, scheduler_output, *args, **kwargs):
         result = original(self, scheduler_output, *args, **kwargs)
@@ -166,10 +187,7 @@ def _wrap_sample(original):
         if getattr(self, "batch_sharder", None) is not None:
             raise UnsupportedConfiguration(
                 "selfjudge does not support batch-sharded sampling: turn it off")
-        if self.model_state.num_new_sampled_tokens_per_step != 1:
-            raise UnsupportedConfiguration(
-                "selfjudge supports models that sample one new token per step (plus drafts); "
-                f"{type(self.model_state).__name__} samples {self.model_state.num_new_sampled_tokens_per_step}")
+        _check_one_new_token_per_step(self.model_state)  # refused at load_model; kept as a backstop
         num_reqs = input_batch.num_reqs
         cu_num_logits = np.asarray(input_batch.cu_num_logits_np[: num_reqs + 1], dtype=np.int64)
         drafts = np.diff(cu_num_logits) - 1
