@@ -35,9 +35,10 @@ Patches, in the order a worker meets them:
    decides each draft row of the chunk with its request's rule and forces the accepted ones
    in the processed logits (rules.decide_and_force_ with the chunk's verifying rows), then
    calls the original unchanged. Bonus rows and lossless requests' rows are not written.
-6. `GPUModelRunner._dummy_sampler_run`: after vLLM's profiling pass, runs the judge's
-   vocabulary-wide work on logits of the dummy rows, so the peak that sizes the KV cache
-   holds the judge's temporaries.
+6. `GPUModelRunner._dummy_sampler_run`: runs the judge's vocabulary-wide work on logits of
+   the dummy rows (`ModelState.compute_sample_logits`, as `sample` computes them) and keeps
+   its temporaries allocated while vLLM's profiling pass runs, so the peak that sizes the KV
+   cache holds both.
 
 Refused at start-up on V2 (vllm_patches.py): scope 'reasoning', vLLM's own lossy verifiers
 (`rejection_sample_method`), adaptive verification, batch-sharded sampling.
@@ -236,10 +237,16 @@ def _judge_chunk(target_logits, draft_sampled):
 
 def _wrap_dummy_sampler_run(original):
     def _dummy_sampler_run(self, hidden_states, *args, **kwargs):
-        result = original(self, hidden_states, *args, **kwargs)
         runtime = getattr(self, "_selfjudge_runtime", None)
-        if runtime is not None and hidden_states.shape[0] > 0:
-            runtime.profile_(self.model.compute_logits(hidden_states))
-        return result
+        if runtime is None or hidden_states.shape[0] == 0:
+            return original(self, hidden_states, *args, **kwargs)
+        # In a step the judge works inside verification, beside the sampler's float32 logits:
+        # keep its temporaries allocated while vLLM's dummy pass runs, so the peak that sizes
+        # the KV cache holds their sum (run after it, the peak held only the larger of the two).
+        held = runtime.profile_(self.model_state.compute_sample_logits(hidden_states), hold=True)
+        try:
+            return original(self, hidden_states, *args, **kwargs)
+        finally:
+            del held
 
     return _dummy_sampler_run

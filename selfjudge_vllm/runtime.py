@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from selfjudge_vllm.features import evidence_from_logits, row_max_and_top1_logprob
+from selfjudge_vllm.features import chunk_rows_for, evidence_from_logits, row_max_and_top1_logprob
 from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
 from selfjudge_vllm.rules import (
     JUDGE,
@@ -205,15 +205,20 @@ class JudgeRuntime:
         for processed_logits, draft_token_ids, original, logit_rows in forced:
             set_draft_entries_(processed_logits, draft_token_ids, original, logit_rows)
 
-    def profile_(self, target_logits: torch.Tensor) -> None:
+    def profile_(self, target_logits: torch.Tensor, hold: bool = False) -> torch.Tensor | None:
         """vLLM's memory profiling calls the sampler once on dummy rows before it sizes the
         KV cache: run the vocabulary-wide work of the worst step this server can reach
         (`max_step_rows` draft rows: the logit features' log-softmax, the entropy rule's
         softmax and FLy's top-k entropy through an index list, each chunked by
         CHUNK_ELEMENTS) on a view of those
-        rows, so the peak it measures holds the largest temporaries a step can make."""
+        rows, so the peak it measures holds the largest temporaries a step can make.
+
+        With `hold` (model runner V2, which profiles the sampler outside verification), the
+        judge's largest simultaneous temporaries (three float32 chunks: a chunk's rows
+        gathered, their softmax and its entropy terms) are returned still allocated, for the caller to keep while vLLM's
+        own dummy pass runs: the measured peak is then the sum of both, as in a real step."""
         if target_logits.shape[0] == 0:
-            return
+            return None
         rows = max(target_logits.shape[0], self.max_step_rows)
         worst = target_logits[:1].expand(rows, -1)  # a view: only the work's temporaries are new
         every = torch.arange(rows, device=worst.device)
@@ -221,6 +226,10 @@ class JudgeRuntime:
         row_entropy(worst, every)
         topk_entropy(worst, every, self.fly_top_k)
         self.profiled_rows += rows
+        if not hold:
+            return None
+        chunk_rows = min(rows, chunk_rows_for(worst))
+        return torch.empty((3, chunk_rows, worst.shape[-1]), dtype=torch.float32, device=worst.device)
 
     # -- counters -----------------------------------------------------------------------
 

@@ -148,14 +148,16 @@ SEAMS = (
          "RejectionSampler._verify: apply each draft row's rule to a chunk's processed logits, "
          "then verify as usual", V2),
     Seam(_V2_RUNNER, "GPUModelRunner._dummy_sampler_run", PATCHED,
-         "memory profiling: run the judge's vocabulary-wide work on the dummy rows", V2),
+         "memory profiling: the judge's vocabulary-wide work on the dummy rows, its temporaries held "
+         "while vLLM's dummy pass runs", V2),
     # Read on the V2 step path.
     Seam(_V2_RUNNER, "GPUModelRunner.sample(hidden_states)", READ, "all token rows' final-norm hidden states", V2),
     Seam(_V2_RUNNER, "GPUModelRunner.sample(input_batch)", READ, "the step's batch", V2),
     Seam(_V2_RUNNER, "GPUModelRunner.rejection_sampler", READ, "None: the step verifies nothing", V2),
     Seam(_V2_RUNNER, "GPUModelRunner.batch_sharder", READ, "batch-sharded sampling is refused", V2),
-    Seam(_V2_RUNNER, "GPUModelRunner.model", READ, "compute_logits for the profiling rows", V2),
     Seam(_V2_RUNNER, "GPUModelRunner.model_state", READ, "the model's sampling layout", V2),
+    Seam("vllm.v1.worker.gpu.model_states.interface", "ModelState.compute_sample_logits", READ,
+         "memory profiling: the dummy rows' logits, as sample computes them", V2),
     Seam("vllm.v1.worker.gpu.model_states.interface", "ModelState.num_new_sampled_tokens_per_step", READ,
          "1: a request's last logits row is its only bonus row (other layouts are refused)", V2),
     Seam(_V2_BATCH, "InputBatch.req_ids", READ, "request ids in batch order", V2),
