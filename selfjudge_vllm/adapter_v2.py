@@ -43,10 +43,17 @@ Patches, in the order a worker meets them:
 Refused at start-up on V2 (vllm_patches.py): scope 'reasoning', vLLM's own lossy verifiers
 (`rejection_sample_method`), adaptive verification, batch-sharded sampling.
 
-Checked on: vLLM 0.34.0 (source; tests/test_adapter_v2.py drives these wraps through a
-replica of 0.34.0's verification glue and, where the 0.34.0 wheel is installed beside a
-Triton interpreter, through vLLM's own kernels; not run in an engine here: no CPU build of
-vLLM 0.34 can be made on this project's machines).
+Checked on: vLLM 0.34.0 (source; tests/mrv2_verification_check.py drives these wraps
+through 0.34.0's own Sampler and RejectionSampler, built as GPUModelRunner builds them, with
+its Triton kernels in Triton's CPU interpreter; not run in an engine here: no CPU build of
+vLLM 0.34 can be made on this project's machines; benchmarks/gpu_check.py is the engine check
+for a GPU machine).
+
+Forced entries are finite in the logits' dtype (rules.forced_logit): when no request of a
+chunk needs processing, vLLM verifies the model's own float16/bfloat16 tensor. With
+draft_sample_method="probabilistic" the kernels accept when p_target(draft) > u x q(draft);
+a forced draft has p_target = 1, so it is accepted unless the draw u rounds to 1 while
+q(draft) rounds to 1 (then the test is 1 > 1).
 """
 
 from __future__ import annotations
