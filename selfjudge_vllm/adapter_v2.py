@@ -21,6 +21,8 @@ belongs to the model class, so the plugin wraps instead.
 Patches, in the order a worker meets them:
 
 1. `GPUModelRunner.__init__`: attaches a JudgeRuntime (as on V1).
+   `GPUModelRunner.load_model` (builds the model state): refuses, at start-up, a model state
+   that samples more than one new token per step (the bonus-row layout the judge reads).
 2. `GPUModelRunner.add_requests` / `_remove_request`: V2 keeps no SamplingParams per request,
    so the adapter keeps each new request's `extra_args` until vLLM removes the request
    (finished or preempted; a preempted request is added again when it resumes).
@@ -33,17 +35,25 @@ Patches, in the order a worker meets them:
    decides each draft row of the chunk with its request's rule and forces the accepted ones
    in the processed logits (rules.decide_and_force_ with the chunk's verifying rows), then
    calls the original unchanged. Bonus rows and lossless requests' rows are not written.
-6. `GPUModelRunner._dummy_sampler_run`: after vLLM's profiling pass, runs the judge's
-   vocabulary-wide work on logits of the dummy rows, so the peak that sizes the KV cache
-   holds the judge's temporaries.
+6. `GPUModelRunner._dummy_sampler_run`: runs the judge's vocabulary-wide work on logits of
+   the dummy rows (`ModelState.compute_sample_logits`, as `sample` computes them) and keeps
+   its temporaries allocated while vLLM's profiling pass runs, so the peak that sizes the KV
+   cache holds both.
 
 Refused at start-up on V2 (vllm_patches.py): scope 'reasoning', vLLM's own lossy verifiers
 (`rejection_sample_method`), adaptive verification, batch-sharded sampling.
 
-Checked on: vLLM 0.34.0 (source; tests/test_adapter_v2.py drives these wraps through a
-replica of 0.34.0's verification glue and, where the 0.34.0 wheel is installed beside a
-Triton interpreter, through vLLM's own kernels; not run in an engine here: no CPU build of
-vLLM 0.34 can be made on this project's machines).
+Checked on: vLLM 0.34.0 (source; tests/mrv2_verification_check.py drives these wraps
+through 0.34.0's own Sampler and RejectionSampler, built as GPUModelRunner builds them, with
+its Triton kernels in Triton's CPU interpreter; not run in an engine here: no CPU build of
+vLLM 0.34 can be made on this project's machines; benchmarks/gpu_check.py is the engine check
+for a GPU machine).
+
+Forced entries are finite in the logits' dtype (rules.forced_logit): when no request of a
+chunk needs processing, vLLM verifies the model's own float16/bfloat16 tensor. With
+draft_sample_method="probabilistic" the kernels accept when p_target(draft) > u x q(draft);
+a forced draft has p_target = 1, so it is accepted unless the draw u rounds to 1 while
+q(draft) rounds to 1 (then the test is 1 > 1).
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ import numpy as np
 import torch
 
 from selfjudge_vllm.patching import UnsupportedConfiguration, _install, argument_getter, judged_call
-from selfjudge_vllm.runtime import JudgeNotAppliedError
+from selfjudge_vllm.runtime import JudgeNotAppliedError, host_to_device
 
 RUNNER = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
 VERIFY = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
@@ -63,6 +73,7 @@ VERIFY = "vllm.v1.worker.gpu.spec_decode.rejection_sampler"
 
 def install_step_hooks() -> None:
     _install(f"{RUNNER}.__init__", _wrap_runner_init)
+    _install(f"{RUNNER}.load_model", _wrap_load_model)
     _install(f"{RUNNER}.add_requests", _wrap_add_requests)
     _install(f"{RUNNER}._remove_request", _wrap_remove_request)
     _install(f"{RUNNER}.sample", _wrap_sample)
@@ -103,7 +114,7 @@ class VerifyStep:
         if rows.size == 0:
             return
         device = processed_logits.device
-        verify_rows = torch.from_numpy(rows).to(device, non_blocking=True)
+        verify_rows = host_to_device(rows, device)
         drafts = draft_sampled.index_select(0, verify_rows + 1)
         rules = self.runtime.step_rules(self.requests[first:last], device, prune=False)
         token_rows = self.logits_indices[lo:hi]
@@ -128,6 +139,24 @@ def _wrap_runner_init(original):
         self._selfjudge_options = {}
 
     return __init__
+
+
+def _check_one_new_token_per_step(model_state) -> None:
+    if model_state.num_new_sampled_tokens_per_step != 1:
+        raise UnsupportedConfiguration(
+            "selfjudge supports models that sample one new token per step (plus drafts); "
+            f"{type(model_state).__name__} samples {model_state.num_new_sampled_tokens_per_step}: "
+            "serve this model without the selfjudge section, or with \"enabled\": false")
+
+
+def _wrap_load_model(original):
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if getattr(self, "_selfjudge_runtime", None) is not None:
+            _check_one_new_token_per_step(self.model_state)  # start-up, not the first step
+        return result
+
+    return load_model
 
 
 def _wrap_add_requests(original):
@@ -166,10 +195,7 @@ def _wrap_sample(original):
         if getattr(self, "batch_sharder", None) is not None:
             raise UnsupportedConfiguration(
                 "selfjudge does not support batch-sharded sampling: turn it off")
-        if self.model_state.num_new_sampled_tokens_per_step != 1:
-            raise UnsupportedConfiguration(
-                "selfjudge supports models that sample one new token per step (plus drafts); "
-                f"{type(self.model_state).__name__} samples {self.model_state.num_new_sampled_tokens_per_step}")
+        _check_one_new_token_per_step(self.model_state)  # refused at load_model; kept as a backstop
         num_reqs = input_batch.num_reqs
         cu_num_logits = np.asarray(input_batch.cu_num_logits_np[: num_reqs + 1], dtype=np.int64)
         drafts = np.diff(cu_num_logits) - 1
@@ -218,10 +244,16 @@ def _judge_chunk(target_logits, draft_sampled):
 
 def _wrap_dummy_sampler_run(original):
     def _dummy_sampler_run(self, hidden_states, *args, **kwargs):
-        result = original(self, hidden_states, *args, **kwargs)
         runtime = getattr(self, "_selfjudge_runtime", None)
-        if runtime is not None and hidden_states.shape[0] > 0:
-            runtime.profile_(self.model.compute_logits(hidden_states))
-        return result
+        if runtime is None or hidden_states.shape[0] == 0:
+            return original(self, hidden_states, *args, **kwargs)
+        # In a step the judge works inside verification, beside the sampler's float32 logits:
+        # keep its temporaries allocated while vLLM's dummy pass runs, so the peak that sizes
+        # the KV cache holds their sum (run after it, the peak held only the larger of the two).
+        held = runtime.profile_(self.model_state.compute_sample_logits(hidden_states), hold=True)
+        try:
+            return original(self, hidden_states, *args, **kwargs)
+        finally:
+            del held
 
     return _dummy_sampler_run

@@ -8,10 +8,16 @@ import importlib
 import inspect
 from typing import Any, Callable
 
-# Versions the worker starts on without "allow_unsupported_vllm" (how each was tested: the
-# supported matrix in docs/vllm-integration.md). 0.33.0 (model runner V1, source-checked only)
-# needs the flag.
-SUPPORTED_VLLM_VERSIONS = ("0.32.0", "0.34.0")
+# What each vLLM version was checked with (the support matrix in docs/vllm-integration.md
+# says the same, row by row; tests/test_adapter_v2.py holds them together):
+#   engine   real engines and servers, every test (the CPU build)
+#   kernels  the wheel's source checked against the register, and the adapter driven through
+#            the version's own sampler and verification kernels (Triton's CPU interpreter);
+#            no engine, no GPU
+#   source   the wheel's source checked against the register only
+VLLM_EVIDENCE = {"0.32.0": "engine", "0.33.0": "source", "0.34.0": "kernels"}
+# Versions the worker starts on without "allow_unsupported_vllm": those run in an engine.
+SUPPORTED_VLLM_VERSIONS = tuple(v for v, evidence in VLLM_EVIDENCE.items() if evidence == "engine")
 
 
 class UnsupportedConfiguration(RuntimeError):
@@ -31,7 +37,7 @@ def _resolve(target: str) -> tuple[Any, str]:
     if not hasattr(owner, attr):
         raise UnsupportedConfiguration(
             f"selfjudge: vLLM has no {target}; this vLLM version is not supported "
-            f"(checked: {', '.join(SUPPORTED_VLLM_VERSIONS)})"
+            f"(checked: {', '.join(VLLM_EVIDENCE)})"
         )
     return owner, attr
 

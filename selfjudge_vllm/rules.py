@@ -83,6 +83,15 @@ RULE_BY_ID = {spec.rule_id: spec for spec in RULES.values()}
 FORCED_LOGIT = 1e30
 
 
+def forced_logit(dtype: torch.dtype) -> float:
+    """FORCED_LOGIT as the logits' dtype can hold it. Model runner V2 verifies the model's own
+    logits tensor when no request of a chunk needs processing (greedy, or temperature 1.0
+    and nothing else), so it can be float16, where 1e30 is +inf and the kernels' float32
+    `exp(x - max)` becomes exp(inf - inf) = NaN. float16's largest finite value (65504)
+    still leaves every other entry exp(<= -65000) == 0 after the upcast."""
+    return min(torch.finfo(dtype).max, FORCED_LOGIT)
+
+
 @dataclass(frozen=True)
 class RowRule:
     """One request's rule, with its knob in the units the step compares against:
@@ -348,8 +357,9 @@ def decide_and_force_(
     processed_logits: target logits after penalties, bans, grammar masks and
         temperature/top-k/top-p: [n, V], row i verifying draft i, or any [rows, V] with
         `logit_rows` [n] naming the row that verifies each draft (model runner V2 verifies
-        the drafts and the bonus rows in one tensor). Each accepted draft's entry becomes
-        FORCED_LOGIT: greedy verification sees argmax == draft, random verification sees
+        the drafts and the bonus rows in one tensor), in any float dtype (V2 may hand in
+        the model's own float16/bfloat16 tensor). Each accepted draft's entry becomes
+        forced_logit(dtype): greedy verification sees argmax == draft, random verification sees
         p_target(draft) == 1 >= any draw. Other rows and entries are untouched. A caller
         that needs the logits afterwards (returned logprobs) writes back the draft entries
         it read before (draft_entries / set_draft_entries_).
@@ -382,7 +392,8 @@ def decide_and_force_(
         top1 = processed_logits.argmax(-1)
         accept &= (top1 if logit_rows is None else top1.index_select(0, logit_rows)) != step.end_ids
     accept &= valid & (draft_logit > float("-inf"))
-    set_draft_entries_(processed_logits, draft_token_ids, torch.where(accept, FORCED_LOGIT, draft_logit), logit_rows)
+    forced = torch.where(accept, forced_logit(processed_logits.dtype), draft_logit)
+    set_draft_entries_(processed_logits, draft_token_ids, forced, logit_rows)
     return accept, valid
 
 

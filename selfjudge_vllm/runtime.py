@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from selfjudge_vllm.features import evidence_from_logits, row_max_and_top1_logprob
+from selfjudge_vllm.features import chunk_rows_for, evidence_from_logits, row_max_and_top1_logprob
 from selfjudge_vllm.metrics import JudgeCounters, MetricsSink
 from selfjudge_vllm.rules import (
     JUDGE,
@@ -205,15 +205,20 @@ class JudgeRuntime:
         for processed_logits, draft_token_ids, original, logit_rows in forced:
             set_draft_entries_(processed_logits, draft_token_ids, original, logit_rows)
 
-    def profile_(self, target_logits: torch.Tensor) -> None:
+    def profile_(self, target_logits: torch.Tensor, hold: bool = False) -> torch.Tensor | None:
         """vLLM's memory profiling calls the sampler once on dummy rows before it sizes the
         KV cache: run the vocabulary-wide work of the worst step this server can reach
         (`max_step_rows` draft rows: the logit features' log-softmax, the entropy rule's
         softmax and FLy's top-k entropy through an index list, each chunked by
         CHUNK_ELEMENTS) on a view of those
-        rows, so the peak it measures holds the largest temporaries a step can make."""
+        rows, so the peak it measures holds the largest temporaries a step can make.
+
+        With `hold` (model runner V2, which profiles the sampler outside verification), the
+        judge's largest simultaneous temporaries (three float32 chunks: a chunk's rows
+        gathered, their softmax and its entropy terms) are returned still allocated, for the caller to keep while vLLM's
+        own dummy pass runs: the measured peak is then the sum of both, as in a real step."""
         if target_logits.shape[0] == 0:
-            return
+            return None
         rows = max(target_logits.shape[0], self.max_step_rows)
         worst = target_logits[:1].expand(rows, -1)  # a view: only the work's temporaries are new
         every = torch.arange(rows, device=worst.device)
@@ -221,6 +226,10 @@ class JudgeRuntime:
         row_entropy(worst, every)
         topk_entropy(worst, every, self.fly_top_k)
         self.profiled_rows += rows
+        if not hold:
+            return None
+        chunk_rows = min(rows, chunk_rows_for(worst))
+        return torch.empty((3, chunk_rows, worst.shape[-1]), dtype=torch.float32, device=worst.device)
 
     # -- counters -----------------------------------------------------------------------
 
@@ -255,10 +264,23 @@ class JudgeRuntime:
         thread.start()
 
 
+def host_to_device(array: np.ndarray, device) -> torch.Tensor:
+    """A host array on `device` without blocking the host: on CUDA it is staged in pinned
+    memory (a copy from pageable memory waits for the device), as vLLM's async_tensor_h2d
+    does. The pinned block comes from torch's caching host allocator, which records the
+    copy and hands the block out again only once the copy has finished, so a caller can
+    drop the staging tensor at once."""
+    device = torch.device(device)
+    host = torch.from_numpy(array)
+    if device.type != "cuda":
+        return host.to(device, copy=True)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class RequestRuleTable:
     """Per-request rule state in persistent host buffers, vLLM's pattern for sampling
     parameters: a request's values are written when it is added or its rule changes; a step
-    gathers its batch's values with one vectorized index into a staging buffer (pinned on
+    gathers its batch's values with one vectorized index into a staging tensor (pinned on
     CUDA) and copies it to the device once, where StepRules.expand makes the rows."""
 
     def __init__(self, device, capacity: int = 64):
@@ -267,14 +289,6 @@ class RequestRuleTable:
         self._rule_in_slot: list[RowRule | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))
         self._values = np.zeros((capacity, TABLE_COLUMNS - 1), np.float32)  # request_values per slot
-        # Two staging buffers used in turn; on CUDA a buffer is reused only once the copy
-        # that read it has finished (its event), so a step never overwrites values in flight.
-        self._staging = [self._host_buffer(capacity) for _ in range(2)]
-        self._copied = [None, None]
-        self._turn = 0
-
-    def _host_buffer(self, capacity: int) -> torch.Tensor:
-        return torch.zeros((capacity, TABLE_COLUMNS), dtype=torch.float32, pin_memory=self.device.type == "cuda")
 
     def set(self, req_id: str, rule: RowRule) -> None:
         slot = self._slot_of.get(req_id)
@@ -299,30 +313,24 @@ class RequestRuleTable:
             self.remove(req_id)
 
     def step(self, req_ids: list[str], counts: list[int]) -> StepRules:
+        """The rules of one verification call (model runner V2 makes one per chunk, so a
+        step can make several). Each call stages into its own tensor: a fixed pair of
+        buffers reused in turn made the third chunk of a step wait for the first chunk's
+        copy, i.e. for the device to finish the step so far."""
         slots = [self._slot_of[req_id] for req_id in req_ids]
         rules = [self._rule_in_slot[slot] for slot in slots]
         if not StepRules.needs_table(rules, counts):
             return StepRules.expand(rules, counts, None)
-        staging = self._staging[self._turn]
-        if self._copied[self._turn] is not None:
-            self._copied[self._turn].synchronize()
-        rows = staging[: len(slots)].numpy()
+        rows = np.empty((len(slots), TABLE_COLUMNS), np.float32)
         rows[:, : TABLE_COLUMNS - 1] = self._values[slots]
         rows[:, TABLE_COLUMNS - 1] = counts
-        table = staging[: len(slots)].to(self.device, non_blocking=True, copy=True)
-        if self.device.type == "cuda":
-            self._copied[self._turn] = torch.cuda.Event()
-            self._copied[self._turn].record()
-        self._turn ^= 1
-        return StepRules.expand(rules, counts, table)
+        return StepRules.expand(rules, counts, host_to_device(rows, self.device))
 
     def _grow(self) -> None:
         old = len(self._rule_in_slot)
         self._rule_in_slot += [None] * old
         self._free += list(range(2 * old - 1, old - 1, -1))
         self._values = np.concatenate([self._values, np.zeros_like(self._values)])
-        self._staging = [self._host_buffer(2 * old) for _ in range(2)]
-        self._copied = [None, None]
 
 
 def reasoning_span(rule: RowRule, prompt, output, previous: tuple[int, bool] | None) -> tuple[int, bool]:

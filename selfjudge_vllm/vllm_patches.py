@@ -29,7 +29,7 @@ import logging
 
 from selfjudge_vllm.config import ConfigError, SelfJudgeConfig, parse_section
 from selfjudge_vllm.factories import reasoning_scope_refusal
-from selfjudge_vllm.patching import SUPPORTED_VLLM_VERSIONS, UnsupportedConfiguration, _install
+from selfjudge_vllm.patching import SUPPORTED_VLLM_VERSIONS, VLLM_EVIDENCE, UnsupportedConfiguration, _install
 from selfjudge_vllm.request_control import has_options
 from selfjudge_vllm.vllm_seams import V1, V2, installed_runner
 
@@ -127,7 +127,7 @@ def check_seams_present() -> None:
         raise UnsupportedConfiguration(
             "selfjudge: this vLLM lacks internals the plugin relies on: "
             + "; ".join(f"{s.name} ({s.kind}: {s.why})" for s in missing)
-            + f". Checked versions: {', '.join(SUPPORTED_VLLM_VERSIONS)}"
+            + f". Checked versions: {', '.join(VLLM_EVIDENCE)}"
         )
 
 
@@ -136,10 +136,13 @@ def check_serving_configuration(vllm_config, config: SelfJudgeConfig) -> None:
 
     version = vllm.__version__.split("+")[0]
     if version not in SUPPORTED_VLLM_VERSIONS and not config.allow_unsupported_vllm:
+        how = {"kernels": "its sampler and verification kernels were exercised, no engine was run on it",
+               "source": "its source was checked, it was not run"}.get(VLLM_EVIDENCE.get(version))
         raise UnsupportedConfiguration(
-            f"selfjudge was checked on vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, not "
-            f"{vllm.__version__}; set \"allow_unsupported_vllm\": true in the selfjudge "
-            "section to run anyway (the start-up checks still guard the patched attributes)"
+            f"selfjudge was run in an engine on vLLM {', '.join(SUPPORTED_VLLM_VERSIONS)}, not "
+            f"{vllm.__version__}" + (f" ({how}; benchmarks/gpu_check.py runs the engine checks)" if how else "")
+            + "; set \"allow_unsupported_vllm\": true in the selfjudge section to run anyway (the "
+            "start-up checks still guard the patched attributes)"
         )
     if not config.enabled:
         return

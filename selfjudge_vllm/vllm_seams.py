@@ -134,6 +134,8 @@ SEAMS = (
     # Model runner V2 (vLLM >= 0.34; adapter_v2.py). Patched, in the order a worker meets them.
     Seam(_V2_RUNNER, "GPUModelRunner.__init__", PATCHED,
          "attach the JudgeRuntime (CPUModelRunner, the x86 CPU runner, subclasses it)", V2),
+    Seam(_V2_RUNNER, "GPUModelRunner.load_model", PATCHED,
+         "refuse at start-up a model state that samples more than one new token per step", V2),
     Seam(_V2_RUNNER, "GPUModelRunner.add_requests", PATCHED, "keep each new request's selfjudge_* options", V2),
     Seam(_V2_RUNNER, "GPUModelRunner._remove_request", PATCHED,
          "drop a finished or preempted request's rule state", V2),
@@ -146,14 +148,16 @@ SEAMS = (
          "RejectionSampler._verify: apply each draft row's rule to a chunk's processed logits, "
          "then verify as usual", V2),
     Seam(_V2_RUNNER, "GPUModelRunner._dummy_sampler_run", PATCHED,
-         "memory profiling: run the judge's vocabulary-wide work on the dummy rows", V2),
+         "memory profiling: the judge's vocabulary-wide work on the dummy rows, its temporaries held "
+         "while vLLM's dummy pass runs", V2),
     # Read on the V2 step path.
     Seam(_V2_RUNNER, "GPUModelRunner.sample(hidden_states)", READ, "all token rows' final-norm hidden states", V2),
     Seam(_V2_RUNNER, "GPUModelRunner.sample(input_batch)", READ, "the step's batch", V2),
     Seam(_V2_RUNNER, "GPUModelRunner.rejection_sampler", READ, "None: the step verifies nothing", V2),
     Seam(_V2_RUNNER, "GPUModelRunner.batch_sharder", READ, "batch-sharded sampling is refused", V2),
-    Seam(_V2_RUNNER, "GPUModelRunner.model", READ, "compute_logits for the profiling rows", V2),
     Seam(_V2_RUNNER, "GPUModelRunner.model_state", READ, "the model's sampling layout", V2),
+    Seam("vllm.v1.worker.gpu.model_states.interface", "ModelState.compute_sample_logits", READ,
+         "memory profiling: the dummy rows' logits, as sample computes them", V2),
     Seam("vllm.v1.worker.gpu.model_states.interface", "ModelState.num_new_sampled_tokens_per_step", READ,
          "1: a request's last logits row is its only bonus row (other layouts are refused)", V2),
     Seam(_V2_BATCH, "InputBatch.req_ids", READ, "request ids in batch order", V2),
@@ -311,3 +315,49 @@ def check_wheel(wheel: str | Path) -> tuple[str, list[Seam]]:
 def missing_in_wheel(wheel: str | Path) -> list[Seam]:
     """The seams a vLLM wheel or source folder lacks."""
     return check_wheel(wheel)[1]
+
+
+# -- the register in docs/vllm-integration.md ---------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "vllm-integration.md"
+DOCS_BEGIN = ("<!-- generated from selfjudge_vllm/vllm_seams.py by `python -m selfjudge_vllm.vllm_seams "
+              "--write-docs`: do not edit by hand -->")
+DOCS_END = "<!-- end of the generated register -->"
+
+
+def docs_block() -> str:
+    """The register as docs/vllm-integration.md shows it: its counts and one row per seam."""
+    by_runner = {runner: sum(seam.runner == runner for seam in SEAMS) for runner in (ANY, V1, V2)}
+    v1, v2 = len(seams_for(V1)), len(seams_for(V2))
+    lines = [
+        DOCS_BEGIN, "",
+        f"The register holds {len(SEAMS)} seams: {by_runner[ANY]} used on both runners, {by_runner[V1]} on "
+        f"model runner V1 only, {by_runner[V2]} on model runner V2 only. A tree with model runner V1 is "
+        f"checked against {v1} of them, one with model runner V2 against {v2}:", "",
+        "```bash",
+        "pip download --no-deps vllm==0.34.0 -d /tmp/w && .venv/bin/selfjudge check-vllm "
+        "/tmp/w/vllm-0.34.0-*.whl",
+        f"# selfjudge check-vllm: ...vllm-0.34.0-...whl: model runner V2; {v2} of {v2} seams present",
+        "```", "",
+        "| seam | runner | kind | why |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| `{seam.name}` | {seam.runner.upper()} | {seam.kind} | {seam.why} |" for seam in SEAMS]
+    return "\n".join(lines + ["", DOCS_END])
+
+
+def docs_with_register(page: str) -> str:
+    """`page` with its generated block replaced by the register's current one."""
+    begin, end = page.index(DOCS_BEGIN), page.index(DOCS_END) + len(DOCS_END)
+    return page[:begin] + docs_block() + page[end:]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The seam register in docs/vllm-integration.md.")
+    parser.add_argument("--write-docs", action="store_true", help=f"rewrite the generated block of {DOCS.name}")
+    if parser.parse_args().write_docs:
+        DOCS.write_text(docs_with_register(DOCS.read_text()))
+    else:
+        print(docs_block())

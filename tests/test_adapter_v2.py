@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,18 +31,24 @@ def _mrv2_site_packages() -> Path:
     return next((MRV2_VENV / "lib").glob("python3*/site-packages"))
 
 
-def test_the_adapter_judges_inside_vllm_034_verification_kernels():
-    """tests/mrv2_verification_check.py in the vLLM 0.34.0 environment: judge off equals
-    stock verification, accept-all accepts every draft (greedy and sampled), a half-threshold
-    head equals an independent reference, per-request lossless rows stay stock in a mixed
-    step, chunked verification equals one chunk, placeholders are never accepted, and a step
-    verified elsewhere fails."""
+def test_the_adapter_judges_inside_vllm_034_sampling_and_verification():
+    """tests/mrv2_verification_check.py in the vLLM 0.34.0 environment, through vLLM's own
+    Sampler and RejectionSampler: float16 at temperature 1.0 (the model's own tensor is
+    verified) accepts forced drafts, so does probabilistic draft sampling, chunked
+    verification equals one chunk, placeholders are never accepted, vLLM's FLy equals the
+    `fly` rule, a step verified elsewhere fails; and the matrix (dtype x sampling x logprobs
+    mode x grammar x draft sampling x rule, an all-pairs cover): in every cell judge off is
+    stock verification token for token and logprob for logprob, and the judge's output and
+    logprobs equal an independent reference."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT),
                VLLM_LOGGING_LEVEL="WARNING")
     proc = subprocess.run([str(_mrv2_python()), str(ROOT / "tests" / "mrv2_verification_check.py")],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "vLLM 0.34.0: 8 passed, 0 failed" in proc.stdout, proc.stdout
+    cells = int(re.search(r"^matrix: (\d+) cells", proc.stdout, re.M).group(1))
+    focused = len(re.findall(r"^ok (?!matrix)", proc.stdout, re.M))
+    assert cells >= 30 and focused == 7, proc.stdout
+    assert f"vLLM 0.34.0: {focused + cells} passed, 0 failed" in proc.stdout, proc.stdout
 
 
 def test_check_vllm_finds_every_model_runner_v2_seam_in_vllm_034(tmp_path):
@@ -64,6 +71,46 @@ def test_check_vllm_finds_every_model_runner_v2_seam_in_vllm_034(tmp_path):
                           capture_output=True, text=True, timeout=120)
     n = len(vllm_seams.seams_for(vllm_seams.V2))
     assert proc.returncode == 0 and f"model runner V2; {n} of {n} seams present" in proc.stdout, proc.stdout
+    # The docs show the same count (their register block is generated: tests/test_seams.py).
+    assert proc.stdout.strip().splitlines()[-1].split(": ", 2)[-1] in vllm_seams.DOCS.read_text()
+
+
+def test_the_support_matrix_the_version_gate_and_the_readme_agree():
+    """Issue 43: each row of the support matrix says how its version was checked, as
+    patching.VLLM_EVIDENCE does, and starts without the flag exactly when the gate lets it."""
+    from selfjudge_vllm.patching import SUPPORTED_VLLM_VERSIONS, VLLM_EVIDENCE
+
+    page = vllm_seams.DOCS.read_text()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in page.splitlines()
+            if re.match(r"\| 0\.\d+\.\d+, ", line)]
+    assert {row[0].split(",")[0] for row in rows} == set(VLLM_EVIDENCE)
+    for version, _, _, how, starts in rows:
+        version = version.split(",")[0]
+        if "cannot be built" in how:
+            continue
+        assert how.startswith(VLLM_EVIDENCE[version]) or VLLM_EVIDENCE[version] == "engine", (version, how)
+        assert starts == ("yes" if version in SUPPORTED_VLLM_VERSIONS else "no"), (version, starts)
+    readme = (ROOT / "README.md").read_text()
+    assert "also works" not in readme
+    for version, evidence in VLLM_EVIDENCE.items():
+        if evidence != "engine" and version in readme:
+            assert '"allow_unsupported_vllm": true' in readme, version
+
+
+def test_a_model_sampling_more_than_one_token_per_step_is_refused_when_the_model_loads():
+    from selfjudge_vllm import adapter_v2
+
+    def load_model(self):
+        self.model_state = SimpleNamespace(num_new_sampled_tokens_per_step=self.tokens)
+
+    wrapped = adapter_v2._wrap_load_model(load_model)
+    for tokens, runtime, refused in ((2, object(), True), (1, object(), False), (2, None, False)):
+        runner = SimpleNamespace(tokens=tokens, _selfjudge_runtime=runtime)
+        if refused:
+            with pytest.raises(UnsupportedConfiguration, match="samples 2"):
+                wrapped(runner)
+        else:
+            wrapped(runner)
 
 
 def _vllm_config(method="ngram", **spec):

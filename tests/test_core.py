@@ -509,3 +509,21 @@ def test_decisions_on_verifying_rows_inside_a_larger_logits_tensor_equal_the_gat
         others[verify_rows] = False
         assert torch.equal(inside[others], full[others])
     assert {TOP_ALPHA, ENTROPY, JUDGE} <= StepRules.build(zip(rules, counts), "cpu").present
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_forced_draft_is_finite_in_the_logits_dtype_and_takes_all_the_mass(dtype):
+    """Issue 43: model runner V2 may hand the model's own float16 tensor to verification; 1e30
+    is +inf there, and softmax (the kernels upcast to float32 and compute exp(x - max)) turns
+    an inf entry into NaN. The forced entry must stay finite and still take all the mass."""
+    logits = (torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 8).to(dtype)
+    logits[2, 5] = float("-inf")  # banned: never forced
+    drafts = torch.tensor([4, 7, 5])
+    rules = StepRules(RowRule.top_alpha(0.0), present=frozenset({RowRule.top_alpha(0.0).rule}))
+    accept, _ = decide_and_force_(rules, drafts, logits)
+    assert accept.tolist() == [True, True, False]
+    forced = logits[[0, 1], [4, 7]]
+    assert torch.isfinite(forced).all(), forced
+    probs = torch.softmax(logits[:2].float(), -1)
+    assert not probs.isnan().any() and probs[[0, 1], [4, 7]].tolist() == [1.0, 1.0]
+    assert logits[:2].float().argmax(-1).tolist() == [4, 7]

@@ -228,6 +228,44 @@ def test_memory_profiling_covers_the_worst_step_the_server_can_reach():
         assert dummy_only < peak
 
 
+def test_model_runner_v2_profiling_holds_the_judges_temporaries_beside_vllms_own_pass():
+    """Issue 43: model runner V2 profiles vLLM's sampler on dummy rows outside verification.
+    The judge's work must be allocated while that pass runs, so the peak that sizes the KV
+    cache is the sum of both (the judge run after it gave only the larger of the two), and it
+    reads the logits as `sample` computes them (ModelState.compute_sample_logits)."""
+    from selfjudge_vllm import adapter_v2
+
+    max_num_seqs, k, vocab, hidden_size = 16, 4, 4096, 32
+    gen = torch.Generator().manual_seed(0)
+    lm_head = torch.randn(hidden_size, vocab, generator=gen)
+    dummy_hidden = torch.randn(max_num_seqs, hidden_size, generator=gen)
+
+    def runner(runtime):
+        state = SimpleNamespace(compute_sample_logits=lambda h: (h @ lm_head).to(torch.bfloat16))
+        return SimpleNamespace(_selfjudge_runtime=runtime, model_state=state)
+
+    def vllm_dummy_pass(self, hidden_states):  # what vLLM's pass holds: logits and a float32 copy
+        logits = self.model_state.compute_sample_logits(hidden_states)
+        processed = torch.empty_like(logits, dtype=torch.float32).copy_(logits)
+        return processed.argmax(-1)
+
+    def peak(fn):
+        with LiveTensorBytes() as tracked:
+            fn()
+        return tracked.peak
+
+    runtime = JudgeRuntime(None, None, 0.0, RowRule.named("entropy", 1.0), max_step_rows=max_num_seqs * k)
+    vllm_alone = peak(lambda: vllm_dummy_pass(runner(None), dummy_hidden))
+    judge_alone = peak(lambda: runtime.profile_((dummy_hidden @ lm_head).to(torch.bfloat16)))
+    wrapped = adapter_v2._wrap_dummy_sampler_run(vllm_dummy_pass)
+    both = peak(lambda: wrapped(runner(runtime), dummy_hidden))
+    print(f"vLLM's pass {vllm_alone / 2**20:.2f} MiB, the judge's {judge_alone / 2**20:.2f} MiB, "
+          f"profiled together {both / 2**20:.2f} MiB")
+    assert runtime.profiled_rows == 2 * max_num_seqs * k  # judge_alone, then the wrapped pass
+    assert both >= vllm_alone + judge_alone, (both, vllm_alone, judge_alone)
+    assert peak(lambda: wrapped(runner(None), dummy_hidden)) == vllm_alone  # plugin off: vLLM's pass alone
+
+
 def test_every_rule_knob_has_a_server_floor_refused_per_request():
     """min_threshold used to bound the judge only: a request could set selfjudge_alpha=0 or
     selfjudge_min_entropy=0 and accept every draft."""

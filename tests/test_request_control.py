@@ -201,6 +201,73 @@ def test_persistent_rule_table_equals_a_fresh_build_step_after_step():
     assert len(live) > 4  # the table grew past its first capacity
 
 
+def _chunk_rules(table, chunks):
+    """Stage each chunk of one step (model runner V2 verifies a step chunk by chunk)."""
+    staged = []
+    for chunk in chunks:
+        for req_id, rule, _ in chunk:
+            table.set(req_id, rule)
+        staged.append(table.step([r for r, _, _ in chunk], [c for _, _, c in chunk]))
+    return staged
+
+
+def _assert_chunks_equal_fresh_builds(staged, chunks, device):
+    from dataclasses import fields
+
+    from selfjudge_vllm.rules import StepRules
+
+    for got_rules, chunk in zip(staged, chunks):
+        want_rules = StepRules.build([(rule, count) for _, rule, count in chunk], device)
+        for field in fields(StepRules):
+            got, want = getattr(got_rules, field.name), getattr(want_rules, field.name)
+            assert (torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want), field.name
+
+
+def _three_chunk_step(step_index):
+    from selfjudge_vllm.rules import ENTROPY, LOSSLESS, RowRule
+
+    mixed = [RowRule.top_alpha(0.1 * (step_index + 1)), RowRule(ENTROPY, 1.0 + step_index), LOSSLESS,
+             RowRule.named("fly", 0.3)]
+    return [[(f"s{step_index}-c{c}-r{r}", mixed[(c + r) % 4], 1 + (c * 3 + r + step_index) % 4) for r in range(3)]
+            for c in range(4)]
+
+
+def test_the_rule_table_stages_each_chunk_of_a_step_on_its_own():
+    """Issue 43: model runner V2 stages one table per verification chunk; with three or more
+    chunks in a step every chunk keeps its own values (checked after the whole step was
+    staged, so a staging buffer shared between chunks would show)."""
+    from selfjudge_vllm.runtime import RequestRuleTable
+
+    table = RequestRuleTable("cpu", capacity=4)
+    for step_index in range(3):
+        chunks = _three_chunk_step(step_index)
+        staged = _chunk_rules(table, chunks)
+        _assert_chunks_equal_fresh_builds(staged, chunks, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the host waits only there")
+def test_staging_four_chunks_never_waits_for_the_device():
+    """On CUDA the host must not wait for the device while it stages a step's chunks (the
+    previous pair of staging buffers made the third chunk wait for the first chunk's copy,
+    which sits behind everything queued before it)."""
+    import time
+
+    from selfjudge_vllm.runtime import RequestRuleTable
+
+    table = RequestRuleTable("cuda", capacity=4)
+    _chunk_rules(table, _three_chunk_step(0))  # warm the caching host allocator
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e8))  # ~0.1 s or more of device work queued ahead of the copies
+    started = time.perf_counter()
+    chunks = _three_chunk_step(1)
+    staged = _chunk_rules(table, chunks)
+    elapsed = time.perf_counter() - started
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert busy and elapsed < 0.05, (busy, elapsed)
+    _assert_chunks_equal_fresh_builds(staged, chunks, "cuda")
+
+
 def test_memory_profiling_runs_the_judges_vocabulary_wide_work_in_chunks(monkeypatch):
     """During vLLM's profiling run the judge does its vocabulary-wide work (logit features'
     log-softmax, entropy's softmax) on the dummy rows, chunk by chunk, and changes nothing;

@@ -77,10 +77,17 @@ def test_a_renamed_internal_is_reported_from_a_wheel_and_a_source_folder(tmp_pat
     assert f"model runner V1; {len(seams) - 1} of {len(seams)} seams present" in proc.stdout
 
 
-def test_the_docs_table_lists_every_seam():
-    page = (Path(__file__).resolve().parents[1] / "docs" / "vllm-integration.md").read_text()
-    for seam in SEAMS:
-        assert f"| `{seam.name}` | {seam.runner.upper()} | {seam.kind} | {seam.why} |" in page, seam.name
+def test_the_docs_register_is_generated_from_the_register():
+    """docs/vllm-integration.md's seam table and every count in it are the register's (no row
+    repeated or left over, no stale count); `python -m selfjudge_vllm.vllm_seams --write-docs`
+    regenerates them."""
+    page = vllm_seams.DOCS.read_text()
+    assert page.count(vllm_seams.DOCS_BEGIN) == 1 and page.count(vllm_seams.DOCS_END) == 1
+    assert vllm_seams.docs_with_register(page) == page, "run: python -m selfjudge_vllm.vllm_seams --write-docs"
+    rows = [line for line in page.splitlines() if line.startswith("| `vllm.")]
+    assert len(rows) == len(set(rows)) == len(SEAMS)
+    v2 = len(vllm_seams.seams_for(vllm_seams.V2))
+    assert f"model runner V2; {v2} of {v2} seams present" in page
 
 
 def test_the_serving_docs_rule_table_is_the_rule_register():
