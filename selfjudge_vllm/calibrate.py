@@ -566,7 +566,8 @@ class ScorerSession:
             model = self.settings.scorer_settings.model
             if model == "target":
                 self._client = LLMJudgeClient(self.session.get().base, "target", str(self.settings.target),
-                                              self.settings.concurrency)
+                                              self.settings.concurrency, self.settings.max_model_len,
+                                              self.settings.out / "server.log")
             else:
                 from selfjudge_vllm.server_process import Server, free_port, serve_command
 
@@ -577,7 +578,8 @@ class ScorerSession:
                     f"(log in {self.settings.out / 'scorer-server.log'})")
                 self.server = Server(command, self.settings.out / "scorer-server.log",
                                      self.settings.startup_timeout_s, env)
-                self._client = LLMJudgeClient(self.server.base, "judge", model, self.settings.concurrency)
+                self._client = LLMJudgeClient(self.server.base, "judge", model, self.settings.concurrency,
+                                              self.settings.max_model_len, self.settings.out / "scorer-server.log")
         return self._client
 
     def close(self):

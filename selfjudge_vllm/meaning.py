@@ -10,7 +10,7 @@ response of the same server to the same prompt by a *scorer*. Two measures use i
     judged_loss       an LLM judge says whether the relaxed response is worse than, as good as,
                       or better than the lossless one, asked in both orders (position bias
                       cancels); each prompt is lost, kept or gained (the accuracy test); a new
-                      loop counts as lost
+                      loop, or a judge that does not answer, counts as lost
 
 Scorers:
 
@@ -22,10 +22,13 @@ Scorers:
     llm         an equivalence judge served by vLLM (the target itself by default): "do these
                 two responses say the same thing?" in both orders; the score is the mean
                 probability of "yes" against "no" from the first token's logprobs at
-                temperature 0 (deterministic); changed when it is below the threshold
+                temperature 0 (deterministic), an order where the judge put less than
+                MIN_OPTION_MASS on the answers counting as "no"; changed when the score is
+                below the threshold. A question longer than the judge's context is cut to fit
+                (both responses to the same length; recorded)
 
-Scores are persisted per (scorer, prompt, lossless text, relaxed text) as they are computed,
-so a rerun or another threshold scores nothing twice. The prompts the LLM judges read are
+Scores are persisted per (scorer, prompt, lossless text, relaxed text) as each is decided, so
+a rerun, or another threshold, scores nothing twice. The prompts the LLM judges read are
 here, versioned (EQUIVALENCE_PROMPT_VERSION, PREFERENCE_PROMPT_VERSION): a certificate binds
 the scorer, its model, its threshold and its prompt version. A certificate on these measures
 holds for the scorer's verdicts, not for a person's judgement: validate the scorer first
@@ -42,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,38 +57,83 @@ DEFAULT_THRESHOLDS = {"embedding": 0.9, "llm": 0.5}
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBED_CHUNK_WORDS = 160  # about 210 word pieces: under the model's 256
 EQUIVALENCE_PROMPT_VERSION = "equivalence-v1"
-PREFERENCE_PROMPT_VERSION = "preference-v1"
+PREFERENCE_PROMPT_VERSION = "preference-v2"  # v2: options A / B / C (C: equally good)
 TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
 # -- repetition loops ---------------------------------------------------------------------------------
 
-LOOP_MAX_UNIT_WORDS = 64  # a unit longer than this repeated three times is a long response anyway
-LOOP_MIN_REPEATS = 3
-LOOP_MIN_SPAN_WORDS = 16  # "very very very" is style; 16 words going round is a loop
+LOOP_MAX_UNIT = 100  # tokens (words; characters of CJK text) in the repeated unit
+LOOP_MIN_SPAN = 16  # "very very very" is style; 16 tokens going round is a loop
+# A word, or one CJK character (those scripts write no spaces between words).
+_LOOP_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uff00-\uffef]|"
+                         r"[^\s\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uff00-\uffef]+")
+
+
+def _loop_tokens(text: str) -> list[str]:
+    return _LOOP_TOKEN.findall(text)
+
+
+def _is_prose(unit: tuple[str, ...]) -> bool:
+    """A unit with words in it: table rules ("| --- |"), rows of zeros, closing braces and other
+    markup repeat in well-formed answers and are never loops by themselves."""
+    return sum(ch.isalpha() for token in unit for ch in token) >= 3
+
+
+def _loop_long_enough(unit: int, span: int) -> bool:
+    """Three repeats, or for a long unit (16+ tokens) two and a half: a passage said twice
+    verbatim and cut by max_tokens on its third pass is a loop too."""
+    return span >= LOOP_MIN_SPAN and span >= min(3 * unit, 2 * unit + 8)
+
+
+def _longest_loop(tokens: list[str]) -> tuple[tuple[str, ...], int] | None:
+    """(unit, tokens spanned) of the longest-running loop of prose units, or None."""
+    best = None
+    for unit in range(1, min(LOOP_MAX_UNIT, len(tokens) // 2) + 1):
+        run = 0  # positions j so far with tokens[j] == tokens[j + unit], consecutively
+        for j in range(len(tokens) - unit):
+            run = run + 1 if tokens[j] == tokens[j + unit] else 0
+            span = run + unit  # tokens covered by the repeats ending at j + unit
+            if run and _loop_long_enough(unit, span) and (best is None or span > best[1]):
+                candidate = tuple(tokens[j + 1 - run: j + 1 - run + unit])
+                if _is_prose(candidate):
+                    best = (candidate, span)
+    return best
+
+
+def _span_of(tokens: list[str], unit: tuple[str, ...]) -> int:
+    """The most tokens covered by back-to-back repeats of `unit` (any rotation) in `tokens`."""
+    size, best = len(unit), 0
+    rotations = {unit[k:] + unit[:k] for k in range(size)}
+    j = 0
+    while j + size <= len(tokens):
+        if tuple(tokens[j:j + size]) in rotations:
+            end = j + size
+            while end + size <= len(tokens) and tokens[end:end + size] == tokens[end - size:end]:
+                end += size
+            best, j = max(best, end - j), end
+        else:
+            j += 1
+    return best
 
 
 def repetition_loop(text: str) -> str | None:
-    """The unit of the longest-running repetition loop in `text`, or None: a sequence of 1 to
-    LOOP_MAX_UNIT_WORDS whitespace-separated words repeated back to back at least
-    LOOP_MIN_REPEATS times, the repeats spanning at least LOOP_MIN_SPAN_WORDS words."""
-    words = text.split()
-    best_span, best_unit = 0, None
-    for unit in range(1, min(LOOP_MAX_UNIT_WORDS, len(words) // LOOP_MIN_REPEATS) + 1):
-        run = 0  # positions j so far with words[j] == words[j + unit], consecutively
-        for j in range(len(words) - unit + 1):
-            run = run + 1 if j + unit < len(words) and words[j] == words[j + unit] else 0
-            span = run + unit  # words covered by the repeats ending here
-            if run and span >= LOOP_MIN_REPEATS * unit and span >= LOOP_MIN_SPAN_WORDS and span > best_span:
-                best_span, best_unit = span, " ".join(words[j + 1 - run: j + 1 - run + unit])
-    return best_unit
+    """The unit of the longest-running repetition loop in `text`, or None: a unit of 1 to
+    LOOP_MAX_UNIT tokens with words in it, repeated back to back (three times, or two and a
+    half for a unit of 16+ tokens), the repeats spanning at least LOOP_MIN_SPAN tokens."""
+    found = _longest_loop(_loop_tokens(text))
+    return None if found is None else " ".join(found[0])
 
 
 def new_loop(lossless: str, relaxed: str) -> str | None:
-    """The relaxed response's loop when the lossless response has none (None otherwise): a
-    repetition both responses share is the model's, not the relaxation's."""
-    loop = repetition_loop(relaxed)
-    return loop if loop is not None and repetition_loop(lossless) is None else None
+    """The relaxed response's longest loop unless the lossless response goes round the same
+    unit about as long (at most one repeat less): a repetition both share is the model's, not
+    the relaxation's; an unrelated repetition in the lossless response masks nothing."""
+    found = _longest_loop(_loop_tokens(relaxed))
+    if found is None:
+        return None
+    unit, span = found
+    return None if _span_of(_loop_tokens(lossless), unit) >= span - len(unit) else " ".join(unit)
 
 
 # -- the LLM judges' prompts and decisions -----------------------------------------------------------------
@@ -109,6 +158,8 @@ Response 2:
 Do Response 1 and Response 2 say the same thing: the same facts, answers, code behaviour and
 the same handling of the request's instructions, even if the wording differs? Answer Yes or No."""
 
+# The options are single letters: one token each in the tokenizers checked (Qwen2.5: "Tie" is
+# two, "T" + "ie", and its first token would not say which option was meant).
 PREFERENCE_PROMPT = """You compare two responses to the same request.
 
 Request:
@@ -127,45 +178,74 @@ Response B:
 >>>
 
 Which response serves the request better: more correct, follows its instructions, clear and
-free of repetition? Answer A if Response A is better, B if Response B is better, or Tie if
+free of repetition? Answer A if Response A is better, B if Response B is better, or C if
 they are equally good."""
 
 ANSWER_WORDS = {"equivalence": {"yes": ("yes",), "no": ("no",)},
-                "preference": {"a": ("a",), "b": ("b",), "tie": ("tie",)}}
+                "preference": {"a": ("a",), "b": ("b",), "c": ("c",)}}
+# Below this much probability on the options together, the judge did not answer the question
+# (its first token was something else): the order is undecided, never evidence of "same".
+MIN_OPTION_MASS = 0.5
 
 
-def option_probabilities(top_logprobs: dict[str, float], options: dict[str, tuple[str, ...]]) -> dict[str, float]:
-    """The first generated token's probability mass on each option (case and surrounding
-    space ignored), renormalised over the options; all zero when none is among the top."""
+def option_mass(top_logprobs: dict[str, float], options: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """The first generated token's probability on each option (case and surrounding space
+    ignored), not renormalised."""
     mass = dict.fromkeys(options, 0.0)
     for token, logprob in top_logprobs.items():
         word = token.strip().lower()
         for option, spellings in options.items():
             if word in spellings:
                 mass[option] += math.exp(logprob)
+    return mass
+
+
+def decided(mass: dict[str, float]) -> dict[str, float] | None:
+    """The options' probabilities renormalised over them, or None when the judge put less than
+    MIN_OPTION_MASS on them together (undecided)."""
     total = sum(mass.values())
-    return {k: v / total for k, v in mass.items()} if total > 0 else mass
+    return {k: v / total for k, v in mass.items()} if total >= MIN_OPTION_MASS else None
 
 
 def same_meaning_probability(forward: dict[str, float], backward: dict[str, float]) -> float:
-    """Mean P(yes) over the two orders; an order with neither answer among the top tokens
-    counts as "no" (undecided is not evidence of the same meaning)."""
-    return (forward["yes"] + backward["yes"]) / 2
+    """Mean P(yes) over the two orders (option masses as option_mass gives them); an
+    undecided order counts as "no": not answering is no evidence of the same meaning."""
+    return sum((d or {"yes": 0.0})["yes"] for d in (decided(forward), decided(backward))) / 2
 
 
 def preference_verdict(lossless_first: dict[str, float], relaxed_first: dict[str, float]) -> str:
-    """"lost", "kept" or "gained" for the relaxed response, from the judge's option
-    probabilities with the lossless response shown first (A) and shown second (B): the mean
-    over both orders of P(lossless better), P(tie), P(relaxed better), the largest wins (a
-    tie between them is "kept"). No option among the top tokens in either order: "kept"."""
-    worse = (lossless_first["a"] + relaxed_first["b"]) / 2
-    better = (lossless_first["b"] + relaxed_first["a"]) / 2
-    tie = (lossless_first["tie"] + relaxed_first["tie"]) / 2
-    if worse > max(better, tie):
+    """"lost", "kept" or "gained" for the relaxed response, from the judge's option masses
+    with the lossless response shown first (A) and shown second (B): the mean over both orders
+    of P(lossless better), P(equally good), P(relaxed better), the largest wins (a tie between
+    them is "kept"). An undecided order makes the prompt "undecided", which counts as lost."""
+    first, second = decided(lossless_first), decided(relaxed_first)
+    if first is None or second is None:
+        return "undecided"
+    worse = (first["a"] + second["b"]) / 2
+    better = (first["b"] + second["a"]) / 2
+    equal = (first["c"] + second["c"]) / 2
+    if worse > max(better, equal):
         return "lost"
-    if better > max(worse, tie):
+    if better > max(worse, equal):
         return "gained"
     return "kept"
+
+
+def fit_question(template: str, request: str, first: str, second: str, encode, decode,
+                 limit: int) -> tuple[str, bool]:
+    """The judge's question within `limit` tokens, and whether it had to be cut: both
+    responses are cut to the same number of tokens (their shared-length prefixes are
+    compared), the request to half the room if it alone is too long."""
+    question = template.format(request=request, first=first, second=second)
+    if len(encode(question)) <= limit:
+        return question, False
+    fixed = len(encode(template.format(request="", first="", second="")))
+    request_ids = encode(request)
+    if fixed + len(request_ids) > limit // 2:
+        request = decode(request_ids[: max(0, limit // 2 - fixed)])
+    room = max(0, (limit - fixed - len(encode(request))) // 2 - 4)  # 4: the joins re-tokenise
+    first, second = decode(encode(first)[:room]), decode(encode(second)[:room])
+    return template.format(request=request, first=first, second=second), True
 
 
 # -- scorer settings --------------------------------------------------------------------------------------
@@ -263,13 +343,16 @@ class SentenceEmbedder:
 class LLMJudgeClient:
     """Asks a `vllm serve` (the served name `model_name` at `base_url`) the judges' questions;
     the prompt is rendered with that model's chat template (plain text when it has none) and
-    decided from the first token's top logprobs at temperature 0."""
+    decided from the first token's top logprobs at temperature 0. A question longer than the
+    server's context (`max_model_len`) is cut to fit (fit_question)."""
 
-    def __init__(self, base_url: str, model_name: str, tokenizer_path: str, concurrency: int = 16):
+    def __init__(self, base_url: str, model_name: str, tokenizer_path: str, concurrency: int = 16,
+                 max_model_len: int = 2048, log_path: str | Path | None = None):
         from transformers import AutoTokenizer
 
         self.base_url, self.model_name, self.concurrency = base_url, model_name, concurrency
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+        self.max_model_len, self.log_path = max_model_len, log_path
 
     def render(self, question: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -277,27 +360,38 @@ class LLMJudgeClient:
                                                       add_generation_prompt=True, tokenize=False)
         return question + "\nAnswer:"
 
-    def top_logprobs(self, questions: list[str]) -> list[dict[str, float]]:
-        return asyncio.run(self._ask_all(questions))
+    def question(self, template: str, request: str, first: str, second: str) -> tuple[str, bool]:
+        """(the question, whether it was cut) within the server's context."""
+        template_room = len(self.tokenizer.encode(self.render(""), add_special_tokens=False)) + 1  # + the answer
+        return fit_question(template, request, first, second,
+                            lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+                            lambda ids: self.tokenizer.decode(ids), self.max_model_len - template_room)
 
-    async def _ask_all(self, questions):
-        from openai import AsyncOpenAI, BadRequestError
+    def top_logprobs(self, questions: list[str], on_answer=lambda index, top: None) -> list[dict[str, float]]:
+        """Each question's first-token top logprobs; `on_answer(index, top)` as each arrives."""
+        return asyncio.run(self._ask_all(questions, on_answer))
 
-        client = AsyncOpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0)
+    async def _ask_all(self, questions, on_answer):
+        from openai import APIError, AsyncOpenAI
+
+        # a few retries: a transient error would otherwise end a long calibrate run
+        client = AsyncOpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=2)
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def ask(question):
+        async def ask(index, question):
             async with gate:
                 try:
                     out = await self._create(client, question)
-                except BadRequestError as exc:  # e.g. the question is longer than the model's context
-                    raise RuntimeError(f"the judge model refused a question ({exc.message}); a question holds the "
-                                       "request and both responses: raise --max-model-len") from None
+                except APIError as exc:
+                    where = f" (its log: {self.log_path})" if self.log_path else ""
+                    raise RuntimeError(f"the judge model's server failed a question{where}: {exc}") from None
                 top = out.choices[0].logprobs.top_logprobs
-                return dict(top[0]) if top and top[0] else {}
+                top = dict(top[0]) if top and top[0] else {}
+                on_answer(index, top)
+                return top
 
         try:
-            return await asyncio.gather(*(ask(q) for q in questions))
+            return await asyncio.gather(*(ask(i, q) for i, q in enumerate(questions)))
         finally:
             await client.close()
 
@@ -350,62 +444,78 @@ class MeaningJudge:
         return self.scores[pair.key]["loop"] is not None or self.scores[pair.key]["score"] < self.settings.threshold
 
     def verdict(self, pair: Pair) -> str:
-        """judged_loss: "lost" (a new loop counts as lost), "kept" or "gained"."""
+        """judged_loss: "lost" (a new loop, or a judge that did not answer, counts as lost),
+        "kept" or "gained"."""
         if pair.lossless == pair.relaxed:
             return "kept"
         row = self.scores[pair.key]
-        return "lost" if row["loop"] is not None else row["verdict"]
+        return "lost" if row["loop"] is not None or row["verdict"] == "undecided" else row["verdict"]
 
     def score(self, pairs: list[Pair]) -> None:
-        """Score every differing pair not scored yet (identical texts need no scorer)."""
+        """Score every differing pair not scored yet (identical texts need no scorer); each
+        pair's row is persisted as soon as it is decided."""
         todo = list({p.key: p for p in pairs if p.lossless != p.relaxed and p.key not in self.scores}.values())
         if not todo:
             return
         start = time.monotonic()
-        if self.settings.measure == "judged_loss":
-            rows = self._preference(todo)
-        elif self.settings.scorer == "embedding":
-            rows = self._embedding(todo)
-        else:
-            rows = self._equivalence(todo)
-        seconds = (time.monotonic() - start) / len(todo)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            for pair, row in zip(todo, rows):
+            def keep(pair: Pair, row: dict) -> None:
                 row = {"scorer": self.settings.score_key, "pair": pair.key, "id": pair.id,
-                       "loop": new_loop(pair.lossless, pair.relaxed), "seconds": seconds, **row}
+                       "loop": new_loop(pair.lossless, pair.relaxed), "seconds": time.monotonic() - start, **row}
                 self.scores[pair.key] = row
                 f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+                f.flush()
+                os.fsync(f.fileno())
 
-    def _embedding(self, pairs):
+            if self.settings.scorer == "embedding":
+                self._embedding(todo, keep)
+            else:
+                self._ask(todo, keep)
+
+    def _embedding(self, pairs, keep):
         if self.embedder is None:
             self.embedder = (self.embedder_factory or SentenceEmbedder)()
-        cosines = self.embedder.cosine([p.relaxed for p in pairs], [p.lossless for p in pairs])
-        return [{"score": c} for c in cosines]
+        for start in range(0, len(pairs), 64):
+            batch = pairs[start:start + 64]
+            for pair, cosine in zip(batch, self.embedder.cosine([p.relaxed for p in batch],
+                                                                [p.lossless for p in batch])):
+                keep(pair, {"score": cosine})
 
-    def _ask(self, template: str, pairs, options) -> list[tuple[dict, dict]]:
-        """Option probabilities per pair, (lossless shown first, relaxed shown first)."""
-        questions = []
+    def _ask(self, pairs, keep) -> None:
+        """Both orders of each pair's question (lossless shown first, then relaxed first); a
+        pair is decided, and kept, once both answers are in."""
+        judged_loss = self.settings.measure == "judged_loss"
+        template = PREFERENCE_PROMPT if judged_loss else EQUIVALENCE_PROMPT
+        options = ANSWER_WORDS["preference" if judged_loss else "equivalence"]
+        client = self.llm_client()
+        questions, cut = [], []
         for p in pairs:
-            questions.append(template.format(request=p.request, first=p.lossless, second=p.relaxed))
-            questions.append(template.format(request=p.request, first=p.relaxed, second=p.lossless))
-        tops = self.llm_client().top_logprobs(questions)
-        probs = [option_probabilities(t, options) for t in tops]
-        return [(probs[2 * i], probs[2 * i + 1]) for i in range(len(pairs))]
+            for first, second in ((p.lossless, p.relaxed), (p.relaxed, p.lossless)):
+                question, was_cut = client.question(template, p.request, first, second)
+                questions.append(question)
+                cut.append(was_cut)
+        answers: dict[int, dict] = {}
 
-    def _equivalence(self, pairs):
-        return [{"score": same_meaning_probability(a, b), "orders": [a, b]}
-                for a, b in self._ask(EQUIVALENCE_PROMPT, pairs, ANSWER_WORDS["equivalence"])]
+        def on_answer(index: int, top: dict) -> None:
+            answers[index] = option_mass(top, options)
+            pair = index // 2
+            if 2 * pair in answers and 2 * pair + 1 in answers:
+                orders = [answers[2 * pair], answers[2 * pair + 1]]
+                row = ({"verdict": preference_verdict(*orders)} if judged_loss
+                       else {"score": same_meaning_probability(*orders)})
+                keep(pairs[pair], {**row, "orders": orders, "cut": cut[2 * pair] or cut[2 * pair + 1]})
 
-    def _preference(self, pairs):
-        return [{"verdict": preference_verdict(a, b), "orders": [a, b]}
-                for a, b in self._ask(PREFERENCE_PROMPT, pairs, ANSWER_WORDS["preference"])]
+        client.top_logprobs(questions, on_answer)
 
 
 def request_text(row: dict) -> str:
-    """What the user asked, for the judges: the prompt row's last user message, or its
-    `prompt` as given."""
-    users = [m["content"] for m in row.get("messages") or [] if m.get("role") == "user"]
-    return users[-1] if users else row.get("prompt") or ""
+    """What the user asked, for the judges: the prompt row's `prompt` as given, or its whole
+    conversation (a system message's instructions are part of the request), one "Role:
+    content" paragraph per message; a lone user message as it is."""
+    messages = row.get("messages") or []
+    if len(messages) == 1 and messages[0].get("role") == "user":
+        return messages[0]["content"]
+    if messages:
+        return "\n\n".join(f"{m.get('role', 'user').capitalize()}: {m.get('content', '')}" for m in messages)
+    return row.get("prompt") or ""

@@ -31,6 +31,13 @@ PLAN = "Here is a weekly running plan for a beginner. Monday: run 3 km at an eas
     ("very very very very good", None),  # style, not a loop: too short
     ("- buy milk\n" * 9, "- buy milk"),  # a list item repeated: 27 words going round
     ("| a | b | c |\n|---|---|---|\n| 1 | 2 | 3 |", None),  # a table is not a loop
+    ("| Day | Mon | Tue | Wed | Thu | Fri | Sat | Sun |\n| --- | --- | --- | --- | --- | --- | --- | --- |", None),
+    ("row = [" + "0, " * 19 + "0]", None),  # markup and numbers repeat in good answers
+    ("      }\n    }\n  }\n}\n" * 4, None),
+    # no spaces: by character (the loop starts at the first sentence's "跑步。", a rotation of the unit)
+    ("我建议你每天跑步。" + "我们可以一起跑步。" * 6, "跑 步 。 我 们 可 以 一 起"),
+    (" ".join(f"w{k}" for k in range(60)) + " " + " ".join(f"w{k}" for k in range(60)) + " "
+     + " ".join(f"w{k}" for k in range(30)), " ".join(f"w{k}" for k in range(60))),  # said twice, cut on the third
     ("1. one 2. two 3. three 4. four 5. five 6. six 7. seven 8. eight 9. nine", None),  # counting moves on
     ("the cat " * 8, "the cat"),
 ])
@@ -43,30 +50,58 @@ def test_only_a_loop_the_lossless_response_lacks_is_new():
     assert meaning.new_loop(PLAN, looping) == "I hope this helps!"
     assert meaning.new_loop(looping, looping + " Good luck.") is None  # the model's own loop
     assert meaning.new_loop(looping, PLAN) is None  # relaxing removed a loop: not a change by this check
+    # a loop of the lossless response's own masks no other loop, nor a much longer run of its own
+    other = PLAN + " Run 5 km on Monday and rest on Tuesday." * 4
+    assert meaning.new_loop(other, looping) == "I hope this helps!"
+    assert meaning.new_loop(looping, PLAN + " I hope this helps!" * 30) == "I hope this helps!"
+    assert meaning.new_loop(looping, PLAN + " I hope this helps!" * 7) is None  # one repeat more: the same
 
 
 # -- decisions from logprobs ------------------------------------------------------------------------------------
 
 
-def test_option_probabilities_sum_spellings_and_renormalise():
+def test_option_mass_sums_spellings_and_a_judge_that_does_not_answer_is_undecided():
     top = {" Yes": math.log(0.5), "yes": math.log(0.1), "No": math.log(0.2), "Maybe": math.log(0.2)}
-    probs = meaning.option_probabilities(top, meaning.ANSWER_WORDS["equivalence"])
-    assert probs["yes"] == pytest.approx(0.75) and probs["no"] == pytest.approx(0.25)
-    assert meaning.option_probabilities({"Maybe": 0.0}, meaning.ANSWER_WORDS["equivalence"]) == {"yes": 0, "no": 0}
+    mass = meaning.option_mass(top, meaning.ANSWER_WORDS["equivalence"])
+    assert mass == pytest.approx({"yes": 0.6, "no": 0.2})
+    assert meaning.decided(mass) == pytest.approx({"yes": 0.75, "no": 0.25})
+    # "The" at 0.9 and "Yes" at 0.01: the judge did not answer; renormalising would say 100% yes
+    assert meaning.decided(meaning.option_mass({"The": math.log(0.9), "Yes": math.log(0.01)},
+                                               meaning.ANSWER_WORDS["equivalence"])) is None
 
 
 def test_same_meaning_averages_both_orders_and_undecided_counts_as_no():
     assert meaning.same_meaning_probability({"yes": 0.9, "no": 0.1}, {"yes": 0.5, "no": 0.5}) == pytest.approx(0.7)
     assert meaning.same_meaning_probability({"yes": 0.0, "no": 0.0}, {"yes": 1.0, "no": 0.0}) == pytest.approx(0.5)
+    assert meaning.same_meaning_probability({"yes": 0.01, "no": 0.0}, {"yes": 0.02, "no": 0.0}) == 0.0
 
 
-def test_the_preference_verdict_cancels_position_bias():
-    always_a = {"a": 1.0, "b": 0.0, "tie": 0.0}  # a judge that always prefers the first shown
+def test_the_preference_verdict_cancels_position_bias_and_no_answer_is_lost():
+    always_a = {"a": 1.0, "b": 0.0, "c": 0.0}  # a judge that always prefers the first shown
     assert meaning.preference_verdict(always_a, always_a) == "kept"
-    lossless_better = ({"a": 0.8, "b": 0.1, "tie": 0.1}, {"a": 0.1, "b": 0.8, "tie": 0.1})
+    lossless_better = ({"a": 0.8, "b": 0.1, "c": 0.1}, {"a": 0.1, "b": 0.8, "c": 0.1})
     assert meaning.preference_verdict(*lossless_better) == "lost"
     assert meaning.preference_verdict(*lossless_better[::-1]) == "gained"
-    assert meaning.preference_verdict({"a": 0, "b": 0, "tie": 0}, {"a": 0, "b": 0, "tie": 0}) == "kept"
+    sure_equal = {"a": 0.06, "b": 0.04, "c": 0.9}  # mostly "equally good": kept, whatever the rest says
+    assert meaning.preference_verdict(sure_equal, {"a": 0.05, "b": 0.05, "c": 0.9}) == "kept"
+    assert meaning.preference_verdict({"a": 0, "b": 0, "c": 0}, always_a) == "undecided"
+
+
+def test_a_question_too_long_for_the_context_is_cut_evenly():
+    encode, decode = (lambda text: text.split(" ")), (lambda ids: " ".join(ids))
+    template = "Q {request} | {first} | {second}"
+    long_a, long_b = " ".join(["a"] * 100), " ".join(["b"] * 50)
+    question, cut = meaning.fit_question(template, "req", long_a, long_b, encode, decode, 60)
+    assert cut and len(encode(question)) <= 60
+    assert question.count("a") == question.count("b") > 10  # the same length of each response
+    assert meaning.fit_question(template, "req", "a", "b", encode, decode, 60) == ("Q req | a | b", False)
+
+
+def test_the_judge_reads_the_whole_conversation():
+    row = {"messages": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi?"}]}
+    assert meaning.request_text(row) == "System: Answer in French.\n\nUser: Hi?"
+    assert meaning.request_text({"messages": [{"role": "user", "content": "Hi?"}]}) == "Hi?"
+    assert meaning.request_text({"prompt": "raw"}) == "raw"
 
 
 # -- settings ---------------------------------------------------------------------------------------------------
@@ -78,7 +113,8 @@ def test_scorer_settings_defaults_and_refusals():
     llm = ScorerSettings.make("meaning_changes", "llm", None, 0.6)
     assert (llm.model, llm.threshold, llm.prompt_version) == ("target", 0.6, meaning.EQUIVALENCE_PROMPT_VERSION)
     judged = ScorerSettings.make("judged_loss", None, "draft-dir", None)
-    assert (judged.scorer, judged.model, judged.prompt_version) == ("llm", "draft-dir", meaning.PREFERENCE_PROMPT_VERSION)
+    assert (judged.scorer, judged.model, judged.prompt_version) == ("llm", "draft-dir",
+                                                                    meaning.PREFERENCE_PROMPT_VERSION)
     assert emb.score_key != llm.score_key != judged.score_key
     assert llm.score_key == ScorerSettings.make("meaning_changes", "llm", None, 0.3).score_key  # threshold: no rescore
     for args, message in [(("judged_loss", "embedding", None, None), "decided by an LLM judge"),
@@ -107,12 +143,21 @@ class WordOverlap:
 class ScriptedJudge:
     """A stand-in LLM client: answers from the question text, records what it was asked."""
 
-    def __init__(self, answer):
-        self.answer, self.questions = answer, []
+    def __init__(self, answer, fail_after=None):
+        self.answer, self.questions, self.fail_after = answer, [], fail_after
 
-    def top_logprobs(self, questions):
-        self.questions += questions
-        return [self.answer(q) for q in questions]
+    def question(self, template, request, first, second):
+        return template.format(request=request, first=first, second=second), False
+
+    def top_logprobs(self, questions, on_answer=lambda index, top: None):
+        out = []
+        for index, question in enumerate(questions):
+            if self.fail_after is not None and len(self.questions) >= self.fail_after:
+                raise RuntimeError("the judge model's server failed a question")
+            self.questions.append(question)
+            out.append(self.answer(question))
+            on_answer(index, out[-1])
+        return out
 
 
 def test_scores_persist_and_another_threshold_rescores_nothing(tmp_path):
@@ -155,8 +200,22 @@ def test_the_llm_scorer_asks_both_orders_and_decides_from_yes_and_no(tmp_path):
     assert judge.changed(pair) is False  # 0.6 >= 0.5
 
 
-def test_judged_loss_verdicts_and_a_new_loop_is_lost(tmp_path):
-    def answer(question):  # prefers the shorter response wherever it is shown
+def test_each_pair_is_kept_as_soon_as_it_is_decided(tmp_path):
+    """A judge server that fails half way loses no pair already decided."""
+    client = ScriptedJudge(lambda q: {"Yes": 0.0}, fail_after=5)
+    judge = MeaningJudge(ScorerSettings.make("meaning_changes", "llm", None, None), tmp_path / "s.jsonl",
+                         llm_client=lambda: client)
+    pairs = [Pair(str(i), "q", f"a{i}", f"b{i}") for i in range(5)]
+    with pytest.raises(RuntimeError):
+        judge.score(pairs)
+    kept = [json.loads(line)["id"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert kept == ["0", "1"]  # questions 0-3 answered: two pairs, both orders each
+
+
+def test_judged_loss_verdicts_and_a_new_loop_or_no_answer_is_lost(tmp_path):
+    def answer(question):  # prefers the shorter response wherever it is shown; no answer about "mute"
+        if "mute" in question:
+            return {"**": 0.0}
         a = question.split("Response A:")[1].split("Response B:")[0]
         b = question.split("Response B:")[1]
         return {"A": 0.0} if len(a) < len(b.split(">>>")[0]) else {"B": 0.0}
@@ -165,8 +224,9 @@ def test_judged_loss_verdicts_and_a_new_loop_is_lost(tmp_path):
                          llm_client=lambda: ScriptedJudge(answer))
     shorter, longer = Pair("a", "q", "short", "a longer answer"), Pair("b", "q", "a longer answer", "short")
     looping = Pair("c", "q", "short", "short " + "go round and round " * 6)
-    judge.score([shorter, longer, looping])
-    assert [judge.verdict(p) for p in (shorter, longer, looping)] == ["lost", "gained", "lost"]
+    mute = Pair("d", "mute", "short", "other")
+    judge.score([shorter, longer, looping, mute])
+    assert [judge.verdict(p) for p in (shorter, longer, looping, mute)] == ["lost", "gained", "lost", "lost"]
 
 
 # -- through calibrate's pairing --------------------------------------------------------------------------------
