@@ -5,6 +5,7 @@
 
 Blocks, each between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->`:
 - docs/benchmarks.md `chat_tradeoff` and `tradeoff`: copies of the two benchmark reports;
+- docs/benchmarks.md `meaning_validation`: a copy of the meaning scorers' validation report;
 - README.md `results`: the results table, rendered from benchmarks/results/chat_tradeoff.json.
 """
 from __future__ import annotations
@@ -85,6 +86,8 @@ def blocks() -> dict[tuple[Path, str], str]:
     report = json.loads((RESULTS / "chat_tradeoff.json").read_text())
     return {(ROOT / "docs" / "benchmarks.md", "chat_tradeoff"): (RESULTS / "chat_tradeoff.md").read_text(),
             (ROOT / "docs" / "benchmarks.md", "tradeoff"): (RESULTS / "tradeoff.md").read_text(),
+            (ROOT / "docs" / "benchmarks.md", "meaning_validation"):
+                (RESULTS / "meaning_validation" / "report.md").read_text(),
             (ROOT / "README.md", "results"): readme_results(report)}
 
 

@@ -242,9 +242,10 @@ def report(args) -> None:
                 predicted = [judge.changed(p) for p, _ in scored]
             seconds = [judge.scores[p.key]["seconds"] for p, _ in scored]
             rows[label] = {**agreement(predicted, [t for _, t in scored]), "seconds_per_pair": sum(seconds) / len(seconds),
-                           "loops": sum(judge.scores[p.key]["loop"] is not None for p, _ in scored)}
+                           "loops": sum(judge.loop(p) is not None for p, _ in scored)}
             if label in (f"embedding@{meaning_defaults()['embedding']:g}", f"llm@{meaning_defaults()['llm']:g}"):
-                wrong = [(p, t, judge.scores[p.key]) for (p, t), c in zip(scored, predicted) if c != t]
+                wrong = [(p, t, {**judge.scores[p.key], "loop": judge.loop(p)}) for (p, t), c in zip(scored, predicted)
+                         if c != t]
                 examples[f"{name}/{label}"] = [
                     {"pair": p.id, "truth": truth_name if t else "not " + truth_name,
                      "score": row.get("score"), "loop": row["loop"], "request": _short(p.request, 200),

@@ -59,6 +59,7 @@ EMBED_CHUNK_WORDS = 160  # about 210 word pieces: under the model's 256
 EQUIVALENCE_PROMPT_VERSION = "equivalence-v1"
 PREFERENCE_PROMPT_VERSION = "preference-v2"  # v2: options A / B / C (C: equally good)
 TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
+LOOP_CHECK_VERSION = "loop-v2"  # the loop check's rule (new_loop): bump it when the rule changes
 
 
 # -- repetition loops ---------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ class ScorerSettings:
 
     def as_dict(self) -> dict:
         return {"measure": self.measure, "scorer": self.scorer, "model": self.model, "threshold": self.threshold,
-                "prompt_version": self.prompt_version}
+                "prompt_version": self.prompt_version, "loop_check": LOOP_CHECK_VERSION}
 
 
 # -- the scorers ------------------------------------------------------------------------------------------
@@ -428,6 +429,7 @@ class MeaningJudge:
         self.settings, self.path = settings, Path(scores_path)
         self.llm_client, self.embedder_factory, self.embedder = llm_client, embedder_factory, None
         self.scores: dict[str, dict] = {}
+        self._loops: dict[str, str | None] = {}
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 if line.strip():
@@ -441,7 +443,7 @@ class MeaningJudge:
         """meaning_changes: a new repetition loop, or the scorer's score below the threshold."""
         if pair.lossless == pair.relaxed:
             return False
-        return self.scores[pair.key]["loop"] is not None or self.scores[pair.key]["score"] < self.settings.threshold
+        return self.loop(pair) is not None or self.scores[pair.key]["score"] < self.settings.threshold
 
     def verdict(self, pair: Pair) -> str:
         """judged_loss: "lost" (a new loop, or a judge that did not answer, counts as lost),
@@ -449,7 +451,14 @@ class MeaningJudge:
         if pair.lossless == pair.relaxed:
             return "kept"
         row = self.scores[pair.key]
-        return "lost" if row["loop"] is not None or row["verdict"] == "undecided" else row["verdict"]
+        return "lost" if self.loop(pair) is not None or row["verdict"] == "undecided" else row["verdict"]
+
+    def loop(self, pair: Pair) -> str | None:
+        """The relaxed response's new loop (new_loop), decided afresh: LOOP_CHECK_VERSION,
+        which a certificate binds, names the rule, so no stored value can go stale."""
+        if pair.key not in self._loops:
+            self._loops[pair.key] = new_loop(pair.lossless, pair.relaxed)
+        return self._loops[pair.key]
 
     def score(self, pairs: list[Pair]) -> None:
         """Score every differing pair not scored yet (identical texts need no scorer); each
@@ -462,7 +471,7 @@ class MeaningJudge:
         with self.path.open("a") as f:
             def keep(pair: Pair, row: dict) -> None:
                 row = {"scorer": self.settings.score_key, "pair": pair.key, "id": pair.id,
-                       "loop": new_loop(pair.lossless, pair.relaxed), "seconds": time.monotonic() - start, **row}
+                       "seconds": time.monotonic() - start, **row}
                 self.scores[pair.key] = row
                 f.write(json.dumps(row) + "\n")
                 f.flush()
