@@ -183,7 +183,7 @@ def _resolve(guard: GuardState, seq: int, outcome) -> None:
         if guard.config.state_file:
             Path(guard.config.state_file).write_text(json.dumps(
                 {"fell_back": True, "reason": message, "compared": guard.compared, "changes": guard.changes,
-                 "sampled_without_comparison": guard.missing}))
+                 "sampled_without_comparison": guard.unknown}))
 
 
 def _is_cumulative(params) -> bool:
@@ -243,7 +243,7 @@ def _register_metrics() -> None:
 
     class Collector:
         def collect(self):
-            # Outcomes are counted once recorded (in sampling order); the rest are pending.
+            # Each outcome is counted when it comes; the sampled requests still without one are pending.
             counters = {
                 "shadows_sampled": ("Comparable relaxed requests sampled at arrival.", lambda g: g.sampled),
                 "shadows_compared": ("Sampled requests re-run lossless and compared.", lambda g: g.compared),
@@ -270,7 +270,8 @@ def _register_metrics() -> None:
                              lambda g: float(g.fell_back)),
                 "shadows_in_flight": ("Shadow requests running now.", lambda g: g.in_flight),
                 "shadows_queued": ("Shadows waiting for one of max_in_flight slots.", lambda g: g.queued),
-                "shadows_pending": ("Sampled requests whose outcome is not recorded yet.", lambda g: g.pending),
+                "shadows_pending": ("Sampled requests whose outcome is not known yet (at most max_pending).",
+                                    lambda g: g.pending),
                 "shadows_in_flight_max": ("Most shadow requests running at once so far.",
                                           lambda g: g.max_in_flight_seen),
             }

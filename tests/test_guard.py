@@ -87,7 +87,7 @@ def _reported_interval_misses(rate, runs, horizon, seed):
         return out
 
     def at(t, row):
-        state.compared, state.text_changed = t + 1, int(changes[row, t])
+        state.sampled, state.compared, state.text_changed = t + 1, t + 1, int(changes[row, t])
         return state
 
     high, low = peaks(changes, kept, rate), peaks(kept, changes, 1 - rate)
@@ -281,21 +281,72 @@ def test_shadows_beyond_max_in_flight_wait_and_beyond_max_pending_are_skipped_at
     assert state.lower() == guard.lower_bound(compared, skipped, DELTA / 2)
 
 
-def test_outcomes_are_recorded_in_sampling_order():
-    """A later sampled request's outcome waits for every earlier one: the shadows' completion
-    order depends on the responses (changed ones run longer), the sampling order does not."""
-    state = guard.GuardState(guard.GuardConfig(sample_share=1.0, budget=0.05, action="fallback"), 0.05)
-    seqs = [state.admit() for _ in range(4)]
-    assert seqs == [0, 1, 2, 3] and state.sampled == 4
-    needed = guard.comparisons_to_fall_back(0.05, DELTA)  # 2 changed comparisons in a row
-    assert [state.resolve(s, (True, True)) for s in seqs[1:1 + needed]] == [None] * needed
-    assert (state.compared, state.pending, state.fell_back) == (0, 4, False)  # request 0 still out
-    message = state.resolve(0, guard.ABANDONED)  # counted unchanged: first in the sequence
-    assert (state.abandoned, state.compared, state.changes, state.pending) == (1, needed, needed, 1)
-    assert guard.exceeds(needed, 1, 0.05, DELTA) and state.fell_back  # the recorded prefix falls back
-    assert message == state.reason and "(1 sampled without a comparison counted unchanged)" in message
+def test_a_pending_request_holds_no_later_outcome_back():
+    """Outcomes count when they come, not in sampling order behind the earliest pending one:
+    at every look the statistics are over every sampled request so far, the pending ones
+    counted unchanged for the fallback and the lower end, changed for the upper end. Only the
+    pending requests' places are kept, at most max_pending of them."""
+    state = guard.GuardState(guard.GuardConfig(sample_share=1.0, budget=0.05, action="fallback", max_pending=3),
+                             0.05)
+    seqs = [state.admit() for _ in range(3)]
+    assert seqs == [0, 1, 2] and state.sampled == 3 and state.pending == 3
+    assert state.resolve(1, (True, True)) is None
+    message = state.resolve(2, (True, True))  # request 0 still pending: counted unchanged, holds nothing back
+    assert guard.exceeds(2, 1, 0.05, DELTA) and state.fell_back and message == state.reason
+    assert (state.compared, state.changes, state.pending) == (2, 2, 1)
+    assert ("changed in 2 of 2 shadow comparisons, with 1 more sampled without a comparison (pending, abandoned, "
+            "failed or skipped) counted unchanged;") in message
+    assert state.lower() == guard.lower_bound(2, 1, DELTA / 2) and state.upper() == 1.0
+    assert [state.admit() for _ in range(3)] == [3, 4, None]  # at most max_pending places are kept
+    assert (state.sampled, state.skipped, state.pending) == (6, 1, 3)
+    assert state.resolve(0, guard.ABANDONED) is None and state.pending == 2
     with pytest.raises(ValueError, match="resolved twice"):
         state.resolve(0, guard.FAILED)
+    assert state.sampled == state.compared + state.abandoned + state.failed + state.skipped + state.pending
+
+
+@pytest.mark.parametrize("action", ["fallback", "report"])
+def test_a_stalled_response_does_not_freeze_the_guard(action):
+    """The review's repro (issue 44, H1): a sampled streaming response whose client reads one
+    token and stops (or a very long one) is pending for as long as it runs. Every later
+    comparison changes. Before, outcomes waited in sampling order behind it: nothing was
+    recorded, the guard never fell back, and beyond max_pending every sampled request was
+    skipped while the buffer of waiting outcomes grew without bound. Now the later
+    comparisons count at once (the stalled one unchanged for the fallback), the guard falls
+    back after the comparisons the bound implies, and only the pending one is kept."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    from selfjudge_vllm import adapter_guard
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    engine = ScriptedEngine(_section(action=action, max_pending=5))
+    call = _wrapped(engine)
+
+    async def traffic():
+        stuck = call({"prompt_token_ids": [5]}, SamplingParams(temperature=0, max_tokens=4,
+                                                               output_kind=RequestOutputKind.DELTA), "stuck")
+        await stuck.__anext__()
+        for i in range(40):
+            [o async for o in call({"prompt_token_ids": [5]}, SamplingParams(temperature=0, max_tokens=4), f"u{i}")]
+            while adapter_guard._TASKS:
+                await asyncio.gather(*list(adapter_guard._TASKS))
+            state = guard_of(engine)
+            assert state.pending <= 5
+        during = (state.compared, state.skipped, state.pending, state.fell_back)
+        await stuck.aclose()
+        return during
+
+    compared, skipped, pending, fell_back = asyncio.run(traffic())
+    state = guard_of(engine)
+    needed = 3  # 2 changed comparisons and the pending one counted unchanged: exceeds(2, 1)
+    assert guard.exceeds(needed - 1, 1, 0.05, DELTA) and not guard.exceeds(needed - 2, 1, 0.05, DELTA)
+    if action == "fallback":  # after the fallback no request is relaxed: none is sampled
+        assert (compared, skipped, pending, fell_back) == (needed - 1, 0, 1, True)
+    else:
+        assert (compared, skipped, pending, fell_back) == (40, 0, 1, False)
+        assert state.lower() > 0.8 and state.fallback_bound() > 0.05
+    assert (state.abandoned, state.pending) == (1, 0)  # the stalled stream, once closed
+    assert state.sampled == state.compared + state.abandoned + state.failed + state.skipped + state.pending
 
 
 class BurstyEngine(ScriptedEngine):
