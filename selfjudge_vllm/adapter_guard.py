@@ -245,10 +245,11 @@ def _register_metrics() -> None:
         def collect(self):
             # Each outcome is counted when it comes; the sampled requests still without one are pending.
             counters = {
-                "shadows_sampled": ("Comparable relaxed requests sampled at arrival.", lambda g: g.sampled),
+                "shadows_sampled": ("Comparable relaxed requests sampled at arrival (skipped ones included).",
+                                    lambda g: g.sampled),
                 "shadows_compared": ("Sampled requests re-run lossless and compared.", lambda g: g.compared),
-                "shadows_skipped": ("Sampled requests not re-run: max_pending sampled requests were awaiting "
-                                    "their outcome.", lambda g: g.skipped),
+                "shadows_skipped": ("Sampled requests left out of the measurement at arrival: max_pending "
+                                    "sampled requests were awaiting their outcome.", lambda g: g.skipped),
                 "shadows_abandoned": ("Sampled requests whose response did not run to its end (client closed or "
                                       "disconnected, aborted, failed): no shadow.", lambda g: g.abandoned),
                 "shadows_failed": ("Shadows that ended without a comparable result.", lambda g: g.failed),
