@@ -351,6 +351,45 @@ def test_a_pending_request_holds_no_later_outcome_back():
     assert state.sampled == state.compared + state.abandoned + state.failed + state.skipped + state.pending
 
 
+def _state_after(outcomes, action="fallback"):
+    """A guard (budget 5%, 95%) that sampled len(outcomes) requests, then saw their outcomes
+    in that order."""
+    state = guard.GuardState(guard.GuardConfig(sample_share=1.0, budget=0.05, action=action), 0.05)
+    for seq, outcome in zip([state.admit() for _ in outcomes], outcomes):
+        state.resolve(seq, outcome)
+    return state
+
+
+def test_the_fallback_counts_missing_outcomes_unchanged_not_changed():
+    """2 changed, 5 unchanged, 2 abandoned and 1 failed: counted unchanged, as the guard does,
+    the fallback's statistic is exceeds(2, 8), far from the budget; counted as changed it would
+    be exceeds(5, 5) and fall back (the review's mutant B, which fell back in 50 of 50 runs at
+    a true rate of 0.02 against a 5% budget). The reported interval's ends count them
+    unchanged below and changed above, each at delta/2."""
+    same, diff = (False, False), (True, True)
+    state = _state_after([diff, guard.ABANDONED, same, same, guard.FAILED, diff, same, guard.ABANDONED, same,
+                             same])
+    assert not guard.exceeds(2, 8, 0.05, DELTA) and guard.exceeds(5, 5, 0.05, DELTA)
+    assert not state.fell_back and (state.changes, state.compared, state.missing) == (2, 7, 3)
+    assert state.fallback_bound() == guard.lower_bound(2, 8, DELTA)
+    assert state.lower() == guard.lower_bound(2, 8, DELTA / 2)
+    assert state.upper() == guard.upper_bound(5, 5, DELTA / 2)
+
+
+def test_the_fallback_does_not_drop_missing_outcomes():
+    """An abandoned and a failed request, then 2 changed comparisons: dropped, the missing ones
+    would leave exceeds(2, 0) and fall back at once (the review's mutant A); counted unchanged
+    they give exceeds(2, 2), below the budget, and the guard falls back only at the third
+    change, exceeds(3, 2), its message naming the 2 counted unchanged."""
+    diff = (True, True)
+    state = _state_after([guard.ABANDONED, guard.FAILED, diff, diff])
+    assert guard.exceeds(2, 0, 0.05, DELTA) and not guard.exceeds(2, 2, 0.05, DELTA)
+    assert not state.fell_back and state.fallback_bound() == guard.lower_bound(2, 2, DELTA) < 0.05
+    message = state.resolve(state.admit(), diff)
+    assert state.fell_back and guard.exceeds(3, 2, 0.05, DELTA) and message == state.reason
+    assert "changed in 3 of 3 shadow comparisons, with 2 more sampled without a comparison" in message
+
+
 @pytest.mark.parametrize("action", ["fallback", "report"])
 def test_a_stalled_response_does_not_freeze_the_guard(action):
     """The review's repro (issue 44, H1): a sampled streaming response whose client reads one
