@@ -175,15 +175,20 @@ def _start_ready(guard: GuardState) -> None:
 
 
 def _resolve(guard: GuardState, seq: int, outcome) -> None:
-    """Records an outcome; any outcome may complete the prefix that triggers the fallback."""
+    """Records an outcome (a comparison may trigger the fallback); never raises into the
+    user's response or a shadow: a state_file that cannot be written is logged."""
     message = guard.resolve(seq, outcome)
     if message:
         logger.warning("selfjudge guard: falling back to lossless verification for requests without "
                        "selfjudge_* options: %s", message)
         if guard.config.state_file:
-            Path(guard.config.state_file).write_text(json.dumps(
-                {"fell_back": True, "reason": message, "compared": guard.compared, "changes": guard.changes,
-                 "sampled_without_comparison": guard.unknown}))
+            try:
+                Path(guard.config.state_file).write_text(json.dumps(
+                    {"fell_back": True, "reason": message, "compared": guard.compared, "changes": guard.changes,
+                     "sampled_without_comparison": guard.unknown}))
+            except Exception:  # the fallback holds in this process; only a restart would forget it
+                logger.exception("selfjudge guard: cannot record the fallback in state_file %s: this server has "
+                                 "fallen back, but a restart would start relaxed", guard.config.state_file)
 
 
 def _is_cumulative(params) -> bool:
@@ -223,9 +228,11 @@ async def _shadow(engine, original, guard: GuardState, seq, prompt, params, requ
         logger.exception("selfjudge guard: a shadow request failed")
     finally:
         guard.end_shadow()
-        _resolve(guard, seq, outcome)
-        if not cancelled:
-            _start_ready(guard)
+        try:
+            _resolve(guard, seq, outcome)
+        finally:  # the queued shadows start whatever happened here
+            if not cancelled:
+                _start_ready(guard)
 
 
 _metrics_registered = False

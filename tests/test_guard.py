@@ -529,6 +529,39 @@ def test_a_recorded_fallback_survives_a_restart_only_with_a_state_file(tmp_path)
     assert not guard_of(ScriptedEngine(_section(action="fallback"))).fell_back
 
 
+def test_a_state_file_that_cannot_be_written_is_logged_and_queued_shadows_still_start(caplog):
+    """The review's repro (issue 44, L1): with state_file in a folder that does not exist, the
+    write that records the fallback raised out of the shadow that triggered it, so the shadows
+    still queued behind it (one slot) never started and their requests stayed pending. Now the
+    error is logged and every queued shadow runs; no user's request sees it."""
+    from vllm.sampling_params import SamplingParams
+
+    from selfjudge_vllm import adapter_guard
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    engine = ScriptedEngine(_section(action="fallback", max_in_flight=1, state_file="/nonexistent-dir/guard.json"),
+                            delay=0.01)
+    call = _wrapped(engine)
+
+    async def traffic():
+        async def user(i):
+            return [o async for o in call({"prompt_token_ids": [5]}, SamplingParams(temperature=0, max_tokens=4),
+                                          f"u{i}")]
+
+        users = await asyncio.gather(*(user(i) for i in range(4)), return_exceptions=True)
+        shadows = []
+        while adapter_guard._TASKS:
+            shadows += await asyncio.gather(*list(adapter_guard._TASKS), return_exceptions=True)
+        return users, shadows
+
+    users, shadows = asyncio.run(traffic())
+    state = guard_of(engine)
+    assert not [r for r in users + shadows if isinstance(r, BaseException)]
+    assert state.fell_back and (state.sampled, state.compared, state.pending, state.queued, state.in_flight) == (
+        4, 4, 0, 0, 0)
+    assert "cannot record the fallback in state_file /nonexistent-dir/guard.json" in caplog.text
+
+
 # -- a real server on tiny models --------------------------------------------------------------------
 
 
