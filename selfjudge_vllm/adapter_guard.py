@@ -2,18 +2,19 @@
 both OpenAI endpoints, chat and completions, streaming or not, make per request) in the API
 server process. Every attribute read or patched here is in vllm_seams.py.
 
-When a request arrives that the server verifies relaxed and that can be compared (greedy, one
-sequence, not a shadow itself, not an already processed EngineCoreRequest), the guard decides
-there whether it is sampled, before anything about its response is known, and gives it its
-place in the sampling order. Once the user's response has run to its end, its shadow (the
-same prompt and parameters with `selfjudge_enabled=false`, at the lowest priority when vLLM
-schedules by priority) waits for one of max_in_flight slots, runs in the background and is
-compared on token ids (measure text) or answers (measure answer). The user's request never
-waits for its shadow. A sampled response that does not run to its end (the client closed the
-stream or disconnected, the engine aborted it, an error) is recorded as abandoned, so it is
-counted, not lost. Sampled (temperature > 0) requests are never shadowed: their relaxed and
-lossless runs draw different random numbers once a token differs, so a difference says
-nothing about the rule.
+When a request arrives that the server verifies relaxed and that can be compared (greedy,
+one sequence, more than one token, not a shadow itself, a prompt that can be submitted
+again: not an already processed EngineCoreRequest nor an async generator of streaming
+inputs), the guard decides there whether it is sampled, before anything about its response
+is known, and gives it its place in the sampling order. Once the user's response has run to
+its end, its shadow (the same prompt and parameters with `selfjudge_enabled=false`, at the
+lowest priority when vLLM schedules by priority) waits for one of max_in_flight slots, runs
+in the background and is compared on token ids (measure text) or answers (measure answer).
+The user's request never waits for its shadow. A sampled response that does not run to its
+end (the client closed the stream or disconnected, the engine aborted it, an error) is
+recorded as abandoned, so it is counted, not lost. Sampled (temperature > 0) requests are
+never shadowed: their relaxed and lossless runs draw different random numbers once a token
+differs, so a difference says nothing about the rule.
 
 After a fallback, requests that carry no `selfjudge_*` option are served lossless (their
 extra_args get `selfjudge_enabled=false`); requests that chose a rule explicitly keep it (the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -98,7 +100,17 @@ def is_relaxed(extra_args) -> bool:
 
 
 def comparable(params) -> bool:
-    return params.n == 1 and params.temperature < 1e-5
+    """Greedy, one sequence, more than one token: a one-token response is the target model's
+    own first token, sampled before any draft exists, so relaxed verification cannot change
+    it (this also leaves out vLLM's online beam search, which calls generate once per beam
+    and step with max_tokens=1)."""
+    return params.n == 1 and params.temperature < 1e-5 and params.max_tokens != 1
+
+
+def resubmittable(prompt) -> bool:
+    """Whether a shadow can submit the prompt again: not an async generator of streaming
+    inputs (consumed as the request runs; it cannot be copied)."""
+    return not (inspect.isasyncgen(prompt) or hasattr(prompt, "__aiter__"))
 
 
 # vLLM's finish reasons of a response that ran to its end ("abort" and "error" did not).
@@ -120,7 +132,8 @@ def _wrap_generate(original):
                 sampling_params = sampling_params.clone()
                 sampling_params.extra_args = {**(sampling_params.extra_args or {}), f"{KEY_PREFIX}enabled": False}
         # Decided at arrival, so whether a request is measured cannot depend on its response.
-        seq = guard.admit() if is_relaxed(sampling_params.extra_args) and comparable(sampling_params) else None
+        seq = (guard.admit() if is_relaxed(sampling_params.extra_args) and comparable(sampling_params)
+               and resubmittable(prompt) else None)
         if seq is None:
             async for out in original(self, prompt, sampling_params, request_id, *args, **kwargs):
                 yield out

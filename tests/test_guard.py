@@ -245,6 +245,40 @@ def test_sampled_and_lossless_requests_are_not_shadowed_and_the_report_action_ne
     assert state.compared == 20 and state.text_changed == 20 and not state.fell_back and state.lower() > 0.05
 
 
+def test_one_token_requests_and_streaming_input_prompts_are_not_comparable():
+    """The review's L2: vLLM's online beam search calls generate once per beam and step, with
+    max_tokens=1, logprobs and its own request ids ('<id>-<uuid>-beam-<i>'); each got a shadow,
+    though a one-token response is the target's own first token, before any draft, and cannot
+    change. A prompt that is an async generator of streaming inputs passed as comparable, then
+    failed the shadow's copy and counted as failed. Neither is sampled now; both are served."""
+    from vllm.sampling_params import SamplingParams
+
+    from selfjudge_vllm import adapter_guard
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    engine = ScriptedEngine(_section(), relaxed=(1,))
+    call = _wrapped(engine)
+
+    async def streaming_input():
+        yield {"prompt_token_ids": [5]}
+
+    async def traffic():
+        beam = SamplingParams(logprobs=8, max_tokens=1, temperature=0.0, detokenize=False)
+        outs = [[o async for o in call({"prompt_token_ids": [5]}, beam, f"chatcmpl-abc-1234-beam-{i}")]
+                for i in range(3)]
+        outs.append([o async for o in call(streaming_input(), SamplingParams(temperature=0, max_tokens=4), "s")])
+        while adapter_guard._TASKS:
+            await asyncio.gather(*list(adapter_guard._TASKS))
+        return outs
+
+    outs = asyncio.run(traffic())
+    state = guard_of(engine)
+    assert all(len(o) == 1 for o in outs)
+    assert (state.sampled, state.failed) == (0, 0)
+    assert not [r for r, _, _ in engine.seen if r.startswith("selfjudge-shadow-")]
+    assert adapter_guard.comparable(SamplingParams(temperature=0, max_tokens=None))  # up to the context: compared
+
+
 @pytest.mark.parametrize("max_pending, compared, skipped", [(None, 10, 0), (3, 3, 7)])
 def test_shadows_beyond_max_in_flight_wait_and_beyond_max_pending_are_skipped_at_arrival(max_pending, compared,
                                                                                        skipped):
