@@ -272,7 +272,8 @@ def _register_metrics() -> None:
                                     "sampled requests were awaiting their outcome.", lambda g: g.skipped),
                 "shadows_abandoned": ("Sampled requests whose response did not run to its end (client closed or "
                                       "disconnected, aborted, failed): no shadow.", lambda g: g.abandoned),
-                "shadows_failed": ("Shadows that ended without a comparable result.", lambda g: g.failed),
+                "shadows_failed": ("Sampled requests without a comparable result: the shadow could not be "
+                                   "prepared, errored or was aborted.", lambda g: g.failed),
                 "text_changed": ("Compared requests whose tokens differ from lossless.", lambda g: g.text_changed),
                 "answer_changed": ("Compared requests whose answer differs from lossless.", lambda g: g.answer_changed),
                 "explicit_after_fallback": ("Requests served with their explicit selfjudge_* choice after the "

@@ -424,6 +424,23 @@ def test_the_fallback_does_not_drop_missing_outcomes():
     assert "changed in 3 of 3 shadow comparisons, with 2 more sampled without a comparison" in message
 
 
+def test_the_fallback_warning_is_the_one_docs_guard_md_quotes():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guard.md").read_text()
+    quoted = next(line for line in page.splitlines() if line.startswith("selfjudge guard: falling back"))
+    pattern = re.escape(quoted).replace(r"\[", "(?:").replace(r"\]", ")?")
+    for name, value in (("S", r"\d+"), ("N", r"\d+"), ("M", r"\d+"), ("X", r"[\d.]+"), ("B", r"[\d.]+")):
+        pattern = re.sub(rf"(?<![A-Za-z]){name}(?![A-Za-z])", value.replace("\\", "\\\\"), pattern)
+    diff = (True, True)
+    for outcomes in ([diff, diff], [guard.ABANDONED, diff, diff, diff]):
+        state = _state_after(outcomes)
+        line = "selfjudge guard: falling back to lossless verification for requests without selfjudge_* options: " + (
+            state.reason)
+        assert state.fell_back and re.fullmatch(pattern, line), (pattern, line)
+
+
 @pytest.mark.parametrize("action", ["fallback", "report"])
 def test_a_stalled_response_does_not_freeze_the_guard(action):
     """The review's repro (issue 44, H1): a sampled streaming response whose client reads one
