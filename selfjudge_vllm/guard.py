@@ -27,30 +27,30 @@ arrives, before anything about its response is known. A sampled request that arr
 max_pending sampled requests are pending is skipped: left out of the sequence, only counted.
 Whether one is skipped depends on earlier requests alone (the pending count at its arrival),
 never on its own response, so under the guard's assumption that the outcomes of sampled
-requests are independent and identically distributed, the requests kept are again an i.i.d.
-sequence at the same rate (optional skipping) and the bounds and the fallback hold for them.
-Counting skipped ones unchanged instead needs no such assumption but blinds the fallback
-under sustained overload (the skipped share dilutes the rate the lower bound and the test
-see); dropping them has its own cost when outcomes are not independent over time: a burst
-of similar prompts whose long, changed responses fill max_pending has its later requests
-skipped, so the rate then describes the kept requests and under-represents such bursts.
-Every kept request ends as exactly one outcome: compared (changed or not), or missing:
-abandoned (its response was cut off: client gone, aborted, failed) or failed (no comparable
-result: its shadow could not be prepared, errored or was aborted). The sequence is the kept
-requests in sampling order, each one's outcome being whether its response, had it run to its
-end, differs from the lossless one. At every look the statistics are over all N requests
-kept so far, every one without a comparison (still pending, or missing) counted unchanged
-for the lower bounds and the fallback and changed for the upper bound. M_t(b) depends on the
-counts alone and grows when an unchanged outcome is replaced by a change (the mixture's
-integrand gains the factor r'(1 - b) / ((1 - r') b) > 1 for r' > b), so at every look the
-observed statistic is at most the full-information one at the same N (for the upper bound
-likewise, the mirror process with changed and unchanged swapped); Ville's inequality bounds
-the full-information process at every N at once, so every look is covered, whatever order
-outcomes arrive in and whatever made an outcome missing (it may depend on the response:
-degenerate relaxed outputs are the likeliest to be cut off). So nothing waits for an earlier
-outcome: a reorder buffer in sampling order would let one stalled or very long response hold
-back every later outcome (and the fallback) for as long as it runs. Only the pending
-requests' places are kept, at most max_pending.
+requests are independent and identically distributed, the requests admitted are again an
+i.i.d. sequence at the same rate (optional skipping) and the bounds and the fallback hold
+for them. Counting skipped ones unchanged instead needs no such assumption but blinds the
+fallback under sustained overload (the skipped share dilutes the rate the lower bound and
+the test see); dropping them has its own cost when outcomes are not independent over time: a
+burst of similar prompts whose long, changed responses fill max_pending has its later
+requests skipped, so the rate then describes the admitted requests and under-represents such
+bursts. Every admitted request ends as exactly one outcome: compared (changed or not), or
+missing: abandoned (its response was cut off: client gone, aborted, failed) or failed (no
+comparable result: its shadow could not be prepared, errored or was aborted). The sequence
+is the admitted requests in sampling order, each one's outcome being whether its response,
+had it run to its end, differs from the lossless one. At every look the statistics are over
+all N requests admitted so far, every one without a comparison (still pending, or missing)
+counted unchanged for the lower bounds and the fallback and changed for the upper bound.
+M_t(b) depends on the counts alone and grows when an unchanged outcome is replaced by a
+change (the mixture's integrand gains the factor r'(1 - b) / ((1 - r') b) > 1 for r' > b),
+so at every look the observed statistic is at most the full-information one at the same N
+(for the upper bound likewise, the mirror process with changed and unchanged swapped);
+Ville's inequality bounds the full-information process at every N at once, so every look is
+covered, whatever order outcomes arrive in and whatever made an outcome missing (it may
+depend on the response: degenerate relaxed outputs are the likeliest to be cut off). So
+nothing waits for an earlier outcome: a reorder buffer in sampling order would let one
+stalled or very long response hold back every later outcome (and the fallback) for as long
+as it runs. Only the pending requests' places are kept, at most max_pending.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ SKIPPED, ABANDONED, FAILED = "skipped", "abandoned", "failed"  # the missing out
 class GuardState:
     """What the guard has seen; one per engine client, driven from its event loop.
 
-    The statistics at every look are over every sampled request kept so far (not skipped),
+    The statistics at every look are over every sampled request admitted so far (not skipped),
     the ones without a comparison (pending, abandoned, failed) counted conservatively
     (see the module docstring); nothing waits for an earlier outcome, and only the pending
     requests' places are kept (at most max_pending)."""
@@ -209,7 +209,7 @@ class GuardState:
         return self.answer_changed if self.measure == "answer" else self.text_changed
 
     @property
-    def kept(self) -> int:
+    def admitted(self) -> int:
         """Sampled requests not skipped: the sequence's length so far."""
         return self.sampled - self.skipped
 
@@ -223,8 +223,8 @@ class GuardState:
 
     @property
     def unknown(self) -> int:
-        """Kept requests without a comparison, now or for good (pending and missing)."""
-        return self.kept - self.compared
+        """Admitted requests without a comparison, now or for good (pending and missing)."""
+        return self.admitted - self.compared
 
     @property
     def queued(self) -> int:
@@ -232,7 +232,7 @@ class GuardState:
 
     def admit(self) -> int | None:
         """At a comparable request's arrival: its place in the sampling order when sampled and
-        kept, else None (not sampled, or sampled and skipped: max_pending are pending)."""
+        admitted, else None (not sampled, or sampled and skipped: max_pending are pending)."""
         if not self._rng.random() < self.config.sample_share:
             return None
         seq, self.sampled = self.sampled, self.sampled + 1
@@ -281,7 +281,7 @@ class GuardState:
     def end_shadow(self) -> None:
         self.in_flight -= 1
 
-    # Kept requests without a comparison count unchanged below and changed above (see the
+    # Admitted requests without a comparison count unchanged below and changed above (see the
     # module docstring); skipped ones are not in the sequence.
     @property
     def _kept_low(self) -> int:

@@ -343,7 +343,7 @@ def test_skipping_decided_from_the_past_keeps_false_fallbacks_within_delta():
     """Leaving skipped requests out is valid because whether one is skipped depends on earlier
     requests alone: at a true rate equal to the budget, with an adversarial rule that skips
     the next three after every unchanged comparison (to let changes through), the guard on the
-    kept requests falls back in at most delta of 400 runs of 1,000 requests (plus Monte Carlo
+    admitted requests falls back in at most delta of 400 runs of 1,000 requests (plus Monte Carlo
     error)."""
     rng = np.random.default_rng(11)
     budget, runs, fired = 0.05, 400, 0
