@@ -2,18 +2,19 @@
 both OpenAI endpoints, chat and completions, streaming or not, make per request) in the API
 server process. Every attribute read or patched here is in vllm_seams.py.
 
-When a request arrives that the server verifies relaxed and that can be compared (greedy, one
-sequence, not a shadow itself, not an already processed EngineCoreRequest), the guard decides
-there whether it is sampled, before anything about its response is known, and gives it its
-place in the sampling order. Once the user's response has run to its end, its shadow (the
-same prompt and parameters with `selfjudge_enabled=false`, at the lowest priority when vLLM
-schedules by priority) waits for one of max_in_flight slots, runs in the background and is
-compared on token ids (measure text) or answers (measure answer). The user's request never
-waits for its shadow. A sampled response that does not run to its end (the client closed the
-stream or disconnected, the engine aborted it, an error) is recorded as abandoned, so it is
-counted, not lost. Sampled (temperature > 0) requests are never shadowed: their relaxed and
-lossless runs draw different random numbers once a token differs, so a difference says
-nothing about the rule.
+When a request arrives that the server verifies relaxed and that can be compared (greedy,
+one sequence, more than one token, not a shadow itself, a prompt that can be submitted
+again: not an already processed EngineCoreRequest nor an async generator of streaming
+inputs), the guard decides there whether it is sampled, before anything about its response
+is known, and gives it its place in the sampling order. Once the user's response has run to
+its end, its shadow (the same prompt and parameters with `selfjudge_enabled=false`, at the
+lowest priority when vLLM schedules by priority) waits for one of max_in_flight slots, runs
+in the background and is compared on token ids (measure text) or answers (measure answer).
+The user's request never waits for its shadow. A sampled response that does not run to its
+end (the client closed the stream or disconnected, the engine aborted it, an error) is
+recorded as abandoned, so it is counted, not lost. Sampled (temperature > 0) requests are
+never shadowed: their relaxed and lossless runs draw different random numbers once a token
+differs, so a difference says nothing about the rule.
 
 After a fallback, requests that carry no `selfjudge_*` option are served lossless (their
 extra_args get `selfjudge_enabled=false`); requests that chose a rule explicitly keep it (the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -98,7 +100,17 @@ def is_relaxed(extra_args) -> bool:
 
 
 def comparable(params) -> bool:
-    return params.n == 1 and params.temperature < 1e-5
+    """Greedy, one sequence, more than one token: a one-token response is the target model's
+    own first token, sampled before any draft exists, so relaxed verification cannot change
+    it (this also leaves out vLLM's online beam search, which calls generate once per beam
+    and step with max_tokens=1)."""
+    return params.n == 1 and params.temperature < 1e-5 and params.max_tokens != 1
+
+
+def resubmittable(prompt) -> bool:
+    """Whether a shadow can submit the prompt again: not an async generator of streaming
+    inputs (consumed as the request runs; it cannot be copied)."""
+    return not (inspect.isasyncgen(prompt) or hasattr(prompt, "__aiter__"))
 
 
 # vLLM's finish reasons of a response that ran to its end ("abort" and "error" did not).
@@ -120,7 +132,8 @@ def _wrap_generate(original):
                 sampling_params = sampling_params.clone()
                 sampling_params.extra_args = {**(sampling_params.extra_args or {}), f"{KEY_PREFIX}enabled": False}
         # Decided at arrival, so whether a request is measured cannot depend on its response.
-        seq = guard.admit() if is_relaxed(sampling_params.extra_args) and comparable(sampling_params) else None
+        seq = (guard.admit() if is_relaxed(sampling_params.extra_args) and comparable(sampling_params)
+               and resubmittable(prompt) else None)
         if seq is None:
             async for out in original(self, prompt, sampling_params, request_id, *args, **kwargs):
                 yield out
@@ -175,15 +188,20 @@ def _start_ready(guard: GuardState) -> None:
 
 
 def _resolve(guard: GuardState, seq: int, outcome) -> None:
-    """Records an outcome; any outcome may complete the prefix that triggers the fallback."""
+    """Records an outcome (a comparison may trigger the fallback); never raises into the
+    user's response or a shadow: a state_file that cannot be written is logged."""
     message = guard.resolve(seq, outcome)
     if message:
         logger.warning("selfjudge guard: falling back to lossless verification for requests without "
                        "selfjudge_* options: %s", message)
         if guard.config.state_file:
-            Path(guard.config.state_file).write_text(json.dumps(
-                {"fell_back": True, "reason": message, "compared": guard.compared, "changes": guard.changes,
-                 "sampled_without_comparison": guard.missing}))
+            try:
+                Path(guard.config.state_file).write_text(json.dumps(
+                    {"fell_back": True, "reason": message, "compared": guard.compared, "changes": guard.changes,
+                     "sampled_without_comparison": guard.unknown}))
+            except Exception:  # the fallback holds in this process; only a restart would forget it
+                logger.exception("selfjudge guard: cannot record the fallback in state_file %s: this server has "
+                                 "fallen back, but a restart would start relaxed", guard.config.state_file)
 
 
 def _is_cumulative(params) -> bool:
@@ -223,9 +241,11 @@ async def _shadow(engine, original, guard: GuardState, seq, prompt, params, requ
         logger.exception("selfjudge guard: a shadow request failed")
     finally:
         guard.end_shadow()
-        _resolve(guard, seq, outcome)
-        if not cancelled:
-            _start_ready(guard)
+        try:
+            _resolve(guard, seq, outcome)
+        finally:  # the queued shadows start whatever happened here
+            if not cancelled:
+                _start_ready(guard)
 
 
 _metrics_registered = False
@@ -243,15 +263,17 @@ def _register_metrics() -> None:
 
     class Collector:
         def collect(self):
-            # Outcomes are counted once recorded (in sampling order); the rest are pending.
+            # Each outcome is counted when it comes; the sampled requests still without one are pending.
             counters = {
-                "shadows_sampled": ("Comparable relaxed requests sampled at arrival.", lambda g: g.sampled),
+                "shadows_sampled": ("Comparable relaxed requests sampled at arrival (skipped ones included).",
+                                    lambda g: g.sampled),
                 "shadows_compared": ("Sampled requests re-run lossless and compared.", lambda g: g.compared),
-                "shadows_skipped": ("Sampled requests not re-run: max_pending sampled requests were awaiting "
-                                    "their outcome.", lambda g: g.skipped),
+                "shadows_skipped": ("Sampled requests left out of the measurement at arrival: max_pending "
+                                    "sampled requests were awaiting their outcome.", lambda g: g.skipped),
                 "shadows_abandoned": ("Sampled requests whose response did not run to its end (client closed or "
                                       "disconnected, aborted, failed): no shadow.", lambda g: g.abandoned),
-                "shadows_failed": ("Shadows that ended without a comparable result.", lambda g: g.failed),
+                "shadows_failed": ("Sampled requests without a comparable result: the shadow could not be "
+                                   "prepared, errored or was aborted.", lambda g: g.failed),
                 "text_changed": ("Compared requests whose tokens differ from lossless.", lambda g: g.text_changed),
                 "answer_changed": ("Compared requests whose answer differs from lossless.", lambda g: g.answer_changed),
                 "explicit_after_fallback": ("Requests served with their explicit selfjudge_* choice after the "
@@ -270,7 +292,8 @@ def _register_metrics() -> None:
                              lambda g: float(g.fell_back)),
                 "shadows_in_flight": ("Shadow requests running now.", lambda g: g.in_flight),
                 "shadows_queued": ("Shadows waiting for one of max_in_flight slots.", lambda g: g.queued),
-                "shadows_pending": ("Sampled requests whose outcome is not recorded yet.", lambda g: g.pending),
+                "shadows_pending": ("Sampled requests whose outcome is not known yet (at most max_pending).",
+                                    lambda g: g.pending),
                 "shadows_in_flight_max": ("Most shadow requests running at once so far.",
                                           lambda g: g.max_in_flight_seen),
             }

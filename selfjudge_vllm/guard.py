@@ -2,7 +2,7 @@
 anytime-valid confidence sequence for the live change rate, and its state.
 
 The server re-runs a sample of relaxed requests lossless in the background and compares
-(vllm_patches.py wraps the engine client for that). Each comparison is one Bernoulli draw,
+(adapter_guard.py wraps the engine client for that). Each comparison is one Bernoulli draw,
 "changed" or not. The guard watches the change rate r with a confidence sequence, valid
 under continuous monitoring (Ville's inequality), not a fixed-n bound recomputed at every
 look:
@@ -23,18 +23,34 @@ bound exceeds the budget; a server whose true change rate is within budget falls
 probability at most delta over its whole life.
 
 What the sequence is made of (issue 44): sampling is decided when a comparable request
-arrives, before anything about its response is known, and every sampled request then ends
-as exactly one outcome: compared (changed or not), or missing: skipped (max_pending sampled
-requests were already waiting), abandoned (its response was cut off: client gone, aborted,
-failed) or failed (its shadow gave no comparable result). Outcomes are recorded in sampling
-order, not completion order (a reorder buffer): the order shadows finish in depends on the
-responses (a changed, longer response finishes later), and a sequence whose order depends on
-its outcomes is not the i.i.d. sequence the supermartingale assumes. A missing outcome may
-depend on the response (degenerate relaxed outputs are the likeliest to be cut off), so it is
-neither dropped nor guessed: it counts as unchanged for the lower bounds and the fallback and
-as changed for the upper bound. Each is then a bound on the rate of the sampled population
-whatever made outcomes missing, and stays valid (a sequence pointwise below the true one
-only lowers the mixture for H0 "rate <= b", whose factors grow with each change).
+arrives, before anything about its response is known. A sampled request that arrives while
+max_pending sampled requests are pending is skipped: left out of the sequence, only counted.
+Whether one is skipped depends on earlier requests alone (the pending count at its arrival),
+never on its own response, so under the guard's assumption that the outcomes of sampled
+requests are independent and identically distributed, the requests admitted are again an
+i.i.d. sequence at the same rate (optional skipping) and the bounds and the fallback hold
+for them. Counting skipped ones unchanged instead needs no such assumption but blinds the
+fallback under sustained overload (the skipped share dilutes the rate the lower bound and
+the test see); dropping them has its own cost when outcomes are not independent over time: a
+burst of similar prompts whose long, changed responses fill max_pending has its later
+requests skipped, so the rate then describes the admitted requests and under-represents such
+bursts. Every admitted request ends as exactly one outcome: compared (changed or not), or
+missing: abandoned (its response was cut off: client gone, aborted, failed) or failed (no
+comparable result: its shadow could not be prepared, errored or was aborted). The sequence
+is the admitted requests in sampling order, each one's outcome being whether its response,
+had it run to its end, differs from the lossless one. At every look the statistics are over
+all N requests admitted so far, every one without a comparison (still pending, or missing)
+counted unchanged for the lower bounds and the fallback and changed for the upper bound.
+M_t(b) depends on the counts alone and grows when an unchanged outcome is replaced by a
+change (the mixture's integrand gains the factor r'(1 - b) / ((1 - r') b) > 1 for r' > b),
+so at every look the observed statistic is at most the full-information one at the same N
+(for the upper bound likewise, the mirror process with changed and unchanged swapped);
+Ville's inequality bounds the full-information process at every N at once, so every look is
+covered, whatever order outcomes arrive in and whatever made an outcome missing (it may
+depend on the response: degenerate relaxed outputs are the likeliest to be cut off). So
+nothing waits for an earlier outcome: a reorder buffer in sampling order would let one
+stalled or very long response hold back every later outcome (and the fallback) for as long
+as it runs. Only the pending requests' places are kept, at most max_pending.
 """
 
 from __future__ import annotations
@@ -71,8 +87,8 @@ class GuardConfig(BaseModel):
     action: Literal["report", "fallback"] = "report"
     # Shadows running at once; a sampled request whose response ends beyond it waits its turn.
     max_in_flight: int = Field(default=4, ge=1)
-    # Sampled requests awaiting their outcome (response running, shadow queued or running, or
-    # an earlier one not yet recorded); one sampled beyond it is skipped at arrival and counted.
+    # Sampled requests awaiting their outcome at once (response running, shadow queued or
+    # running); one sampled while max_pending are pending is skipped at arrival and counted.
     max_pending: int = Field(default=1000, ge=1)
     # A file the fallback is written to and read back from at start-up, so a restarted server
     # stays lossless; without it a restart starts relaxed again.
@@ -154,27 +170,31 @@ SKIPPED, ABANDONED, FAILED = "skipped", "abandoned", "failed"  # the missing out
 
 @dataclass
 class GuardState:
-    """What the guard has seen; one per engine client, driven from its event loop. The
-    outcome counts are those recorded so far, a prefix of the sampling order."""
+    """What the guard has seen; one per engine client, driven from its event loop.
+
+    The statistics at every look are over every sampled request admitted so far (not skipped),
+    the ones without a comparison (pending, abandoned, failed) counted conservatively
+    (see the module docstring); nothing waits for an earlier outcome, and only the pending
+    requests' places are kept (at most max_pending)."""
 
     config: GuardConfig
     budget: float
     measure: str = "text"
     answer_pattern: str | None = None
-    sampled: int = 0  # comparable requests sampled at arrival (the sequence's length so far)
+    sampled: int = 0  # comparable requests sampled at arrival, skipped ones included
     compared: int = 0
     text_changed: int = 0
     answer_changed: int = 0
-    skipped: int = 0  # sampled while max_pending were awaiting their outcome
+    skipped: int = 0  # sampled while max_pending were pending: not in the sequence, only counted
     abandoned: int = 0  # the user's response did not run to its end: no shadow
-    failed: int = 0  # shadows that ended without a comparable result (aborted, errored)
+    failed: int = 0  # no comparable result: the shadow could not be prepared, errored or was aborted
     in_flight: int = 0
     max_in_flight_seen: int = 0
     fell_back: bool = False
     explicit_after_fallback: int = 0
     reason: str = ""
     _rng: random.Random = field(default_factory=random.Random)
-    _outcomes: dict = field(default_factory=dict)  # resolved, not yet recorded: seq -> outcome
+    _pending: set = field(default_factory=set)  # places of the sampled requests awaiting their outcome
     _ready: deque = field(default_factory=deque)  # shadows waiting for a slot, in readiness order
 
     def __post_init__(self):
@@ -189,16 +209,22 @@ class GuardState:
         return self.answer_changed if self.measure == "answer" else self.text_changed
 
     @property
-    def missing(self) -> int:
-        return self.skipped + self.abandoned + self.failed
+    def admitted(self) -> int:
+        """Sampled requests not skipped: the sequence's length so far."""
+        return self.sampled - self.skipped
 
     @property
-    def recorded(self) -> int:
-        return self.compared + self.missing
+    def missing(self) -> int:
+        return self.abandoned + self.failed
 
     @property
     def pending(self) -> int:
-        return self.sampled - self.recorded
+        return len(self._pending)
+
+    @property
+    def unknown(self) -> int:
+        """Admitted requests without a comparison, now or for good (pending and missing)."""
+        return self.admitted - self.compared
 
     @property
     def queued(self) -> int:
@@ -206,29 +232,24 @@ class GuardState:
 
     def admit(self) -> int | None:
         """At a comparable request's arrival: its place in the sampling order when sampled and
-        admitted, else None (not sampled, or sampled and skipped)."""
+        admitted, else None (not sampled, or sampled and skipped: max_pending are pending)."""
         if not self._rng.random() < self.config.sample_share:
             return None
         seq, self.sampled = self.sampled, self.sampled + 1
-        if self.pending > self.config.max_pending:
-            self.resolve(seq, SKIPPED)  # folds nothing that could fall back: it is counted unchanged
+        if len(self._pending) >= self.config.max_pending:
+            self.skipped += 1  # decided from the past alone: left out of the sequence
             return None
+        self._pending.add(seq)
         return seq
 
     def resolve(self, seq: int, outcome) -> str | None:
-        """Sampled request `seq` ended: (text_changed, answer_changed), or SKIPPED, ABANDONED or
-        FAILED. Records every outcome now next in sampling order; returns the fallback message
-        when one of them triggers it."""
-        if seq in self._outcomes or not self.recorded <= seq < self.sampled:
+        """Sampled request `seq` ended: (text_changed, answer_changed), or ABANDONED or FAILED.
+        Counts it at once, whatever earlier requests are still pending; returns the fallback
+        message when this look triggers it."""
+        if seq not in self._pending:
             raise ValueError(f"sampled request {seq} resolved twice or never sampled")
-        self._outcomes[seq] = outcome
-        message = None
-        while self.recorded in self._outcomes:
-            message = self._record(self._outcomes.pop(self.recorded)) or message
-        return message
-
-    def _record(self, outcome) -> str | None:
-        if outcome in (SKIPPED, ABANDONED, FAILED):
+        self._pending.discard(seq)
+        if outcome in (ABANDONED, FAILED):
             setattr(self, outcome, getattr(self, outcome) + 1)
         else:
             text_changed, answer_changed = outcome
@@ -238,8 +259,9 @@ class GuardState:
         if (self.config.action == "fallback" and not self.fell_back
                 and exceeds(self.changes, self._kept_low, self.budget, self.delta)):
             self.fell_back = True
-            missing = f" ({self.missing} sampled without a comparison counted unchanged)" if self.missing else ""
-            self.reason = (f"{self.measure} changed in {self.changes} of {self.compared} shadow comparisons{missing}; "
+            others = (f", with {self.unknown} more sampled without a comparison (pending, abandoned or failed) "
+                      "counted unchanged") if self.unknown else ""
+            self.reason = (f"{self.measure} changed in {self.changes} of {self.compared} shadow comparisons{others}; "
                            f"the change rate's {100 * self.config.confidence:g}% one-sided anytime-valid lower "
                            f"bound {100 * self.fallback_bound():.2f}% exceeds the budget {100 * self.budget:g}%")
             return self.reason
@@ -259,17 +281,18 @@ class GuardState:
     def end_shadow(self) -> None:
         self.in_flight -= 1
 
-    # Missing outcomes count unchanged below and changed above (see the module docstring).
+    # Admitted requests without a comparison count unchanged below and changed above (see the
+    # module docstring); skipped ones are not in the sequence.
     @property
     def _kept_low(self) -> int:
-        return self.compared - self.changes + self.missing
+        return self.compared - self.changes + self.unknown
 
     # The reported interval: delta/2 per side, so that both ends hold together at 1 - delta.
     def lower(self) -> float:
         return lower_bound(self.changes, self._kept_low, self.delta / 2)
 
     def upper(self) -> float:
-        return upper_bound(self.changes + self.missing, self.compared - self.changes, self.delta / 2)
+        return upper_bound(self.changes + self.unknown, self.compared - self.changes, self.delta / 2)
 
     def fallback_bound(self) -> float:
         """The one-sided 1 - delta lower bound the fallback compares with the budget."""

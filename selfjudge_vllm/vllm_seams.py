@@ -187,6 +187,8 @@ SEAMS = (
     Seam("vllm.sampling_params", "SamplingParams.clone", READ, "the fallback's and the shadow's own parameters"),
     Seam("vllm.sampling_params", "SamplingParams.temperature", READ, "only greedy requests are shadowed"),
     Seam("vllm.sampling_params", "SamplingParams.n", READ, "only one-sequence requests are shadowed"),
+    Seam("vllm.sampling_params", "SamplingParams.max_tokens", READ,
+         "one-token requests (beam search steps) cannot change: never shadowed"),
     Seam("vllm.sampling_params", "SamplingParams.output_kind", READ,
          "delta outputs are accumulated; the shadow asks for the final output only"),
     Seam("vllm.sampling_params", "RequestOutputKind.DELTA", READ, "streaming outputs hold only new tokens"),

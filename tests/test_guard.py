@@ -87,7 +87,7 @@ def _reported_interval_misses(rate, runs, horizon, seed):
         return out
 
     def at(t, row):
-        state.compared, state.text_changed = t + 1, int(changes[row, t])
+        state.sampled, state.compared, state.text_changed = t + 1, t + 1, int(changes[row, t])
         return state
 
     high, low = peaks(changes, kept, rate), peaks(kept, changes, 1 - rate)
@@ -245,13 +245,48 @@ def test_sampled_and_lossless_requests_are_not_shadowed_and_the_report_action_ne
     assert state.compared == 20 and state.text_changed == 20 and not state.fell_back and state.lower() > 0.05
 
 
+def test_one_token_requests_and_streaming_input_prompts_are_not_comparable():
+    """The review's L2: vLLM's online beam search calls generate once per beam and step, with
+    max_tokens=1, logprobs and its own request ids ('<id>-<uuid>-beam-<i>'); each got a shadow,
+    though a one-token response is the target's own first token, before any draft, and cannot
+    change. A prompt that is an async generator of streaming inputs passed as comparable, then
+    failed the shadow's copy and counted as failed. Neither is sampled now; both are served."""
+    from vllm.sampling_params import SamplingParams
+
+    from selfjudge_vllm import adapter_guard
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    engine = ScriptedEngine(_section(), relaxed=(1,))
+    call = _wrapped(engine)
+
+    async def streaming_input():
+        yield {"prompt_token_ids": [5]}
+
+    async def traffic():
+        beam = SamplingParams(logprobs=8, max_tokens=1, temperature=0.0, detokenize=False)
+        outs = [[o async for o in call({"prompt_token_ids": [5]}, beam, f"chatcmpl-abc-1234-beam-{i}")]
+                for i in range(3)]
+        outs.append([o async for o in call(streaming_input(), SamplingParams(temperature=0, max_tokens=4), "s")])
+        while adapter_guard._TASKS:
+            await asyncio.gather(*list(adapter_guard._TASKS))
+        return outs
+
+    outs = asyncio.run(traffic())
+    state = guard_of(engine)
+    assert all(len(o) == 1 for o in outs)
+    assert (state.sampled, state.failed) == (0, 0)
+    assert not [r for r, _, _ in engine.seen if r.startswith("selfjudge-shadow-")]
+    assert adapter_guard.comparable(SamplingParams(temperature=0, max_tokens=None))  # up to the context: compared
+
+
 @pytest.mark.parametrize("max_pending, compared, skipped", [(None, 10, 0), (3, 3, 7)])
 def test_shadows_beyond_max_in_flight_wait_and_beyond_max_pending_are_skipped_at_arrival(max_pending, compared,
                                                                                        skipped):
     """Ten requests at once, 2 shadows at a time: every shadow waits for a slot and runs (before
     issue 44, 8 were dropped). Only beyond max_pending sampled requests awaiting their outcome
-    is one skipped, decided when it arrives, counted, and counted unchanged in the lower
-    bounds and changed in the upper one."""
+    is one skipped, decided when it arrives from the pending count alone, counted, and left out
+    of the measurement (before, it was counted unchanged in the lower bounds and changed in the
+    upper one)."""
     from selfjudge_vllm.adapter_guard import guard_of
 
     limits = {"max_in_flight": 2} if max_pending is None else {"max_in_flight": 2, "max_pending": max_pending}
@@ -277,25 +312,177 @@ def test_shadows_beyond_max_in_flight_wait_and_beyond_max_pending_are_skipped_at
     assert (state.compared, state.skipped) == (compared, skipped)
     assert (state.sampled, state.pending) == (10, 0)
     assert state.max_in_flight_seen == 2 and state.in_flight == 0 and state.queued == 0
-    assert state.upper() == guard.upper_bound(10, 0, DELTA / 2)  # all 10 changed, or may have
-    assert state.lower() == guard.lower_bound(compared, skipped, DELTA / 2)
+    assert state.upper() == guard.upper_bound(compared, 0, DELTA / 2)  # the compared ones, all changed
+    assert state.lower() == guard.lower_bound(compared, 0, DELTA / 2)
 
 
-def test_outcomes_are_recorded_in_sampling_order():
-    """A later sampled request's outcome waits for every earlier one: the shadows' completion
-    order depends on the responses (changed ones run longer), the sampling order does not."""
-    state = guard.GuardState(guard.GuardConfig(sample_share=1.0, budget=0.05, action="fallback"), 0.05)
-    seqs = [state.admit() for _ in range(4)]
-    assert seqs == [0, 1, 2, 3] and state.sampled == 4
-    needed = guard.comparisons_to_fall_back(0.05, DELTA)  # 2 changed comparisons in a row
-    assert [state.resolve(s, (True, True)) for s in seqs[1:1 + needed]] == [None] * needed
-    assert (state.compared, state.pending, state.fell_back) == (0, 4, False)  # request 0 still out
-    message = state.resolve(0, guard.ABANDONED)  # counted unchanged: first in the sequence
-    assert (state.abandoned, state.compared, state.changes, state.pending) == (1, needed, needed, 1)
-    assert guard.exceeds(needed, 1, 0.05, DELTA) and state.fell_back  # the recorded prefix falls back
-    assert message == state.reason and "(1 sampled without a comparison counted unchanged)" in message
+def test_skipped_requests_under_sustained_overload_do_not_blind_the_fallback():
+    """The review's repro (issue 44, M1): shadows cannot keep up (max_pending 1, three of every
+    four sampled requests skipped) and the true change rate is four times the budget. Counted
+    unchanged, the skipped ones kept the fallback bound below the budget for 4,000 sampled
+    requests; left out, the guard falls back within a few hundred comparisons."""
+    import random
+
+    state = guard.GuardState(guard.GuardConfig(sample_share=1.0, budget=0.05, action="fallback", max_pending=1,
+                                               seed=1), 0.05)
+    rng = random.Random(7)
+    for _ in range(1000):
+        seq = state.admit()
+        assert [state.admit() for _ in range(3)] == [None] * 3  # decided from the pending count alone
+        changed = rng.random() < 0.2
+        state.resolve(seq, (changed, changed))
+        if state.fell_back:
+            break
+    assert state.fell_back and state.compared < 300, (state.compared, state.changes, state.fallback_bound())
+    assert state.skipped == 3 * state.compared and state.fallback_bound() == guard.lower_bound(
+        state.changes, state.compared - state.changes, DELTA)
+    assert state.sampled == state.compared + state.abandoned + state.failed + state.skipped + state.pending
+
+
+def test_skipping_decided_from_the_past_keeps_false_fallbacks_within_delta():
+    """Leaving skipped requests out is valid because whether one is skipped depends on earlier
+    requests alone: at a true rate equal to the budget, with an adversarial rule that skips
+    the next three after every unchanged comparison (to let changes through), the guard on the
+    admitted requests falls back in at most delta of 400 runs of 1,000 requests (plus Monte Carlo
+    error)."""
+    rng = np.random.default_rng(11)
+    budget, runs, fired = 0.05, 400, 0
+    for _ in range(runs):
+        changes = kept = skip = 0
+        for x in rng.random(1000) < budget:
+            if skip:
+                skip -= 1
+                continue
+            changes, kept = changes + x, kept + (not x)
+            skip = 0 if x else 3
+            if x and guard.exceeds(int(changes), int(kept), budget, DELTA):
+                fired += 1
+                break
+    assert fired / runs <= DELTA + 3 * math.sqrt(DELTA * (1 - DELTA) / runs), fired
+
+
+def test_a_pending_request_holds_no_later_outcome_back():
+    """Outcomes count when they come, not in sampling order behind the earliest pending one:
+    at every look the statistics are over every sampled request so far, the pending ones
+    counted unchanged for the fallback and the lower end, changed for the upper end. Only the
+    pending requests' places are kept, at most max_pending of them."""
+    state = guard.GuardState(guard.GuardConfig(sample_share=1.0, budget=0.05, action="fallback", max_pending=3),
+                             0.05)
+    seqs = [state.admit() for _ in range(3)]
+    assert seqs == [0, 1, 2] and state.sampled == 3 and state.pending == 3
+    assert state.resolve(1, (True, True)) is None
+    message = state.resolve(2, (True, True))  # request 0 still pending: counted unchanged, holds nothing back
+    assert guard.exceeds(2, 1, 0.05, DELTA) and state.fell_back and message == state.reason
+    assert (state.compared, state.changes, state.pending) == (2, 2, 1)
+    assert ("changed in 2 of 2 shadow comparisons, with 1 more sampled without a comparison (pending, abandoned "
+            "or failed) counted unchanged;") in message
+    assert state.lower() == guard.lower_bound(2, 1, DELTA / 2) and state.upper() == 1.0
+    assert [state.admit() for _ in range(3)] == [3, 4, None]  # at most max_pending places are kept
+    assert (state.sampled, state.skipped, state.pending) == (6, 1, 3)
+    assert state.resolve(0, guard.ABANDONED) is None and state.pending == 2
     with pytest.raises(ValueError, match="resolved twice"):
         state.resolve(0, guard.FAILED)
+    assert state.sampled == state.compared + state.abandoned + state.failed + state.skipped + state.pending
+
+
+def _state_after(outcomes, action="fallback"):
+    """A guard (budget 5%, 95%) that sampled len(outcomes) requests, then saw their outcomes
+    in that order."""
+    state = guard.GuardState(guard.GuardConfig(sample_share=1.0, budget=0.05, action=action), 0.05)
+    for seq, outcome in zip([state.admit() for _ in outcomes], outcomes):
+        state.resolve(seq, outcome)
+    return state
+
+
+def test_the_fallback_counts_missing_outcomes_unchanged_not_changed():
+    """2 changed, 5 unchanged, 2 abandoned and 1 failed: counted unchanged, as the guard does,
+    the fallback's statistic is exceeds(2, 8), far from the budget; counted as changed it would
+    be exceeds(5, 5) and fall back (the review's mutant B, which fell back in 50 of 50 runs at
+    a true rate of 0.02 against a 5% budget). The reported interval's ends count them
+    unchanged below and changed above, each at delta/2."""
+    same, diff = (False, False), (True, True)
+    state = _state_after([diff, guard.ABANDONED, same, same, guard.FAILED, diff, same, guard.ABANDONED, same,
+                             same])
+    assert not guard.exceeds(2, 8, 0.05, DELTA) and guard.exceeds(5, 5, 0.05, DELTA)
+    assert not state.fell_back and (state.changes, state.compared, state.missing) == (2, 7, 3)
+    assert state.fallback_bound() == guard.lower_bound(2, 8, DELTA)
+    assert state.lower() == guard.lower_bound(2, 8, DELTA / 2)
+    assert state.upper() == guard.upper_bound(5, 5, DELTA / 2)
+
+
+def test_the_fallback_does_not_drop_missing_outcomes():
+    """An abandoned and a failed request, then 2 changed comparisons: dropped, the missing ones
+    would leave exceeds(2, 0) and fall back at once (the review's mutant A); counted unchanged
+    they give exceeds(2, 2), below the budget, and the guard falls back only at the third
+    change, exceeds(3, 2), its message naming the 2 counted unchanged."""
+    diff = (True, True)
+    state = _state_after([guard.ABANDONED, guard.FAILED, diff, diff])
+    assert guard.exceeds(2, 0, 0.05, DELTA) and not guard.exceeds(2, 2, 0.05, DELTA)
+    assert not state.fell_back and state.fallback_bound() == guard.lower_bound(2, 2, DELTA) < 0.05
+    message = state.resolve(state.admit(), diff)
+    assert state.fell_back and guard.exceeds(3, 2, 0.05, DELTA) and message == state.reason
+    assert "changed in 3 of 3 shadow comparisons, with 2 more sampled without a comparison" in message
+
+
+def test_the_fallback_warning_is_the_one_docs_guard_md_quotes():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guard.md").read_text()
+    quoted = next(line for line in page.splitlines() if line.startswith("selfjudge guard: falling back"))
+    pattern = re.escape(quoted).replace(r"\[", "(?:").replace(r"\]", ")?")
+    for name, value in (("S", r"\d+"), ("N", r"\d+"), ("M", r"\d+"), ("X", r"[\d.]+"), ("B", r"[\d.]+")):
+        pattern = re.sub(rf"(?<![A-Za-z]){name}(?![A-Za-z])", value.replace("\\", "\\\\"), pattern)
+    diff = (True, True)
+    for outcomes in ([diff, diff], [guard.ABANDONED, diff, diff, diff]):
+        state = _state_after(outcomes)
+        line = "selfjudge guard: falling back to lossless verification for requests without selfjudge_* options: " + (
+            state.reason)
+        assert state.fell_back and re.fullmatch(pattern, line), (pattern, line)
+
+
+@pytest.mark.parametrize("action", ["fallback", "report"])
+def test_a_stalled_response_does_not_freeze_the_guard(action):
+    """The review's repro (issue 44, H1): a sampled streaming response whose client reads one
+    token and stops (or a very long one) is pending for as long as it runs. Every later
+    comparison changes. Before, outcomes waited in sampling order behind it: nothing was
+    recorded, the guard never fell back, and beyond max_pending every sampled request was
+    skipped while the buffer of waiting outcomes grew without bound. Now the later
+    comparisons count at once (the stalled one unchanged for the fallback), the guard falls
+    back after the comparisons the bound implies, and only the pending one is kept."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    from selfjudge_vllm import adapter_guard
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    engine = ScriptedEngine(_section(action=action, max_pending=5))
+    call = _wrapped(engine)
+
+    async def traffic():
+        stuck = call({"prompt_token_ids": [5]}, SamplingParams(temperature=0, max_tokens=4,
+                                                               output_kind=RequestOutputKind.DELTA), "stuck")
+        await stuck.__anext__()
+        for i in range(40):
+            [o async for o in call({"prompt_token_ids": [5]}, SamplingParams(temperature=0, max_tokens=4), f"u{i}")]
+            while adapter_guard._TASKS:
+                await asyncio.gather(*list(adapter_guard._TASKS))
+            state = guard_of(engine)
+            assert state.pending <= 5
+        during = (state.compared, state.skipped, state.pending, state.fell_back)
+        await stuck.aclose()
+        return during
+
+    compared, skipped, pending, fell_back = asyncio.run(traffic())
+    state = guard_of(engine)
+    needed = 3  # 2 changed comparisons and the pending one counted unchanged: exceeds(2, 1)
+    assert guard.exceeds(needed - 1, 1, 0.05, DELTA) and not guard.exceeds(needed - 2, 1, 0.05, DELTA)
+    if action == "fallback":  # after the fallback no request is relaxed: none is sampled
+        assert (compared, skipped, pending, fell_back) == (needed - 1, 0, 1, True)
+    else:
+        assert (compared, skipped, pending, fell_back) == (40, 0, 1, False)
+        assert state.lower() > 0.8 and state.fallback_bound() > 0.05
+    assert (state.abandoned, state.pending) == (1, 0)  # the stalled stream, once closed
+    assert state.sampled == state.compared + state.abandoned + state.failed + state.skipped + state.pending
 
 
 class BurstyEngine(ScriptedEngine):
@@ -391,6 +578,39 @@ def test_a_recorded_fallback_survives_a_restart_only_with_a_state_file(tmp_path)
     assert guard_of(engine).fell_back and json.loads(path.read_text())["fell_back"]
     assert guard_of(ScriptedEngine(_section(action="fallback", state_file=str(path)))).fell_back
     assert not guard_of(ScriptedEngine(_section(action="fallback"))).fell_back
+
+
+def test_a_state_file_that_cannot_be_written_is_logged_and_queued_shadows_still_start(caplog):
+    """The review's repro (issue 44, L1): with state_file in a folder that does not exist, the
+    write that records the fallback raised out of the shadow that triggered it, so the shadows
+    still queued behind it (one slot) never started and their requests stayed pending. Now the
+    error is logged and every queued shadow runs; no user's request sees it."""
+    from vllm.sampling_params import SamplingParams
+
+    from selfjudge_vllm import adapter_guard
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    engine = ScriptedEngine(_section(action="fallback", max_in_flight=1, state_file="/nonexistent-dir/guard.json"),
+                            delay=0.01)
+    call = _wrapped(engine)
+
+    async def traffic():
+        async def user(i):
+            return [o async for o in call({"prompt_token_ids": [5]}, SamplingParams(temperature=0, max_tokens=4),
+                                          f"u{i}")]
+
+        users = await asyncio.gather(*(user(i) for i in range(4)), return_exceptions=True)
+        shadows = []
+        while adapter_guard._TASKS:
+            shadows += await asyncio.gather(*list(adapter_guard._TASKS), return_exceptions=True)
+        return users, shadows
+
+    users, shadows = asyncio.run(traffic())
+    state = guard_of(engine)
+    assert not [r for r in users + shadows if isinstance(r, BaseException)]
+    assert state.fell_back and (state.sampled, state.compared, state.pending, state.queued, state.in_flight) == (
+        4, 4, 0, 0, 0)
+    assert "cannot record the fallback in state_file /nonexistent-dir/guard.json" in caplog.text
 
 
 # -- a real server on tiny models --------------------------------------------------------------------
