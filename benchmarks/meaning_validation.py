@@ -125,7 +125,7 @@ GSM8K_POINTS = ("judge-0.188512", "fly-0.3", "entropy-0.5", "top_alpha-0.9", "fl
 GSM8K_PAIRS = 300
 # The scorers validated, each with the thresholds offered ((scorer, judge model) -> thresholds).
 LLM_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
-EMBEDDING_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
+EMBEDDING_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 
 
 def chat_pairs(args) -> list[Pair]:

@@ -466,12 +466,15 @@ class MeaningJudge:
         todo = list({p.key: p for p in pairs if p.lossless != p.relaxed and p.key not in self.scores}.values())
         if not todo:
             return
-        start = time.monotonic()
+        last = [time.monotonic()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             def keep(pair: Pair, row: dict) -> None:
+                # wall time since the previous pair was kept: the rows of one call sum to its cost
+                now = time.monotonic()
                 row = {"scorer": self.settings.score_key, "pair": pair.key, "id": pair.id,
-                       "seconds": time.monotonic() - start, **row}
+                       "seconds": now - last[0], **row}
+                last[0] = now
                 self.scores[pair.key] = row
                 f.write(json.dumps(row) + "\n")
                 f.flush()
