@@ -17,7 +17,9 @@ greedy serving.
 
 Every response is persisted as it completes (OUT/store); a rerun of the same command after a
 kill serves only what is missing. The first run to read a candidate binds the folder's
-certificate (CERTIFICATE_BINDING); a rerun that changes it is exploratory. Nothing here imports
+certificate (CERTIFICATE_BINDING); a rerun that changes it is exploratory. A store shared
+between folders (a link) is bound to its response settings too, and lists every certificate
+computed on it (STORE_CERTIFICATES_FILE), which each report names. Nothing here imports
 vLLM: the engine is a subprocess, talked to over HTTP on 127.0.0.1.
 """
 
@@ -42,7 +44,9 @@ from selfjudge_vllm.measurement import (
     Progress,
     PromptItem,
     RequestStore,
+    append_jsonl,
     every_core_env,
+    load_jsonl,
     log,
     measure_point,
     point_summary,
@@ -87,6 +91,10 @@ CERTIFICATE_BINDING = {
     "scorer": lambda settings, grids: settings.scorer_settings and settings.scorer_settings.as_dict(),
 }
 CERTIFICATE_FILE = "certificate.json"
+# In OUT/store: the response settings the store was served with (BOUND_SETTINGS), and every
+# certificate binding computed on its responses, one line each ({"folder", "binding", "date",
+# "exploratory"}): a store shared by several folders shows each report the others.
+STORE_SETTINGS_FILE, STORE_CERTIFICATES_FILE = "settings.json", "certificates.jsonl"
 # Server settings of the `selfjudge` section an operator may calibrate under (--selfjudge-config):
 # they change what the rules decide (where relaxed acceptance applies, FLy's and the entropy
 # rule's windows), so the certificate holds for them only and the served config carries them.
@@ -449,18 +457,31 @@ def bound_settings(settings: CalibrateSettings) -> dict:
 
 
 def bind_folder(settings: CalibrateSettings) -> dict:
-    """Record what the responses depend on at the first run; refuse a rerun that differs."""
+    """Record what the responses depend on at the first run; refuse a rerun that differs. The
+    store (OUT/store, which a link may share between folders) records the settings it was
+    served with too, and a folder bound to others is refused it: its certificate would be on
+    another target's (or prompt file's, ...) responses. A store begun before it recorded them
+    adopts the folder's."""
     settings.out.mkdir(parents=True, exist_ok=True)
-    path = settings.out / "settings.json"
+    store = settings.out / "store"
+    store.mkdir(exist_ok=True)
     now = bound_settings(settings)
-    if path.is_file():
+    paths = {"folder": settings.out / "settings.json", "store": store / STORE_SETTINGS_FILE}
+    for where, path in paths.items():
+        if not path.is_file():
+            continue
         before = json.loads(path.read_text())
         differ = [k for k in BOUND_SETTINGS if before.get(k) != now[k]]
-        if differ:
+        if differ and where == "folder":
             raise CalibrateError(f"{settings.out} holds responses served with other settings ({', '.join(differ)}); "
                                  "use another --out, or the original settings")
-    else:
-        path.write_text(json.dumps(now, indent=1) + "\n")
+        if differ:
+            raise CalibrateError(f"{settings.out}'s store ({store.resolve()}) holds responses served with other "
+                                 f"settings ({', '.join(differ)}): it is shared with a folder calibrated on them. "
+                                 "Give this --out a store of its own, or use the store's settings")
+    for path in paths.values():
+        if not path.is_file():
+            path.write_text(json.dumps(now, indent=1) + "\n")
     return now
 
 
@@ -489,6 +510,49 @@ def record_certificate_binding(out: Path, binding: dict) -> None:
     path = out / CERTIFICATE_FILE
     if not path.is_file():
         path.write_text(json.dumps(binding, indent=1) + "\n")
+
+
+def record_store_certificate(settings: CalibrateSettings, binding: dict, exploratory: bool) -> None:
+    """Add this folder's binding to its store's list of the certificates computed on its
+    responses (once per folder and binding), when the first candidate is about to be read."""
+    path = settings.out / "store" / STORE_CERTIFICATES_FILE
+    folder = str(settings.out.resolve())
+    if any(r.get("folder") == folder and r.get("binding") == binding for r in load_jsonl(path)):
+        return
+    append_jsonl(path, {"folder": folder, "binding": binding, "date": datetime.date.today().isoformat(),
+                        "exploratory": exploratory})
+
+
+def other_certificates(settings: CalibrateSettings, binding: dict) -> list[dict]:
+    """The certificates (and exploratory runs) computed on this folder's store's responses
+    other than this one, in the order they were first computed."""
+    folder = str(settings.out.resolve())
+    return [r for r in load_jsonl(settings.out / "store" / STORE_CERTIFICATES_FILE)
+            if not (r.get("folder") == folder and r.get("binding") == binding)]
+
+
+def describe_binding(binding: dict) -> str:
+    """A certificate binding in a few words, e.g. "meaning_changes within 5% at 95% confidence
+    (embedding scorer below 0.9; rules fly, top_alpha)"."""
+    scorer = binding.get("scorer")
+    by = ""
+    if isinstance(scorer, dict) and scorer.get("scorer"):
+        by = f"{scorer['scorer']} scorer" + (f" ({scorer.get('model')})" if scorer["scorer"] == "llm" else "") + (
+            f" below {scorer['threshold']:g}" if scorer.get("threshold") is not None else "") + "; "
+    elif scorer:
+        by = f"scorer {json.dumps(scorer)}; "
+    return (f"{binding.get('measure')} within {100 * binding.get('budget', 0):g}% at "
+            f"{100 * binding.get('confidence', 0):g}% confidence ({by}rules {', '.join(binding.get('families', []))})")
+
+
+def other_certificates_line(report: dict) -> str | None:
+    others = report.get("other_certificates") or []
+    if not others:
+        return None
+    listed = "; ".join(f"{r['folder']}: {describe_binding(r['binding'])}" + (" (exploratory)" if r.get("exploratory")
+                                                                            else "") for r in others)
+    return (f"{len(others)} other certificate{'s were' if len(others) > 1 else ' was'} computed on these responses: "
+            f"{listed}. Choosing among them after seeing them is not covered by any one certificate")
 
 
 def server_command(settings: CalibrateSettings, port: int) -> tuple[list[str], dict]:
@@ -642,6 +706,8 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
         lossless = store.done(LOSSLESS)
         if complete and not changed:
             record_certificate_binding(settings.out, binding)
+        if complete:  # candidates are read from here on
+            record_store_certificate(settings, binding, exploratory=bool(changed))
         evaluated: dict[str, list[dict]] = {}
         n_cal = len(calibration_ids)
         for family, grid in grids.items():
@@ -801,6 +867,7 @@ def _report(settings, bound, grids, level, reach, calibration_ids, test_ids, los
         "serve_with": served_config(best and best["family"], best and best["knob"], head_out, point_name,
                                     settings.selfjudge_settings),
         "settings": bound, "certificate_binding": certificate_binding(settings, grids),
+        "other_certificates": other_certificates(settings, certificate_binding(settings, grids)),
         "date": datetime.date.today().isoformat(),
     }
 
@@ -894,6 +961,7 @@ def _markdown(report: dict) -> str:
            f"{'changed' if report['measure'] == 'meaning_changes' else 'lost'}. The certificate holds for this "
            "scorer's verdicts, not for a person's judgement.", ""] if report.get("scorer") else []),
         *([f"Warning: {report['resolution']['note']}.", ""] if report["resolution"]["note"] else []),
+        *([f"Note: {other_certificates_line(report)}.", ""] if other_certificates_line(report) else []),
         "| point | n | changes | lost | gained | observed risk | upper bound | p-value | certified "
         "| acceptance length | test risk (n) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
@@ -1013,6 +1081,8 @@ def summary_lines(report: dict, out: Path) -> list[str]:
     lines = [f"selfjudge calibrate: {report['verdict']}"]
     if report["resolution"]["note"]:
         lines.append(f"  warning: {report['resolution']['note']}")
+    if other_certificates_line(report):
+        lines.append(f"  note: {other_certificates_line(report)}")
     if report["complete"]:
         lines.append(f"  serve with: --additional-config '{json.dumps(report['serve_with'])}'")
     stem = report_stem(report)

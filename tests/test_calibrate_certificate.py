@@ -141,6 +141,85 @@ def test_a_measure_binds_its_own_settings_by_adding_a_key(monkeypatch, tmp_path)
     assert rerun["exploratory"]["changed"] == ['scorer ({"name": "scorer-a"} -> {"name": "scorer-b"})']
 
 
+# -- a store shared between folders ----------------------------------------------------------------
+
+
+def _share_store(tmp_path, folder, with_="out"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "store").symlink_to(tmp_path / with_ / "store", target_is_directory=True)
+
+
+def test_a_folder_bound_to_other_response_settings_is_refused_its_shared_store(monkeypatch, tmp_path):
+    """A folder whose store is a link to another's: with another target (or any response
+    setting) its certificate would be on the other target's responses; refused before
+    anything is bound or served. A store begun before it recorded its settings adopts the
+    folder's."""
+    engine, _ = _first(monkeypatch, tmp_path)
+    store = tmp_path / "out" / "store"
+    served = len(engine.served)
+    for folder, over, said in (("other-target", {"target": "another-model"}, "(target)"),
+                               ("other-tokens", {"max_tokens": 64}, "(max_tokens)")):
+        _share_store(tmp_path, folder)
+        with pytest.raises(calibrate.CalibrateError, match=r"store \(.*\) holds responses served with other settings "
+                           + said.replace("(", r"\(").replace(")", r"\)")):
+            _run(monkeypatch, tmp_path, engine, out=folder, **over)
+        assert not (tmp_path / folder / "settings.json").exists() and len(engine.served) == served
+    assert json.loads((store / "settings.json").read_text()) == json.loads(
+        (tmp_path / "out" / "settings.json").read_text())
+    (store / "settings.json").unlink()  # as a store begun before it recorded them
+    _share_store(tmp_path, "same")
+    status, _ = _run(monkeypatch, tmp_path, engine, out="same")
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and len(engine.served) == served
+    assert json.loads((store / "settings.json").read_text())["target"] == "simulated"
+    with pytest.raises(calibrate.CalibrateError, match=r"store .* \(target\)"):
+        _run(monkeypatch, tmp_path, engine, out="other-target", target="another-model")
+
+
+def test_every_certificate_on_a_shared_store_is_listed_in_the_others_reports(monkeypatch, tmp_path, capsys):
+    """Folder `out` certifies at 10% and explores 20%; folder `b`, sharing its responses,
+    certifies 20% on them: b's report names both, as the chat benchmark's side-by-side
+    measurements do, and says that choosing among them is not covered by any one."""
+    engine, first = _first(monkeypatch, tmp_path)
+    assert first["other_certificates"] == []
+    assert _run(monkeypatch, tmp_path, engine, budget=0.2)[0] == calibrate.EXIT_EXPLORATORY
+    _share_store(tmp_path, "b")
+    capsys.readouterr()
+    status, report = _run(monkeypatch, tmp_path, engine, out="b", budget=0.2)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED
+    out = str((tmp_path / "out").resolve())
+    assert [(r["folder"], r["binding"]["budget"], r["exploratory"]) for r in report["other_certificates"]] == [
+        (out, 0.1, False), (out, 0.2, True)]
+    said = "2 other certificates were computed on these responses: "
+    markdown = (tmp_path / "b" / "report.md").read_text()
+    assert said in markdown and "answer_changes within 10% at 90% confidence" in markdown
+    assert "(exploratory)" in markdown and "not covered by any one certificate" in markdown
+    assert said in "\n".join(calibrate.summary_lines(report, tmp_path / "b"))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "store" / "certificates.jsonl").read_text()
+             .splitlines()]
+    assert [(r["folder"], r["binding"]["budget"]) for r in lines] == [(out, 0.1), (out, 0.2),
+                                                                     (str((tmp_path / "b").resolve()), 0.2)]
+    _run(monkeypatch, tmp_path, engine, out="b", budget=0.2)  # a rerun adds nothing
+    _, again = _run(monkeypatch, tmp_path, engine)  # the first folder's rerun now names b's
+    assert len((tmp_path / "out" / "store" / "certificates.jsonl").read_text().splitlines()) == 3
+    assert [r["binding"]["budget"] for r in again["other_certificates"]] == [0.2, 0.2]
+
+
+def test_the_chat_benchmarks_measurement_folders_share_one_store(monkeypatch, tmp_path):
+    """benchmarks/chat_meaning.py's layout (each measurement its own folder, store -> ../store):
+    every measurement binds the same response settings, so each is accepted and serves only
+    what it lacks."""
+    from benchmarks import chat_meaning
+
+    monkeypatch.setattr(chat_meaning, "OUT", tmp_path / "chat")
+    folders = [chat_meaning.measurement_folder(("ngram", 8), "answer_changes", None, b) for b in (0.1, 0.2)]
+    engine = sim.SimulatedEngine(RISKS, seed=3)
+    _run(monkeypatch, tmp_path, engine, out=folders[0])
+    status, report = _run(monkeypatch, tmp_path, engine, out=folders[1], budget=0.2)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and len(report["other_certificates"]) == 1
+    assert sum(point == "lossless" for point, _ in engine.served) == 150  # served once, for both
+    assert (tmp_path / "chat" / "ngram-k8" / "store" / "settings.json").is_file()
+
+
 # -- what the report says ------------------------------------------------------------------------
 
 
