@@ -103,6 +103,11 @@ SERVER_SETTINGS = ("scope", "reasoning_start_token_id", "reasoning_end_token_id"
                    "fly_top_k")
 
 
+# On a GPU, the share of its memory the judge model's `vllm serve` (--scorer-model) is given: it
+# runs beside calibrate's own engine, which then needs --gpu-memory-utilization below 1 minus it.
+SCORER_GPU_SHARE = 0.2
+
+
 class CalibrateError(ValueError):
     """Bad input or configuration; the message says what to change."""
 
@@ -588,6 +593,37 @@ def server_environment(settings: CalibrateSettings) -> tuple[str, dict]:
     return dtype, env
 
 
+def judge_memory_note(settings: CalibrateSettings) -> str | None:
+    """What to say before serving when a judge model other than the target will be served on
+    the GPU beside the target's engine and --vllm-args leaves the target vLLM's default share
+    (0.9 of the GPU's memory: no room for the judge); None otherwise."""
+    scorer = settings.scorer_settings
+    if scorer is None or scorer.scorer != "llm" or scorer.model == "target":
+        return None
+    if any(a == "--gpu-memory-utilization" or a.startswith("--gpu-memory-utilization=") for a in settings.vllm_args):
+        return None
+    if not _has_cuda():
+        return None
+    room = round(1.0 - SCORER_GPU_SHARE - 0.1, 2)
+    return (f"the judge model {scorer.model} is served on this GPU beside the target, with "
+            f"--gpu-memory-utilization {SCORER_GPU_SHARE:g}; the target's engine takes vLLM's default 0.9 of the GPU's "
+            f"memory unless told otherwise, which leaves the judge no room: give the target less, e.g. "
+            f"--vllm-args=\"--gpu-memory-utilization {room:g}\" (from the first run into a folder: --vllm-args is bound "
+            "to it)")
+
+
+def start_server(what: str, command: list[str], log_path: Path, settings: CalibrateSettings, env: dict,
+                 hint: str | None = None):
+    """A server_process.Server, whose start failure names `what` and its own log."""
+    from selfjudge_vllm.server_process import Server
+
+    try:
+        return Server(command, log_path, settings.startup_timeout_s, env)
+    except (RuntimeError, TimeoutError) as exc:
+        raise type(exc)(f"{what} did not start; its log is {log_path}" + (f" ({hint})" if hint else "")
+                        + f". {exc}") from None
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -602,12 +638,13 @@ class Session:
 
     def get(self):
         if self.server is None:
-            from selfjudge_vllm.server_process import Server, free_port
+            from selfjudge_vllm.server_process import free_port
 
             command, env = server_command(self.settings, free_port())
             log(f"calibrate: starting vllm serve for {self.settings.target} "
                 f"({self.settings.speculative_config.get('method')}; log in {self.settings.out / 'server.log'})")
-            self.server = Server(command, self.settings.out / "server.log", self.settings.startup_timeout_s, env)
+            self.server = start_server(f"the target's vllm serve ({self.settings.target})", command,
+                                       self.settings.out / "server.log", self.settings, env)
         return self.server
 
     def close(self):
@@ -632,15 +669,18 @@ class ScorerSession:
                 self._client = LLMJudgeClient(self.session.get().base, "target", str(self.settings.target),
                                               self.settings.concurrency)
             else:
-                from selfjudge_vllm.server_process import Server, free_port, serve_command
+                from selfjudge_vllm.server_process import free_port, serve_command
 
                 dtype, env = server_environment(self.settings)
+                # On a GPU it shares it with calibrate's engine, which is up: a share of its own
+                share = ("--gpu-memory-utilization", f"{SCORER_GPU_SHARE:g}") if _has_cuda() else ()
                 command = serve_command(model, free_port(), None, None, model_name="judge", dtype=dtype,
-                                        max_model_len=self.settings.max_model_len)
+                                        max_model_len=self.settings.max_model_len, extra_args=share)
                 log(f"calibrate: starting vllm serve for the judge model {model} "
                     f"(log in {self.settings.out / 'scorer-server.log'})")
-                self.server = Server(command, self.settings.out / "scorer-server.log",
-                                     self.settings.startup_timeout_s, env)
+                self.server = start_server(f"the judge model's vllm serve ({model})", command,
+                                           self.settings.out / "scorer-server.log", self.settings, env,
+                                           judge_memory_note(self.settings))
                 self._client = LLMJudgeClient(self.server.base, "judge", model, self.settings.concurrency)
         return self._client
 
@@ -670,6 +710,9 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
     reach = resolution(settings, len(calibration_ids), level)
     if reach["note"]:
         log(f"calibrate: warning: {reach['note']}")
+    memory = judge_memory_note(settings)
+    if memory:
+        log(f"calibrate: warning: {memory}")
     store = RequestStore(settings.out / "store")
     session = Session(settings)
     scorer_session = ScorerSession(settings, session)
