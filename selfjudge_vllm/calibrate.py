@@ -26,6 +26,7 @@ vLLM: the engine is a subprocess, talked to over HTTP on 127.0.0.1.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -227,13 +228,13 @@ def prompt_rows(settings: CalibrateSettings) -> list[dict]:
 
 
 def without_label_prompts(settings: CalibrateSettings, rows: list[dict]) -> list[dict]:
-    """The rows less any prompt the head was labelled on (its provenance's digests), each drop
-    said: a head's errors on its own training prompts are not those of traffic, so they would
-    bias its certificate."""
+    """The rows less any prompt the head was labelled on (its provenance's digests of the text
+    each prompt is served as: offline/prompts.prompt_digests), each drop said: a head's errors
+    on its own training prompts are not those of traffic, so they would bias its certificate."""
     if settings.head is None:
         return rows
     from selfjudge_vllm.artifact import JudgeArtifact
-    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, prompt_digest
+    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, TEXT_DIGEST_PREFIX, prompt_digests
 
     labelled = JudgeArtifact.load(settings.head).config.provenance.get(PROMPT_DIGESTS_KEY)
     if labelled is None:
@@ -241,31 +242,41 @@ def without_label_prompts(settings: CalibrateSettings, rows: list[dict]) -> list
             "before they were recorded); make sure --prompts holds none of them")
         return rows
     labelled = set(labelled)
-    kept = [r for r in rows if prompt_digest(r) not in labelled]
-    if len(kept) < len(rows):
-        dropped = [r["id"] for r in rows if prompt_digest(r) in labelled]
-        log(f"calibrate: warning: dropped {len(dropped)} of {len(rows)} prompts the head was labelled on "
-            f"(first: {dropped[0]!r}); the certificate holds for prompts it was not trained on")
+    if not any(d.startswith(TEXT_DIGEST_PREFIX) for d in labelled):
+        log(f"calibrate: warning: {settings.head} records its label prompts by their exact content only (labelled "
+            "before the digests of their served text): the same prompt given otherwise here (a rendered 'prompt' "
+            "for 'messages', other whitespace, extra message keys) is not caught; make sure --prompts holds none "
+            "of them")
+    tokenizer = target_tokenizer(settings.target) if any("messages" in r for r in rows) else None
+    seen = [r for r in rows if not labelled.isdisjoint(prompt_digests(r, tokenizer))]
+    kept = [r for r in rows if labelled.isdisjoint(prompt_digests(r, tokenizer))]
+    if seen:
+        log(f"calibrate: warning: dropped {len(seen)} of {len(rows)} prompts the head was labelled on "
+            f"(first: {seen[0]['id']!r}); the certificate holds for prompts it was not trained on")
     if not kept:
         raise CalibrateError(f"every prompt in {settings.prompts} is one {settings.head} was labelled on: "
                              "calibrate on prompts the head has not seen")
     return kept
 
 
+@functools.lru_cache(maxsize=2)
+def target_tokenizer(target: str):
+    """The target's tokenizer (its chat template renders `messages` prompts)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(target)
+
+
 def render_items(rows: list[dict], target: str, max_tokens: int) -> list[PromptItem]:
     """Prompt text per row: `prompt` as given, `messages` through the target's chat template
     (as `selfjudge label` renders them), so the served token ids are the labelled ones."""
-    tokenizer = None
     items = []
     for row in rows:
         text = row.get("prompt")
         if text is None:
-            if tokenizer is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(target)
-                if not getattr(tokenizer, "chat_template", None):
-                    raise CalibrateError(f"prompt {row['id']!r} uses 'messages' but the target has no chat template")
+            tokenizer = target_tokenizer(target)
+            if not getattr(tokenizer, "chat_template", None):
+                raise CalibrateError(f"prompt {row['id']!r} uses 'messages' but the target has no chat template")
             text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
         stop = row.get("stop") or ()
         items.append(PromptItem(row["id"], text, int(row.get("max_tokens", max_tokens)),

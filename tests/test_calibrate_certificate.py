@@ -257,13 +257,16 @@ def test_the_certified_heads_bound_is_labelled_per_point(monkeypatch, tmp_path):
 # -- prompts the head was labelled on ------------------------------------------------------------
 
 
-def _head_labelled_on(path, rows):
+def _head_labelled_on(path, rows, tokenizer=None, legacy=False):
+    """A head whose provenance records `rows` as `selfjudge label` does (legacy: as label runs
+    before the text digests did, by exact content only)."""
     from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, TargetIdentity
-    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, prompt_digest
+    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, legacy_prompt_digest, prompt_digests
 
     identity = TargetIdentity(name="t", architecture="LlamaForCausalLM", hidden_size=4, vocab_size=10,
                               num_hidden_layers=1)
-    provenance = {} if rows is None else {PROMPT_DIGESTS_KEY: sorted(prompt_digest(r) for r in rows)}
+    digests = ({legacy_prompt_digest(r)} if legacy else set(prompt_digests(r, tokenizer)) for r in rows or ())
+    provenance = {} if rows is None else {PROMPT_DIGESTS_KEY: sorted(set().union(*digests))}
     JudgeArtifact(JudgeArtifactConfig(target=identity, default_threshold=0.5, provenance=provenance),
                   torch.zeros(4), torch.zeros(1)).save(path)
     return path
@@ -308,3 +311,69 @@ def test_a_label_runs_prompt_digests_reach_the_trained_heads_provenance(tmp_path
     assert prompt_digest({"prompt": "x"}) != prompt_digest({"messages": [{"role": "user", "content": "x"}]})
     (tmp_path / "c").mkdir()
     assert label_prompt_digests([str(tmp_path / "a"), str(tmp_path / "c")]) is None  # a run from before
+
+
+class _ChatTokenizer:
+    """A chat template, as a target's tokenizer renders `messages`."""
+
+    chat_template = "<|role|> content"
+
+    @staticmethod
+    def apply_chat_template(messages, add_generation_prompt=True, tokenize=False):
+        return "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages) + "<|assistant|>\n"
+
+
+def test_a_prompt_is_known_by_the_text_it_is_served_as():
+    """The same prompt as `messages` or as their rendered `prompt`, with a trailing newline, or
+    with an extra message key shares a digest with the labelled one; another prompt does not.
+    Without a tokenizer the canonical role + content rendering still matches the messages
+    variants."""
+    from selfjudge_vllm.offline.prompts import prompt_digests
+
+    messages = [{"role": "user", "content": "Write a haiku about rain."}]
+    label_row = {"id": "x", "messages": messages}
+    tok = _ChatTokenizer()
+    variants = {"same messages, other id": {"id": "y", "messages": messages},
+                "rendered prompt": {"id": "x", "prompt": tok.apply_chat_template(messages)},
+                "rendered prompt, other whitespace": {"id": "x", "prompt": tok.apply_chat_template(messages) + " \n"},
+                "content with a trailing newline": {"id": "x", "messages": [
+                    {"role": "user", "content": messages[0]["content"] + "\n"}]},
+                "extra message key": {"id": "x", "messages": [dict(messages[0], name="u")]}}
+    labelled = set(prompt_digests(label_row, tok))
+    for name, row in variants.items():
+        assert not labelled.isdisjoint(prompt_digests(row, tok)), name
+    assert labelled.isdisjoint(prompt_digests({"messages": [{"role": "user", "content": "Write a haiku about snow."}]},
+                                              tok))
+    assert labelled.isdisjoint(prompt_digests({"prompt": "Write a haiku about rain."}, tok))  # served otherwise
+    without = set(prompt_digests(label_row))
+    for name in ("content with a trailing newline", "extra message key"):
+        assert not without.isdisjoint(prompt_digests(variants[name])), name
+
+
+def test_label_prompts_given_otherwise_here_are_dropped(monkeypatch, tmp_path, capsys):
+    """The head was labelled on ten chat prompts (`messages`); the calibration file holds them
+    as their rendered `prompt` with other whitespace, or with an extra message key: none is
+    served. A head labelled before the text digests is checked by exact content, with a
+    warning that the check is weaker."""
+    monkeypatch.setattr(calibrate, "target_tokenizer", lambda target: _ChatTokenizer())
+    tok = _ChatTokenizer()
+    chat = [[{"role": "user", "content": f"question {i}"}] for i in range(10)]
+    rows = [{"id": f"q{i}", "prompt": tok.apply_chat_template(chat[i]) + "\n"} for i in range(5)]
+    rows += [{"id": f"q{i}", "messages": [dict(chat[i][0], name="user")]} for i in range(5, 10)]
+    rows += [{"id": f"q{i}", "prompt": f"question {i}"} for i in range(10, 150)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({**r, "answer": "1"}) + "\n" for r in rows))
+    head = _head_labelled_on(tmp_path / "head", [{"id": f"l{i}", "messages": m} for i, m in enumerate(chat)], tok)
+    engine = sim.SimulatedEngine({("judge", 0.9): 0.0}, seed=1)
+    _, report = _run(monkeypatch, tmp_path, engine, grids={"judge": (0.9,)}, head=head)
+    assert report["calibration_prompts"] == 140
+    assert not {f"q{i}" for i in range(10)} & {i for _, i in engine.served}
+    out = capsys.readouterr().out
+    assert "dropped 10 of 150 prompts the head was labelled on (first: 'q0')" in out
+    assert "by their exact content only" not in out
+    exact = [{"id": f"l{i}", "prompt": f"question {i}"} for i in range(10, 20)]
+    old = _head_labelled_on(tmp_path / "old-head", exact, legacy=True)
+    engine = sim.SimulatedEngine({("judge", 0.9): 0.0}, seed=1)
+    _, report = _run(monkeypatch, tmp_path, engine, out="old", grids={"judge": (0.9,)}, head=old)
+    assert report["calibration_prompts"] == 140 and "q10" not in {i for _, i in engine.served}
+    out = capsys.readouterr().out
+    assert "records its label prompts by their exact content only" in out and "dropped 10 of 150" in out
