@@ -12,7 +12,9 @@ by `selfjudge calibrate` itself on meaning, with no reference answers.
                 (OUT/<server>/store, linked as each folder's store): the responses are served
                 once and each later measurement only serves and scores what it lacks; every
                 family's grid, FLy at vLLM's default (0.3) and stricter
-    report      the calibrate reports side by side (RESULTS/chat_meaning/summary.{json,md})
+    report      the calibrate reports side by side (RESULTS/chat_meaning/summary.{json,md}):
+                pre-declared measurements, none chosen among the others (each report lists
+                the other certificates computed on its store)
 
 Resumable like calibrate (a rerun continues; --max-minutes ends a sitting between segments):
 

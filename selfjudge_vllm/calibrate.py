@@ -17,13 +17,16 @@ greedy serving.
 
 Every response is persisted as it completes (OUT/store); a rerun of the same command after a
 kill serves only what is missing. The first run to read a candidate binds the folder's
-certificate (CERTIFICATE_BINDING); a rerun that changes it is exploratory. Nothing here imports
+certificate (CERTIFICATE_BINDING); a rerun that changes it is exploratory. A store shared
+between folders (a link) is bound to its response settings too, and lists every certificate
+computed on it (STORE_CERTIFICATES_FILE), which each report names. Nothing here imports
 vLLM: the engine is a subprocess, talked to over HTTP on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -42,7 +45,9 @@ from selfjudge_vllm.measurement import (
     Progress,
     PromptItem,
     RequestStore,
+    append_jsonl,
     every_core_env,
+    load_jsonl,
     log,
     measure_point,
     point_summary,
@@ -87,12 +92,21 @@ CERTIFICATE_BINDING = {
     "scorer": lambda settings, grids: settings.scorer_settings and settings.scorer_settings.as_dict(),
 }
 CERTIFICATE_FILE = "certificate.json"
+# In OUT/store: the response settings the store was served with (BOUND_SETTINGS), and every
+# certificate binding computed on its responses, one line each ({"folder", "binding", "date",
+# "exploratory"}): a store shared by several folders shows each report the others.
+STORE_SETTINGS_FILE, STORE_CERTIFICATES_FILE = "settings.json", "certificates.jsonl"
 # Server settings of the `selfjudge` section an operator may calibrate under (--selfjudge-config):
 # they change what the rules decide (where relaxed acceptance applies, FLy's and the entropy
 # rule's windows), so the certificate holds for them only and the served config carries them.
 # The rule, its knob, the head and the floors are calibrate's to set.
 SERVER_SETTINGS = ("scope", "reasoning_start_token_id", "reasoning_end_token_id", "entropy_window", "fly_window",
                    "fly_top_k")
+
+
+# On a GPU, the share of its memory the judge model's `vllm serve` (--scorer-model) is given: it
+# runs beside calibrate's own engine, which then needs --gpu-memory-utilization below 1 minus it.
+SCORER_GPU_SHARE = 0.2
 
 
 class CalibrateError(ValueError):
@@ -214,13 +228,13 @@ def prompt_rows(settings: CalibrateSettings) -> list[dict]:
 
 
 def without_label_prompts(settings: CalibrateSettings, rows: list[dict]) -> list[dict]:
-    """The rows less any prompt the head was labelled on (its provenance's digests), each drop
-    said: a head's errors on its own training prompts are not those of traffic, so they would
-    bias its certificate."""
+    """The rows less any prompt the head was labelled on (its provenance's digests of the text
+    each prompt is served as: offline/prompts.prompt_digests), each drop said: a head's errors
+    on its own training prompts are not those of traffic, so they would bias its certificate."""
     if settings.head is None:
         return rows
     from selfjudge_vllm.artifact import JudgeArtifact
-    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, prompt_digest
+    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, TEXT_DIGEST_PREFIX, prompt_digests
 
     labelled = JudgeArtifact.load(settings.head).config.provenance.get(PROMPT_DIGESTS_KEY)
     if labelled is None:
@@ -228,31 +242,41 @@ def without_label_prompts(settings: CalibrateSettings, rows: list[dict]) -> list
             "before they were recorded); make sure --prompts holds none of them")
         return rows
     labelled = set(labelled)
-    kept = [r for r in rows if prompt_digest(r) not in labelled]
-    if len(kept) < len(rows):
-        dropped = [r["id"] for r in rows if prompt_digest(r) in labelled]
-        log(f"calibrate: warning: dropped {len(dropped)} of {len(rows)} prompts the head was labelled on "
-            f"(first: {dropped[0]!r}); the certificate holds for prompts it was not trained on")
+    if not any(d.startswith(TEXT_DIGEST_PREFIX) for d in labelled):
+        log(f"calibrate: warning: {settings.head} records its label prompts by their exact content only (labelled "
+            "before the digests of their served text): the same prompt given otherwise here (a rendered 'prompt' "
+            "for 'messages', other whitespace, extra message keys) is not caught; make sure --prompts holds none "
+            "of them")
+    tokenizer = target_tokenizer(settings.target) if any("messages" in r for r in rows) else None
+    seen = [r for r in rows if not labelled.isdisjoint(prompt_digests(r, tokenizer))]
+    kept = [r for r in rows if labelled.isdisjoint(prompt_digests(r, tokenizer))]
+    if seen:
+        log(f"calibrate: warning: dropped {len(seen)} of {len(rows)} prompts the head was labelled on "
+            f"(first: {seen[0]['id']!r}); the certificate holds for prompts it was not trained on")
     if not kept:
         raise CalibrateError(f"every prompt in {settings.prompts} is one {settings.head} was labelled on: "
                              "calibrate on prompts the head has not seen")
     return kept
 
 
+@functools.lru_cache(maxsize=2)
+def target_tokenizer(target: str):
+    """The target's tokenizer (its chat template renders `messages` prompts)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(target)
+
+
 def render_items(rows: list[dict], target: str, max_tokens: int) -> list[PromptItem]:
     """Prompt text per row: `prompt` as given, `messages` through the target's chat template
     (as `selfjudge label` renders them), so the served token ids are the labelled ones."""
-    tokenizer = None
     items = []
     for row in rows:
         text = row.get("prompt")
         if text is None:
-            if tokenizer is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(target)
-                if not getattr(tokenizer, "chat_template", None):
-                    raise CalibrateError(f"prompt {row['id']!r} uses 'messages' but the target has no chat template")
+            tokenizer = target_tokenizer(target)
+            if not getattr(tokenizer, "chat_template", None):
+                raise CalibrateError(f"prompt {row['id']!r} uses 'messages' but the target has no chat template")
             text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
         stop = row.get("stop") or ()
         items.append(PromptItem(row["id"], text, int(row.get("max_tokens", max_tokens)),
@@ -449,18 +473,31 @@ def bound_settings(settings: CalibrateSettings) -> dict:
 
 
 def bind_folder(settings: CalibrateSettings) -> dict:
-    """Record what the responses depend on at the first run; refuse a rerun that differs."""
+    """Record what the responses depend on at the first run; refuse a rerun that differs. The
+    store (OUT/store, which a link may share between folders) records the settings it was
+    served with too, and a folder bound to others is refused it: its certificate would be on
+    another target's (or prompt file's, ...) responses. A store begun before it recorded them
+    adopts the folder's."""
     settings.out.mkdir(parents=True, exist_ok=True)
-    path = settings.out / "settings.json"
+    store = settings.out / "store"
+    store.mkdir(exist_ok=True)
     now = bound_settings(settings)
-    if path.is_file():
+    paths = {"folder": settings.out / "settings.json", "store": store / STORE_SETTINGS_FILE}
+    for where, path in paths.items():
+        if not path.is_file():
+            continue
         before = json.loads(path.read_text())
         differ = [k for k in BOUND_SETTINGS if before.get(k) != now[k]]
-        if differ:
+        if differ and where == "folder":
             raise CalibrateError(f"{settings.out} holds responses served with other settings ({', '.join(differ)}); "
                                  "use another --out, or the original settings")
-    else:
-        path.write_text(json.dumps(now, indent=1) + "\n")
+        if differ:
+            raise CalibrateError(f"{settings.out}'s store ({store.resolve()}) holds responses served with other "
+                                 f"settings ({', '.join(differ)}): it is shared with a folder calibrated on them. "
+                                 "Give this --out a store of its own, or use the store's settings")
+    for path in paths.values():
+        if not path.is_file():
+            path.write_text(json.dumps(now, indent=1) + "\n")
     return now
 
 
@@ -489,6 +526,49 @@ def record_certificate_binding(out: Path, binding: dict) -> None:
     path = out / CERTIFICATE_FILE
     if not path.is_file():
         path.write_text(json.dumps(binding, indent=1) + "\n")
+
+
+def record_store_certificate(settings: CalibrateSettings, binding: dict, exploratory: bool) -> None:
+    """Add this folder's binding to its store's list of the certificates computed on its
+    responses (once per folder and binding), when the first candidate is about to be read."""
+    path = settings.out / "store" / STORE_CERTIFICATES_FILE
+    folder = str(settings.out.resolve())
+    if any(r.get("folder") == folder and r.get("binding") == binding for r in load_jsonl(path)):
+        return
+    append_jsonl(path, {"folder": folder, "binding": binding, "date": datetime.date.today().isoformat(),
+                        "exploratory": exploratory})
+
+
+def other_certificates(settings: CalibrateSettings, binding: dict) -> list[dict]:
+    """The certificates (and exploratory runs) computed on this folder's store's responses
+    other than this one, in the order they were first computed."""
+    folder = str(settings.out.resolve())
+    return [r for r in load_jsonl(settings.out / "store" / STORE_CERTIFICATES_FILE)
+            if not (r.get("folder") == folder and r.get("binding") == binding)]
+
+
+def describe_binding(binding: dict) -> str:
+    """A certificate binding in a few words, e.g. "meaning_changes within 5% at 95% confidence
+    (embedding scorer below 0.9; rules fly, top_alpha)"."""
+    scorer = binding.get("scorer")
+    by = ""
+    if isinstance(scorer, dict) and scorer.get("scorer"):
+        by = f"{scorer['scorer']} scorer" + (f" ({scorer.get('model')})" if scorer["scorer"] == "llm" else "") + (
+            f" below {scorer['threshold']:g}" if scorer.get("threshold") is not None else "") + "; "
+    elif scorer:
+        by = f"scorer {json.dumps(scorer)}; "
+    return (f"{binding.get('measure')} within {100 * binding.get('budget', 0):g}% at "
+            f"{100 * binding.get('confidence', 0):g}% confidence ({by}rules {', '.join(binding.get('families', []))})")
+
+
+def other_certificates_line(report: dict) -> str | None:
+    others = report.get("other_certificates") or []
+    if not others:
+        return None
+    listed = "; ".join(f"{r['folder']}: {describe_binding(r['binding'])}" + (" (exploratory)" if r.get("exploratory")
+                                                                            else "") for r in others)
+    return (f"{len(others)} other certificate{'s were' if len(others) > 1 else ' was'} computed on these responses: "
+            f"{listed}. Choosing among them after seeing them is not covered by any one certificate")
 
 
 def server_command(settings: CalibrateSettings, port: int) -> tuple[list[str], dict]:
@@ -524,6 +604,37 @@ def server_environment(settings: CalibrateSettings) -> tuple[str, dict]:
     return dtype, env
 
 
+def judge_memory_note(settings: CalibrateSettings) -> str | None:
+    """What to say before serving when a judge model other than the target will be served on
+    the GPU beside the target's engine and --vllm-args leaves the target vLLM's default share
+    (0.9 of the GPU's memory: no room for the judge); None otherwise."""
+    scorer = settings.scorer_settings
+    if scorer is None or scorer.scorer != "llm" or scorer.model == "target":
+        return None
+    if any(a == "--gpu-memory-utilization" or a.startswith("--gpu-memory-utilization=") for a in settings.vllm_args):
+        return None
+    if not _has_cuda():
+        return None
+    room = round(1.0 - SCORER_GPU_SHARE - 0.1, 2)
+    return (f"the judge model {scorer.model} is served on this GPU beside the target, with "
+            f"--gpu-memory-utilization {SCORER_GPU_SHARE:g}; the target's engine takes vLLM's default 0.9 of the GPU's "
+            f"memory unless told otherwise, which leaves the judge no room: give the target less, e.g. "
+            f"--vllm-args=\"--gpu-memory-utilization {room:g}\" (from the first run into a folder: --vllm-args is bound "
+            "to it)")
+
+
+def start_server(what: str, command: list[str], log_path: Path, settings: CalibrateSettings, env: dict,
+                 hint: str | None = None):
+    """A server_process.Server, whose start failure names `what` and its own log."""
+    from selfjudge_vllm.server_process import Server
+
+    try:
+        return Server(command, log_path, settings.startup_timeout_s, env)
+    except (RuntimeError, TimeoutError) as exc:
+        raise type(exc)(f"{what} did not start; its log is {log_path}" + (f" ({hint})" if hint else "")
+                        + f". {exc}") from None
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -538,12 +649,13 @@ class Session:
 
     def get(self):
         if self.server is None:
-            from selfjudge_vllm.server_process import Server, free_port
+            from selfjudge_vllm.server_process import free_port
 
             command, env = server_command(self.settings, free_port())
             log(f"calibrate: starting vllm serve for {self.settings.target} "
                 f"({self.settings.speculative_config.get('method')}; log in {self.settings.out / 'server.log'})")
-            self.server = Server(command, self.settings.out / "server.log", self.settings.startup_timeout_s, env)
+            self.server = start_server(f"the target's vllm serve ({self.settings.target})", command,
+                                       self.settings.out / "server.log", self.settings, env)
         return self.server
 
     def close(self):
@@ -569,15 +681,18 @@ class ScorerSession:
                                               self.settings.concurrency, self.settings.max_model_len,
                                               self.settings.out / "server.log")
             else:
-                from selfjudge_vllm.server_process import Server, free_port, serve_command
+                from selfjudge_vllm.server_process import free_port, serve_command
 
                 dtype, env = server_environment(self.settings)
+                # On a GPU it shares it with calibrate's engine, which is up: a share of its own
+                share = ("--gpu-memory-utilization", f"{SCORER_GPU_SHARE:g}") if _has_cuda() else ()
                 command = serve_command(model, free_port(), None, None, model_name="judge", dtype=dtype,
-                                        max_model_len=self.settings.max_model_len)
+                                        max_model_len=self.settings.max_model_len, extra_args=share)
                 log(f"calibrate: starting vllm serve for the judge model {model} "
                     f"(log in {self.settings.out / 'scorer-server.log'})")
-                self.server = Server(command, self.settings.out / "scorer-server.log",
-                                     self.settings.startup_timeout_s, env)
+                self.server = start_server(f"the judge model's vllm serve ({model})", command,
+                                           self.settings.out / "scorer-server.log", self.settings, env,
+                                           judge_memory_note(self.settings))
                 self._client = LLMJudgeClient(self.server.base, "judge", model, self.settings.concurrency,
                                               self.settings.max_model_len, self.settings.out / "scorer-server.log")
         return self._client
@@ -608,6 +723,9 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
     reach = resolution(settings, len(calibration_ids), level)
     if reach["note"]:
         log(f"calibrate: warning: {reach['note']}")
+    memory = judge_memory_note(settings)
+    if memory:
+        log(f"calibrate: warning: {memory}")
     store = RequestStore(settings.out / "store")
     session = Session(settings)
     scorer_session = ScorerSession(settings, session)
@@ -644,6 +762,8 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
         lossless = store.done(LOSSLESS)
         if complete and not changed:
             record_certificate_binding(settings.out, binding)
+        if complete:  # candidates are read from here on
+            record_store_certificate(settings, binding, exploratory=bool(changed))
         evaluated: dict[str, list[dict]] = {}
         n_cal = len(calibration_ids)
         for family, grid in grids.items():
@@ -803,6 +923,7 @@ def _report(settings, bound, grids, level, reach, calibration_ids, test_ids, los
         "serve_with": served_config(best and best["family"], best and best["knob"], head_out, point_name,
                                     settings.selfjudge_settings),
         "settings": bound, "certificate_binding": certificate_binding(settings, grids),
+        "other_certificates": other_certificates(settings, certificate_binding(settings, grids)),
         "date": datetime.date.today().isoformat(),
     }
 
@@ -896,6 +1017,7 @@ def _markdown(report: dict) -> str:
            f"{'changed' if report['measure'] == 'meaning_changes' else 'lost'}. The certificate holds for this "
            "scorer's verdicts, not for a person's judgement.", ""] if report.get("scorer") else []),
         *([f"Warning: {report['resolution']['note']}.", ""] if report["resolution"]["note"] else []),
+        *([f"Note: {other_certificates_line(report)}.", ""] if other_certificates_line(report) else []),
         "| point | n | changes | lost | gained | observed risk | upper bound | p-value | certified "
         "| acceptance length | test risk (n) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
@@ -1015,6 +1137,8 @@ def summary_lines(report: dict, out: Path) -> list[str]:
     lines = [f"selfjudge calibrate: {report['verdict']}"]
     if report["resolution"]["note"]:
         lines.append(f"  warning: {report['resolution']['note']}")
+    if other_certificates_line(report):
+        lines.append(f"  note: {other_certificates_line(report)}")
     if report["complete"]:
         lines.append(f"  serve with: --additional-config '{json.dumps(report['serve_with'])}'")
     stem = report_stem(report)

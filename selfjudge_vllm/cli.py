@@ -134,7 +134,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     except calibrate.CalibrateError as exc:
         print(f"selfjudge calibrate: {exc}", file=sys.stderr)
         return calibrate.EXIT_BAD_INPUT
-    except (RuntimeError, TimeoutError) as exc:  # the engine did not start (its log is in OUT/server.log)
+    except (RuntimeError, TimeoutError) as exc:  # a server did not start: the message names its log
+        # (OUT/server.log for the target's engine, OUT/scorer-server.log for a --scorer-model judge)
         print(f"selfjudge calibrate: {exc}", file=sys.stderr)
         return calibrate.EXIT_FAILED
     except KeyboardInterrupt:  # run()'s `finally` has stopped the engines; every response so far is kept

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -219,6 +220,80 @@ def test_server_settings_reach_the_engine_the_binding_and_the_served_config(tmp_
     plain = calibrate.CalibrateSettings(target="t", speculative_config={"method": "ngram"}, prompts=prompts,
                                         out=tmp_path, measure="text_changes", budget=0.05)
     assert calibrate.bound_settings(plain)["selfjudge_settings"] is None  # as folders written before the option
+
+
+class _Servers:
+    """server_process.Server's stand-in: records each command and log; `fail` makes the
+    server whose --served-model-name it is fail to start, as vLLM's out-of-memory does."""
+
+    def __init__(self, fail=None):
+        self.started, self.fail = [], fail
+
+    def __call__(self, command, log_path, startup_timeout=240.0, env=None):
+        self.started.append((command, str(log_path)))
+        if command[command.index("--served-model-name") + 1] == self.fail:
+            raise RuntimeError("server exited with 1:\ntorch.OutOfMemoryError: CUDA out of memory")
+        return types.SimpleNamespace(base="http://127.0.0.1:1", stop=lambda: None)
+
+
+def _judge_settings(tmp_path, **over):
+    base = dict(target="t", speculative_config={"method": "ngram"}, prompts=tmp_path / "p.jsonl", out=tmp_path / "o",
+                measure="judged_loss", budget=0.05, scorer_model="judge-model")
+    return calibrate.CalibrateSettings(**{**base, **over})
+
+
+def test_a_judge_model_beside_the_target_gets_a_gpu_share_and_the_target_is_told_to_leave_room(monkeypatch, tmp_path):
+    """--scorer-model on a GPU: the judge's `vllm serve` starts while calibrate's engine is up,
+    so it gets SCORER_GPU_SHARE of the GPU's memory, and when --vllm-args leaves the target
+    vLLM's default 0.9 calibrate says the target needs room (a CPU machine: neither)."""
+    from selfjudge_vllm import meaning, server_process
+
+    servers = _Servers()
+    monkeypatch.setattr(server_process, "Server", servers)
+    monkeypatch.setattr(meaning.LLMJudgeClient, "__init__", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(calibrate, "_has_cuda", lambda: True)
+    (tmp_path / "o").mkdir()
+    settings = _judge_settings(tmp_path)
+    session = calibrate.Session(settings)
+    session.get()
+    calibrate.ScorerSession(settings, session).client()
+    (target, target_log), (judge, judge_log) = servers.started
+    share = judge.index("--gpu-memory-utilization")
+    assert judge[share + 1] == "0.2" == f"{calibrate.SCORER_GPU_SHARE:g}" and judge_log.endswith("scorer-server.log")
+    assert "--gpu-memory-utilization" not in target and target_log.endswith("/server.log")
+    note = calibrate.judge_memory_note(settings)
+    assert '--vllm-args="--gpu-memory-utilization 0.7"' in note and "judge-model" in note
+    for args in (("--gpu-memory-utilization", "0.7"), ("--gpu-memory-utilization=0.7",)):
+        assert calibrate.judge_memory_note(_judge_settings(tmp_path, vllm_args=args)) is None
+    assert calibrate.judge_memory_note(_judge_settings(tmp_path, scorer_model=None)) is None  # the target judges
+    monkeypatch.setattr(calibrate, "_has_cuda", lambda: False)
+    assert calibrate.judge_memory_note(settings) is None
+    servers.started.clear()
+    calibrate.ScorerSession(settings, session).client()
+    assert "--gpu-memory-utilization" not in servers.started[0][0]
+
+
+def test_a_judge_server_that_fails_to_start_is_reported_with_its_own_log(monkeypatch, tmp_path, capsys):
+    """The judge model's server fails (out of GPU memory beside the target): calibrate says so
+    before serving, and the error names OUT/scorer-server.log and what to do, not the
+    target's OUT/server.log."""
+    from selfjudge_vllm import server_process
+    from tests import simulated_engine as sim
+
+    monkeypatch.setattr(server_process, "Server", _Servers(fail="judge"))
+    monkeypatch.setattr(calibrate, "_has_cuda", lambda: True)
+    sim.SimulatedEngine({("top_alpha", 0.5): 0.3}, seed=0).install(monkeypatch)
+    prompts = sim.write_prompts(tmp_path / "p.jsonl", 30)
+    out = tmp_path / "out"
+    argv = _args(tmp_path, prompts, **{"--measure": "judged_loss", "--scorer-model": "judge-model",
+                                       "--rules": "top_alpha", "--grid": "top_alpha=0.5", "--test-share": "0"})
+    assert main(argv) == calibrate.EXIT_FAILED
+    captured = capsys.readouterr()
+    assert "calibrate: warning: the judge model judge-model is served on this GPU beside the target" in captured.out
+    assert (f"the judge model's vllm serve (judge-model) did not start; its log is {out / 'scorer-server.log'}"
+            in captured.err)
+    assert '--gpu-memory-utilization 0.7' in captured.err and "CUDA out of memory" in captured.err
+    assert str(out / "server.log") not in captured.err
 
 
 def test_the_operating_point_name_and_served_configs():

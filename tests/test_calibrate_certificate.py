@@ -141,6 +141,85 @@ def test_a_measure_binds_its_own_settings_by_adding_a_key(monkeypatch, tmp_path)
     assert rerun["exploratory"]["changed"] == ['scorer ({"name": "scorer-a"} -> {"name": "scorer-b"})']
 
 
+# -- a store shared between folders ----------------------------------------------------------------
+
+
+def _share_store(tmp_path, folder, with_="out"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "store").symlink_to(tmp_path / with_ / "store", target_is_directory=True)
+
+
+def test_a_folder_bound_to_other_response_settings_is_refused_its_shared_store(monkeypatch, tmp_path):
+    """A folder whose store is a link to another's: with another target (or any response
+    setting) its certificate would be on the other target's responses; refused before
+    anything is bound or served. A store begun before it recorded its settings adopts the
+    folder's."""
+    engine, _ = _first(monkeypatch, tmp_path)
+    store = tmp_path / "out" / "store"
+    served = len(engine.served)
+    for folder, over, said in (("other-target", {"target": "another-model"}, "(target)"),
+                               ("other-tokens", {"max_tokens": 64}, "(max_tokens)")):
+        _share_store(tmp_path, folder)
+        with pytest.raises(calibrate.CalibrateError, match=r"store \(.*\) holds responses served with other settings "
+                           + said.replace("(", r"\(").replace(")", r"\)")):
+            _run(monkeypatch, tmp_path, engine, out=folder, **over)
+        assert not (tmp_path / folder / "settings.json").exists() and len(engine.served) == served
+    assert json.loads((store / "settings.json").read_text()) == json.loads(
+        (tmp_path / "out" / "settings.json").read_text())
+    (store / "settings.json").unlink()  # as a store begun before it recorded them
+    _share_store(tmp_path, "same")
+    status, _ = _run(monkeypatch, tmp_path, engine, out="same")
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and len(engine.served) == served
+    assert json.loads((store / "settings.json").read_text())["target"] == "simulated"
+    with pytest.raises(calibrate.CalibrateError, match=r"store .* \(target\)"):
+        _run(monkeypatch, tmp_path, engine, out="other-target", target="another-model")
+
+
+def test_every_certificate_on_a_shared_store_is_listed_in_the_others_reports(monkeypatch, tmp_path, capsys):
+    """Folder `out` certifies at 10% and explores 20%; folder `b`, sharing its responses,
+    certifies 20% on them: b's report names both, as the chat benchmark's side-by-side
+    measurements do, and says that choosing among them is not covered by any one."""
+    engine, first = _first(monkeypatch, tmp_path)
+    assert first["other_certificates"] == []
+    assert _run(monkeypatch, tmp_path, engine, budget=0.2)[0] == calibrate.EXIT_EXPLORATORY
+    _share_store(tmp_path, "b")
+    capsys.readouterr()
+    status, report = _run(monkeypatch, tmp_path, engine, out="b", budget=0.2)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED
+    out = str((tmp_path / "out").resolve())
+    assert [(r["folder"], r["binding"]["budget"], r["exploratory"]) for r in report["other_certificates"]] == [
+        (out, 0.1, False), (out, 0.2, True)]
+    said = "2 other certificates were computed on these responses: "
+    markdown = (tmp_path / "b" / "report.md").read_text()
+    assert said in markdown and "answer_changes within 10% at 90% confidence" in markdown
+    assert "(exploratory)" in markdown and "not covered by any one certificate" in markdown
+    assert said in "\n".join(calibrate.summary_lines(report, tmp_path / "b"))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "store" / "certificates.jsonl").read_text()
+             .splitlines()]
+    assert [(r["folder"], r["binding"]["budget"]) for r in lines] == [(out, 0.1), (out, 0.2),
+                                                                     (str((tmp_path / "b").resolve()), 0.2)]
+    _run(monkeypatch, tmp_path, engine, out="b", budget=0.2)  # a rerun adds nothing
+    _, again = _run(monkeypatch, tmp_path, engine)  # the first folder's rerun now names b's
+    assert len((tmp_path / "out" / "store" / "certificates.jsonl").read_text().splitlines()) == 3
+    assert [r["binding"]["budget"] for r in again["other_certificates"]] == [0.2, 0.2]
+
+
+def test_the_chat_benchmarks_measurement_folders_share_one_store(monkeypatch, tmp_path):
+    """benchmarks/chat_meaning.py's layout (each measurement its own folder, store -> ../store):
+    every measurement binds the same response settings, so each is accepted and serves only
+    what it lacks."""
+    from benchmarks import chat_meaning
+
+    monkeypatch.setattr(chat_meaning, "OUT", tmp_path / "chat")
+    folders = [chat_meaning.measurement_folder(("ngram", 8), "answer_changes", None, b) for b in (0.1, 0.2)]
+    engine = sim.SimulatedEngine(RISKS, seed=3)
+    _run(monkeypatch, tmp_path, engine, out=folders[0])
+    status, report = _run(monkeypatch, tmp_path, engine, out=folders[1], budget=0.2)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and len(report["other_certificates"]) == 1
+    assert sum(point == "lossless" for point, _ in engine.served) == 150  # served once, for both
+    assert (tmp_path / "chat" / "ngram-k8" / "store" / "settings.json").is_file()
+
+
 # -- what the report says ------------------------------------------------------------------------
 
 
@@ -178,13 +257,16 @@ def test_the_certified_heads_bound_is_labelled_per_point(monkeypatch, tmp_path):
 # -- prompts the head was labelled on ------------------------------------------------------------
 
 
-def _head_labelled_on(path, rows):
+def _head_labelled_on(path, rows, tokenizer=None, legacy=False):
+    """A head whose provenance records `rows` as `selfjudge label` does (legacy: as label runs
+    before the text digests did, by exact content only)."""
     from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, TargetIdentity
-    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, prompt_digest
+    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_KEY, legacy_prompt_digest, prompt_digests
 
     identity = TargetIdentity(name="t", architecture="LlamaForCausalLM", hidden_size=4, vocab_size=10,
                               num_hidden_layers=1)
-    provenance = {} if rows is None else {PROMPT_DIGESTS_KEY: sorted(prompt_digest(r) for r in rows)}
+    digests = ({legacy_prompt_digest(r)} if legacy else set(prompt_digests(r, tokenizer)) for r in rows or ())
+    provenance = {} if rows is None else {PROMPT_DIGESTS_KEY: sorted(set().union(*digests))}
     JudgeArtifact(JudgeArtifactConfig(target=identity, default_threshold=0.5, provenance=provenance),
                   torch.zeros(4), torch.zeros(1)).save(path)
     return path
@@ -229,3 +311,69 @@ def test_a_label_runs_prompt_digests_reach_the_trained_heads_provenance(tmp_path
     assert prompt_digest({"prompt": "x"}) != prompt_digest({"messages": [{"role": "user", "content": "x"}]})
     (tmp_path / "c").mkdir()
     assert label_prompt_digests([str(tmp_path / "a"), str(tmp_path / "c")]) is None  # a run from before
+
+
+class _ChatTokenizer:
+    """A chat template, as a target's tokenizer renders `messages`."""
+
+    chat_template = "<|role|> content"
+
+    @staticmethod
+    def apply_chat_template(messages, add_generation_prompt=True, tokenize=False):
+        return "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages) + "<|assistant|>\n"
+
+
+def test_a_prompt_is_known_by_the_text_it_is_served_as():
+    """The same prompt as `messages` or as their rendered `prompt`, with a trailing newline, or
+    with an extra message key shares a digest with the labelled one; another prompt does not.
+    Without a tokenizer the canonical role + content rendering still matches the messages
+    variants."""
+    from selfjudge_vllm.offline.prompts import prompt_digests
+
+    messages = [{"role": "user", "content": "Write a haiku about rain."}]
+    label_row = {"id": "x", "messages": messages}
+    tok = _ChatTokenizer()
+    variants = {"same messages, other id": {"id": "y", "messages": messages},
+                "rendered prompt": {"id": "x", "prompt": tok.apply_chat_template(messages)},
+                "rendered prompt, other whitespace": {"id": "x", "prompt": tok.apply_chat_template(messages) + " \n"},
+                "content with a trailing newline": {"id": "x", "messages": [
+                    {"role": "user", "content": messages[0]["content"] + "\n"}]},
+                "extra message key": {"id": "x", "messages": [dict(messages[0], name="u")]}}
+    labelled = set(prompt_digests(label_row, tok))
+    for name, row in variants.items():
+        assert not labelled.isdisjoint(prompt_digests(row, tok)), name
+    assert labelled.isdisjoint(prompt_digests({"messages": [{"role": "user", "content": "Write a haiku about snow."}]},
+                                              tok))
+    assert labelled.isdisjoint(prompt_digests({"prompt": "Write a haiku about rain."}, tok))  # served otherwise
+    without = set(prompt_digests(label_row))
+    for name in ("content with a trailing newline", "extra message key"):
+        assert not without.isdisjoint(prompt_digests(variants[name])), name
+
+
+def test_label_prompts_given_otherwise_here_are_dropped(monkeypatch, tmp_path, capsys):
+    """The head was labelled on ten chat prompts (`messages`); the calibration file holds them
+    as their rendered `prompt` with other whitespace, or with an extra message key: none is
+    served. A head labelled before the text digests is checked by exact content, with a
+    warning that the check is weaker."""
+    monkeypatch.setattr(calibrate, "target_tokenizer", lambda target: _ChatTokenizer())
+    tok = _ChatTokenizer()
+    chat = [[{"role": "user", "content": f"question {i}"}] for i in range(10)]
+    rows = [{"id": f"q{i}", "prompt": tok.apply_chat_template(chat[i]) + "\n"} for i in range(5)]
+    rows += [{"id": f"q{i}", "messages": [dict(chat[i][0], name="user")]} for i in range(5, 10)]
+    rows += [{"id": f"q{i}", "prompt": f"question {i}"} for i in range(10, 150)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({**r, "answer": "1"}) + "\n" for r in rows))
+    head = _head_labelled_on(tmp_path / "head", [{"id": f"l{i}", "messages": m} for i, m in enumerate(chat)], tok)
+    engine = sim.SimulatedEngine({("judge", 0.9): 0.0}, seed=1)
+    _, report = _run(monkeypatch, tmp_path, engine, grids={"judge": (0.9,)}, head=head)
+    assert report["calibration_prompts"] == 140
+    assert not {f"q{i}" for i in range(10)} & {i for _, i in engine.served}
+    out = capsys.readouterr().out
+    assert "dropped 10 of 150 prompts the head was labelled on (first: 'q0')" in out
+    assert "by their exact content only" not in out
+    exact = [{"id": f"l{i}", "prompt": f"question {i}"} for i in range(10, 20)]
+    old = _head_labelled_on(tmp_path / "old-head", exact, legacy=True)
+    engine = sim.SimulatedEngine({("judge", 0.9): 0.0}, seed=1)
+    _, report = _run(monkeypatch, tmp_path, engine, out="old", grids={"judge": (0.9,)}, head=old)
+    assert report["calibration_prompts"] == 140 and "q10" not in {i for _, i in engine.served}
+    out = capsys.readouterr().out
+    assert "records its label prompts by their exact content only" in out and "dropped 10 of 150" in out

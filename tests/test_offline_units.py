@@ -152,9 +152,10 @@ def test_a_label_run_resumes_from_its_prompt_file_under_another_path_but_not_oth
     settings = LabelSettings(target=str(target), draft=str(draft), prompts="p.jsonl", max_new_tokens=8)
     prepare_job(settings, tmp_path / "run")
     # what calibrate checks its prompts against (through the trained head's provenance)
-    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_FILE, prompt_digest
+    from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_FILE, prompt_digest, prompt_digests
 
-    assert json.loads((tmp_path / "run" / PROMPT_DIGESTS_FILE).read_text()) == [prompt_digest({"prompt": "a b c"})]
+    recorded = json.loads((tmp_path / "run" / PROMPT_DIGESTS_FILE).read_text())
+    assert recorded == sorted(prompt_digests({"prompt": "a b c"})) and prompt_digest({"prompt": " a b c\n"}) in recorded
     prepare_job(replace(settings, prompts=str(prompts.resolve())), tmp_path / "run")  # the same file
     _write(prompts, ['{"prompt": "other words"}\n'])
     with pytest.raises(RunError, match="prompts_sha256"):

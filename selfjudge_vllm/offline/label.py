@@ -28,7 +28,13 @@ from selfjudge_vllm.answers import pattern_answer
 from selfjudge_vllm.features import evidence_from_logprobs
 from selfjudge_vllm.files import file_sha256
 from selfjudge_vllm.offline.engine import EngineSettings, engine, greedy_responses, hidden_states, prompt_logprobs
-from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_FILE, Prompt, prompt_digest, read_prompt_file, tokenize_prompts
+from selfjudge_vllm.offline.prompts import (
+    PROMPT_DIGESTS_FILE,
+    Prompt,
+    prompt_digests,
+    read_prompt_file,
+    tokenize_prompts,
+)
 from selfjudge_vllm.offline.proposers import NgramSettings, ngram_mismatches
 from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
 from selfjudge_vllm.offline.store import RunDir
@@ -276,7 +282,12 @@ def prepare_job(settings: LabelSettings, out_dir: str | Path) -> LabelJob:
     if settings.answer_pattern is None:  # a rerun without it goes on with the run's
         settings = replace(settings, answer_pattern=run.read_json("run.json").get("answer_pattern"))
     # Which prompts the head will have seen, so calibrate can keep them out of its certificate.
-    run.write_json(PROMPT_DIGESTS_FILE, sorted({prompt_digest(r) for r in read_prompt_file(settings.prompts)}))
+    # By the text each is served as (the target's chat template renders `messages`), in every form.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.target)
+    run.write_json(PROMPT_DIGESTS_FILE, sorted({d for r in read_prompt_file(settings.prompts)
+                                                for d in prompt_digests(r, tokenizer)}))
     shards = _shards(prompts, settings.shard_size)
     run.bind_shard_count(len(shards))
     write_target_identity(run, settings.target)

@@ -32,12 +32,51 @@ class Prompt:
 # Where a label run records the digests of its prompts (RUN/PROMPT_DIGESTS_FILE), and the key a
 # head trained on it carries them under in its provenance.
 PROMPT_DIGESTS_FILE, PROMPT_DIGESTS_KEY = "prompt_digests.json", "label_prompt_digests"
+# A digest of the text a prompt is served as starts with this; label runs before it recorded
+# only legacy_prompt_digest (the exact JSON content), which another rendering of the same prompt
+# evades.
+TEXT_DIGEST_PREFIX = "text:"
 
 
-def prompt_digest(row: dict) -> str:
-    """A prompt's identity by content (its `prompt` or `messages`, not its id or file): what
-    `selfjudge calibrate` compares with the prompts a head was labelled on, without keeping them.
-    64 bits of SHA-256: no accidental collision among any realistic number of prompts."""
+def served_texts(row: dict, tokenizer=None) -> list[str]:
+    """The text a prompt is served as: `prompt` as given; `messages` (their roles and contents
+    only) through the tokenizer's chat template where there is one, and always also a canonical
+    "role: content" rendering, which needs no tokenizer (and no template's date)."""
+    if "prompt" in row:
+        return [row["prompt"]]
+    messages = [{"role": str(m.get("role")), "content": m.get("content") if isinstance(m.get("content"), str)
+                 else json.dumps(m.get("content"), sort_keys=True, ensure_ascii=False)}
+                for m in row["messages"] if isinstance(m, dict)]
+    texts = []
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    texts.append("\n".join(f"{m['role']}: {m['content']}" for m in messages))
+    return texts
+
+
+def _text_digest(text: str) -> str:
+    # whitespace removed: a trailing newline or another indentation is the same prompt here
+    return TEXT_DIGEST_PREFIX + hashlib.sha256("".join(text.split()).encode()).hexdigest()[:16]
+
+
+def prompt_digest(row: dict, tokenizer=None) -> str:
+    """A prompt's identity by the text it is served as (not its id, file or JSON spelling), with
+    whitespace removed: the same prompt given as `messages` or as their rendered `prompt` (with
+    the tokenizer), with other whitespace, or with extra message keys has one digest. 64 bits of
+    SHA-256: no accidental collision among any realistic number of prompts."""
+    return _text_digest(served_texts(row, tokenizer)[0])
+
+
+def prompt_digests(row: dict, tokenizer=None) -> list[str]:
+    """Every digest a prompt is known by: its served text's (served_texts: the chat template's
+    rendering where a tokenizer is given, the canonical one), and the legacy exact-content one,
+    which heads labelled before the text digests carry. What `selfjudge label` records and
+    `selfjudge calibrate` compares with the prompts a head was labelled on, without keeping them."""
+    return [*dict.fromkeys(_text_digest(t) for t in served_texts(row, tokenizer)), legacy_prompt_digest(row)]
+
+
+def legacy_prompt_digest(row: dict) -> str:
+    """The digest label runs recorded before TEXT_DIGEST_PREFIX: the exact JSON content."""
     content = {"prompt": row["prompt"]} if "prompt" in row else {"messages": row["messages"]}
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
