@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from selfjudge_vllm import calibrate, meaning
+from selfjudge_vllm import calibrate, meaning, measurement
 from selfjudge_vllm.answers import AnswerKind
 from selfjudge_vllm.cli import main
 from selfjudge_vllm.meaning import MeaningJudge, Pair, ScorerSettings
@@ -450,3 +450,33 @@ def test_calibrate_under_each_reference_free_measure_on_tiny_models(tiny_pair, w
     assert "scorer's verdicts, not for a person's judgement" in (shared_c / "report.md").read_text()
     status, log = calibrate_into(shared_c, "--measure", "meaning_changes", "--scorer", "llm")  # read back
     assert json.loads((shared_c / "report.json").read_text())["points"] == llm["points"], log
+
+
+def test_ctrl_c_stops_the_engine_keeps_every_response_and_exits_130(monkeypatch, tmp_path, capsys):
+    """Ctrl-C in the middle of serving: the engine is stopped (run()'s finally), the responses
+    that finished are in the store, and the command says how to resume and exits 130."""
+    from tests import simulated_engine as sim
+
+    engine = sim.SimulatedEngine({("top_alpha", 0.9): 0.0}, seed=0)
+    engine.install(monkeypatch)
+    served = engine.run_items
+
+    async def interrupted(base_url, items, extra, concurrency, on_done, model="target"):
+        for item in items:  # Ctrl-C arrives inside a segment, after 10 responses
+            if len(engine.served) >= 10:
+                raise KeyboardInterrupt
+            await served(base_url, [item], extra, concurrency, on_done, model)
+        return 0.0
+
+    monkeypatch.setattr(measurement, "run_items", interrupted)
+    closed = []
+    monkeypatch.setattr(calibrate.Session, "close", lambda session: closed.append(True))
+    prompts = sim.write_prompts(tmp_path / "forty.jsonl", 40)
+    monkeypatch.setattr(calibrate, "settings_from_args", lambda args: sim.settings(
+        prompts, tmp_path / "out", {"top_alpha": (0.9,)}, measure="text_changes", answer=AnswerKind("text")))
+    assert main(_argv(tmp_path, "--measure", "text_changes")) == calibrate.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Rerun the same command to continue" in err
+    assert closed == [True]
+    stored = (tmp_path / "out" / "store" / "requests.jsonl").read_text().splitlines()
+    assert len(stored) == 10  # every response that finished before Ctrl-C
