@@ -51,9 +51,10 @@ for a GPU machine).
 
 Forced entries are finite in the logits' dtype (rules.forced_logit): when no request of a
 chunk needs processing, vLLM verifies the model's own float16/bfloat16 tensor. With
-draft_sample_method="probabilistic" the kernels accept when p_target(draft) > u x q(draft);
-a forced draft has p_target = 1, so it is accepted unless the draw u rounds to 1 while
-q(draft) rounds to 1 (then the test is 1 > 1).
+draft_sample_method="probabilistic" the kernels accept when p_target(draft) > u x q(draft)
+(in log space, `target_logprob > tl.log(u) + draft_logprob`); a forced draft has p_target =
+1 (log 0), and u = tl_rand32(...) is Triton's tl.rand, in (0, 1) (its largest value is
+0.99999994 in float32), so log u < 0 <= -log q(draft) and a forced draft is always accepted.
 """
 
 from __future__ import annotations
