@@ -41,8 +41,9 @@ first divergent position. The preempt reference also has the judged run's engine
 
 What the probes cannot see: set_sync_debug_mode reports synchronizing CUDA calls, but a
 non_blocking host-to-device copy from pageable (unpinned) memory waits for the device without
-being reported; the judge stages its host arrays in pinned memory (runtime.host_to_device,
-RequestRuleTable), which the CPU tests check, not this script.
+being reported. The judge's host-to-device copies go through runtime.host_to_device, which
+stages them with pin_memory() on CUDA (its staging tensor never leaves it, so neither this
+script nor the CPU tests, which have no CUDA to pin with, check its pinned-ness).
 
 Not run in this project's workplace: vLLM is not installed on the lent GPU machines and its
 wheel is too large to carry there (docs/vllm-integration.md). The parts that need no GPU and
