@@ -109,9 +109,10 @@ def test_the_judge_reads_the_whole_conversation():
 
 def test_scorer_settings_defaults_and_refusals():
     emb = ScorerSettings.make("meaning_changes", None, None, None)
-    assert (emb.scorer, emb.model, emb.threshold, emb.prompt_version) == ("embedding", "all-MiniLM-L6-v2", 0.9, None)
+    assert (emb.scorer, emb.model, emb.threshold, emb.prompt_version) == ("embedding", "all-MiniLM-L6-v2", 0.99, None)
     llm = ScorerSettings.make("meaning_changes", "llm", None, 0.6)
     assert (llm.model, llm.threshold, llm.prompt_version) == ("target", 0.6, meaning.EQUIVALENCE_PROMPT_VERSION)
+    assert ScorerSettings.make("meaning_changes", "llm", None, None).threshold == 0.7
     judged = ScorerSettings.make("judged_loss", None, "draft-dir", None)
     assert (judged.scorer, judged.model, judged.prompt_version) == ("llm", "draft-dir",
                                                                     meaning.PREFERENCE_PROMPT_VERSION)
@@ -188,7 +189,7 @@ def test_the_llm_scorer_asks_both_orders_and_decides_from_yes_and_no(tmp_path):
             {"Yes": math.log(0.3), "No": math.log(0.7)}
 
     judge_client = ScriptedJudge(answer)
-    judge = MeaningJudge(ScorerSettings.make("meaning_changes", "llm", None, None), tmp_path / "s.jsonl",
+    judge = MeaningJudge(ScorerSettings.make("meaning_changes", "llm", None, 0.5), tmp_path / "s.jsonl",
                          llm_client=lambda: judge_client)
     pair = Pair("a", "Describe a pet.", "A cat.", "A kitten.")
     judge.score([pair])
