@@ -46,6 +46,7 @@ from selfjudge_vllm.measurement import (  # noqa: E402
     give_the_worker_every_core,
     load_jsonl,
     log,
+    point_summary,
     request_options,
 )
 
@@ -251,11 +252,43 @@ def report(args) -> None:
                      "score": row.get("score"), "loop": row["loop"], "request": _short(p.request, 200),
                      "lossless": _short(p.lossless), "relaxed": _short(p.relaxed)} for p, t, row in wrong[:4]]
         tables[name] = {"truth": truth_name, "rows": rows}
-    result = {"tables": tables, "examples": examples, "defaults": meaning_defaults(),
+    result = {"tables": tables, "examples": examples, "defaults": meaning_defaults(), "points": point_rates(verdicts),
               "command": "python benchmarks/meaning_validation.py --testbed testbed-qwen --stages report"}
     (OUT / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     (OUT / "report.md").write_text(_markdown(result))
     log(f"report: {OUT / 'report.md'}")
+
+
+def point_rates(verdicts: dict[str, bool]) -> list[dict]:
+    """Per relaxed point on the chat prompts: responses served beside lossless, texts changed,
+    and meanings changed by the blind reading, with an exact (Clopper-Pearson) 95% interval
+    of the meaning-change rate; only once every changed text of the point has a verdict."""
+    from scipy import stats
+
+    store = RequestStore(OUT / "store")
+    lossless = store.done("lossless")
+    keys = load_jsonl(OUT / "key.jsonl")
+    rows = []
+    for rule, knob in VALIDATION_POINTS:
+        point = point_key(rule, knob)
+        served = [i for i in store.done(point) if i in lossless]
+        changed = [i for i in served if store.done(point)[i]["text"] != lossless[i]["text"]]
+        pairs = [k["pair"] for k in keys if k["point"] == point]
+        if len(pairs) < len(changed) or any(p not in verdicts for p in pairs):
+            continue  # not every changed text is read yet
+        different = sum(verdicts[p] for p in pairs)
+        low = stats.beta.ppf(0.025, different, len(served) - different + 1) if different else 0.0
+        high = stats.beta.ppf(0.975, different + 1, len(served) - different) if different < len(served) else 1.0
+        # acceptance against lossless on the prompts both have counters for (a cut segment has none)
+        counted = set(served) - store.uncounted(point, set(served)) - store.uncounted("lossless", set(served))
+        mine, base = point_summary(store, point, counted), point_summary(store, "lossless", counted)
+        covered = counted and mine["timed_items"] == base["timed_items"] == len(counted)
+        ratio = mine["mean_acceptance_length"] / base["mean_acceptance_length"] if covered else None
+        rows.append({"point": point, "served": len(served), "texts_changed": len(changed),
+                     "acceptance_vs_lossless": ratio, "acceptance_prompts": len(counted),
+                     "meanings_changed": different, "rate": different / len(served), "low95": float(low),
+                     "high95": float(high)})
+    return rows
 
 
 def meaning_defaults() -> dict:
@@ -283,7 +316,18 @@ def _markdown(result: dict) -> str:
             lines.append(f"| {label} | {r['n']} | {r['truth_changed']} | {r['predicted_changed']} | {pct(r['precision'])} "
                          f"| {pct(r['recall'])} | {kappa} | {r['loops']} | {r['seconds_per_pair']:.2f} |")
         lines.append("")
-    lines += ["## Where the default scorers and the truth disagree", ""]
+    lines += ["## How often relaxing changed what a chat answer says (the blind reading)", "",
+              "Per relaxed point on the ShareGPT validation prompts, paired with lossless on the same server "
+              "(`ngram` k=8): responses served, texts changed, and meanings changed by the blind reading, with an "
+              "exact 95% interval of the rate.", "",
+              "| point | prompts | acceptance vs lossless (prompts) | texts changed | meanings changed "
+              "| rate (95% interval) |", "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['point']} | {r['served']} | "
+              + (f"{r['acceptance_vs_lossless']:.2f}x ({r['acceptance_prompts']})" if r["acceptance_vs_lossless"]
+                 else "n/a")
+              + f" | {r['texts_changed']} | {r['meanings_changed']} | {pct(r['rate'])} "
+              f"({pct(r['low95'])}-{pct(r['high95'])}) |" for r in result["points"]]
+    lines += ["", "## Where the default scorers and the truth disagree", ""]
     for label, rows in result["examples"].items():
         for e in rows:
             lines += [f"**{label}**, pair `{e['pair']}` ({e['truth']}; score {e['score']}, loop {e['loop']!r}):", "",
