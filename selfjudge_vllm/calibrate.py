@@ -688,13 +688,12 @@ class ScorerSession:
                 share = ("--gpu-memory-utilization", f"{SCORER_GPU_SHARE:g}") if _has_cuda() else ()
                 command = serve_command(model, free_port(), None, None, model_name="judge", dtype=dtype,
                                         max_model_len=self.settings.max_model_len, extra_args=share)
-                log(f"calibrate: starting vllm serve for the judge model {model} "
-                    f"(log in {self.settings.out / 'scorer-server.log'})")
-                self.server = start_server(f"the judge model's vllm serve ({model})", command,
-                                           self.settings.out / "scorer-server.log", self.settings, env,
-                                           judge_memory_note(self.settings))
+                log_path = self.settings.out / "scorer-server.log"
+                log(f"calibrate: starting vllm serve for the judge model {model} (log in {log_path})")
+                self.server = start_server(f"the judge model's vllm serve ({model})", command, log_path,
+                                           self.settings, env, judge_memory_note(self.settings))
                 self._client = LLMJudgeClient(self.server.base, "judge", model, self.settings.concurrency,
-                                              self.settings.max_model_len, self.settings.out / "scorer-server.log")
+                                              self.settings.max_model_len, log_path)
         return self._client
 
     def close(self):
