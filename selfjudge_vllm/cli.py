@@ -139,7 +139,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"selfjudge calibrate: {exc}", file=sys.stderr)
         return calibrate.EXIT_FAILED
     except KeyboardInterrupt:  # run()'s `finally` has stopped the engines; every response so far is kept
-        print(f"selfjudge calibrate: interrupted; every finished response is kept in {settings.out / 'store'}. "
+        print(f"selfjudge calibrate: interrupted; every finished response is kept in {args.out}/store. "
               "Rerun the same command to continue where it stopped.", file=sys.stderr)
         return calibrate.EXIT_INTERRUPTED
     for line in calibrate.summary_lines(report, settings.out):
