@@ -39,7 +39,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import chat_tasks  # noqa: E402
 from benchmarks.runner import Sitting, plugin_config, speculative_config, start_server  # noqa: E402
-from selfjudge_vllm.meaning import MeaningJudge, Pair, ScorerSettings  # noqa: E402
+from selfjudge_vllm.calibrate import point_key  # noqa: E402  (calibrate's point names: lossless, rule-knob)
+from selfjudge_vllm.meaning import DEFAULT_THRESHOLDS, MeaningJudge, Pair, ScorerSettings  # noqa: E402
 from selfjudge_vllm.measurement import (  # noqa: E402
     PromptItem,
     RequestStore,
@@ -63,10 +64,6 @@ CHUNK = 16  # prompts per round of every point
 def validation_items(template, count: int) -> list[PromptItem]:
     return [PromptItem(pid, template([{"role": "user", "content": text}]), MAX_TOKENS)
             for pid, text in chat_tasks.sharegpt_split("validation", count)]
-
-
-def point_key(rule: str, knob: float | None) -> str:
-    return "lossless" if rule == "lossless" else f"{rule}-{knob:g}"
 
 
 def serve(args) -> None:
@@ -126,6 +123,7 @@ GSM8K_POINTS = ("judge-0.188512", "fly-0.3", "entropy-0.5", "top_alpha-0.9", "fl
 GSM8K_PAIRS = 300
 # The scorers validated, each with the thresholds offered ((scorer, judge model) -> thresholds).
 LLM_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
+JUDGE_MAX_MODEL_LEN = 4096  # the judge server's context; its client cuts questions to it
 EMBEDDING_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 
 
@@ -174,14 +172,16 @@ def score(args) -> None:
     from selfjudge_vllm.meaning import LLMJudgeClient
 
     sets = {"chat": chat_pairs(args), "gsm8k": [p for p, _ in gsm8k_pairs()]}
-    server = None
+    server, judge_client = None, None
 
-    def client():
-        nonlocal server
+    def client():  # one server and one client (its tokenizer loaded once) for every batch
+        nonlocal server, judge_client
         if server is None:
             server = start_server(args.testbed / "target", REFERENCE, None, None, OUT / "judge-server.log", "float32",
-                                  4096)
-        return LLMJudgeClient(server.base, "target", str(args.testbed / "target"), args.concurrency)
+                                  JUDGE_MAX_MODEL_LEN)
+            judge_client = LLMJudgeClient(server.base, "target", str(args.testbed / "target"), args.concurrency,
+                                          JUDGE_MAX_MODEL_LEN, OUT / "judge-server.log")
+        return judge_client
 
     work = []  # (set name, pairs, judge): one judge per score kind, the embedding first (no server)
     for name, pairs in sets.items():
@@ -244,7 +244,7 @@ def report(args) -> None:
             seconds = [judge.scores[p.key]["seconds"] for p, _ in scored]
             rows[label] = {**agreement(predicted, [t for _, t in scored]), "seconds_per_pair": sum(seconds) / len(seconds),
                            "loops": sum(judge.loop(p) is not None for p, _ in scored)}
-            if label in (f"embedding@{meaning_defaults()['embedding']:g}", f"llm@{meaning_defaults()['llm']:g}"):
+            if label in (f"embedding@{DEFAULT_THRESHOLDS['embedding']:g}", f"llm@{DEFAULT_THRESHOLDS['llm']:g}"):
                 wrong = [(p, t, {**judge.scores[p.key], "loop": judge.loop(p)}) for (p, t), c in zip(scored, predicted)
                          if c != t]
                 examples[f"{name}/{label}"] = [
@@ -252,7 +252,7 @@ def report(args) -> None:
                      "score": row.get("score"), "loop": row["loop"], "request": _short(p.request, 200),
                      "lossless": _short(p.lossless), "relaxed": _short(p.relaxed)} for p, t, row in wrong[:4]]
         tables[name] = {"truth": truth_name, "rows": rows}
-    result = {"tables": tables, "examples": examples, "defaults": meaning_defaults(), "points": point_rates(verdicts),
+    result = {"tables": tables, "examples": examples, "defaults": dict(DEFAULT_THRESHOLDS), "points": point_rates(verdicts),
               "command": "python benchmarks/meaning_validation.py --testbed testbed-qwen --stages report"}
     (OUT / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     (OUT / "report.md").write_text(_markdown(result))
@@ -289,12 +289,6 @@ def point_rates(verdicts: dict[str, bool]) -> list[dict]:
                      "meanings_changed": different, "rate": different / len(served), "low95": float(low),
                      "high95": float(high)})
     return rows
-
-
-def meaning_defaults() -> dict:
-    from selfjudge_vllm.meaning import DEFAULT_THRESHOLDS
-
-    return dict(DEFAULT_THRESHOLDS)
 
 
 def _markdown(result: dict) -> str:
