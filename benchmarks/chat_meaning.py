@@ -37,6 +37,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 from benchmarks import chat_tasks  # noqa: E402
 from benchmarks.runner import speculative_config  # noqa: E402
+from selfjudge_vllm import calibrate  # noqa: E402
 from selfjudge_vllm.measurement import log  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -97,10 +98,10 @@ def run_calibrate(args) -> None:
             command = calibrate_command(args, server, measure, scorer, budget)
             log(f"calibrate: {server} {measure} {scorer or ''} {budget:g}")
             status = subprocess.run(command).returncode
-            if status == 4:  # incomplete: this sitting's minutes ran out; rerun continues
+            if status == calibrate.EXIT_INCOMPLETE:  # this sitting's minutes ran out; rerun continues
                 log("calibrate: incomplete; rerun the same command to continue")
                 return
-            if status not in (0, 3):
+            if status not in (calibrate.EXIT_RELAXED_CERTIFIED, calibrate.EXIT_ONLY_LOSSLESS):
                 sys.exit(f"chat_meaning: calibrate failed with exit status {status}")
 
 

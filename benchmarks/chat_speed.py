@@ -123,7 +123,9 @@ def main(argv=None) -> int:
         items = [PromptItem(pid, template([{"role": "user", "content": text}]), args.max_tokens)
                  for pid, text in chat_tasks.sharegpt_split("benchmark", args.items)]
         dtype, max_model_len = "float32", 4096
-    spec = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    from benchmarks.runner import speculative_config
+
+    spec = speculative_config(("ngram", 8), None)  # the benchmarks' ngram lookup settings
     rules = sorted({r for r, _ in args.points} | {"top_alpha"})
     section = {"head": str(head), "rule": "judge", "request_rules": rules}
     env = every_core_env()  # the model gets every core on a CPU machine, unless set otherwise
