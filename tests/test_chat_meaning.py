@@ -78,7 +78,7 @@ def _report_tree(tmp_path) -> Tree:
     the 4 prompts it served before it was stopped early, judged loss all 8, the LLM judge none),
     fly 0.3 (4.0, stopped early after 4), top_alpha 0.9 (2.0, no text changed); fly 1 is
     certified within 10% by the embedding scorer and served on the test prompts."""
-    tree = Tree(tmp_path / "chat")
+    tree = Tree(tmp_path / "chat_meaning")
     tree.serve("lossless", {i: _lossless(i) for i in CALIBRATION}, 2.0)
     tree.serve("lossless", {i: _lossless(i) for i in TEST}, 2.0)
     fly1 = {i: _lossless(i) for i in CALIBRATION} | {"p0": LOOP, "p1": "Something else entirely."}
@@ -203,10 +203,10 @@ def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monk
 
 
 def test_report_only_writes_nothing_before_anything_is_served(monkeypatch, tmp_path):
-    monkeypatch.setattr(chat_meaning, "OUT", tmp_path / "chat")
+    monkeypatch.setattr(chat_meaning, "OUT", tmp_path / "chat_meaning")
     _no_serving_or_scoring(monkeypatch)
     assert chat_meaning.main(["--report-only"]) == 0
-    assert not (tmp_path / "chat" / "report.json").exists()
+    assert not (tmp_path / "chat_meaning" / "report.json").exists()
     with pytest.raises(SystemExit):  # every other stage serves, so needs the testbed
         chat_meaning.main(["--stages", "full"])
 
@@ -305,3 +305,22 @@ def test_the_full_stage_waits_for_calibrate_and_stops_at_its_minutes(monkeypatch
     unfinished.write_text(json.dumps({**json.loads(unfinished.read_text()), "complete": True}))
     assert not chat_meaning.serve_full(settings, llm=False, max_minutes=-1.0, measure=fake_measure)
     assert served == [] and FakeSession.started == 0  # out of minutes before the first point
+
+
+def test_the_readme_chat_table_reads_each_figure_from_the_report(monkeypatch, tmp_path):
+    from benchmarks import docs_sync
+
+    tree = _report_tree(tmp_path)
+    chat_meaning_report.write(tree.out)
+    blocks = docs_sync.chat_meaning_blocks(tree.out.parent)
+    assert blocks[(docs_sync.ROOT / "docs" / "benchmarks.md", "chat_meaning")] == (tree.out / "report.md").read_text()
+    table = blocks[(docs_sync.ROOT / "README.md", "chat_results")]
+    bound = 100 * certify.risk_upper_bound("meaning_changes", 8, 0.05, changes=1)
+    # each family's fastest point (not served in full yet: its calibration prompts), every certified one
+    assert ("| ngram-k8 | fly 0.3 (the fastest fly point) | 2.000x (4.00) | calibration: 4 of 8 (stopped early by "
+            "embedding 10%) | 4: 100.00% | not scored | not scored | no |") in table
+    assert f"| ngram-k8 | fly 1 | 1.250x (2.50) | calibration: 8 | 1: 12.50% (<= {bound:.2f}%) | 2: 25.00% (<= " in table
+    assert table.index("fly 0.3") < table.index("fly 1 |") < table.index("top_alpha 0.9 (the fastest")
+    assert "| embedding 10% |" in table.split("fly 1 |")[1].splitlines()[0]
+    assert ("ngram-k8: within embedding 10%: fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) "
+            "(not finished yet: llm 5%, llm 10%, judged_loss 10%).") in table
