@@ -192,6 +192,10 @@ def server_report(out: Path, root: Path, requests: dict[str, str]) -> dict:
     notes = [f"{name}: its calibrate report counts {r['calibration_prompts']} calibration prompts, the store's split "
              f"{len(calibration_ids)}" for _, _, _, name, r in reports
              if r and r["calibration_prompts"] != len(calibration_ids)]
+    benchmark_scorers = {label: settings.as_dict() for label, settings in scorer_settings().items()}
+    notes += [f"{name} was calibrated with the scorer {json.dumps(r.get('scorer'))}, not the benchmark's "
+              f"{json.dumps(benchmark_scorers[label])} that this report's figures use"
+              for _, label, _, name, r in reports if r and r.get("scorer") != benchmark_scorers[label]]
     return {"server": root.name, "prompts": len(requests), "lossless_served": len(store.done(LOSSLESS)),
             "calibration_prompts": len(calibration_ids), "test_prompts": len(test_ids),
             "certified": [certified_cell(*entry) for entry in reports], "points": points,

@@ -137,6 +137,7 @@ def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monk
     report = json.loads((tree.out / "report.json").read_text())
     (server,) = report["servers"]
     assert (server["calibration_prompts"], server["test_prompts"], server["lossless_served"]) == (8, 2, 10)
+    assert server["notes"] == []  # every calibrate report on the same split and the benchmark's scorers
     points = {r["key"]: r for r in server["points"]}
     assert list(points) == ["lossless", "fly-1", "fly-0.6", "fly-0.3", "top_alpha-0.9"]  # strictest first
 
@@ -200,6 +201,15 @@ def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monk
     assert ("| meaning changed, embedding | 10% | relaxed point certified | fly 1 (1.250x; bound 47.00%); "
             "top_alpha 0.9 (1.000x; bound 31.00%) | fly 1: 0 of 2, 0.00% |") in md
     assert (tree.out / "report.png").stat().st_size > 0
+
+
+def test_the_report_says_when_a_measurement_used_another_scorer(tmp_path):
+    tree = _report_tree(tmp_path)
+    path = tree.root / "meaning_changes-embedding-5pct" / "report.json"
+    report = json.loads(path.read_text())
+    path.write_text(json.dumps({**report, "scorer": {**report["scorer"], "threshold": 0.9}}))
+    (note,) = chat_meaning_report.build(tree.out)["servers"][0]["notes"]
+    assert note.startswith("meaning_changes-embedding-5pct was calibrated with the scorer") and '"threshold": 0.9' in note
 
 
 def test_report_only_writes_nothing_before_anything_is_served(monkeypatch, tmp_path):
