@@ -348,8 +348,12 @@ def main(argv=None) -> int:
                         "judged loss too (the embedding scorer always)")
     args = parser.parse_args(argv)
     stages = ["report"] if args.report_only else args.stages.split(",")
-    if args.testbed is None and stages != ["report"]:
-        parser.error("--testbed is needed for every stage but the report")
+    if stages != ["report"]:
+        if args.testbed is None:
+            parser.error("--testbed is needed for every stage but the report")
+        from selfjudge_vllm.server_process import exit_cleanly_on_sigterm
+
+        exit_cleanly_on_sigterm()  # a killed run stops the server the full stage started
     OUT.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         {"prompts": write_prompts, "calibrate": run_calibrate, "full": run_full, "report": report}[stage](args)
