@@ -317,7 +317,7 @@ def test_the_full_stage_waits_for_calibrate_and_stops_at_its_minutes(monkeypatch
     assert served == [] and FakeSession.started == 0  # out of minutes before the first point
 
 
-def test_the_readme_chat_table_reads_each_figure_from_the_report(monkeypatch, tmp_path):
+def test_the_readme_chat_table_reads_each_figure_from_the_report(tmp_path):
     from benchmarks import docs_sync
 
     tree = _report_tree(tmp_path)
