@@ -12,22 +12,36 @@ by `selfjudge calibrate` itself on meaning, with no reference answers.
                 (OUT/<server>/store, linked as each folder's store): the responses are served
                 once and each later measurement only serves and scores what it lacks; every
                 family's grid, FLy at vLLM's default (0.3) and stricter
-    report      the calibrate reports side by side (RESULTS/chat_meaning/summary.{json,md}):
-                pre-declared measurements, none chosen among the others (each report lists
-                the other certificates computed on its store)
+    full        per server, once every measurement's calibrate run is complete: each rule
+                family's fastest point that calibrate served (the highest acceptance against
+                lossless on the same calibration prompts; chosen once, OUT/<server>/full/plan.json)
+                served on every prompt, calibration and test, into the same store with
+                calibrate's own server settings (OUT/<server>/full is one more folder on it),
+                then scored by the embedding scorer and, with --llm, the LLM scorer and judged
+                loss, as calibrate scores: the matched-acceptance comparison across families
+    report      RESULTS/chat_meaning/report.{json,md,png} (benchmarks/chat_meaning_report.py)
+                from the committed files alone, nothing served or scored: every served point
+                on every measure that scored it, what each measurement certified and its test
+                prompts' check, and the full points; pre-declared measurements, none chosen
+                among the others (each calibrate report lists the others computed on its store)
 
 Resumable like calibrate (a rerun continues; --max-minutes ends a sitting between segments):
 
     python benchmarks/chat_meaning.py --testbed testbed-qwen --stages prompts,calibrate --servers ngram:8 --max-minutes 100
+    python benchmarks/chat_meaning.py --testbed testbed-qwen --stages full --llm --max-minutes 100
+    python benchmarks/chat_meaning.py --report-only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +52,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 from benchmarks import chat_tasks  # noqa: E402
 from benchmarks.runner import speculative_config  # noqa: E402
 from selfjudge_vllm import calibrate  # noqa: E402
-from selfjudge_vllm.measurement import log  # noqa: E402
+from selfjudge_vllm.meaning import MeaningJudge, Pair, ScorerSettings, request_text  # noqa: E402
+from selfjudge_vllm.measurement import (  # noqa: E402
+    Progress,
+    RequestStore,
+    log,
+    measure_point,
+    needs_work,
+    request_options,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "chat_meaning"
@@ -51,6 +73,9 @@ MEASUREMENTS = (
     ("judged_loss", None, 0.05), ("judged_loss", None, 0.10),
 )
 FLY_GRID = "fly=1.0,0.8,0.6,0.45,0.3,0.2"  # vLLM's default 0.3, stricter points first
+FULL = "full"  # OUT/<server>/full: the full stage's folder on the server's store
+PLAN_FILE = "plan.json"  # in it: the points served in full, chosen once
+SCORE_CHUNK = 16  # pairs per scoring call: each is persisted as it is decided; --max-minutes is read between calls
 
 
 def write_prompts(args) -> Path:
@@ -65,16 +90,42 @@ def write_prompts(args) -> Path:
     return path
 
 
-def measurement_folder(server: tuple[str, int], measure: str, scorer: str | None, budget: float) -> Path:
-    """OUT/<server>/<measure>[-<scorer>]-<budget>pct, its `store` a link to the server's shared
-    store (the responses depend only on the server and the prompts, which every folder binds)."""
-    root = OUT / f"{server[0]}-k{server[1]}"
-    folder = root / f"{measure}{'-' + scorer if scorer else ''}-{100 * budget:g}pct"
+def server_name(server: tuple[str, int]) -> str:
+    """OUT/<this>: e.g. ngram-k8."""
+    return f"{server[0]}-k{server[1]}"
+
+
+def measurement_name(measure: str, scorer: str | None, budget: float) -> str:
+    """A measurement's folder in OUT/<server>: <measure>[-<scorer>]-<budget>pct."""
+    return f"{measure}{'-' + scorer if scorer else ''}-{100 * budget:g}pct"
+
+
+def scorer_label(measure: str, scorer: str | None) -> str:
+    """How the report names a measurement's scorer: embedding, llm (meaning changes) or judged_loss."""
+    return scorer if measure == "meaning_changes" else measure
+
+
+def scorer_settings() -> dict[str, ScorerSettings]:
+    """The scorers of MEASUREMENTS by scorer_label, as calibrate builds them from the commands
+    calibrate_command writes (no --scorer-model or --scorer-threshold: each scorer's defaults)."""
+    return {scorer_label(m, s): ScorerSettings.make(m, s, None, None) for m, s, _ in MEASUREMENTS}
+
+
+def linked_folder(server: tuple[str, int], name: str) -> Path:
+    """OUT/<server>/<name>, its `store` a link to the server's shared store (the responses
+    depend only on the server and the prompts, which every folder binds)."""
+    root = OUT / server_name(server)
+    folder = root / name
     (root / "store").mkdir(parents=True, exist_ok=True)
     folder.mkdir(exist_ok=True)
     if not (folder / "store").exists():
         (folder / "store").symlink_to(Path("..") / "store", target_is_directory=True)
     return folder
+
+
+def measurement_folder(server: tuple[str, int], measure: str, scorer: str | None, budget: float) -> Path:
+    """OUT/<server>/<measure>[-<scorer>]-<budget>pct on the server's shared store."""
+    return linked_folder(server, measurement_name(measure, scorer, budget))
 
 
 def calibrate_command(args, server: tuple[str, int], measure: str, scorer: str | None, budget: float) -> list[str]:
@@ -105,32 +156,207 @@ def run_calibrate(args) -> None:
                 sys.exit(f"chat_meaning: calibrate failed with exit status {status}")
 
 
-def summary(args) -> None:
-    rows = []
-    for folder in sorted(p for p in OUT.glob("*/*") if (p / "report.json").is_file()):
-        report = json.loads((folder / "report.json").read_text())
-        rows.append({"server": folder.parent.name, "folder": folder.name, "measure": report["measure"],
-                     "scorer": report.get("scorer"),
-                     "budget": report["budget"], "verdict": report["verdict"], "points": report["points"],
-                     "lossless": report["lossless"]})
-    (OUT / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
-    log(f"report: {len(rows)} calibrate reports in {OUT / 'summary.json'}")
+# -- the full stage --------------------------------------------------------------------------------
 
 
-def main() -> int:
+def calibrate_settings(args, server: tuple[str, int], measure: str, scorer: str | None,
+                       budget: float) -> calibrate.CalibrateSettings:
+    """The settings `selfjudge calibrate` runs this measurement with: its own parser on the
+    command calibrate_command writes."""
+    from selfjudge_vllm.cli import build_parser
+
+    command = calibrate_command(args, server, measure, scorer, budget)
+    return calibrate.settings_from_args(build_parser().parse_args(command[command.index("calibrate"):]))
+
+
+def parse_point(key: str) -> tuple[str, float | None]:
+    """(family, knob) of a calibrate point key (calibrate.point_key): lossless, or rule-knob."""
+    if key == calibrate.LOSSLESS:
+        return key, None
+    family, knob = key.rsplit("-", 1)
+    return family, float(knob)
+
+
+def acceptance_vs_lossless(store: RequestStore, key: str, ids: set[str]) -> tuple[float | None, float | None]:
+    """(mean acceptance length, its ratio to lossless) on `ids`, both by calibrate.acceptance
+    (vLLM's counters; None unless they cover every id)."""
+    mine = calibrate.acceptance(store, key, ids)["mean_acceptance_length"]
+    base = calibrate.acceptance(store, calibrate.LOSSLESS, ids)["mean_acceptance_length"]
+    return mine, (mine / base if mine and base else None)
+
+
+def fastest_points(store: RequestStore, calibration_ids: list[str]) -> dict[str, str]:
+    """Each rule family's point with the highest acceptance against lossless on the calibration
+    prompts it was served on (paired: the same prompts); the strictest on a tie."""
+    best: dict[str, tuple[float, str]] = {}
+    for key in store.requests:
+        family, _ = parse_point(key)
+        if family == calibrate.LOSSLESS:
+            continue
+        _, ratio = acceptance_vs_lossless(store, key, set(calibration_ids) & set(store.done(key)))
+        if ratio is not None and (family not in best or ratio > best[family][0]):
+            best[family] = (ratio, key)
+    return {family: key for family, (_, key) in sorted(best.items())}
+
+
+def read_plan(folder: Path) -> dict[str, str] | None:
+    """The full stage's points ({family: key}) once chosen, else None."""
+    path = folder / PLAN_FILE
+    return json.loads(path.read_text())["points"] if path.is_file() else None
+
+
+def full_plan(folder: Path, store: RequestStore, calibration_ids: list[str]) -> dict[str, str]:
+    """fastest_points, chosen once and kept in FOLDER/plan.json: serving a point that stopped
+    early on every prompt adds calibration prompts to it, which could move the choice."""
+    plan = read_plan(folder)
+    if plan is None:
+        plan = fastest_points(store, calibration_ids)
+        (folder / PLAN_FILE).write_text(json.dumps({"points": plan, "chosen": datetime.date.today().isoformat(),
+                                                    "how": "per family, the highest mean acceptance length against "
+                                                           "lossless on the calibration prompts calibrate served it on"},
+                                                   indent=1) + "\n")
+        log(f"full: each family's fastest point: {', '.join(plan.values()) or 'none'} ({folder / PLAN_FILE})")
+    return plan
+
+
+def unfinished_measurements(root: Path) -> list[str]:
+    """The measurements of MEASUREMENTS without a complete calibrate report in OUT/<server>."""
+    names = [measurement_name(m, s, b) for m, s, b in MEASUREMENTS]
+    return [n for n in names if not (root / n / "report.json").is_file()
+            or not json.loads((root / n / "report.json").read_text())["complete"]]
+
+
+def _to_serve(store: RequestStore, key: str, items: list) -> int:
+    """Requests measure_point still serves for `items`: those without a response, and those no
+    counters segment covers (served again for the counters)."""
+    done = store.done(key)
+    return sum(i.id not in done for i in items) + len(store.uncounted(key, {i.id for i in items} & set(done)))
+
+
+def serve_full(settings: calibrate.CalibrateSettings, llm: bool, max_minutes: float | None, measure=measure_point,
+               embedder_factory=None) -> bool:
+    """The full stage on one server (settings: calibrate's, with `out` its full folder): each
+    family's fastest point on every prompt, then scored; True once everything is done, False
+    when calibrate is not finished or --max-minutes ran out (rerun to continue). `measure` and
+    `embedder_factory` stand in for serving and the embedding model in tests."""
+    root = settings.out.parent
+    unfinished = unfinished_measurements(root)
+    if unfinished:
+        log(f"full: {root.name}: calibrate has not finished {', '.join(unfinished)}; run the calibrate stage first")
+        return False
+    rows = calibrate.without_label_prompts(settings, calibrate.prompt_rows(settings))
+    calibrate.bind_folder(settings)  # refused unless the store's responses were served with these settings
+    requests = {r["id"]: request_text(r) for r in rows}
+    items = {i.id: i for i in calibrate.render_items(rows, settings.target, settings.max_tokens)}
+    calibration_ids, test_ids = calibrate.split_ids(list(items), settings.test_share, settings.seed)
+    store = RequestStore(settings.out / "store")
+    plan = full_plan(settings.out, store, calibration_ids)
+    started = time.monotonic()
+
+    def out_of_time() -> bool:
+        return max_minutes is not None and (time.monotonic() - started) / 60 > max_minutes
+
+    session = calibrate.Session(settings)
+    # the LLM judge as calibrate's LLM measurements ask it (the target, over the same engine)
+    scorer_session = calibrate.ScorerSession(dataclasses.replace(settings, measure="meaning_changes", scorer="llm"),
+                                             session)
+    try:
+        # The calibration prompts first, then the test prompts, as calibrate serves lossless: a
+        # counters segment mixing both would leave the calibration prompts' acceptance unknown.
+        scopes = ([items[i] for i in calibration_ids], [items[i] for i in calibration_ids + test_ids])
+        work = [(key, scope) for key in plan.values() for scope in scopes if needs_work(store, key, scope)]
+        progress = None
+        for key, scope in work:
+            if out_of_time():
+                log(f"full: --max-minutes reached before {key}; rerun to continue")
+                return False
+            server = session.get()
+            if progress is None:  # created once the server is up: start-up minutes are not serving time
+                progress = Progress(sum(_to_serve(store, k, scopes[-1]) for k in plan.values()))
+            family, knob = parse_point(key)
+            log(f"full: {key} on {len(scope)} prompts ({_to_serve(store, key, scope)} to serve)")
+            if not measure(server, store, key, scope, request_options(family, knob), settings.concurrency, progress,
+                           out_of_time):
+                return False
+        lossless = store.done(calibrate.LOSSLESS)
+        pairs = [Pair(i, requests[i], lossless[i]["text"], store.done(key)[i]["text"])
+                 for key in plan.values() for i in calibration_ids + test_ids]
+        for label, scorer in scorer_settings().items():
+            if scorer.scorer == "llm" and not llm:
+                continue
+            judge = MeaningJudge(scorer, settings.out / "store" / "scores.jsonl", llm_client=scorer_session.client,
+                                 embedder_factory=embedder_factory)
+            if not score_pairs(label, judge, pairs, out_of_time):
+                return False
+    finally:
+        scorer_session.close()
+        session.close()
+    log(f"full: {root.name}: {', '.join(plan.values())} served on all {len(items)} prompts and scored"
+        + ("" if llm else " (embedding only; --llm adds the LLM scorer and judged loss)"))
+    return True
+
+
+def score_pairs(label: str, judge: MeaningJudge, pairs: list[Pair], out_of_time) -> bool:
+    """Every differing pair the judge lacks, SCORE_CHUNK at a time (each persisted as it is
+    decided, as calibrate scores); False when --max-minutes ran out first."""
+    todo = list({p.key: p for p in pairs if p.lossless != p.relaxed and p.key not in judge.scores}.values())
+    if not todo:
+        return True
+    progress = Progress(len(todo), unit="pairs")
+    log(f"full: scoring {len(todo)} pairs with {label} ({judge.settings.score_key})")
+    for start in range(0, len(todo), SCORE_CHUNK):
+        if out_of_time():
+            log(f"full: --max-minutes reached while scoring with {label}; rerun to continue")
+            return False
+        chunk = todo[start:start + SCORE_CHUNK]
+        judge.score(chunk)
+        progress.tick(len(chunk))
+        log(f"  {label}: {progress.line()}")
+    return True
+
+
+def run_full(args) -> None:
+    for server in args.servers:
+        first = calibrate_settings(args, server, *MEASUREMENTS[0])
+        settings = dataclasses.replace(first, out=linked_folder(server, FULL), max_minutes=None)
+        if not serve_full(settings, args.llm, args.max_minutes):
+            log("full: not finished; rerun the same command to continue")
+            return
+
+
+def report(args) -> None:
+    from benchmarks import chat_meaning_report
+
+    chat_meaning_report.write(OUT)
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--testbed", type=Path, required=True, help="`selfjudge testbed --model qwen-coder` folder")
+    parser.add_argument("--testbed", type=Path, help="`selfjudge testbed --model qwen-coder` folder (every stage but "
+                        "the report)")
     parser.add_argument("--head", type=Path, default=RESULTS / "chat_judge" / "head")
-    parser.add_argument("--stages", default="prompts,calibrate,report")
+    parser.add_argument("--stages", default="prompts,calibrate,full,report")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only the report, from the committed files (nothing served or scored)")
     parser.add_argument("--servers", default="ngram:8",
                         type=lambda t: [(p, int(k)) for p, k in (s.split(":") for s in t.split(","))],
                         help="proposer:k, comma-separated (default ngram:8; then draft_model:8)")
     parser.add_argument("--prompts", type=int, default=420, help="benchmark prompts (default 420)")
-    parser.add_argument("--max-minutes", type=float, help="per calibrate run: start no new segment after this")
-    args = parser.parse_args()
+    parser.add_argument("--max-minutes", type=float,
+                        help="per calibrate run, and for the full stage: start no new segment after this")
+    parser.add_argument("--llm", action="store_true", help="full: score the full points with the LLM scorer and "
+                        "judged loss too (the embedding scorer always)")
+    args = parser.parse_args(argv)
+    stages = ["report"] if args.report_only else args.stages.split(",")
+    if stages != ["report"]:
+        if args.testbed is None:
+            parser.error("--testbed is needed for every stage but the report")
+        from selfjudge_vllm.server_process import exit_cleanly_on_sigterm
+
+        exit_cleanly_on_sigterm()  # a killed run stops the server the full stage started
     OUT.mkdir(parents=True, exist_ok=True)
-    for stage in args.stages.split(","):
-        {"prompts": write_prompts, "calibrate": run_calibrate, "report": summary}[stage](args)
+    for stage in stages:
+        {"prompts": write_prompts, "calibrate": run_calibrate, "full": run_full, "report": report}[stage](args)
     return 0
 
 

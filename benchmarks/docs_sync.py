@@ -6,7 +6,11 @@
 Blocks, each between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->`:
 - docs/benchmarks.md `chat_tradeoff` and `tradeoff`: copies of the two benchmark reports;
 - docs/benchmarks.md `meaning_validation`: a copy of the meaning scorers' validation report;
-- README.md `results`: the results table, rendered from benchmarks/results/chat_tradeoff.json.
+- docs/benchmarks.md `chat_meaning`: a copy of the chat benchmark's report;
+- README.md `results`: the results table, rendered from benchmarks/results/chat_tradeoff.json;
+- README.md `chat_results`: the chat table, rendered from benchmarks/results/chat_meaning/report.json.
+A benchmark whose results file does not exist yet gets a block that says so (rendered from
+the file's absence, so the check holds before the first run and fails once it is made).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from benchmarks import chat_meaning_report
 from benchmarks.chat_tradeoff_report import BUDGETS, test_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +86,80 @@ def readme_results(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+CHAT_NOT_RUN = ("The chat benchmark has not been run yet (no `benchmarks/results/chat_meaning/{name}`): "
+                "`python benchmarks/chat_meaning.py --testbed testbed-qwen` runs it, `--report-only` rebuilds its "
+                "report.\n")
+
+
+def _certified_by(server: dict, key: str) -> str:
+    """The measurements that certified the point, e.g. "embedding 10%", or "no"."""
+    return ", ".join(chat_meaning_report.short_name(c["scorer"], c["budget"]) for c in server["certified"]
+                     if c["ran"] and c["complete"] and any(r["key"] == key for r in c["certified"])) or "no"
+
+
+def _chat_rows(server: dict) -> list[tuple[dict, str, str]]:
+    """(row, how the README names the point, its prompts): each family's fastest point, on every
+    prompt once the full stage served it there, else on the calibration prompts; then every other
+    certified point, on the calibration prompts."""
+    calibration = {r["key"]: r for r in server["points"]}
+    out, seen = [], set()
+    for row in server["full"]["points"]:
+        if row["key"] == chat_meaning_report.LOSSLESS:
+            continue
+        name = f"{chat_meaning_report.point_name(row)} (the fastest {row['family']} point)"
+        if row["complete"]:
+            out.append((row, name, f"all {row['n']}"))
+        else:
+            own = calibration[row["key"]]
+            out.append((own, name, f"calibration: {chat_meaning_report.served_cell(own)}"))
+        seen.add(row["key"])
+    for cell in server["certified"]:
+        for certified in cell.get("certified", []) if cell["ran"] and cell["complete"] else []:
+            if certified["key"] not in seen:
+                own = calibration[certified["key"]]
+                out.append((own, chat_meaning_report.point_name(own),
+                            f"calibration: {chat_meaning_report.served_cell(own)}"))
+                seen.add(certified["key"])
+    return sorted(out, key=lambda entry: -(entry[0]["acceptance_vs_lossless"] or 0.0))
+
+
+def readme_chat_results(report: dict | None) -> str:
+    """The README's chat table: per server, each family's fastest point and every certified one,
+    with each scorer's figures and what certified it; then, per server, what is certified and
+    which measurements have not run."""
+    if report is None:
+        return CHAT_NOT_RUN.format(name="report.json")
+    titles = chat_meaning_report.SCORER_TITLES
+    lines = ["| server | point | acceptance vs lossless | prompts | "
+             + " | ".join(f"{titles[label]} (95% bound)" for label in titles) + " | certified within |",
+             "|---|---|---:|---|" + "---:|" * len(titles) + "---|"]
+    said = []
+    for server in report["servers"]:
+        for row, name, prompts in _chat_rows(server):
+            lines.append(f"| {server['server']} | {name} | {chat_meaning_report.acceptance_cell(row)} | {prompts} | "
+                         + " | ".join(chat_meaning_report.figures_cell(row["measures"][label]) for label in titles)
+                         + f" | {_certified_by(server, row['key'])} |")
+        certified = [c for c in server["certified"] if c["ran"] and c["complete"] and c["certified"]]
+        missing = [chat_meaning_report.short_name(c["scorer"], c["budget"]) for c in server["certified"]
+                   if not c["ran"] or not c["complete"]]
+        said.append(f"{server['server']}: " + (
+            "; ".join(f"within {chat_meaning_report.short_name(c['scorer'], c['budget'])}: "
+                      f"{chat_meaning_report.certified_points_cell(c)}" for c in certified)
+            if certified else "no relaxed point is certified by any measurement that finished")
+            + (f" (not finished yet: {', '.join(missing)})" if missing else "") + ".")
+    return ("\n".join(lines) + "\n\nCertified (95% confidence, each measurement its own certificate): "
+            + " ".join(said) + "\n")
+
+
+def chat_meaning_blocks(results: Path) -> dict[tuple[Path, str], str]:
+    """The chat benchmark's two blocks, from its report, or saying it has not run yet."""
+    folder = results / "chat_meaning"
+    report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else None
+    copy = (folder / "report.md").read_text() if (folder / "report.md").is_file() else CHAT_NOT_RUN.format(name="report.md")
+    return {(ROOT / "docs" / "benchmarks.md", "chat_meaning"): copy,
+            (ROOT / "README.md", "chat_results"): readme_chat_results(report)}
+
+
 def blocks() -> dict[tuple[Path, str], str]:
     """(file, block name) -> what the block must hold."""
     report = json.loads((RESULTS / "chat_tradeoff.json").read_text())
@@ -88,7 +167,8 @@ def blocks() -> dict[tuple[Path, str], str]:
             (ROOT / "docs" / "benchmarks.md", "tradeoff"): (RESULTS / "tradeoff.md").read_text(),
             (ROOT / "docs" / "benchmarks.md", "meaning_validation"):
                 (RESULTS / "meaning_validation" / "report.md").read_text(),
-            (ROOT / "README.md", "results"): readme_results(report)}
+            (ROOT / "README.md", "results"): readme_results(report),
+            **chat_meaning_blocks(RESULTS)}
 
 
 def _pattern(name: str) -> re.Pattern:

@@ -201,10 +201,11 @@ SEGMENT_ITEMS = 64
 
 class Progress:
     """Requests served / to serve in this sitting, with an ETA from this sitting's pace
-    (create it once the server is up, so start-up minutes do not count as serving time)."""
+    (create it once the server is up, so start-up minutes do not count as serving time);
+    `unit` names what is counted when it is not requests (e.g. pairs scored)."""
 
-    def __init__(self, planned: int):
-        self.planned, self.done, self.started = planned, 0, time.monotonic()
+    def __init__(self, planned: int, unit: str = "requests"):
+        self.planned, self.done, self.started, self.unit = planned, 0, time.monotonic(), unit
 
     def tick(self, n=1, label=""):
         self.done += n
@@ -215,7 +216,7 @@ class Progress:
         elapsed = time.monotonic() - self.started
         left = self.planned - self.done
         eta = f"{left * elapsed / self.done / 60:.0f} min" if self.done else "n/a"
-        return f"{self.done}/{self.planned} requests, ETA {eta} at this sitting's pace"
+        return f"{self.done}/{self.planned} {self.unit}, ETA {eta} at this sitting's pace"
 
 
 def point_summary(store, key: str, ids: set[str]) -> dict:

@@ -44,3 +44,19 @@ def test_the_readme_table_reads_each_figure_from_the_report():
             "| 1.01x; 2 (0.67%); +0.00% |") in table
     assert "| `ngram` k=4 | `entropy` 3.0 | 1.23x | 3 | -1.25% (-3.10%) | no | - |" in table  # not certified: not planned
     assert "on 300 test items" in table and "on the 344 held-out items" in table
+
+
+def test_a_benchmark_not_run_yet_has_a_block_that_says_so(tmp_path):
+    """The chat benchmark's blocks before its first run: rendered from the absence of its
+    results, so `docs_sync --check` holds now and fails once the report is written."""
+    wanted = docs_sync.chat_meaning_blocks(tmp_path)
+    assert set(name for _, name in wanted) == {"chat_meaning", "chat_results"}
+    assert all("has not been run yet" in body for body in wanted.values())
+    page = Path("README.md")
+    text = "<!-- chat_results:begin -->\nold\n<!-- chat_results:end -->\n"
+    readme = {(page, "chat_results"): wanted[(docs_sync.ROOT / "README.md", "chat_results")]}
+    assert docs_sync.stale({page: docs_sync.sync({page: text}, readme)[page]}, readme) == []
+    (tmp_path / "chat_meaning").mkdir()
+    (tmp_path / "chat_meaning" / "report.md").write_text("# the report\n")
+    assert docs_sync.chat_meaning_blocks(tmp_path)[(docs_sync.ROOT / "docs" / "benchmarks.md", "chat_meaning")] == (
+        "# the report\n")

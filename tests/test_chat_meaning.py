@@ -1,0 +1,336 @@
+"""The chat benchmark's report and full stage (benchmarks/chat_meaning.py, chat_meaning_report.py)
+on a fake results tree written in the store's and calibrate's own formats: no engine, no model,
+no scorer model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import chat_meaning, chat_meaning_report
+from selfjudge_vllm import calibrate, certify, measurement
+from selfjudge_vllm.meaning import Pair
+
+IDS = [f"p{i}" for i in range(10)]
+# calibrate.split_ids(IDS, 0.3, seed 0): the test prompts are p2 and p7
+CALIBRATION = ["p0", "p1", "p3", "p4", "p5", "p6", "p8", "p9"]
+TEST = ["p2", "p7"]
+LOOP = "I think the answer is this one. " * 4  # a 7-word unit four times: a new loop
+SCORES = {label: settings.score_key for label, settings in chat_meaning.scorer_settings().items()}
+
+
+def _lossless(i: str) -> str:
+    return f"I think the answer is this one. Answer {i}."
+
+
+class Tree:
+    """A fake OUT/<server> in the real formats: store/requests.jsonl and segments.jsonl
+    (measurement.RequestStore), store/scores.jsonl (meaning.MeaningJudge), the measurements'
+    report.json (calibrate._report)."""
+
+    def __init__(self, out, settings: dict | None = None):
+        self.out, self.root = out, out / "ngram-k8"
+        self.store = self.root / "store"
+        self.store.mkdir(parents=True)
+        (self.store / calibrate.STORE_SETTINGS_FILE).write_text(json.dumps(settings or {"test_share": 0.3, "seed": 0}))
+        (out / "prompts.jsonl").write_text("".join(json.dumps(
+            {"id": i, "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 16}) + "\n" for i in IDS))
+
+    def append(self, name: str, row: dict) -> None:
+        measurement.append_jsonl(self.store / name, row)
+
+    def serve(self, point: str, texts: dict[str, str], length: float, segment: int = 4) -> None:
+        """Responses, and counters per `segment` prompts giving mean acceptance length `length`."""
+        for i, text in texts.items():
+            self.append("requests.jsonl", {"point": point, "id": i, "text": text, "tokens": 5, "latency_s": 0.1})
+        ids = list(texts)
+        for start in range(0, len(ids), segment):
+            chunk = ids[start:start + segment]
+            drafts = 10 * len(chunk)
+            self.append("segments.jsonl", {"point": point, "ids": chunk, "wall_s": 1.0, "tokens": 5 * len(chunk),
+                                           "counters": {"drafts": drafts, "draft_tokens": 8 * drafts,
+                                                        "accepted": (length - 1) * drafts}})
+
+    def score(self, label: str, i: str, relaxed: str, **row) -> None:
+        pair = Pair(i, "", _lossless(i), relaxed)
+        self.append("scores.jsonl", {"scorer": SCORES[label], "pair": pair.key, "id": i, "seconds": 0.1, **row})
+
+    def report(self, measure, scorer, budget, points, complete=True, lossless_length=2.0) -> None:
+        folder = self.root / chat_meaning.measurement_name(measure, scorer, budget)
+        folder.mkdir()
+        rows = [{"family": chat_meaning.parse_point(p["key"])[0], "knob": chat_meaning.parse_point(p["key"])[1],
+                 "changes": 0, "lost": 0, "gained": 0, "observed_risk": 0.0, "p_value": 0.5, "stopped_early": False,
+                 "partial": False, "tokens_per_s": None, "certified": False, "upper_bound": None} | p for p in points]
+        best = max((r for r in rows if r["certified"]), key=lambda r: r["mean_acceptance_length"], default=None)
+        (folder / "report.json").write_text(json.dumps({
+            "verdict": "certified: ..." if best else "only lossless is certified: ...", "complete": complete,
+            "measure": measure, "budget": budget, "confidence": 0.95, "delta": 0.05, "families": ["fly", "top_alpha"],
+            "level_per_family": 0.025, "scorer": chat_meaning.scorer_settings()[chat_meaning.scorer_label(
+                measure, scorer)].as_dict(), "calibration_prompts": len(CALIBRATION), "test_prompts": len(TEST),
+            "lossless": {"key": "lossless", "n": len(CALIBRATION), "mean_acceptance_length": lossless_length},
+            "points": rows, "certified": best, "other_certificates": []}))
+
+
+def _report_tree(tmp_path) -> Tree:
+    """lossless on every prompt (length 2.0); on the calibration prompts: fly 1 (2.5, two texts
+    changed, one into a loop; every scorer), fly 0.6 (3.0, every text changed; embedding scored
+    the 4 prompts it served before it was stopped early, judged loss all 8, the LLM judge none),
+    fly 0.3 (4.0, stopped early after 4), top_alpha 0.9 (2.0, no text changed); fly 1 is
+    certified within 10% by the embedding scorer and served on the test prompts."""
+    tree = Tree(tmp_path / "chat_meaning")
+    tree.serve("lossless", {i: _lossless(i) for i in CALIBRATION}, 2.0)
+    tree.serve("lossless", {i: _lossless(i) for i in TEST}, 2.0)
+    fly1 = {i: _lossless(i) for i in CALIBRATION} | {"p0": LOOP, "p1": "Something else entirely."}
+    tree.serve("fly-1", fly1, 2.5)
+    tree.serve("fly-1", {i: _lossless(i) for i in TEST}, 2.5)
+    for label, loop_score, other_score in (("embedding", 0.995, 0.995), ("llm", 0.9, 0.3)):
+        tree.score(label, "p0", LOOP, score=loop_score)  # changed by its loop, whatever the score says
+        tree.score(label, "p1", "Something else entirely.", score=other_score)
+    tree.score("judged_loss", "p0", LOOP, verdict="kept")  # lost: the loop
+    tree.score("judged_loss", "p1", "Something else entirely.", verdict="gained")
+    fly06 = {i: f"Another answer {i}." for i in CALIBRATION}
+    tree.serve("fly-0.6", fly06, 3.0)
+    for n, i in enumerate(CALIBRATION):
+        if n < 4:
+            tree.score("embedding", i, fly06[i], score=0.5 if n < 3 else 0.999)
+        tree.score("judged_loss", i, fly06[i], verdict="lost" if n < 5 else "kept")
+    tree.serve("fly-0.3", {i: f"Short {i}." for i in CALIBRATION[:4]}, 4.0)
+    for i in CALIBRATION[:4]:
+        tree.score("embedding", i, f"Short {i}.", score=0.1)
+    tree.serve("top_alpha-0.9", {i: _lossless(i) for i in CALIBRATION}, 2.0)
+    row = {"key": "fly-1", "n": 8, "mean_acceptance_length": 2.5}
+    tree.report("meaning_changes", "embedding", 0.05,
+                [row | {"changes": 1}, {"key": "fly-0.6", "n": 4, "changes": 3, "stopped_early": True,
+                                        "mean_acceptance_length": 3.0}])
+    tree.report("meaning_changes", "embedding", 0.10,
+                [row | {"changes": 1, "certified": True, "upper_bound": 0.47,
+                        "test": {"n": 2, "changes": 0, "lost": 0, "gained": 0, "observed_risk": 0.0}},
+                 {"key": "fly-0.6", "n": 4, "changes": 3, "stopped_early": True, "mean_acceptance_length": 3.0},
+                 {"key": "top_alpha-0.9", "n": 8, "certified": True, "upper_bound": 0.31, "mean_acceptance_length": 2.0},
+                 {"key": "fly-0.3", "n": 4, "changes": 4, "stopped_early": True, "mean_acceptance_length": 4.0}])
+    tree.report("judged_loss", None, 0.05, [row | {"changes": 2, "lost": 1, "gained": 1},
+                                            {"key": "fly-0.6", "n": 8, "changes": 5, "lost": 5,
+                                             "mean_acceptance_length": 3.0}])
+    return tree
+
+
+def _no_serving_or_scoring(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report must not serve or score")
+
+    from selfjudge_vllm import server_process
+    from selfjudge_vllm.meaning import MeaningJudge
+
+    monkeypatch.setattr(calibrate, "Session", refuse)
+    monkeypatch.setattr(server_process, "Server", refuse)
+    monkeypatch.setattr(measurement, "measure_point", refuse)
+    monkeypatch.setattr(chat_meaning, "measure_point", refuse)
+    monkeypatch.setattr(MeaningJudge, "score", refuse)
+
+
+def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monkeypatch, tmp_path):
+    tree = _report_tree(tmp_path)
+    monkeypatch.setattr(chat_meaning, "OUT", tree.out)
+    _no_serving_or_scoring(monkeypatch)
+    assert chat_meaning.main(["--report-only"]) == 0  # no --testbed needed: nothing is served
+    report = json.loads((tree.out / "report.json").read_text())
+    (server,) = report["servers"]
+    assert (server["calibration_prompts"], server["test_prompts"], server["lossless_served"]) == (8, 2, 10)
+    assert server["notes"] == []  # every calibrate report on the same split and the benchmark's scorers
+    points = {r["key"]: r for r in server["points"]}
+    assert list(points) == ["lossless", "fly-1", "fly-0.6", "fly-0.3", "top_alpha-0.9"]  # strictest first
+
+    fly1 = points["fly-1"]
+    assert fly1["n"] == 8 and fly1["complete"]
+    assert fly1["mean_acceptance_length"] == pytest.approx(2.5)
+    assert fly1["acceptance_vs_lossless"] == pytest.approx(2.5 / 2.0)
+    assert fly1["text_changes"] == {"changes": 2, "rate": 2 / 8,
+                                    "upper95": certify.risk_upper_bound("text_changes", 8, 0.05, changes=2)}
+    assert fly1["loops"] == 1
+    embedding, llm, judged = (fly1["measures"][k] for k in ("embedding", "llm", "judged_loss"))
+    # embedding: the loop only (its cosine 0.995 is above 0.99); llm: the loop and 0.3 < 0.7
+    assert embedding == {"scored": "all", "n": 8, "changes": 1, "rate": 1 / 8,
+                         "upper95": certify.risk_upper_bound("meaning_changes", 8, 0.05, changes=1)}
+    assert llm["changes"] == 2 and llm["rate"] == 2 / 8
+    assert llm["upper95"] == certify.risk_upper_bound("meaning_changes", 8, 0.05, changes=2)
+    assert (judged["lost"], judged["gained"], judged["rate"]) == (1, 1, 0.0)
+    assert judged["upper95"] == certify.risk_upper_bound("judged_loss", 8, 0.05, lost=1, gained=1)
+
+    # Served on all 8, scored by the embedding scorer on the 4 it was stopped early at, by
+    # judged loss on all, by the LLM judge on none: each said, bounds only where complete.
+    fly06 = points["fly-0.6"]
+    assert fly06["complete"] and fly06["stopped_early_by"] == ["embedding 5%", "embedding 10%"]
+    assert fly06["acceptance_vs_lossless"] == pytest.approx(1.5) and fly06["text_changes"]["changes"] == 8
+    assert fly06["measures"]["embedding"] == {"scored": "first", "n": 4, "changes": 3, "rate": 3 / 4, "upper95": None}
+    assert fly06["measures"]["llm"] == {"scored": "none", "scored_pairs": 0, "differing_pairs": 8}
+    assert fly06["measures"]["judged_loss"]["lost"] == 5 and fly06["measures"]["judged_loss"]["rate"] == 5 / 8
+    assert fly06["measures"]["judged_loss"]["upper95"] == certify.risk_upper_bound("judged_loss", 8, 0.05, lost=5)
+
+    # Stopped early: its n, paired acceptance on its 4 prompts, no bound.
+    fly03 = points["fly-0.3"]
+    assert (fly03["n"], fly03["of"], fly03["complete"]) == (4, 8, False)
+    assert fly03["acceptance_vs_lossless"] == pytest.approx(2.0)
+    assert fly03["measures"]["embedding"] == {"scored": "all", "n": 4, "changes": 4, "rate": 1.0, "upper95": None}
+    assert fly03["text_changes"]["upper95"] is None
+    # No text changed: decided by every scorer without a score.
+    assert points["top_alpha-0.9"]["measures"]["llm"] == {"scored": "all", "n": 8, "changes": 0, "rate": 0.0,
+                                                          "upper95": certify.risk_upper_bound("meaning_changes", 8,
+                                                                                              0.05, changes=0)}
+
+    cells = {c["measurement"]: c for c in server["certified"]}
+    assert list(cells) == [chat_meaning.measurement_name(*m) for m in chat_meaning.MEASUREMENTS]
+    assert not cells["meaning_changes-llm-5pct"]["ran"]
+    assert cells["meaning_changes-embedding-5pct"]["certified"] == []
+    ten = cells["meaning_changes-embedding-10pct"]
+    assert [r["key"] for r in ten["certified"]] == ["fly-1", "top_alpha-0.9"] and ten["best"] == "fly-1"
+    assert ten["certified"][0]["acceptance_vs_lossless"] == pytest.approx(1.25)
+    assert ten["certified"][0]["test"]["n"] == 2
+
+    # Not served in full yet: the full section shows the points the full stage will serve.
+    full = {r["key"]: r for r in server["full"]["points"]}
+    assert not server["full"]["planned"] and set(full) == {"lossless", "fly-0.3", "top_alpha-0.9"}
+    assert full["lossless"]["n"] == 10 and full["fly-0.3"]["of"] == 10 and not full["fly-0.3"]["complete"]
+
+    md = (tree.out / "report.md").read_text()
+    assert ("| fly 0.6 | 8 | 1.500x (3.00) | 8 (100.00%) | 0 | 3: 75.00%, first 4 prompts | not scored "
+            "| 5-0: 62.50% (<= " in md)
+    assert "| embedding (first 4), judged_loss |" in md
+    assert "| fly 0.3 | 4 of 8 (stopped early by embedding 10%) | 2.000x (4.00) |" in md
+    assert "| meaning changed, LLM judge | 5% | not run yet | - | - |" in md
+    assert ("| meaning changed, embedding | 10% | relaxed point certified | fly 1 (1.250x; bound 47.00%); "
+            "top_alpha 0.9 (1.000x; bound 31.00%) | fly 1: 0 of 2, 0.00% |") in md
+    assert (tree.out / "report.png").stat().st_size > 0
+
+
+def test_the_report_says_when_a_measurement_used_another_scorer(tmp_path):
+    tree = _report_tree(tmp_path)
+    path = tree.root / "meaning_changes-embedding-5pct" / "report.json"
+    report = json.loads(path.read_text())
+    path.write_text(json.dumps({**report, "scorer": {**report["scorer"], "threshold": 0.9}}))
+    (note,) = chat_meaning_report.build(tree.out)["servers"][0]["notes"]
+    assert note.startswith("meaning_changes-embedding-5pct was calibrated with the scorer") and '"threshold": 0.9' in note
+
+
+def test_report_only_writes_nothing_before_anything_is_served(monkeypatch, tmp_path):
+    monkeypatch.setattr(chat_meaning, "OUT", tmp_path / "chat_meaning")
+    _no_serving_or_scoring(monkeypatch)
+    assert chat_meaning.main(["--report-only"]) == 0
+    assert not (tmp_path / "chat_meaning" / "report.json").exists()
+    with pytest.raises(SystemExit):  # every other stage serves, so needs the testbed
+        chat_meaning.main(["--stages", "full"])
+
+
+# -- the full stage --------------------------------------------------------------------------------
+
+
+class FakeSession:
+    started = 0
+
+    def __init__(self, settings):
+        self.server = None
+
+    def get(self):
+        if self.server is None:
+            FakeSession.started += 1
+            self.server = object()
+        return self.server
+
+    def close(self):
+        pass
+
+
+class FakeEmbedder:
+    def cosine(self, texts, references):
+        return [1.0 if a == b else 0.5 for a, b in zip(texts, references)]
+
+
+def _full_setup(monkeypatch, tmp_path):
+    """The report tree, its prompts as calibrate reads them, every measurement complete."""
+    tree = _report_tree(tmp_path)
+    monkeypatch.setattr(chat_meaning, "OUT", tree.out)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"question {i}"}) + "\n" for i in IDS))
+    settings = calibrate.CalibrateSettings(
+        target="unused", speculative_config={"method": "ngram", "num_speculative_tokens": 8}, prompts=prompts,
+        out=chat_meaning.linked_folder(("ngram", 8), chat_meaning.FULL), measure="meaning_changes", budget=0.05,
+        max_tokens=16)
+    (tree.store / calibrate.STORE_SETTINGS_FILE).write_text(json.dumps(calibrate.bound_settings(settings)))
+    for measure, scorer, budget in chat_meaning.MEASUREMENTS:
+        folder = tree.root / chat_meaning.measurement_name(measure, scorer, budget)
+        if not (folder / "report.json").is_file():
+            tree.report(measure, scorer, budget, [])
+    monkeypatch.setattr(calibrate, "Session", FakeSession)
+    FakeSession.started = 0
+    served = []
+
+    def fake_measure(server, store, key, items, extra, concurrency, progress, out_of_time):
+        todo = [i.id for i in items if i.id not in store.done(key)]
+        served.append((key, extra, todo))
+        for i in todo:  # as measure_point persists them: each response, then the segment's counters
+            store.add_request({"point": key, "id": i, "text": f"Full {key} {i}.", "tokens": 5, "latency_s": 0.1})
+        store.add_segment({"point": key, "ids": todo, "wall_s": 1.0, "tokens": 5 * len(todo),
+                           "counters": {"drafts": 10.0, "draft_tokens": 80.0, "accepted": 10.0}})
+        return True
+
+    return tree, settings, served, fake_measure
+
+
+def test_the_full_stage_serves_each_familys_fastest_point_on_what_it_lacks(monkeypatch, tmp_path):
+    tree, settings, served, fake_measure = _full_setup(monkeypatch, tmp_path)
+    assert chat_meaning.serve_full(settings, llm=False, max_minutes=None, measure=fake_measure,
+                                   embedder_factory=FakeEmbedder)
+    # fly 0.3 (2.0x on the 4 prompts it was served before it stopped) beats fly 1 (1.25x) and
+    # fly 0.6 (1.5x); top_alpha has one point. Calibration prompts first, then the test prompts.
+    assert chat_meaning.read_plan(settings.out) == {"fly": "fly-0.3", "top_alpha": "top_alpha-0.9"}
+    assert served == [("fly-0.3", {"selfjudge_rule": "fly", "selfjudge_fly_threshold": 0.3}, CALIBRATION[4:]),
+                      ("fly-0.3", {"selfjudge_rule": "fly", "selfjudge_fly_threshold": 0.3}, TEST),
+                      ("top_alpha-0.9", {"selfjudge_rule": "top_alpha", "selfjudge_alpha": 0.9}, TEST)]
+    assert FakeSession.started == 1
+    # Every differing pair of the full points scored by the embedding scorer, in the store's scores
+    scores = [json.loads(x) for x in (tree.store / "scores.jsonl").read_text().splitlines()]
+    new = [r for r in scores if r["scorer"] == SCORES["embedding"] and r["score"] == 0.5 and r["id"] in TEST]
+    assert sorted(r["id"] for r in new) == ["p2", "p2", "p7", "p7"]  # fly 0.3 and top_alpha 0.9
+    assert not [r for r in scores if r["scorer"] == SCORES["llm"] and r["id"] in TEST]  # no --llm
+    # A rerun serves nothing and starts no server; the choice is kept although fly 0.3 now has all 8
+    served.clear()
+    assert chat_meaning.serve_full(settings, llm=False, max_minutes=None, measure=fake_measure,
+                                   embedder_factory=FakeEmbedder)
+    assert served == [] and FakeSession.started == 1
+    # The report's full section: every prompt, the embedding scorer on all of them
+    report = chat_meaning_report.build(tree.out)
+    full = {r["key"]: r for r in report["servers"][0]["full"]["points"]}
+    assert report["servers"][0]["full"]["planned"] and full["fly-0.3"]["complete"] and full["fly-0.3"]["n"] == 10
+    assert full["fly-0.3"]["measures"]["embedding"]["scored"] == "all"
+    assert full["fly-0.3"]["measures"]["embedding"]["upper95"] is not None
+    assert full["fly-0.3"]["measures"]["llm"]["scored"] == "none"  # no --llm
+
+
+def test_the_full_stage_waits_for_calibrate_and_stops_at_its_minutes(monkeypatch, tmp_path):
+    tree, settings, served, fake_measure = _full_setup(monkeypatch, tmp_path)
+    unfinished = tree.root / "judged_loss-10pct" / "report.json"
+    unfinished.write_text(json.dumps({**json.loads(unfinished.read_text()), "complete": False}))
+    assert not chat_meaning.serve_full(settings, llm=False, max_minutes=None, measure=fake_measure)
+    assert served == [] and not (settings.out / chat_meaning.PLAN_FILE).exists()
+    unfinished.write_text(json.dumps({**json.loads(unfinished.read_text()), "complete": True}))
+    assert not chat_meaning.serve_full(settings, llm=False, max_minutes=-1.0, measure=fake_measure)
+    assert served == [] and FakeSession.started == 0  # out of minutes before the first point
+
+
+def test_the_readme_chat_table_reads_each_figure_from_the_report(tmp_path):
+    from benchmarks import docs_sync
+
+    tree = _report_tree(tmp_path)
+    chat_meaning_report.write(tree.out)
+    blocks = docs_sync.chat_meaning_blocks(tree.out.parent)
+    assert blocks[(docs_sync.ROOT / "docs" / "benchmarks.md", "chat_meaning")] == (tree.out / "report.md").read_text()
+    table = blocks[(docs_sync.ROOT / "README.md", "chat_results")]
+    bound = 100 * certify.risk_upper_bound("meaning_changes", 8, 0.05, changes=1)
+    # each family's fastest point (not served in full yet: its calibration prompts), every certified one
+    assert ("| ngram-k8 | fly 0.3 (the fastest fly point) | 2.000x (4.00) | calibration: 4 of 8 (stopped early by "
+            "embedding 10%) | 4: 100.00% | not scored | not scored | no |") in table
+    assert f"| ngram-k8 | fly 1 | 1.250x (2.50) | calibration: 8 | 1: 12.50% (<= {bound:.2f}%) | 2: 25.00% (<= " in table
+    assert table.index("fly 0.3") < table.index("fly 1 |") < table.index("top_alpha 0.9 (the fastest")
+    assert "| embedding 10% |" in table.split("fly 1 |")[1].splitlines()[0]
+    assert ("ngram-k8: within embedding 10%: fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) "
+            "(not finished yet: llm 5%, llm 10%, judged_loss 10%).") in table
