@@ -148,7 +148,14 @@ def run_calibrate(args) -> None:
         for measure, scorer, budget in MEASUREMENTS:
             command = calibrate_command(args, server, measure, scorer, budget)
             log(f"calibrate: {server} {measure} {scorer or ''} {budget:g}")
-            status = subprocess.run(command).returncode
+            child = subprocess.Popen(command)
+            try:
+                status = child.wait()
+            except KeyboardInterrupt:  # the child has the same Ctrl-C: it stops its server and says how to resume
+                status = child.wait()
+            if status == calibrate.EXIT_INTERRUPTED:
+                log("calibrate: interrupted; rerun the same command to continue")
+                sys.exit(calibrate.EXIT_INTERRUPTED)
             if status == calibrate.EXIT_INCOMPLETE:  # this sitting's minutes ran out; rerun continues
                 log("calibrate: incomplete; rerun the same command to continue")
                 return
