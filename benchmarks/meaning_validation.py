@@ -20,6 +20,8 @@ Two checks (issue 42, item 2), each a stage of this script, resumable like the b
 
     python benchmarks/meaning_validation.py --testbed testbed-qwen --stages serve --max-minutes 60
     python benchmarks/meaning_validation.py --testbed testbed-qwen --stages pairs
+    python benchmarks/meaning_validation.py --testbed testbed-qwen --stages score,report --scorers embedding
+    python benchmarks/meaning_validation.py --testbed testbed-qwen --stages score --sets gsm8k --scorers llm --llm-pairs 100
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ def score(args) -> None:
     from selfjudge_vllm.meaning import LLMJudgeClient
 
     sets = {"chat": chat_pairs(args), "gsm8k": [p for p, _ in gsm8k_pairs()]}
+    sets = {name: sets[name] for name in args.sets}
     server, judge_client = None, None
 
     def client():  # one server and one client (its tokenizer loaded once) for every batch
@@ -188,7 +191,8 @@ def score(args) -> None:
         kinds = {}
         for judge in judges(OUT / name, client).values():
             kinds.setdefault(judge.settings.score_key, judge)
-        work += [(name, pairs, j) for j in kinds.values() if not (args.embedding_only and j.settings.scorer == "llm")]
+        work += [(name, pairs, j) for j in kinds.values()
+                 if ("judged_loss" if j.settings.measure == "judged_loss" else j.settings.scorer) in args.scorers]
     work.sort(key=lambda w: w[2].settings.scorer != "embedding")
     try:
         for name, pairs, judge in work:
@@ -340,8 +344,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--all-cores", action="store_true", help="give the model every core (on 2 cores: faster)")
-    parser.add_argument("--embedding-only", action="store_true", help="score: the embedding scorer only (no server)")
     parser.add_argument("--llm-pairs", type=int, help="score: the LLM judges on the first N pairs of each set only")
+    parser.add_argument("--sets", type=lambda t: t.split(","), default=["chat", "gsm8k"],
+                        help="score: these pair sets, in this order (default chat,gsm8k)")
+    parser.add_argument("--scorers", type=lambda t: t.split(","), default=["embedding", "llm", "judged_loss"],
+                        help="score: these scorers only (default all; embedding alone starts no server)")
     args = parser.parse_args()
     from selfjudge_vllm.server_process import exit_cleanly_on_sigterm
 
