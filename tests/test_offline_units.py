@@ -623,3 +623,15 @@ def test_float32_rows_beyond_float16_are_refused_and_changed_rows_are_copied_aga
     run.write_tensors("features", 1, tensors)
     with pytest.raises(RunError, match="shard-00001.safetensors: original holds 70000, beyond float16's range"):
         compact_features(run)
+
+
+def test_compact_command_converts_a_run_and_names_a_folder_without_features(tmp_path, capsys):
+    from selfjudge_vllm.cli import main
+
+    _run_with_hidden_rows(tmp_path / "run", {0: 5, 1: 5})
+    assert main(["compact", "--run", str(tmp_path / "run")]) == 0
+    assert "2 shard(s) written, 0 up to date" in capsys.readouterr().out
+    assert main(["compact", "--run", str(tmp_path / "run")]) == 0
+    assert "0 shard(s) written, 2 up to date" in capsys.readouterr().out
+    assert main(["compact", "--run", str(tmp_path / "elsewhere")]) == 2
+    assert "elsewhere/features missing: nothing to convert" in capsys.readouterr().err
