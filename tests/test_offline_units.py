@@ -623,6 +623,9 @@ def test_float32_rows_beyond_float16_are_refused_and_changed_rows_are_copied_aga
     run.write_tensors("features", 1, tensors)
     with pytest.raises(RunError, match="shard-00001.safetensors: original holds 70000, beyond float16's range"):
         compact_features(run)
+    # The older copy of shard 1 no longer stands for its float32 rows: it is unlisted, so never read.
+    assert list(json.loads((run.root / "features-float16/provenance.json").read_text())["shards"]) == [
+        "shard-00000.safetensors"]
 
 
 def test_compact_command_converts_a_run_and_names_a_folder_without_features(tmp_path, capsys):

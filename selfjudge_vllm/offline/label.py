@@ -39,7 +39,7 @@ from selfjudge_vllm.offline.prompts import (
 )
 from selfjudge_vllm.offline.proposers import NgramSettings, ngram_mismatches
 from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
-from selfjudge_vllm.offline.store import RunDir, compact_features
+from selfjudge_vllm.offline.store import RunDir, RunError, compact_features
 
 logger = logging.getLogger("selfjudge.label")
 
@@ -316,9 +316,13 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None,
             continue
         run_stage(job, stage, progress, executor, allow_partial)
         if stage.name == "features":
-            compacted = compact_features(job.run)
-            logger.info("features-float16: %d shard(s) written, %d up to date",
-                        len(compacted["written"]), len(compacted["kept"]))
+            try:
+                compacted = compact_features(job.run)
+            except RunError as exc:  # the float32 features stand: only the committable copy is missing
+                logger.warning("features-float16 not written: %s", exc)
+            else:
+                logger.info("features-float16: %d shard(s) written, %d up to date",
+                            len(compacted["written"]), len(compacted["kept"]))
     return job.run
 
 

@@ -231,31 +231,34 @@ def compact_features(run: RunDir) -> dict[str, list[int]]:
     gone (a clone) are kept. Returns the shard indices {"written": [...], "kept": [...]}."""
     run.remove_partial_files(COMPACT_FEATURES)
     manifest = _compact_manifest(run)
-    written, kept = [], []
-    for index in run.complete_shards(FEATURES, ("jsonl", "safetensors"), allow_partial=True):
-        name = run.shard(COMPACT_FEATURES, index, "safetensors").name
-        source = run.shard(FEATURES, index, "safetensors")
-        source_sha256 = file_sha256(source)
-        entry = manifest.get(name)
-        if (entry and entry["source_sha256"] == source_sha256 and run.has(COMPACT_FEATURES, index)
-                and run.has(COMPACT_FEATURES, index, "safetensors")
-                and file_sha256(run.shard(COMPACT_FEATURES, index, "safetensors")) == entry["sha256"]):
-            kept.append(index)
-            continue
-        tensors = run.read_tensors(FEATURES, index)
-        for key in FEATURE_KEYS:
-            largest = float(tensors[key].abs().max()) if tensors[key].numel() else 0.0
-            if not largest <= _FLOAT16_MAX:
-                raise RunError(f"{source}: {key} holds {largest:g}, beyond float16's range ({_FLOAT16_MAX:g}); "
-                               "this run's features cannot be stored in float16")
-        run.write_tensors(COMPACT_FEATURES, index, {k: tensors[k].to(torch.float16) for k in FEATURE_KEYS})
-        run.write_records(COMPACT_FEATURES, index, run.read_records(FEATURES, index))
-        manifest[name] = {"sha256": file_sha256(run.shard(COMPACT_FEATURES, index, "safetensors")),
-                          "source_sha256": source_sha256, "rows": int(tensors[FEATURE_KEYS[0]].shape[0])}
-        written.append(index)
-    if written:  # an unchanged copy keeps its provenance (and a clean git status)
-        run.write_provenance(COMPACT_FEATURES, {"source": FEATURES, "dtype": "float16",
-                                                "shards": dict(sorted(manifest.items()))})
+    written, kept, dropped = [], [], False
+    try:
+        for index in run.complete_shards(FEATURES, ("jsonl", "safetensors"), allow_partial=True):
+            name = run.shard(COMPACT_FEATURES, index, "safetensors").name
+            source = run.shard(FEATURES, index, "safetensors")
+            source_sha256 = file_sha256(source)
+            entry = manifest.get(name)
+            if (entry and entry["source_sha256"] == source_sha256 and run.has(COMPACT_FEATURES, index)
+                    and run.has(COMPACT_FEATURES, index, "safetensors")
+                    and file_sha256(run.shard(COMPACT_FEATURES, index, "safetensors")) == entry["sha256"]):
+                kept.append(index)
+                continue
+            tensors = run.read_tensors(FEATURES, index)
+            for key in FEATURE_KEYS:
+                largest = float(tensors[key].abs().max()) if tensors[key].numel() else 0.0
+                if not largest <= _FLOAT16_MAX:
+                    dropped = manifest.pop(name, None) is not None  # an older copy is not these rows
+                    raise RunError(f"{source}: {key} holds {largest:g}, beyond float16's range ({_FLOAT16_MAX:g}); "
+                                   "this run's features cannot be stored in float16")
+            run.write_tensors(COMPACT_FEATURES, index, {k: tensors[k].to(torch.float16) for k in FEATURE_KEYS})
+            run.write_records(COMPACT_FEATURES, index, run.read_records(FEATURES, index))
+            manifest[name] = {"sha256": file_sha256(run.shard(COMPACT_FEATURES, index, "safetensors")),
+                              "source_sha256": source_sha256, "rows": int(tensors[FEATURE_KEYS[0]].shape[0])}
+            written.append(index)
+    finally:  # also after a refusal; an unchanged copy keeps its provenance (a clean git status)
+        if written or dropped:
+            run.write_provenance(COMPACT_FEATURES, {"source": FEATURES, "dtype": "float16",
+                                                    "shards": dict(sorted(manifest.items()))})
     return {"written": written, "kept": kept}
 
 
