@@ -7,7 +7,10 @@ logits and on both, at several training-set sizes.
               scorer validation pairs and the chat benchmark) as a label prompt file
     label     `selfjudge label` on them with the Qwen testbed (the target's greedy responses,
               draft-model and ngram k=8 mismatches, the semantic preservation score at N=20,
-              the target's hidden states); resumable shard by shard (rerun to continue)
+              the target's hidden states); resumable shard by shard (rerun to continue). Its
+              float32 features/ are not committed; their float16 copy (label-run/
+              features-float16, written by `selfjudge label`, or `selfjudge compact --run` for
+              a run labelled before) is, so train and report run on a fresh clone
     train     per size in --sizes and per feature set (hidden, logits, both): `selfjudge train
               --max-train-mismatches SIZE` at SelfJudge's tau for N=20 (0.0563), the validation
               prompts the same for every size (nested training subsets)

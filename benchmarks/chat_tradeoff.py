@@ -120,7 +120,7 @@ def ensure_judge(testbed: Path, template, args) -> tuple[Path, Path]:
     trained on one label run."""
     # The prompts, the label run's records and the heads are small and kept with the results,
     # so a later sitting on a fresh machine resumes the same run and serves the same heads
-    # (the features stage's tensors are not committed: .gitignore).
+    # (the features stage's float32 tensors are not committed, .gitignore; their float16 copy is).
     folder = args.results / "chat_judge"
     heads = folder / "head", folder / "head-hidden"
     missing = [(h, f) for h, f in zip(heads, ("auto", "hidden")) if not (h / "config.json").is_file()]

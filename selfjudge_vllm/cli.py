@@ -4,6 +4,8 @@
         target responses, draft mismatches, semantic preservation scores, features
     selfjudge train --run RUN --out HEAD (--tau X | --reject-share Q)
         labels, logistic regression, the judge artifact the plugin loads
+    selfjudge compact --run RUN
+        the float16 copy of a run's features (label writes it; this converts older runs)
     selfjudge calibrate --target T --speculative-config JSON --prompts P.jsonl --out DIR
             --measure M --budget B [--head HEAD]
         the fastest rule certified to keep M within B on these prompts (Learn then Test)
@@ -122,6 +124,29 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(report, indent=2))
     print(f"selfjudge train: judge artifact written to {args.out}")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from selfjudge_vllm.offline.store import COMPACT_FEATURES, FEATURES, RunDir, RunError, compact_features
+
+    run = RunDir(args.run)
+    if not (run.root / FEATURES).is_dir():
+        print(f"selfjudge compact: {run.root / FEATURES} missing: nothing to convert (a run's features stage "
+              "writes it)", file=sys.stderr)
+        return 2
+    try:
+        done = compact_features(run)
+    except RunError as exc:
+        print(f"selfjudge compact: {exc}", file=sys.stderr)
+        return 2
+
+    def mib(stage: str) -> float:
+        return sum(p.stat().st_size for p in (run.root / stage).glob("shard-*")) / 2**20
+
+    print(f"selfjudge compact: {len(done['written'])} shard(s) written, {len(done['kept'])} up to date; "
+          f"{run.root / COMPACT_FEATURES} holds {mib(COMPACT_FEATURES):.1f} MiB "
+          f"(float32 {FEATURES}: {mib(FEATURES):.1f} MiB)")
     return 0
 
 
@@ -293,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on the complete shards of a run whose stages lack some (refused by default; "
                        "training_report.json lists the shards used)")
     train.set_defaults(func=_train)
+
+    compact = sub.add_parser(
+        "compact",
+        help="write the float16 copy of a run's features, small enough to commit",
+        description="Writes features-float16/ beside a run's float32 features/ (half the size; each shard's "
+        "SHA-256 in its provenance.json), which `selfjudge train` reads where features/ is absent, so a clone "
+        "trains without labelling again. `selfjudge label` writes it itself; this converts older runs. "
+        "Shards already converted from the same float32 rows are kept.",
+    )
+    compact.add_argument("--run", required=True, help="run folder written by `selfjudge label`")
+    compact.set_defaults(func=_compact)
 
     check = sub.add_parser(
         "check-vllm",

@@ -15,7 +15,7 @@ import torch
 
 from selfjudge_vllm.offline.engine import EngineSettings, engine, hidden_states
 from selfjudge_vllm.offline.label import LabelSettings, run_label
-from selfjudge_vllm.offline.store import RunDir, load_run
+from selfjudge_vllm.offline.store import COMPACT_FEATURES, RunDir, load_run
 from selfjudge_vllm.offline.train import TrainSettings, train
 from tests import reference
 from tests.engine_helpers import PROMPTS, run_engine, spec_config
@@ -236,6 +236,44 @@ def test_prompts_to_served_judge(labelled_run, tiny_pair, tmp_path):
     assert result.judge["draft_tokens"] == result.num_draft_tokens > 0
 
 
+def test_heads_trained_from_the_float16_features_agree_with_the_float32_ones(labelled_run, tmp_path):
+    """`selfjudge label` writes the float16 copy; a clone holding only it (features/ removed)
+    trains heads whose held-out ROC-AUC and P(accept) on the validation mismatches are within
+    0.01 of the float32 heads', with the same C, and whose report says it read float16."""
+    import shutil
+
+    import numpy as np
+
+    from selfjudge_vllm.artifact import JudgeArtifact
+    from selfjudge_vllm.offline.train import evidence_matrix, split_by_prompt
+
+    assert labelled_run.complete_shards(COMPACT_FEATURES, ("jsonl", "safetensors")) == [0, 1, 2]
+    clone = shutil.copytree(labelled_run.root, tmp_path / "clone", ignore=shutil.ignore_patterns("features"))
+    records, substituted, _ = load_run(labelled_run.root)
+    is_val = split_by_prompt([r["id"] for r in records], 0.2, 0)
+    evidence = evidence_matrix(records)
+    rows = is_val & np.isfinite(evidence).all(1)  # the validation mismatches the heads are compared on
+    for features in ("hidden", "both"):
+        settings = TrainSettings(suffix_length=3, reject_share=0.5, features=features)
+        full = train(labelled_run.root, tmp_path / f"{features}-32", settings)
+        half = train(clone, tmp_path / f"{features}-16", settings)
+        assert (full["hidden_state_precision"], half["hidden_state_precision"]) == ("float32", "float16")
+        assert half["tau"] == full["tau"] and half["feature_sets"][features]["C"] == full["feature_sets"][features]["C"]
+        p_accept = []
+        for head in (tmp_path / f"{features}-32", tmp_path / f"{features}-16"):
+            artifact = JudgeArtifact.load(head)
+            logit = substituted[rows].double().numpy() @ artifact.weight.double().numpy() + float(artifact.bias)
+            if artifact.scalar_weight is not None:
+                logit = logit + evidence[rows] @ artifact.scalar_weight.double().numpy()
+            p_accept.append(1 / (1 + np.exp(-logit)))
+        auc_gap = abs(half["validation_mismatch_roc_auc"] - full["validation_mismatch_roc_auc"])
+        p_gap = float(np.abs(p_accept[0] - p_accept[1]).max())
+        print(f"{features}: float32 vs float16 features: validation mismatch ROC-AUC "
+              f"{full['validation_mismatch_roc_auc']:.4f} vs {half['validation_mismatch_roc_auc']:.4f}, "
+              f"max |P(accept) difference| {p_gap:.2e} over {int(rows.sum())} validation mismatches")
+        assert auc_gap <= 0.01 and p_gap <= 0.01
+
+
 def test_judge_diagnostics_agree_with_the_training_report(labelled_run, tiny_pair, tmp_path):
     """benchmarks/diagnostics/judge_diagnostics.py recomputes, from the folded artifact, what `train`
     measured with scikit-learn; its log-probability ratios come from an independent
@@ -299,6 +337,9 @@ def _assert_same_run(run: RunDir, reference: RunDir, shards: int) -> None:
     for i in range(shards):
         a, b = run.read_tensors("features", i), reference.read_tensors("features", i)
         assert all(torch.equal(a[k], b[k]) for k in a)
+    # Its float16 copy too, file for file (the digests its provenance lists).
+    copies = [json.loads((r.root / COMPACT_FEATURES / "provenance.json").read_text())["shards"] for r in (run, reference)]
+    assert len(copies[0]) == shards and copies[0] == copies[1]
 
 
 @pytest.fixture(scope="module")

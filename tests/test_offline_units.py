@@ -369,7 +369,8 @@ def test_a_run_missing_shards_is_refused_naming_them_unless_partial_is_asked_for
     assert run.read_stage("scores", allow_partial=True) == records
     report = train_module.train(tmp_path / "run", tmp_path / "head", train_module.TrainSettings(
         suffix_length=5, tau=1.5, features="logits", allow_partial_run=True))
-    assert report["shards"] == [{"run": str(tmp_path / "run"), "total": 5, "used": [0, 2, 3]}]
+    assert report["shards"] == [{"run": str(tmp_path / "run"), "total": 5, "used": [0, 2, 3],
+                                 "hidden_state_precision": None}]
 
 
 def test_shard_count_is_bound_to_the_run(tmp_path):
@@ -515,3 +516,125 @@ def test_several_runs_train_one_head_on_their_union_and_disagreeing_runs_are_ref
         train_module.train([runs[0], other_n.root], tmp_path / "x", train_module.TrainSettings(suffix_length=5, tau=1.5))
     with pytest.raises(InputError, match="given twice"):
         train_module.train([runs[0], runs[0]], tmp_path / "x", train_module.TrainSettings(suffix_length=5, tau=1.5))
+
+
+def _run_with_hidden_rows(root, shards: dict[int, int], hidden: int = 8, seed: int = 0) -> RunDir:
+    """_scored_run with random float32 hidden rows spanning float16's normal and subnormal range."""
+    run = _scored_run(root, shards, total=len(shards), hidden=hidden)
+    generator = torch.Generator().manual_seed(seed)
+    for index, count in shards.items():
+        if count:
+            scale = torch.logspace(-6, 2.5, hidden).expand(count, hidden)  # 1e-6 .. ~316 per column
+            run.write_tensors("features", index, {key: torch.randn(count, hidden, generator=generator) * scale
+                                                  for key in ("substituted", "original")})
+    return run
+
+
+def test_float16_features_round_trip_within_float16_rounding_and_train_says_so(tmp_path):
+    import shutil
+
+    from selfjudge_vllm.offline import train as train_module
+    from selfjudge_vllm.offline.store import COMPACT_FEATURES, compact_features, load_run
+
+    run = _run_with_hidden_rows(tmp_path / "run", {0: 60, 1: 0, 2: 60})
+    assert compact_features(run) == {"written": [0, 1, 2], "kept": []}
+    provenance = (run.root / COMPACT_FEATURES / "provenance.json").read_text()
+    assert compact_features(run) == {"written": [], "kept": [0, 1, 2]}  # same float32 rows: nothing rewritten
+    assert (run.root / COMPACT_FEATURES / "provenance.json").read_text() == provenance
+    for index in range(3):
+        full, half = run.read_tensors("features", index), run.read_tensors(COMPACT_FEATURES, index)
+        assert set(half) == set(full) and all(half[k].dtype == torch.float16 for k in half)
+        assert all(half[k].shape == full[k].shape for k in half)
+        assert run.read_records(COMPACT_FEATURES, index) == run.read_records("features", index)
+        for key in full:
+            # Round to nearest: half a float16 step, 2^-11 of the value (2^-25 among subnormals).
+            error = (half[key].float() - full[key]).abs()
+            assert (error <= torch.clamp(full[key].abs() * 2.0**-11, min=2.0**-25)).all()
+    full_records, full_sub, full_orig = load_run(run.root)
+
+    clone = RunDir(shutil.copytree(run.root, tmp_path / "clone", ignore=shutil.ignore_patterns("features")))
+    records, sub, orig = load_run(clone.root)
+    assert records == full_records and sub.dtype == orig.dtype == torch.float32
+    assert torch.equal(sub, full_sub.half().float()) and torch.equal(orig, full_orig.half().float())
+    settings = train_module.TrainSettings(suffix_length=5, tau=1.5, features="hidden")
+    assert train_module.train(run.root, tmp_path / "h32", settings)["hidden_state_precision"] == "float32"
+    report = train_module.train(clone.root, tmp_path / "h16", settings)
+    assert report["hidden_state_precision"] == "float16"
+    assert report["shards"][0]["hidden_state_precision"] == "float16"
+    logits_only = train_module.TrainSettings(suffix_length=5, tau=1.5, features="logits")
+    assert train_module.train(clone.root, tmp_path / "hl", logits_only)["hidden_state_precision"] is None
+
+
+def test_a_damaged_or_foreign_float16_shard_is_refused_naming_it(tmp_path):
+    import shutil
+
+    from selfjudge_vllm.offline.store import COMPACT_FEATURES, compact_features, load_run
+
+    run = _run_with_hidden_rows(tmp_path / "run", {0: 5, 1: 5})
+    compact_features(run)
+    shutil.rmtree(run.root / "features")  # a clone: only the float16 copy
+    shard0, shard1 = (run.shard(COMPACT_FEATURES, i, "safetensors") for i in (0, 1))
+    good = shard0.read_bytes()
+
+    shard0.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one bit flipped in the rows
+    with pytest.raises(RunError, match="shard-00000.safetensors is not the file `selfjudge compact` wrote"):
+        load_run(run.root)
+    shard0.write_bytes(shard1.read_bytes())  # another shard's copy in its place
+    with pytest.raises(RunError, match="SHA-256 differs"):
+        load_run(run.root)
+    shard0.write_bytes(good)
+    records = load_run(run.root)[0]
+
+    # Relabelled scores: the copy's rows are no longer the scored mismatches.
+    scores = run.read_records("scores", 1)
+    run.write_records("scores", 1, [dict(r, m=r["m"] + 1) for r in scores])
+    with pytest.raises(RunError, match="shard-00001.safetensors does not belong to this run's scored shard 1: "
+                                       "its rows \\(prompt id, position\\) are not those of scores/shard-00001"):
+        load_run(run.root)
+    run.write_records("scores", 1, scores)
+
+    # A file the manifest does not list, or one that is no safetensors file, even with its digest listed.
+    manifest_path = run.root / COMPACT_FEATURES / "provenance.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(dict(manifest, shards={})))
+    with pytest.raises(RunError, match="not listed in features-float16/provenance.json"):
+        load_run(run.root)
+    from selfjudge_vllm.files import file_sha256
+
+    shard0.write_bytes(b"not a safetensors file")
+    entry = dict(manifest["shards"][shard0.name], sha256=file_sha256(shard0))
+    manifest_path.write_text(json.dumps(dict(manifest, shards=dict(manifest["shards"], **{shard0.name: entry}))))
+    with pytest.raises(RunError, match="shard-00000.safetensors cannot be read"):
+        load_run(run.root)
+    shard0.write_bytes(good)
+    manifest_path.write_text(json.dumps(manifest))
+    assert load_run(run.root)[0] == records
+
+
+def test_float32_rows_beyond_float16_are_refused_and_changed_rows_are_copied_again(tmp_path):
+    from selfjudge_vllm.offline.store import compact_features
+
+    run = _run_with_hidden_rows(tmp_path / "run", {0: 5, 1: 5})
+    assert compact_features(run)["written"] == [0, 1]
+    tensors = run.read_tensors("features", 1)
+    run.write_tensors("features", 1, dict(tensors, original=tensors["original"] + 1.0))  # shard 1 labelled again
+    assert compact_features(run) == {"written": [1], "kept": [0]}
+    tensors["original"][0, 0] = 7e4
+    run.write_tensors("features", 1, tensors)
+    with pytest.raises(RunError, match="shard-00001.safetensors: original holds 70000, beyond float16's range"):
+        compact_features(run)
+    # The older copy of shard 1 no longer stands for its float32 rows: it is unlisted, so never read.
+    assert list(json.loads((run.root / "features-float16/provenance.json").read_text())["shards"]) == [
+        "shard-00000.safetensors"]
+
+
+def test_compact_command_converts_a_run_and_names_a_folder_without_features(tmp_path, capsys):
+    from selfjudge_vllm.cli import main
+
+    _run_with_hidden_rows(tmp_path / "run", {0: 5, 1: 5})
+    assert main(["compact", "--run", str(tmp_path / "run")]) == 0
+    assert "2 shard(s) written, 0 up to date" in capsys.readouterr().out
+    assert main(["compact", "--run", str(tmp_path / "run")]) == 0
+    assert "0 shard(s) written, 2 up to date" in capsys.readouterr().out
+    assert main(["compact", "--run", str(tmp_path / "elsewhere")]) == 2
+    assert "elsewhere/features missing: nothing to convert" in capsys.readouterr().err

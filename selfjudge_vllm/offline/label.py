@@ -9,7 +9,9 @@ a stage has work left):
               (target prompt_logprobs on the response and on each substituted window), and
               the log-probability evidence verification holds for the draft token
   features    the target's final-norm hidden state at position m of y' and of y (vLLM
-              pooling engine: the same numbers the plugin reads at serving time)
+              pooling engine: the same numbers the plugin reads at serving time), and
+              their float16 copy in features-float16 (store.compact_features), small
+              enough to commit so that a clone trains without labelling again
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from selfjudge_vllm.offline.prompts import (
 )
 from selfjudge_vllm.offline.proposers import NgramSettings, ngram_mismatches
 from selfjudge_vllm.offline.scores import semantic_preservation_scores, window_end
-from selfjudge_vllm.offline.store import RunDir
+from selfjudge_vllm.offline.store import RunDir, RunError, compact_features
 
 logger = logging.getLogger("selfjudge.label")
 
@@ -313,6 +315,14 @@ def run_label(settings: LabelSettings, out_dir: str | Path, progress=None,
         if stage.name == "outcomes" and job.settings.answer_pattern is None:
             continue
         run_stage(job, stage, progress, executor, allow_partial)
+        if stage.name == "features":
+            try:
+                compacted = compact_features(job.run)
+            except RunError as exc:  # the float32 features stand: only the committable copy is missing
+                logger.warning("features-float16 not written: %s", exc)
+            else:
+                logger.info("features-float16: %d shard(s) written, %d up to date",
+                            len(compacted["written"]), len(compacted["kept"]))
     return job.run
 
 

@@ -7,6 +7,10 @@
     RUN/<stage>/shard-00003.jsonl    records of shard 3, written atomically
     RUN/<stage>/shard-00003.safetensors
     RUN/<stage>/provenance.json      command, versions, models, seed of that stage
+    RUN/features-float16/            the features stage's hidden rows in float16 (half the
+                                     size, small enough to commit), with each shard's digest
+                                     in its provenance.json: what training reads where the
+                                     float32 features are absent (a fresh clone)
 
 A shard file exists only once complete (write to a temporary name, fsync, rename), so a
 killed run loses at most the shard in progress and a rerun skips every finished shard.
@@ -23,7 +27,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from selfjudge_vllm.files import file_sha256
 
 
 class RunError(ValueError):
@@ -198,6 +205,104 @@ def provenance(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- the hidden-state features: float32 as labelled, and the float16 copy that is committed --
+
+FEATURES = "features"
+COMPACT_FEATURES = "features-float16"
+PRECISION = {FEATURES: "float32", COMPACT_FEATURES: "float16"}
+FEATURE_KEYS = ("substituted", "original")
+# float16 keeps 11 significant bits (a rounding error of at most 2^-11 of a value, about 5e-4)
+# up to 65504, far above final-norm hidden states; a value beyond it is refused, not saturated.
+# The logit features are not copied: they live in the scores stage's records (float64 JSON,
+# committed as they are), three numbers per mismatch against thousands of hidden ones.
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def _compact_manifest(run: RunDir) -> dict[str, dict]:
+    """{shard file name: {"sha256", "source_sha256", "rows"}} of the float16 copies written."""
+    path = run.root / COMPACT_FEATURES / "provenance.json"
+    return json.loads(path.read_text()).get("shards", {}) if path.is_file() else {}
+
+
+def compact_features(run: RunDir) -> dict[str, list[int]]:
+    """Write the float16 copy of each complete features shard whose copy is missing or was made
+    from other float32 rows, and record every copy's SHA-256 (and its source's) in
+    COMPACT_FEATURES/provenance.json, which the reader checks. Copies whose float32 source is
+    gone (a clone) are kept. Returns the shard indices {"written": [...], "kept": [...]}."""
+    run.remove_partial_files(COMPACT_FEATURES)
+    manifest = _compact_manifest(run)
+    written, kept, dropped = [], [], False
+    try:
+        for index in run.complete_shards(FEATURES, ("jsonl", "safetensors"), allow_partial=True):
+            name = run.shard(COMPACT_FEATURES, index, "safetensors").name
+            source = run.shard(FEATURES, index, "safetensors")
+            source_sha256 = file_sha256(source)
+            entry = manifest.get(name)
+            if (entry and entry["source_sha256"] == source_sha256 and run.has(COMPACT_FEATURES, index)
+                    and run.has(COMPACT_FEATURES, index, "safetensors")
+                    and file_sha256(run.shard(COMPACT_FEATURES, index, "safetensors")) == entry["sha256"]):
+                kept.append(index)
+                continue
+            tensors = run.read_tensors(FEATURES, index)
+            for key in FEATURE_KEYS:
+                largest = float(tensors[key].abs().max()) if tensors[key].numel() else 0.0
+                if not largest <= _FLOAT16_MAX:
+                    dropped = manifest.pop(name, None) is not None  # an older copy is not these rows
+                    raise RunError(f"{source}: {key} holds {largest:g}, beyond float16's range ({_FLOAT16_MAX:g}); "
+                                   "this run's features cannot be stored in float16")
+            run.write_tensors(COMPACT_FEATURES, index, {k: tensors[k].to(torch.float16) for k in FEATURE_KEYS})
+            run.write_records(COMPACT_FEATURES, index, run.read_records(FEATURES, index))
+            manifest[name] = {"sha256": file_sha256(run.shard(COMPACT_FEATURES, index, "safetensors")),
+                              "source_sha256": source_sha256, "rows": int(tensors[FEATURE_KEYS[0]].shape[0])}
+            written.append(index)
+    finally:  # also after a refusal; an unchanged copy keeps its provenance (a clean git status)
+        if written or dropped:
+            run.write_provenance(COMPACT_FEATURES, {"source": FEATURES, "dtype": "float16",
+                                                    "shards": dict(sorted(manifest.items()))})
+    return {"written": written, "kept": kept}
+
+
+def feature_stage(run: RunDir) -> str:
+    """Where training reads the hidden rows: the float32 features stage where the run has any
+    of its shards, else their float16 copy (a fresh clone holds only that)."""
+    if not any((run.root / FEATURES).glob("shard-*.safetensors")) and (run.root / COMPACT_FEATURES).is_dir():
+        return COMPACT_FEATURES
+    return FEATURES
+
+
+def read_features(run: RunDir, stage: str, index: int, records: list[dict]) -> dict[str, torch.Tensor]:
+    """Shard `index`'s hidden rows from `stage`, in float32, refused unless they are the rows of
+    the scored `records` (and, for the float16 copy, the file `compact_features` wrote)."""
+    path = run.shard(stage, index, "safetensors")
+    again = ("restore it (git checkout) or write it again from the float32 features (`selfjudge compact --run "
+             f"{run.root}`)" if stage == COMPACT_FEATURES else "delete it and rerun `selfjudge label` to write it again")
+    if stage == COMPACT_FEATURES:
+        entry = _compact_manifest(run).get(path.name)
+        if entry is None:
+            raise RunError(f"{path} is not listed in {COMPACT_FEATURES}/provenance.json, so it cannot be checked; "
+                           + again)
+        if file_sha256(path) != entry["sha256"]:
+            raise RunError(f"{path} is not the file `selfjudge compact` wrote (its SHA-256 differs from the one in "
+                           f"{COMPACT_FEATURES}/provenance.json): corrupted or replaced; " + again)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise RunError(f"{path} cannot be read ({exc}); " + again) from None
+    rows = [(r["id"], r["m"]) for r in run.read_records(stage, index)]
+    wanted = PRECISION[stage]
+    if sorted(tensors) != sorted(FEATURE_KEYS):
+        problem = f"it holds tensors {sorted(tensors)}, not {list(FEATURE_KEYS)}"
+    elif any(str(t.dtype) != f"torch.{wanted}" for t in tensors.values()):
+        problem = f"its tensors are {sorted({str(t.dtype) for t in tensors.values()})}, not {wanted}"
+    elif rows != [(r["id"], r["m"]) for r in records]:
+        problem = f"its rows (prompt id, position) are not those of scores/shard-{index:05d}.jsonl"
+    elif any(t.shape[0] != len(records) for t in tensors.values()) or len({t.shape for t in tensors.values()}) > 1:
+        problem = f"its shapes {[tuple(t.shape) for t in tensors.values()]} do not fit {len(records)} mismatches"
+    else:
+        return {k: tensors[k].float() for k in FEATURE_KEYS}
+    raise RunError(f"{path} does not belong to this run's scored shard {index}: {problem}; " + again)
+
+
 # -- the readers training uses ------------------------------------------------------------
 
 
@@ -205,22 +310,26 @@ def usable_shards(run: RunDir, with_hidden: bool, allow_partial: bool = False) -
     """The shards training reads: scored (and with features, when `with_hidden`)."""
     done = run.complete_shards("scores", allow_partial=allow_partial)
     if with_hidden:
-        with_features = set(run.complete_shards("features", ("jsonl", "safetensors"), allow_partial=allow_partial))
+        with_features = set(run.complete_shards(feature_stage(run), ("jsonl", "safetensors"),
+                                                allow_partial=allow_partial))
         done = [i for i in done if i in with_features]
     return done
 
 
 def load_run(out_dir: str | Path, with_hidden: bool = True,
              allow_partial: bool = False) -> tuple[list[dict], torch.Tensor | None, torch.Tensor | None]:
-    """All scored mismatches with their two feature rows, in shard order (without the
-    feature rows, and without needing the features stage, when `with_hidden` is False).
+    """All scored mismatches with their two feature rows (float32; from the float16 copy where
+    the run has no float32 features, see feature_stage), in shard order (without the feature
+    rows, and without needing the features stage, when `with_hidden` is False).
     A run missing shards of the stages read is refused unless `allow_partial`."""
     run = RunDir(out_dir)
+    stage = feature_stage(run)
     records, subs, origs = [], [], []
     for index in usable_shards(run, with_hidden, allow_partial):
-        records += run.read_records("scores", index)
+        shard_records = run.read_records("scores", index)
+        records += shard_records
         if with_hidden:
-            tensors = run.read_tensors("features", index)
+            tensors = read_features(run, stage, index, shard_records)
             if tensors["substituted"].shape[0]:  # an empty shard adds no rows (older runs wrote [0, 0])
                 subs.append(tensors["substituted"])
                 origs.append(tensors["original"])

@@ -44,7 +44,7 @@ from selfjudge_vllm.features import FEATURE_SETS, HIDDEN, LOGIT_FEATURES
 from selfjudge_vllm.offline.label import InputError
 from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_FILE, PROMPT_DIGESTS_KEY
 from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
-from selfjudge_vllm.offline.store import RunDir, load_run, provenance, usable_shards
+from selfjudge_vllm.offline.store import PRECISION, RunDir, feature_stage, load_run, provenance, usable_shards
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 STACK_FOLDS = 5
@@ -403,7 +403,9 @@ def load_training_data(run_dirs: list[str | Path], with_hidden: bool, allow_part
         subs.append(sub)
         origs.append(orig)
         shards.append({"run": str(run.root), "total": run.shard_count(),
-                       "used": usable_shards(run, with_hidden, allow_partial=True)})
+                       "used": usable_shards(run, with_hidden, allow_partial=True),
+                       # float32 as labelled, or the float16 copy where a clone has only that
+                       "hidden_state_precision": PRECISION[feature_stage(run)] if with_hidden else None})
     substituted = torch.cat(subs) if with_hidden else None
     original = torch.cat(origs) if with_hidden else None
     return TrainingData(records, substituted, original, runs[0].read_json("target.json"), shards,
@@ -618,6 +620,8 @@ def train(run_dirs: str | Path | list[str | Path], out_dir: str | Path, settings
     report = {
         "runs": [str(d) for d in run_dirs],
         "shards": data.shards,
+        "hidden_state_precision": ", ".join(sorted({s["hidden_state_precision"] for s in data.shards}))
+                                  if with_hidden else None,
         "mismatches": len(records),
         "training_mismatches": int((~is_val).sum()),
         "max_train_mismatches": settings.max_train_mismatches,
