@@ -124,7 +124,7 @@ def pairs(args) -> None:
 GSM8K_POINTS = ("judge-0.188512", "fly-0.3", "entropy-0.5", "top_alpha-0.9", "fly-1.0")  # on ngram k=8
 GSM8K_PAIRS = 300
 # The scorers validated, each with the thresholds offered ((scorer, judge model) -> thresholds).
-LLM_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
+LLM_THRESHOLDS = (0.1, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 JUDGE_MAX_MODEL_LEN = 4096  # the judge server's context; its client cuts questions to it
 EMBEDDING_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
