@@ -14,7 +14,8 @@ by `selfjudge calibrate` itself on meaning, with no reference answers.
                 family's grid, FLy at vLLM's default (0.3) and stricter
     full        per server, once every measurement's calibrate run is complete: each rule
                 family's fastest point that calibrate served (the highest acceptance against
-                lossless on the same calibration prompts; chosen once, OUT/<server>/full/plan.json)
+                lossless, the family's points compared on the calibration prompts all of them
+                were served on; chosen once, OUT/<server>/full/plan.json)
                 served on every prompt, calibration and test, into the same store with
                 calibrate's own server settings (OUT/<server>/full is one more folder on it),
                 then scored by the embedding scorer and, with --llm, the LLM scorer and judged
@@ -193,17 +194,33 @@ def acceptance_vs_lossless(store: RequestStore, key: str, ids: set[str]) -> tupl
 
 
 def fastest_points(store: RequestStore, calibration_ids: list[str]) -> dict[str, str]:
-    """Each rule family's point with the highest acceptance against lossless on the calibration
-    prompts it was served on (paired: the same prompts); the strictest on a tie."""
-    best: dict[str, tuple[float, str]] = {}
+    """Each rule family's point with the highest acceptance against lossless, every point of the
+    family compared on the same prompts: the calibration prompts all of them were served on (the
+    shortest served prefix among them, as calibrate serves each point in the same order), with
+    vLLM's counters covering them for each point and for lossless; the strictest on a tie. A
+    point whose counters do not cover those prompts is left out, and said, and the others are
+    compared again on the prompts they have in common."""
+    families: dict[str, list[str]] = {}
     for key in store.requests:
         family, _ = parse_point(key)
-        if family == calibrate.LOSSLESS:
-            continue
-        _, ratio = acceptance_vs_lossless(store, key, set(calibration_ids) & set(store.done(key)))
-        if ratio is not None and (family not in best or ratio > best[family][0]):
-            best[family] = (ratio, key)
-    return {family: key for family, (_, key) in sorted(best.items())}
+        if family != calibrate.LOSSLESS and set(calibration_ids) & set(store.done(key)):
+            families.setdefault(family, []).append(key)
+    chosen = {}
+    for family, keys in sorted(families.items()):
+        keys = sorted(keys, key=lambda k: -parse_point(k)[1])  # strictest first: it wins a tie
+        while keys:
+            common = set(calibration_ids)
+            for key in keys:
+                common &= set(store.done(key))
+            ratios = {key: acceptance_vs_lossless(store, key, common)[1] if common else None for key in keys}
+            missing = [key for key, ratio in ratios.items() if ratio is None]
+            if not missing:
+                chosen[family] = max(keys, key=lambda k: ratios[k])  # max keeps the first (strictest) on a tie
+                break
+            log(f"fastest points: {', '.join(missing)} left out of the {family} comparison: no counters (or no "
+                f"lossless counters) cover the {len(common)} calibration prompts the family's points share")
+            keys = [key for key in keys if key not in missing]
+    return chosen
 
 
 def read_plan(folder: Path) -> dict[str, str] | None:
@@ -214,13 +231,15 @@ def read_plan(folder: Path) -> dict[str, str] | None:
 
 def full_plan(folder: Path, store: RequestStore, calibration_ids: list[str]) -> dict[str, str]:
     """fastest_points, chosen once and kept in FOLDER/plan.json: serving a point that stopped
-    early on every prompt adds calibration prompts to it, which could move the choice."""
+    early on every prompt adds calibration prompts to the family's common ones, which could move
+    the choice."""
     plan = read_plan(folder)
     if plan is None:
         plan = fastest_points(store, calibration_ids)
         (folder / PLAN_FILE).write_text(json.dumps({"points": plan, "chosen": datetime.date.today().isoformat(),
                                                     "how": "per family, the highest mean acceptance length against "
-                                                           "lossless on the calibration prompts calibrate served it on"},
+                                                           "lossless on the calibration prompts every point of the "
+                                                           "family was served on"},
                                                    indent=1) + "\n")
         log(f"full: each family's fastest point: {', '.join(plan.values()) or 'none'} ({folder / PLAN_FILE})")
     return plan

@@ -383,8 +383,9 @@ def markdown(report: dict) -> str:
         full = server["full"]
         lines += [f"### Each family's fastest point on all {server['calibration_prompts'] + server['test_prompts']} "
                   "prompts (the matched-acceptance comparison)", "",
-                  ("The fastest point of each family (highest acceptance against lossless on the calibration prompts "
-                   "calibrate served it on), served on every prompt by the full stage."
+                  ("The fastest point of each family (highest acceptance against lossless, the family's points "
+                   "compared on the calibration prompts all of them were served on), served on every prompt by the "
+                   "full stage."
                    if full["planned"] else "The full stage has not run yet: the points it will serve, on the prompts "
                    "served so far."), ""]
         lines += points_table(sorted(full["points"], key=lambda r: r["acceptance_vs_lossless"] or 0.0)) + [""]

@@ -334,3 +334,19 @@ def test_the_readme_chat_table_reads_each_figure_from_the_report(tmp_path):
     assert "| embedding 10% |" in table.split("fly 1 |")[1].splitlines()[0]
     assert ("ngram-k8: within embedding 10%: fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) "
             "(not finished yet: llm 5%, llm 10%, judged_loss 10%).") in table
+
+
+def test_the_fastest_point_is_chosen_on_the_prompts_the_familys_points_share(tmp_path, capsys):
+    """A looser point stopped early is compared with a stricter one on the prompts both were
+    served on, not each on its own; a point without counters there is left out and said."""
+    tree = Tree(tmp_path / "chat_meaning")
+    first, rest = CALIBRATION[:4], CALIBRATION[4:]
+    tree.serve("lossless", {i: _lossless(i) for i in CALIBRATION}, 2.0)
+    tree.serve("fly-0.6", {i: f"A {i}" for i in first}, 2.2)
+    tree.serve("fly-0.6", {i: f"A {i}" for i in rest}, 3.0)  # 1.3x on all 8, 1.1x on the first 4
+    tree.serve("fly-0.3", {i: f"B {i}" for i in first}, 2.4)  # stopped early: 1.2x on the first 4
+    for i in first:  # served, no counters segment
+        tree.append("requests.jsonl", {"point": "fly-0.2", "id": i, "text": f"C {i}", "tokens": 5, "latency_s": 0.1})
+    store = measurement.RequestStore(tree.store)
+    assert chat_meaning.fastest_points(store, CALIBRATION) == {"fly": "fly-0.3"}
+    assert "fly-0.2 left out of the fly comparison" in capsys.readouterr().out
