@@ -40,6 +40,7 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -154,6 +155,11 @@ def run_calibrate(args) -> None:
                 status = child.wait()
             except KeyboardInterrupt:  # the child has the same Ctrl-C: it stops its server and says how to resume
                 status = child.wait()
+            except BaseException:  # e.g. `kill PID` of this driver (SystemExit): no orphaned calibrate or server
+                if child.poll() is None:
+                    child.send_signal(signal.SIGINT)  # calibrate stops its server on Ctrl-C and exits 130
+                    child.wait()
+                raise
             if status == calibrate.EXIT_INTERRUPTED:
                 log("calibrate: interrupted; rerun the same command to continue")
                 sys.exit(calibrate.EXIT_INTERRUPTED)

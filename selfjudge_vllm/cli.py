@@ -150,9 +150,24 @@ def _compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """`kill PID` (SIGTERM) unwinds like Ctrl-C: KeyboardInterrupt, so the engines are stopped
+    by run()'s `finally` and the run exits as interrupted (by default SIGTERM ends Python at once
+    and leaves its vLLM servers serving)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from selfjudge_vllm import calibrate
 
+    _interrupt_on_sigterm()
     try:
         settings = calibrate.settings_from_args(args)
         status, report = calibrate.run(settings)
@@ -163,7 +178,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         # (OUT/server.log for the target's engine, OUT/scorer-server.log for a --scorer-model judge)
         print(f"selfjudge calibrate: {exc}", file=sys.stderr)
         return calibrate.EXIT_FAILED
-    except KeyboardInterrupt:  # run()'s `finally` has stopped the engines; every response so far is kept
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: run()'s `finally` stopped the engines; every response is kept
         print(f"selfjudge calibrate: interrupted; every finished response is kept in {args.out}/store. "
               "Rerun the same command to continue where it stopped.", file=sys.stderr)
         return calibrate.EXIT_INTERRUPTED

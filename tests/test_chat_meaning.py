@@ -350,3 +350,94 @@ def test_the_fastest_point_is_chosen_on_the_prompts_the_familys_points_share(tmp
     store = measurement.RequestStore(tree.store)
     assert chat_meaning.fastest_points(store, CALIBRATION) == {"fly": "fly-0.3"}
     assert "fly-0.2 left out of the fly comparison" in capsys.readouterr().out
+
+
+def _wait_for(path, seconds=60.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not (path.is_file() and path.read_text()):
+        assert time.monotonic() < deadline, f"{path} never written"
+        time.sleep(0.1)
+    return path.read_text()
+
+
+def test_a_killed_driver_stops_its_calibrate_child(tmp_path):
+    """`kill PID` (SIGTERM) of chat_meaning.py in the calibrate stage: its `selfjudge calibrate`
+    child (here a stand-in that records its pid and how it ended) is sent Ctrl-C and waited for."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from benchmarks.chat_meaning import ROOT
+
+    pidfile, ended = tmp_path / "child.pid", tmp_path / "child.ended"
+    child = textwrap.dedent(f"""
+        import os, time
+        open({str(pidfile)!r}, "w").write(str(os.getpid()))
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            open({str(ended)!r}, "w").write("interrupted")
+            raise SystemExit(130)
+    """)
+    driver = textwrap.dedent(f"""
+        import pathlib, sys
+        from benchmarks import chat_meaning
+        chat_meaning.OUT = pathlib.Path({str(tmp_path)!r}) / "chat_meaning"
+        chat_meaning.calibrate_command = lambda *a, **k: [sys.executable, "-c", {child!r}]
+        chat_meaning.main(["--stages", "calibrate", "--testbed", "unused"])
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", driver], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pid = int(_wait_for(pidfile))
+    parent.send_signal(signal.SIGTERM)
+    try:
+        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+        assert _wait_for(ended, 10) == "interrupted"
+    finally:
+        for process in (parent.pid, pid):  # only the processes this test started
+            try:
+                os.kill(process, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_selfjudge_calibrate_stops_its_servers_on_sigterm_as_on_ctrl_c(tmp_path):
+    """SIGTERM of `selfjudge calibrate` unwinds as Ctrl-C does: run()'s `finally` (which stops its
+    engines; here a stand-in run) runs and it exits as interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from benchmarks.chat_meaning import ROOT
+
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from selfjudge_vllm import calibrate, cli
+        def run(settings):
+            try:
+                open({str(ready)!r}, "w").write("serving")
+                time.sleep(60)
+            finally:
+                open({str(stopped)!r}, "w").write("servers stopped")
+        calibrate.settings_from_args = lambda args: None
+        calibrate.run = run
+        sys.exit(cli.main(["calibrate", "--target", "t", "--prompts", "p.jsonl", "--out", {str(tmp_path)!r},
+                           "--speculative-config", "{{}}", "--measure", "meaning_changes", "--budget", "0.05"]))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(ready)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == calibrate.EXIT_INTERRUPTED
+        assert stopped.read_text() == "servers stopped"
+        assert "interrupted" in child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
