@@ -15,7 +15,8 @@ persisted scores, store/scores.jsonl) and each measurement's calibrate report
                   matched-acceptance comparison across families
 
 Every figure has its definition elsewhere, used here as it is: the split is calibrate's
-(split_ids, with the store's seed and share), acceptance calibrate's (vLLM's counters over the
+(split_ids, with the store's seed and share, of the prompt file less the label prompts calibrate
+recorded dropping), acceptance calibrate's (vLLM's counters over the
 same prompts as lossless), a meaning change or a judged loss meaning.MeaningJudge's decision
 from the persisted score (a new repetition loop included, meaning.new_loop), each bound
 certify.risk_upper_bound at level BOUND_LEVEL: a one-sided 95% upper bound for that point
@@ -63,11 +64,14 @@ def server_folders(out: Path) -> list[Path]:
     return sorted(p.parent.parent for p in out.glob("*/store/requests.jsonl"))
 
 
-def prompt_splits(out: Path, store: RequestStore) -> tuple[list[str], list[str]]:
-    """(calibration, test) prompt ids as calibrate split them: the prompt file's ids that lossless
-    was served on (calibrate serves it on every prompt it keeps), by the store's seed and share."""
+def prompt_splits(out: Path, store: RequestStore, reports) -> tuple[list[str], list[str]]:
+    """(calibration, test) prompt ids as calibrate splits them: calibrate.split_ids, by the store's
+    seed and share, of the prompt file's ids less the label prompts a calibrate report records
+    dropping (whatever lossless was served on so far: a lossless run cut short leaves the split
+    as it is, and lossless incomplete)."""
     settings = json.loads((store.folder / calibrate.STORE_SETTINGS_FILE).read_text())
-    ids = [r["id"] for r in load_jsonl(out / "prompts.jsonl") if r["id"] in store.done(LOSSLESS)]
+    dropped = {i for *_, report in reports if report for i in report.get("label_prompts_dropped", [])}
+    ids = [r["id"] for r in load_jsonl(out / "prompts.jsonl") if r["id"] not in dropped]
     return calibrate.split_ids(ids, settings["test_share"], settings["seed"])
 
 
@@ -180,8 +184,8 @@ def certified_cell(measure: str, label: str, budget: float, name: str, report: d
 
 def server_report(out: Path, root: Path, requests: dict[str, str]) -> dict:
     store = RequestStore(root / "store")
-    calibration_ids, test_ids = prompt_splits(out, store)
     reports = measurement_reports(root)
+    calibration_ids, test_ids = prompt_splits(out, store, reports)
     marks, reported_n = calibrate_marks(reports)
     judges = {label: MeaningJudge(settings, store.folder / "scores.jsonl") for label, settings in scorer_settings().items()}
     keys = sorted(store.requests, key=lambda k: (k != LOSSLESS, parse_point(k)[0], -(parse_point(k)[1] or 0)))
@@ -371,7 +375,10 @@ def markdown(report: dict) -> str:
     for server in report["servers"]:
         lines += [f"## {server['server']}", "",
                   f"{server['prompts']} prompts, lossless served on {server['lossless_served']}: "
-                  f"{server['calibration_prompts']} calibration and {server['test_prompts']} test prompts.", ""]
+                  f"{server['calibration_prompts']} calibration and {server['test_prompts']} test prompts"
+                  + ("" if server["lossless_served"] >= server["calibration_prompts"] + server["test_prompts"] else
+                     " (lossless incomplete: not served on every prompt yet; each point's figures are on the "
+                     "prompts lossless was served on)") + ".", ""]
         lines += [f"Note: {note}." for note in server["notes"]] + ([""] if server["notes"] else [])
         lines += ["### What calibrate certified", "",
                   "Per measurement, its own certificate at 95% confidence (each report lists the others computed on "

@@ -704,7 +704,8 @@ class ScorerSession:
 def run(settings: CalibrateSettings) -> tuple[int, dict]:
     """Serves what is missing, certifies, writes the report; (exit status, report)."""
     check_settings(settings)
-    rows = without_label_prompts(settings, prompt_rows(settings))
+    all_rows = prompt_rows(settings)
+    rows = without_label_prompts(settings, all_rows)
     bound = bind_folder(settings)
     by_id = {r["id"]: r for r in rows}
     items = render_items(rows, settings.target, settings.max_tokens)
@@ -806,6 +807,8 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
         session.close()
     report = _report(settings, bound, grids, level, reach, calibration_ids, test_ids, lossless_row, evaluated, certified,
                      best, complete)
+    # the prompts of the file left out as the head's label prompts: the split is of the others
+    report["label_prompts_dropped"] = [r["id"] for r in all_rows if r["id"] not in by_id]
     if changed:
         _mark_exploratory(report, changed, passing)
     _write(settings, report)

@@ -366,6 +366,7 @@ def test_label_prompts_given_otherwise_here_are_dropped(monkeypatch, tmp_path, c
     engine = sim.SimulatedEngine({("judge", 0.9): 0.0}, seed=1)
     _, report = _run(monkeypatch, tmp_path, engine, grids={"judge": (0.9,)}, head=head)
     assert report["calibration_prompts"] == 140
+    assert report["label_prompts_dropped"] == [f"q{i}" for i in range(10)]  # the chat report's split leaves them out
     assert not {f"q{i}" for i in range(10)} & {i for _, i in engine.served}
     out = capsys.readouterr().out
     assert "dropped 10 of 150 prompts the head was labelled on (first: 'q0')" in out

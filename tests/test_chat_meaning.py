@@ -441,3 +441,19 @@ def test_selfjudge_calibrate_stops_its_servers_on_sigterm_as_on_ctrl_c(tmp_path)
     finally:
         if child.poll() is None:
             child.kill()
+
+
+def test_the_split_is_calibrates_of_the_prompt_file_when_lossless_was_cut_short(tmp_path):
+    tree = Tree(tmp_path / "chat_meaning")
+    tree.serve("lossless", {i: _lossless(i) for i in CALIBRATION[:3]}, 2.0)  # a sitting cut after 3 of 10
+    server = chat_meaning_report.build(tree.out)["servers"][0]
+    assert (server["calibration_prompts"], server["test_prompts"], server["lossless_served"]) == (8, 2, 3)
+    assert server["points"][0]["key"] == "lossless" and not server["points"][0]["complete"]
+    md = chat_meaning_report.markdown(chat_meaning_report.build(tree.out))
+    assert "| lossless | 3 of 8 (not served on all) |" in md and "(lossless incomplete:" in md
+    # the label prompts a calibrate report records dropping are not split
+    tree.report("meaning_changes", "embedding", 0.05, [], complete=False)
+    path = tree.root / "meaning_changes-embedding-5pct" / "report.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "label_prompts_dropped": ["p2", "p3"]}))
+    server = chat_meaning_report.build(tree.out)["servers"][0]
+    assert (server["calibration_prompts"], server["test_prompts"]) == (7, 1)
