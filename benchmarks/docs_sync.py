@@ -93,8 +93,11 @@ CHAT_NOT_RUN = ("The chat benchmark has not been run yet (no `benchmarks/results
 
 def _certified_by(server: dict, key: str) -> str:
     """The measurements that certified the point, e.g. "embedding 10%", or "no"."""
-    return ", ".join(chat_meaning_report.short_name(c["scorer"], c["budget"]) for c in server["certified"]
-                     if c["ran"] and c["complete"] and any(r["key"] == key for r in c["certified"])) or "no"
+    return ", ".join(chat_meaning_report.short_name(c["scorer"], c["budget"])
+                     + (f" ({chat_meaning_report.PENDING})" if chat_meaning_report.test_pending(c) else "")
+                     for c in server["certified"]
+                     if chat_meaning_report.certificate_stands(c) and any(r["key"] == key for r in c["certified"])
+                     ) or "no"
 
 
 def _chat_rows(server: dict) -> list[tuple[dict, str, str]]:
@@ -114,7 +117,7 @@ def _chat_rows(server: dict) -> list[tuple[dict, str, str]]:
             out.append((own, name, f"calibration: {chat_meaning_report.served_cell(own)}"))
         seen.add(row["key"])
     for cell in server["certified"]:
-        for certified in cell.get("certified", []) if cell["ran"] and cell["complete"] else []:
+        for certified in cell["certified"] if chat_meaning_report.certificate_stands(cell) else []:
             if certified["key"] not in seen:
                 own = calibration[certified["key"]]
                 out.append((own, chat_meaning_report.point_name(own),
@@ -139,12 +142,14 @@ def readme_chat_results(report: dict | None) -> str:
             lines.append(f"| {server['server']} | {name} | {chat_meaning_report.acceptance_cell(row)} | {prompts} | "
                          + " | ".join(chat_meaning_report.figures_cell(row["measures"][label]) for label in titles)
                          + f" | {_certified_by(server, row['key'])} |")
-        certified = [c for c in server["certified"] if c["ran"] and c["complete"] and c["certified"]]
+        certified = [c for c in server["certified"] if chat_meaning_report.certificate_stands(c) and c["certified"]]
         missing = [chat_meaning_report.short_name(c["scorer"], c["budget"]) for c in server["certified"]
-                   if not c["ran"] or not c["complete"]]
+                   if not chat_meaning_report.certificate_stands(c)]
         said.append(f"{server['server']}: " + (
             "; ".join(f"within {chat_meaning_report.short_name(c['scorer'], c['budget'])}: "
-                      f"{chat_meaning_report.certified_points_cell(c)}" for c in certified)
+                      f"{chat_meaning_report.certified_points_cell(c)}"
+                      + (f" ({chat_meaning_report.PENDING})" if chat_meaning_report.test_pending(c) else "")
+                      for c in certified)
             if certified else "no relaxed point is certified by any measurement that finished")
             + (f" (not finished yet: {', '.join(missing)})" if missing else "") + ".")
     return ("\n".join(lines) + "\n\nCertified (95% confidence, each measurement its own certificate): "

@@ -457,3 +457,23 @@ def test_the_split_is_calibrates_of_the_prompt_file_when_lossless_was_cut_short(
     path.write_text(json.dumps({**json.loads(path.read_text()), "label_prompts_dropped": ["p2", "p3"]}))
     server = chat_meaning_report.build(tree.out)["servers"][0]
     assert (server["calibration_prompts"], server["test_prompts"]) == (7, 1)
+
+
+def test_a_certificate_whose_test_part_was_cut_is_shown_with_its_test_check_pending(tmp_path):
+    from benchmarks import docs_sync
+
+    tree = _report_tree(tmp_path)
+    path = tree.root / "meaning_changes-embedding-10pct" / "report.json"
+    report = json.loads(path.read_text())
+    for row in report["points"]:
+        row.pop("test", None)
+    path.write_text(json.dumps({**report, "complete": False}))  # --max-minutes cut the test part; certified
+    chat_meaning_report.write(tree.out)
+    md = (tree.out / "report.md").read_text()
+    assert ("| meaning changed, embedding | 10% | relaxed point certified (test check pending: its test part was "
+            "cut, rerun calibrate to finish it) | fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) "
+            "| test check pending |") in md
+    table = docs_sync.chat_meaning_blocks(tree.out.parent)[(docs_sync.ROOT / "README.md", "chat_results")]
+    assert "| embedding 10% (test check pending) |" in table
+    assert "within embedding 10%: fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) " \
+           "(test check pending)" in table
