@@ -160,6 +160,9 @@ def point_row(store: RequestStore, key: str, scope: list[str], requests: dict[st
     row["loops"] = sum(p.lossless != p.relaxed and new_loop(p.lossless, p.relaxed) is not None for p in pairs)
     row["measures"] = {label: scorer_figures(judge, pairs, reported_n.get(label, {}).get(key, 0), complete)
                        for label, judge in judges.items()}
+    for figures in row["measures"].values():
+        if figures["scored"] == "first":  # the acceptance on the same first n prompts as the rate
+            figures["acceptance_vs_lossless"] = acceptance_vs_lossless(store, key, set(ids[:figures["n"]]))[1]
     return row
 
 
@@ -267,7 +270,9 @@ def figures_cell(figures: dict) -> str:
     if figures["scored"] == "partly":
         return f"partly scored ({figures['scored_pairs']} of {figures['differing_pairs']} differing pairs)"
     count = f"{figures['lost']}-{figures['gained']}" if "lost" in figures else str(figures["changes"])
-    on = "" if figures["scored"] == "all" else f", first {figures['n']} prompts"
+    there = figures.get("acceptance_vs_lossless")
+    on = "" if figures["scored"] == "all" else (
+        f", first {figures['n']} prompts ({'n/a' if there is None else f'{there:.3f}x'} acceptance vs lossless there)")
     bound = "" if figures["upper95"] is None else f" (<= {pct(figures['upper95'])})"
     return f"{count}: {pct(figures['rate'])}{bound}{on}"
 
@@ -424,7 +429,8 @@ def markdown(report: dict) -> str:
 def plot(report: dict, path: Path) -> None:
     """Acceptance against lossless vs meaning-change rate per family, one panel per server, on
     the calibration prompts: filled markers by the embedding scorer, hollow by the LLM judge,
-    a line to each 95% bound."""
+    a line to each 95% bound; a dashed ring around a point stopped early or a scorer's "first n"
+    figures (the acceptance then on those same n prompts)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -440,20 +446,27 @@ def plot(report: dict, path: Path) -> None:
                 continue
             color, marker = METHOD_STYLE.get(row["family"], OTHER_STYLE)
             families += [row["family"]] if row["family"] not in families else []
-            y = row["acceptance_vs_lossless"]
             for label, filled in (("embedding", True), ("llm", False)):
                 figures = row["measures"][label]
                 if figures["scored"] not in ("all", "first"):
+                    continue
+                first = figures["scored"] == "first"
+                y = figures.get("acceptance_vs_lossless") if first else row["acceptance_vs_lossless"]
+                if y is None:
                     continue
                 x = 100 * figures["rate"]
                 if figures["upper95"] is not None:
                     ax.plot([x, 100 * figures["upper95"]], [y, y], color=color, linewidth=0.8, alpha=0.6)
                 ax.scatter([x], [y], color=color if filled else "white", edgecolors=color, marker=marker, zorder=3)
+                if first or not row["complete"]:  # on fewer prompts; a stopped point's rate is biased up
+                    ax.scatter([x], [y], s=160, facecolors="none", edgecolors=color, linestyles="--", marker="o",
+                               zorder=2)
         ax.set_title(f"{server['server']}: {server['calibration_prompts']} calibration prompts")
         ax.set_xlabel("meaning changed vs lossless (% of prompts)")
         ax.set_ylabel("mean acceptance length vs lossless")
         ax.grid(alpha=0.3)
-    legend_beside(fig, [LOSSLESS, *families], "filled: embedding\nhollow: LLM judge\nline: to the 95% bound")
+    legend_beside(fig, [LOSSLESS, *families], "filled: embedding\nhollow: LLM judge\nline: to the 95% bound\n"
+                  "dashed ring: stopped early or\nfirst n prompts (rate and\nacceptance on those)")
     fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend beside the panels included
     plt.close(fig)

@@ -162,7 +162,8 @@ def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monk
     fly06 = points["fly-0.6"]
     assert fly06["complete"] and fly06["stopped_early_by"] == ["embedding 5%", "embedding 10%"]
     assert fly06["acceptance_vs_lossless"] == pytest.approx(1.5) and fly06["text_changes"]["changes"] == 8
-    assert fly06["measures"]["embedding"] == {"scored": "first", "n": 4, "changes": 3, "rate": 3 / 4, "upper95": None}
+    assert fly06["measures"]["embedding"] == {"scored": "first", "n": 4, "changes": 3, "rate": 3 / 4, "upper95": None,
+                                              "acceptance_vs_lossless": pytest.approx(1.5)}
     assert fly06["measures"]["llm"] == {"scored": "none", "scored_pairs": 0, "differing_pairs": 8}
     assert fly06["measures"]["judged_loss"]["lost"] == 5 and fly06["measures"]["judged_loss"]["rate"] == 5 / 8
     assert fly06["measures"]["judged_loss"]["upper95"] == certify.risk_upper_bound("judged_loss", 8, 0.05, lost=5)
@@ -193,7 +194,8 @@ def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monk
     assert full["lossless"]["n"] == 10 and full["fly-0.3"]["of"] == 10 and not full["fly-0.3"]["complete"]
 
     md = (tree.out / "report.md").read_text()
-    assert ("| fly 0.6 | 8 | 1.500x (3.00) | 8 (100.00%) | 0 | 3: 75.00%, first 4 prompts | not scored "
+    assert ("| fly 0.6 | 8 | 1.500x (3.00) | 8 (100.00%) | 0 | 3: 75.00%, first 4 prompts (1.500x acceptance vs "
+            "lossless there) | not scored "
             "| 5-0: 62.50% (<= " in md)
     assert "| embedding (first 4), judged_loss |" in md
     assert "| fly 0.3 | 4 of 8 (stopped early by embedding 10%) | 2.000x (4.00) |" in md
@@ -477,3 +479,28 @@ def test_a_certificate_whose_test_part_was_cut_is_shown_with_its_test_check_pend
     assert "| embedding 10% (test check pending) |" in table
     assert "within embedding 10%: fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) " \
            "(test check pending)" in table
+
+
+def test_a_first_n_rate_is_drawn_and_given_with_the_acceptance_on_the_same_prompts(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    tree = Tree(tmp_path / "chat_meaning")
+    tree.serve("lossless", {i: _lossless(i) for i in CALIBRATION}, 2.0)
+    texts = {i: f"Another answer {i}." for i in CALIBRATION}
+    tree.serve("fly-0.6", {i: texts[i] for i in CALIBRATION[:4]}, 3.0)  # the 4 the embedding run read
+    tree.serve("fly-0.6", {i: texts[i] for i in CALIBRATION[4:]}, 2.2)  # served later
+    for n, i in enumerate(CALIBRATION[:4]):
+        tree.score("embedding", i, texts[i], score=0.5 if n < 3 else 0.999)
+    tree.report("meaning_changes", "embedding", 0.05,
+                [{"key": "fly-0.6", "n": 4, "changes": 3, "stopped_early": True, "mean_acceptance_length": 3.0}])
+    report = chat_meaning_report.build(tree.out)
+    row = next(r for r in report["servers"][0]["points"] if r["key"] == "fly-0.6")
+    assert row["acceptance_vs_lossless"] == pytest.approx(1.3)  # on all 8
+    assert row["measures"]["embedding"]["acceptance_vs_lossless"] == pytest.approx(1.5)  # on the first 4
+    drawn = []
+    original = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, x, y, **kw: drawn.append((list(x), list(y), kw)) or original(self, x, y, **kw))
+    chat_meaning_report.plot(report, tree.out / "report.png")
+    marks = [(x, y, kw.get("linestyles")) for x, y, kw in drawn[1:]]
+    assert marks[0][:2] == ([75.0], [pytest.approx(1.5)]) and marks[1][2] == "--"  # the point, its dashed ring
