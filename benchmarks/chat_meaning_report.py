@@ -181,6 +181,7 @@ def certified_cell(measure: str, label: str, budget: float, name: str, report: d
     return {**cell, "complete": report["complete"], "exploratory": bool(report.get("exploratory")),
             "verdict": report["verdict"], "calibration_prompts": report["calibration_prompts"],
             "test_prompts": report["test_prompts"], "level_per_family": report["level_per_family"],
+            "families": len(report["families"]),
             "scorer_settings": report.get("scorer"), "certified": certified,
             "best": report["certified"] and report["certified"]["key"]}
 
@@ -315,8 +316,8 @@ def points_table(rows: list[dict]) -> list[str]:
 
 
 def certified_points_cell(cell: dict) -> str:
-    """Each family's fastest certified point (acceptance vs lossless; its bound), the stricter
-    certified points of the family after it."""
+    """Each family's fastest certified point (acceptance vs lossless; calibrate's bound, at its
+    level per family), the stricter certified points of the family after it."""
     by_family: dict[str, list[dict]] = {}
     for row in cell["certified"]:
         by_family.setdefault(row["family"], []).append(row)
@@ -327,7 +328,15 @@ def certified_points_cell(cell: dict) -> str:
         ratio = "n/a" if fastest["acceptance_vs_lossless"] is None else f"{fastest['acceptance_vs_lossless']:.3f}x"
         parts.append(f"{family} {fastest['knob']:g} ({ratio}; bound {pct(fastest['upper_bound'])})"
                      + (f", also {', '.join(others)}" if others else ""))
-    return "; ".join(parts) or "only lossless"
+    if not parts:
+        return "only lossless"
+    return "; ".join(parts) + f" ({bound_level(cell)})"
+
+
+def bound_level(cell: dict) -> str:
+    """What calibrate's bounds are: at its level per family (delta over the families), not 95%."""
+    return (f"calibrate's bounds at {100 * (1 - cell['level_per_family']):g}%, Bonferroni over {cell['families']} "
+            f"{'family' if cell['families'] == 1 else 'families'}")
 
 
 def test_cell(cell: dict) -> str:

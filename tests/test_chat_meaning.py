@@ -201,7 +201,8 @@ def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monk
     assert "| fly 0.3 | 4 of 8 (stopped early by embedding 10%) | 2.000x (4.00) |" in md
     assert "| meaning changed, LLM judge | 5% | not run yet | - | - |" in md
     assert ("| meaning changed, embedding | 10% | relaxed point certified | fly 1 (1.250x; bound 47.00%); "
-            "top_alpha 0.9 (1.000x; bound 31.00%) | fly 1: 0 of 2, 0.00% |") in md
+            "top_alpha 0.9 (1.000x; bound 31.00%) "
+            "(calibrate's bounds at 97.5%, Bonferroni over 2 families) | fly 1: 0 of 2, 0.00% |") in md
     assert (tree.out / "report.png").stat().st_size > 0
 
 
@@ -335,6 +336,7 @@ def test_the_readme_chat_table_reads_each_figure_from_the_report(tmp_path):
     assert table.index("fly 0.3") < table.index("fly 1 |") < table.index("top_alpha 0.9 (the fastest")
     assert "| embedding 10% |" in table.split("fly 1 |")[1].splitlines()[0]
     assert ("ngram-k8: within embedding 10%: fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) "
+            "(calibrate's bounds at 97.5%, Bonferroni over 2 families) "
             "(not finished yet: llm 5%, llm 10%, judged_loss 10%).") in table
 
 
@@ -474,11 +476,12 @@ def test_a_certificate_whose_test_part_was_cut_is_shown_with_its_test_check_pend
     md = (tree.out / "report.md").read_text()
     assert ("| meaning changed, embedding | 10% | relaxed point certified (test check pending: its test part was "
             "cut, rerun calibrate to finish it) | fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) "
+            "(calibrate's bounds at 97.5%, Bonferroni over 2 families) "
             "| test check pending |") in md
     table = docs_sync.chat_meaning_blocks(tree.out.parent)[(docs_sync.ROOT / "README.md", "chat_results")]
     assert "| embedding 10% (test check pending) |" in table
-    assert "within embedding 10%: fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) " \
-           "(test check pending)" in table
+    assert ("within embedding 10%: fly 1 (1.250x; bound 47.00%); top_alpha 0.9 (1.000x; bound 31.00%) "
+            "(calibrate's bounds at 97.5%, Bonferroni over 2 families) (test check pending)") in table
 
 
 def test_a_first_n_rate_is_drawn_and_given_with_the_acceptance_on_the_same_prompts(tmp_path, monkeypatch):
