@@ -400,7 +400,11 @@ def markdown(report: dict) -> str:
         f"Bounds (<=): one-sided {100 * (1 - report['bound_level']):g}% upper bounds (exact binomial for shares, the "
         "net-loss test's for judged loss: `certify.risk_upper_bound`), each for its point alone: not simultaneous "
         "over the points, not after picking one, and not a certificate (the certificates are calibrate's, below). "
-        "A point stopped early, or cut by --max-minutes, shows its n and no bound. A scorer's figures cover every "
+        "A point stopped early, or cut by --max-minutes, shows its n and no bound. Each bound holds for its point "
+        "unconditionally, not given that the point was served in full: calibrate serves a point in full only when "
+        "its early changes were few, so among the bounds shown (the points served in full) coverage is below 95%. "
+        "And the rate of a point stopped early overstates its true rate: it was stopped because its changes so far "
+        "were high. A scorer's figures cover every "
         "prompt of the point unless said (\"first n\": the prompts a calibrate run with that scorer read; \"partly "
         "scored\": no figure). Acceptance: mean acceptance length against lossless on the same prompts (vLLM's "
         "counters; in brackets, tokens per step).", ""]

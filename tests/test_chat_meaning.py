@@ -204,6 +204,8 @@ def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monk
             "top_alpha 0.9 (1.000x; bound 31.00%) "
             "(calibrate's bounds at 97.5%, Bonferroni over 2 families) | fly 1: 0 of 2, 0.00% |") in md
     assert (tree.out / "report.png").stat().st_size > 0
+    assert "not given that the point was served in full" in md and "coverage is below 95%" in md
+    assert "the rate of a point stopped early overstates its true rate" in md
 
 
 def test_the_report_says_when_a_measurement_used_another_scorer(tmp_path):
