@@ -152,8 +152,9 @@ def readme_chat_results(report: dict | None) -> str:
                       for c in certified)
             if certified else "no relaxed point is certified by any measurement that finished")
             + (f" (not finished yet: {', '.join(missing)})" if missing else "") + ".")
+    notes = [f"Note: {server['server']}: {note}." for server in report["servers"] for note in server["notes"]]
     return ("\n".join(lines) + "\n\nCertified (95% confidence, each measurement its own certificate): "
-            + " ".join(said) + "\n")
+            + " ".join(said) + "\n" + "".join(f"\n{note}\n" for note in notes))
 
 
 def chat_meaning_blocks(results: Path) -> dict[tuple[Path, str], str]:
@@ -183,10 +184,12 @@ def _pattern(name: str) -> re.Pattern:
 def stale(files: dict[Path, str], wanted: dict[tuple[Path, str], str]) -> list[str]:
     out = []
     for (path, name), body in wanted.items():
-        match = _pattern(name).search(files[path])
-        if match is None:
+        matches = list(_pattern(name).finditer(files[path]))
+        if not matches:
             out.append(f"{path.name}: no {name} block")
-        elif match.group(2) != body:
+        elif len(matches) > 1:  # as sync() refuses: every copy would have to be kept equal
+            out.append(f"{path.name}: {len(matches)} {name} blocks, expected one")
+        elif matches[0].group(2) != body:
             out.append(f"{path.name}: block {name} differs from what the results files give")
     return out
 

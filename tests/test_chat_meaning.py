@@ -215,6 +215,10 @@ def test_the_report_says_when_a_measurement_used_another_scorer(tmp_path):
     path.write_text(json.dumps({**report, "scorer": {**report["scorer"], "threshold": 0.9}}))
     (note,) = chat_meaning_report.build(tree.out)["servers"][0]["notes"]
     assert note.startswith("meaning_changes-embedding-5pct was calibrated with the scorer") and '"threshold": 0.9' in note
+    from benchmarks import docs_sync
+
+    table = docs_sync.readme_chat_results(chat_meaning_report.build(tree.out))
+    assert f"Note: ngram-k8: {note}." in table  # the README carries the report's notes
 
 
 def test_report_only_writes_nothing_before_anything_is_served(monkeypatch, tmp_path):

@@ -60,3 +60,12 @@ def test_a_benchmark_not_run_yet_has_a_block_that_says_so(tmp_path):
     (tmp_path / "chat_meaning" / "report.md").write_text("# the report\n")
     assert docs_sync.chat_meaning_blocks(tmp_path)[(docs_sync.ROOT / "docs" / "benchmarks.md", "chat_meaning")] == (
         "# the report\n")
+
+
+def test_stale_checks_every_block_of_a_name_and_wants_one():
+    page = Path("page.md")
+    block = "<!-- a:begin -->\nnew\n<!-- a:end -->\n"
+    wanted = {(page, "a"): "new\n"}
+    assert docs_sync.stale({page: block}, wanted) == []
+    two = block + "middle\n<!-- a:begin (a copy) -->\nold\n<!-- a:end -->\n"
+    assert docs_sync.stale({page: two}, wanted) == ["page.md: 2 a blocks, expected one"]
