@@ -11,7 +11,7 @@ by `selfjudge calibrate` itself on meaning, with no reference answers.
                 (OUT/<server>/<measurement>), all sharing one response store
                 (OUT/<server>/store, linked as each folder's store): the responses are served
                 once and each later measurement only serves and scores what it lacks; every
-                family's grid, FLy at vLLM's default (0.3) and stricter
+                family's grid, FLy at vLLM's default 0.3, stricter points, and one looser (0.2)
     full        per server, once every measurement's calibrate run is complete: each rule
                 family's fastest point that calibrate served (the highest acceptance against
                 lossless, the family's points compared on the calibration prompts all of them
@@ -74,7 +74,7 @@ MEASUREMENTS = (
     ("meaning_changes", "llm", 0.05), ("meaning_changes", "llm", 0.10),
     ("judged_loss", None, 0.05), ("judged_loss", None, 0.10),
 )
-FLY_GRID = "fly=1.0,0.8,0.6,0.45,0.3,0.2"  # vLLM's default 0.3, stricter points first
+FLY_GRID = "fly=1.0,0.8,0.6,0.45,0.3,0.2"  # vLLM's default 0.3, stricter points (first), one looser (0.2)
 FULL = "full"  # OUT/<server>/full: the full stage's folder on the server's store
 PLAN_FILE = "plan.json"  # in it: the points served in full, chosen once
 SCORE_CHUNK = 16  # pairs per scoring call: each is persisted as it is decided; --max-minutes is read between calls

@@ -513,3 +513,9 @@ def test_a_first_n_rate_is_drawn_and_given_with_the_acceptance_on_the_same_promp
     chat_meaning_report.plot(report, tree.out / "report.png")
     marks = [(x, y, kw.get("linestyles")) for x, y, kw in drawn[1:]]
     assert marks[0][:2] == ([75.0], [pytest.approx(1.5)]) and marks[1][2] == "--"  # the point, its dashed ring
+
+
+def test_the_fly_grid_is_described_as_it_is():
+    knobs = [float(k) for k in chat_meaning.FLY_GRID.split("=")[1].split(",")]
+    assert 0.3 in knobs and min(knobs) == 0.2  # one point looser than vLLM's default
+    assert "vLLM's default 0.3, stricter points, and one looser (0.2)" in chat_meaning.__doc__
