@@ -28,7 +28,7 @@ for key, value in {
 
 # Module fixtures shared by long tests (a label run, a shared LLM, the README's models): under
 # `pytest -n 2 --dist loadgroup` the tests that use one go to the same worker, so it is built once.
-SHARED_MODULE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm", "readme_pair")
+SHARED_MODULE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm", "readme_pair", "draft_lossless")
 
 
 def pytest_configure(config):
