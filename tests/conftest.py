@@ -83,10 +83,11 @@ def pytest_collection_modifyitems(config, items):
             if name in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
                 break
-    # The longest work first (servers, shared engine runs), so two workers end together
-    # rather than one waiting on a long test handed out last; otherwise collection order.
+    # The longest work first (servers, shared engine runs), then the other engine tests, so two
+    # workers end together on short tests rather than one waiting on a long test handed out
+    # last; otherwise collection order.
     items.sort(key=lambda item: 0 if item.get_closest_marker("server") or item.get_closest_marker("xdist_group")
-               else 1)
+               else 1 if item.get_closest_marker("engine") else 2)
 
 
 @pytest.fixture(scope="session")
