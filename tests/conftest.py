@@ -41,12 +41,13 @@ _HEAP_FROZEN_FOR_ENGINES = []
 
 
 def _freeze_the_heap_before_each_in_process_engine() -> None:
-    """vLLM collects garbage five times while it builds an engine (after each model's weights,
-    then before it freezes its own heap): each a full pass over every object of the test
-    process, which has imported vLLM, transformers and the suite (~0.5 s a pass here). With the
-    heap frozen first, as vLLM freezes it once the engine is built, those passes see only the
-    engine's new objects; vLLM unfreezes everything when the engine shuts down (and so does
-    this when the engine fails to start). Only when garbage is collected changes."""
+    """vLLM collects garbage several times while it builds an engine (twice after each model's
+    weights are loaded, then before it freezes its own heap): each a full pass over every
+    object of the test process, which has imported vLLM, transformers and the suite (~0.5 s a
+    pass here). With the heap frozen first, as vLLM freezes it once the engine is built, those
+    passes see only the engine's new objects; vLLM unfreezes everything when the engine shuts
+    down (and so does this when the engine fails to start). Only when garbage is collected
+    changes, not what any engine computes."""
     if _HEAP_FROZEN_FOR_ENGINES:
         return
     import functools
