@@ -393,6 +393,7 @@ def _meaning_risk(judgement: Judgement, measure: str, mine: dict, lossless: dict
     return PairedRisk(len(pairs), lost + gained, lost, gained)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; asked after every segment of a point
 def largest_certifiable_count(n: int, budget: float, level: float) -> int:
     """For a change measure: the most changes among n items that still certify (-1: none)."""
     from scipy import stats

@@ -34,6 +34,7 @@ set is family-wise valid: with probability >= 1 - delta every certified point ha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -52,6 +53,7 @@ def berger_boos_gamma(level: float) -> float:
     return min(1e-3, level / 10.0)
 
 
+@lru_cache(maxsize=65536)  # pure; calibrate asks the same few again after every segment
 def binomial_p_value(count: int, n: int, budget: float) -> float:
     """p-value of H0 "risk > budget" after `count` of `n` items changed."""
     from scipy import stats
@@ -71,6 +73,7 @@ def _difference_cdf(d: int, n: int, lost: float, gained: float) -> float:
     return float(np.clip(pmf[values % m][values <= d].sum(), 0.0, 1.0))
 
 
+@lru_cache(maxsize=65536)  # pure, and ~200 FFTs each
 def accuracy_p_value(lost: int, gained: int, n: int, budget: float, gamma: float, grid: int = 200) -> float:
     """p-value of H0 "accuracy lost > budget" (P(lost) - P(gained) > budget) after `lost`
     items went from right to wrong and `gained` from wrong to right, of n paired items;

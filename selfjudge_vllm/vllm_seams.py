@@ -231,7 +231,11 @@ def _class_has(cls: ast.ClassDef, attr: str) -> bool:
 def check_source(source: str, path: str) -> bool:
     """Whether the module source defines `path` ("Class.attr", "function", "function(param)",
     "Class.method(param)", or "Name" for a module-level class/function/assignment/import)."""
-    tree = ast.parse(source)
+    return _defines(ast.parse(source), path)
+
+
+def _defines(tree: ast.Module, path: str) -> bool:
+    """check_source on a parsed module."""
     if path.endswith(")"):
         name, _, param = path[:-1].partition("(")
         cls_name, _, method = name.rpartition(".")
@@ -269,10 +273,12 @@ def seams_for(runner: str) -> tuple[Seam, ...]:
 def missing_seams(read_source, runner: str | None = None) -> list[Seam]:
     """The seams a vLLM source tree lacks for `runner` (default: the one it would be hooked
     through); read_source(relative path) -> text or None."""
-    missing = []
+    missing, trees = [], {}
     for seam in seams_for(runner or runner_of(read_source)):
-        source = read_source(_module_file(seam.module))
-        if source is None or not check_source(source, seam.path):
+        if seam.module not in trees:  # parsed once per module: most modules hold several seams
+            source = read_source(_module_file(seam.module))
+            trees[seam.module] = None if source is None else ast.parse(source)
+        if trees[seam.module] is None or not _defines(trees[seam.module], seam.path):
             missing.append(seam)
     return missing
 
@@ -292,8 +298,14 @@ def installed_runner() -> str:
 
 
 def missing_in_installed_vllm() -> list[Seam]:
-    """The seams the installed vLLM lacks (worker start-up)."""
-    return missing_seams(_installed_source)
+    """The seams the installed vLLM lacks (worker start-up; checked once per process: the
+    installed source does not change under a running process)."""
+    return list(_installed_missing())
+
+
+@lru_cache(maxsize=None)
+def _installed_missing() -> tuple[Seam, ...]:
+    return tuple(missing_seams(_installed_source))
 
 
 def _wheel_reader(wheel: str | Path):

@@ -28,13 +28,53 @@ for key, value in {
 
 # Module fixtures shared by long tests (a label run, a shared LLM, the README's models): under
 # `pytest -n 2 --dist loadgroup` the tests that use one go to the same worker, so it is built once.
-SHARED_MODULE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm", "readme_pair")
+SHARED_MODULE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm", "readme_pair", "draft_lossless")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "engine: starts real vLLM engines on tiny models (slow)")
     config.addinivalue_line("markers", "server: starts `vllm serve` subprocesses (slow)")
     config.addinivalue_line("markers", "gemma: needs the Gemma 3 270M testbed (very slow)")
+
+
+_HEAP_FROZEN_FOR_ENGINES = []
+
+
+def _freeze_the_heap_before_each_in_process_engine() -> None:
+    """vLLM collects garbage several times while it builds an engine (twice after each model's
+    weights are loaded, then before it freezes its own heap): each a full pass over every
+    object of the test process, which has imported vLLM, transformers and the suite (~0.5 s a
+    pass here). With the heap frozen first, as vLLM freezes it once the engine is built, those
+    passes see only the engine's new objects; vLLM unfreezes everything when the engine shuts
+    down (and so does this when the engine fails to start). Only when garbage is collected
+    changes, not what any engine computes."""
+    if _HEAP_FROZEN_FOR_ENGINES:
+        return
+    import functools
+    import gc
+
+    from vllm.v1.engine.core import EngineCore
+
+    original = EngineCore.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        gc.collect()
+        gc.freeze()
+        try:
+            original(self, *args, **kwargs)
+        except BaseException:
+            gc.unfreeze()
+            raise
+
+    EngineCore.__init__ = __init__
+    _HEAP_FROZEN_FOR_ENGINES.append(original)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures build engines
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("engine"):  # engines in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        _freeze_the_heap_before_each_in_process_engine()
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -44,10 +84,11 @@ def pytest_collection_modifyitems(config, items):
             if name in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
                 break
-    # The longest work first (servers, shared engine runs), so two workers end together
-    # rather than one waiting on a long test handed out last; otherwise collection order.
+    # The longest work first (servers, shared engine runs), then the other engine tests, so two
+    # workers end together on short tests rather than one waiting on a long test handed out
+    # last; otherwise collection order.
     items.sort(key=lambda item: 0 if item.get_closest_marker("server") or item.get_closest_marker("xdist_group")
-               else 1)
+               else 1 if item.get_closest_marker("engine") else 2)
 
 
 @pytest.fixture(scope="session")

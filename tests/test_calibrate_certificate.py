@@ -38,6 +38,7 @@ def test_the_calibrate_loop_is_family_wise_valid_by_simulation(monkeypatch, tmp_
     within budget is certified in most runs, so the later points are tested too."""
     # Persistence, logs and the report's per-point bounds decide nothing: left out for speed.
     monkeypatch.setattr(measurement, "append_jsonl", lambda path, row: None)
+    monkeypatch.setattr(calibrate, "append_jsonl", lambda path, row: None)  # the store's certificate record
     monkeypatch.setattr(calibrate, "_write", lambda settings, report: None)
     monkeypatch.setattr(certify, "risk_upper_bound", lambda *args, **kwargs: None)
     monkeypatch.setattr(calibrate, "log", lambda message: None)

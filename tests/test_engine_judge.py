@@ -45,6 +45,15 @@ def drafters(workdir, tiny_pair):
             "eagle3": build_tiny_eagle(workdir / "models/eagle3", target, version=3)}
 
 
+@pytest.fixture(scope="module")
+def draft_lossless(tiny_pair):
+    """Lossless greedy SD with the draft model, k=3, on PROMPTS (judge off): the trajectories
+    the reference tests compare with and choose their knobs from (read only; one engine run)."""
+    target_dir, draft_dir = tiny_pair
+    return run_engine(target_dir, spec_config("draft_model", draft_dir, k=3), PROMPTS, GREEDY,
+                      {"selfjudge": {"enabled": False}})
+
+
 PROPOSERS = ["draft_model", "ngram", "eagle", "eagle3"]
 
 
@@ -113,12 +122,12 @@ def _check_against_reference(judged, lossless, expected, trace):
     assert judged.token_ids != lossless.token_ids
 
 
-def test_half_threshold_matches_independent_reference(workdir, tiny_pair):
+def test_half_threshold_matches_independent_reference(workdir, tiny_pair, draft_lossless):
     """Greedy judge-then-standard verification equals a plain transformers loop."""
     target_dir, draft_dir = tiny_pair
     k = 3
     spec = spec_config("draft_model", draft_dir, k=k)
-    lossless = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"enabled": False}})
+    lossless = draft_lossless
     target, draft = reference.load(target_dir), reference.load(draft_dir)
     head, weight, bias = _half_threshold_head(workdir, "half", target, target_dir, lossless)
     judged = run_engine(target_dir, spec, PROMPTS, GREEDY, {"selfjudge": {"head": str(head)}})
@@ -178,13 +187,12 @@ def test_half_threshold_with_eagle_matches_the_reference_on_its_drafts(kind, wor
 
 
 @pytest.mark.parametrize("rule,window", [("top_alpha", 0), ("entropy", 0), ("entropy", 1)])
-def test_training_free_rules_match_independent_reference(rule, window, tiny_pair):
+def test_training_free_rules_match_independent_reference(rule, window, tiny_pair, draft_lossless):
     """Greedy SD with a training-free rule equals a plain transformers loop (tests/reference.py)."""
     target_dir, draft_dir = tiny_pair
     k = 3
     target, draft = reference.load(target_dir), reference.load(draft_dir)
-    lossless = run_engine(target_dir, spec_config("draft_model", draft_dir, k=k), PROMPTS, GREEDY,
-                          {"selfjudge": {"enabled": False}})
+    lossless = draft_lossless
     # Knob: alpha 0.3, or the median entropy at mismatches along lossless trajectories.
     knob = 0.3
     if rule == "entropy":

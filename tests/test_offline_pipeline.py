@@ -354,24 +354,24 @@ def uninterrupted_run(tmp_path_factory, tiny_pair) -> RunDir:
 
 
 def test_killed_label_run_resumes_to_the_same_records(tmp_path, tiny_pair, uninterrupted_run):
+    """Stage by stage (`--stage`, two stages per command; a stage whose inputs are missing is
+    refused), with the whole command SIGKILLed inside the scores stage in between: the run
+    resumes to the uninterrupted run's records. One folder: the responses and mismatches
+    stages are what the killed command finds done, and the last two stages, run on their
+    own, are its resumption."""
     prompts = _prompt_file(tmp_path / "prompts.jsonl", PROMPTS[:10])
     env = dict(os.environ)
-    # Interrupted run: SIGKILL once the scores stage has written some but not all shards.
-    written = _kill_inside_the_scores_stage(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env,
-                                            tmp_path / "cut", 300)
-    assert 1 <= written < 5
-    subprocess.run(_label_cli(tiny_pair, prompts, tmp_path / "cut", 2), env=env, check=True,
-                   capture_output=True, timeout=600)
-    # Stage by stage (`--stage`, two stages per command), in a third folder; a stage whose
-    # inputs are missing is refused.
-    staged_cli = _label_cli(tiny_pair, prompts, tmp_path / "staged", 2)
-    early = subprocess.run(staged_cli + ["--stage", "scores"], env=env, capture_output=True, text=True, timeout=600)
+    cli = _label_cli(tiny_pair, prompts, tmp_path / "run", 2)
+    early = subprocess.run(cli + ["--stage", "scores"], env=env, capture_output=True, text=True, timeout=600)
     assert early.returncode == 2 and "stage 'responses' lacks shard(s) 0-4 of 5" in early.stderr
-    for stages in (("responses", "mismatches"), ("scores", "features")):
-        subprocess.run(staged_cli + [arg for stage in stages for arg in ("--stage", stage)], env=env, check=True,
-                       capture_output=True, timeout=600)
-    for other in (RunDir(tmp_path / "cut"), RunDir(tmp_path / "staged")):
-        _assert_same_run(other, uninterrupted_run, 5)
+    subprocess.run(cli + ["--stage", "responses", "--stage", "mismatches"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    # Interrupted run: SIGKILL once the scores stage has written some but not all shards.
+    written = _kill_inside_the_scores_stage(cli, env, tmp_path / "run", 300)
+    assert 1 <= written < 5
+    subprocess.run(cli + ["--stage", "scores", "--stage", "features"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    _assert_same_run(RunDir(tmp_path / "run"), uninterrupted_run, 5)
 
 
 def test_answer_outcomes_equal_a_transformers_continuation(labelled_run, tiny_pair):
