@@ -22,6 +22,9 @@ for key, value in {
     "VLLM_RPC_BASE_PATH": str(_WORK / "rpc"),
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    # A native crash of an engine process (seen once in a suite run: EngineCore gone with no
+    # traceback and no OOM kill) then leaves its Python stack in the server log.
+    "PYTHONFAULTHANDLER": "1",
 }.items():
     os.environ.setdefault(key, value)
 (_WORK / "rpc").mkdir(parents=True, exist_ok=True)
