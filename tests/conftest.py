@@ -28,6 +28,14 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 (_WORK / "rpc").mkdir(parents=True, exist_ok=True)
+# vLLM's CPU backend pins the model worker of every multiprocess engine (the default mode, and
+# the servers of the tests that ask for it) to the cores it does not reserve for the scheduler:
+# on 2 cores, core 0 for every engine. Under `pytest -n 2` two such engines, one per pytest
+# worker, then share core 0 while core 1 idles. As many pytest workers as cores: each pins its
+# engines to its own core instead (still one core, one OpenMP thread, as vLLM's own choice).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if os.environ.get("PYTEST_XDIST_WORKER") and _workers > 1 and _workers == os.cpu_count():
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
 
 # Module fixtures shared by long tests (a label run, a shared LLM, the README's models): under
 # `pytest -n 2 --dist loadgroup` the tests that use one go to the same worker, so it is built once.

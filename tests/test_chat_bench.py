@@ -589,7 +589,7 @@ def test_ngram_timings_with_numba_workqueue_are_recorded_and_reported(tmp_path, 
 
 
 @pytest.mark.server
-def test_quick_chat_tradeoff_on_tiny_models(tmp_path):
+def test_quick_chat_tradeoff_on_tiny_models(tmp_path, monkeypatch, capsys):
     """benchmarks/chat_tradeoff.py --quick on tiny random models laid out as a testbed: it runs,
     lossless SD answers exactly like the target alone, an accept-all judge accepts every
     draft, every output is written, and a rerun starts no server."""
@@ -624,9 +624,18 @@ def test_quick_chat_tradeoff_on_tiny_models(tmp_path):
     assert f"Plots: `{(results / 'chat_tradeoff_quick_draft_model.png').resolve()}`" in markdown  # where it is
     assert (results / "chat_tradeoff_quick_draft_model.png").stat().st_size > 10_000
     assert (results / "chat_tradeoff_quick.csv").read_text().count("\n") == 4
-    # Rerun: every request is stored, so it only rebuilds the report.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "server:" not in again.stdout
+    # Rerun: every request is stored, so it only rebuilds the report. (In this process: the
+    # same main() the script runs, without a second interpreter loading torch and transformers
+    # again; a server start would fail the test.)
+    from benchmarks import chat_tradeoff
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("the rerun started a server")
+
+    monkeypatch.setattr(chat_tradeoff, "start_server", no_server)
+    capsys.readouterr()
+    assert chat_tradeoff.main(command[2:]) == 0
+    assert "server:" not in capsys.readouterr().out
     assert json.loads((results / "chat_tradeoff_quick.json").read_text())["points"] == report["points"]
 
 

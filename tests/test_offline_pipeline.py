@@ -456,7 +456,7 @@ def readme_pair(workdir):
 def _user_env() -> dict:
     """A user's shell: none of the engine settings the test suite sets for itself."""
     return {k: v for k, v in os.environ.items()
-            if k not in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+            if k not in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND")}
 
 
 def test_readme_label_command_runs_as_written_with_the_engine_variables_unset(tmp_path, readme_pair):

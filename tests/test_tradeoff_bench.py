@@ -16,14 +16,14 @@ from selfjudge_vllm.testing.tiny_models import write_head
 pytestmark = pytest.mark.server
 
 
-def test_quick_tradeoff_on_tiny_models(tmp_path, tiny_pair):
+def test_quick_tradeoff_on_tiny_models(tmp_path, tiny_pair, monkeypatch, capsys):
     target, draft = tiny_pair
     head = write_head(tmp_path / "head", target, torch.zeros(64), bias=0.0)  # score 0.5 everywhere
     results = tmp_path / "results"
     command = [sys.executable, "benchmarks/tradeoff.py", "--quick", "--testbed", str(target.parent),
                "--draft", str(draft), "--head", str(head), "--dtype", "float32", "--max-model-len", "512",
                "--families", "short_answer,continuation", "--work", str(tmp_path / "work"),
-               "--results", str(results), "--batch1-items", "2"]
+               "--results", str(results), "--batch1-items", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -53,10 +53,19 @@ def test_quick_tradeoff_on_tiny_models(tmp_path, tiny_pair):
     assert report["setup"]["head_features"] == ["hidden"]
     # Rerun: every point exists, so it only rebuilds the report, starting no server. Compared
     # with itself as the earlier sweep, each budget's earlier and current judge points agree.
+    # (In this process: the same main() the script runs, without a second interpreter loading
+    # torch and vLLM again; a server start would fail the test.)
     first = report
-    again = subprocess.run(command + ["--compare-with", str(results / "tradeoff_quick.json")],
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "server:" not in again.stdout and "0 to run" in again.stdout
+    from benchmarks import tradeoff
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("the rerun started a server")
+
+    monkeypatch.setattr(tradeoff, "start_server", no_server)
+    capsys.readouterr()
+    assert tradeoff.main(command[2:] + ["--compare-with", str(results / "tradeoff_quick.json")]) == 0
+    again = capsys.readouterr().out
+    assert "server:" not in again and "0 to run" in again
     comparison = (results / "tradeoff_quick.md").read_text().split("Against the earlier sweep's judge")[1]
     for headline in first["headlines"]:
         row = next(line for line in comparison.splitlines()
