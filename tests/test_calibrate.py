@@ -361,12 +361,12 @@ def test_a_folder_served_with_other_settings_is_refused(tmp_path, capsys):
 
 
 def _calibrate_argv(target, draft, head, prompts, out, budget, grid="0.9,0.1"):
-    from tests.engine_helpers import spec_config
+    from tests.engine_helpers import CALIBRATE_TEST_DTYPE, spec_config
 
     return ["--target", str(target), "--speculative-config", json.dumps(spec_config("draft_model", draft)),
             "--prompts", str(prompts), "--out", str(out), "--head", str(head), "--rules", "judge",
             "--grid", f"judge={grid}", "--measure", "text_changes", "--budget", str(budget), "--test-share", "0.25",
-            "--max-tokens", "16", "--max-model-len", "256", "--concurrency", "8"]
+            "--max-tokens", "16", "--max-model-len", "256", "--concurrency", "8", *CALIBRATE_TEST_DTYPE]
 
 
 @pytest.mark.server

@@ -398,7 +398,7 @@ def test_calibrate_under_each_reference_free_measure_on_tiny_models(tiny_pair, w
 
     from selfjudge_vllm.testing.load import make_requests
     from selfjudge_vllm.testing.tiny_models import write_head
-    from tests.engine_helpers import spec_config
+    from tests.engine_helpers import CALIBRATE_TEST_DTYPE, spec_config
 
     target, draft = tiny_pair
     head = write_head(workdir / "heads/meaning_half", target, torch.zeros(64), bias=0.0)
@@ -412,7 +412,7 @@ def test_calibrate_under_each_reference_free_measure_on_tiny_models(tiny_pair, w
                    "--speculative-config", json.dumps(spec_config("draft_model", draft)), "--prompts", str(prompts),
                    "--out", str(out), "--head", str(head), "--rules", "judge", "--grid", "judge=0.1",
                    "--budget", "0.5", "--test-share", "0", "--max-tokens", "16", "--max-model-len", "512",
-                   "--concurrency", "8", *extra]
+                   "--concurrency", "8", *CALIBRATE_TEST_DTYPE, *extra]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         server_log = out / "server.log"  # the engine's side of a failure
         tail = server_log.read_text()[-4000:] if done.returncode and server_log.is_file() else ""
