@@ -32,10 +32,11 @@ class EngineResult:
 
 # What the calibrate tests serve the tiny float32 models in, as every other engine test does.
 # calibrate's own default (auto) is bfloat16 on a CPU with native bfloat16, where vLLM 0.32's
-# CPU attention kernel (cpu_attention_with_kv_cache) died of SIGILL ("Fatal Python error:
-# Illegal instruction") in 3 calibrate test runs of two suite runs on an AMX machine: a fault of
-# vLLM's CPU build, not of the plugin, and not what these tests are about.
+# engine died at the first requests in 3 calibrate test runs of two suite runs on an AMX
+# machine, the one with a stack of SIGILL in vLLM's CPU attention kernel
+# (cpu_attention_with_kv_cache; docs/serving.md): not what these tests are about.
 CALIBRATE_TEST_DTYPE = ("--dtype", "float32")
+
 
 def spec_config(kind: str, draft_dir: Path | None, k: int = 4, **extra) -> dict:
     """draft_dir: the draft model (draft_model), or the EAGLE head (eagle, eagle3)."""
