@@ -22,8 +22,8 @@ for key, value in {
     "VLLM_RPC_BASE_PATH": str(_WORK / "rpc"),
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TOKENIZERS_PARALLELISM": "false",
-    # A native crash of an engine process (seen once in a suite run: EngineCore gone with no
-    # traceback and no OOM kill) then leaves its Python stack in the server log.
+    # A native crash of an engine process leaves its Python stack in the server log (how the
+    # bfloat16 SIGILL of docs/serving.md was found: before, the EngineCore vanished silently).
     "PYTHONFAULTHANDLER": "1",
 }.items():
     os.environ.setdefault(key, value)
