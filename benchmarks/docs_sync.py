@@ -153,8 +153,9 @@ def readme_chat_results(report: dict | None) -> str:
             if certified else "no relaxed point is certified by any measurement that finished")
             + (f" (not finished yet: {', '.join(missing)})" if missing else "") + ".")
     notes = [f"Note: {server['server']}: {note}." for server in report["servers"] for note in server["notes"]]
-    if len(lines) == 2:  # a header alone: nothing relaxed served on any server yet
-        lines = ["No relaxed point has been served yet: lossless only."]
+    if len(lines) == 2:  # a header alone: no fastest point chosen yet and nothing relaxed certified
+        lines = ["No point to show yet: the full stage has not chosen each family's fastest point and no relaxed "
+                 "point is certified (every point served so far: docs/benchmarks.md)."]
     return ("\n".join(lines) + "\n\nCertified (95% confidence, each measurement its own certificate): "
             + " ".join(said) + "\n" + "".join(f"\n{note}\n" for note in notes))
 
