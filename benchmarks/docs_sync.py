@@ -133,15 +133,15 @@ def readme_chat_results(report: dict | None) -> str:
     if report is None:
         return CHAT_NOT_RUN.format(name="report.json")
     titles = chat_meaning_report.SCORER_TITLES
-    lines = ["| server | point | acceptance vs lossless | prompts | "
-             + " | ".join(f"{titles[label]} (95% bound)" for label in titles) + " | certified within |",
-             "|---|---|---:|---|" + "---:|" * len(titles) + "---|"]
-    said = []
+    header = ["| server | point | acceptance vs lossless | prompts | "
+              + " | ".join(f"{titles[label]} (95% bound)" for label in titles) + " | certified within |",
+              "|---|---|---:|---|" + "---:|" * len(titles) + "---|"]
+    rows, said = [], []
     for server in report["servers"]:
         for row, name, prompts in _chat_rows(server):
-            lines.append(f"| {server['server']} | {name} | {chat_meaning_report.acceptance_cell(row)} | {prompts} | "
-                         + " | ".join(chat_meaning_report.figures_cell(row["measures"][label]) for label in titles)
-                         + f" | {_certified_by(server, row['key'])} |")
+            rows.append(f"| {server['server']} | {name} | {chat_meaning_report.acceptance_cell(row)} | {prompts} | "
+                        + " | ".join(chat_meaning_report.figures_cell(row["measures"][label]) for label in titles)
+                        + f" | {_certified_by(server, row['key'])} |")
         certified = [c for c in server["certified"] if chat_meaning_report.certificate_stands(c) and c["certified"]]
         missing = [chat_meaning_report.short_name(c["scorer"], c["budget"]) for c in server["certified"]
                    if not chat_meaning_report.certificate_stands(c)]
@@ -153,9 +153,9 @@ def readme_chat_results(report: dict | None) -> str:
             if certified else "no relaxed point is certified by any measurement that finished")
             + (f" (not finished yet: {', '.join(missing)})" if missing else "") + ".")
     notes = [f"Note: {server['server']}: {note}." for server in report["servers"] for note in server["notes"]]
-    if len(lines) == 2:  # a header alone: no fastest point chosen yet and nothing relaxed certified
-        lines = ["No point to show yet: the full stage has not chosen each family's fastest point and no relaxed "
-                 "point is certified (every point served so far: docs/benchmarks.md)."]
+    lines = header + rows if rows else [
+        "No point to show yet: the full stage has not chosen each family's fastest point and no relaxed point is "
+        "certified (every point served so far: docs/benchmarks.md)."]
     return ("\n".join(lines) + "\n\nCertified (95% confidence, each measurement its own certificate): "
             + " ".join(said) + "\n" + "".join(f"\n{note}\n" for note in notes))
 

@@ -414,8 +414,9 @@ def test_calibrate_under_each_reference_free_measure_on_tiny_models(tiny_pair, w
                    "--budget", "0.5", "--test-share", "0", "--max-tokens", "16", "--max-model-len", "512",
                    "--concurrency", "8", *CALIBRATE_TEST_DTYPE, *extra]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        server_log = out / "server.log"  # the engine's side of a failure
-        tail = server_log.read_text()[-4000:] if done.returncode and server_log.is_file() else ""
+        server_log = out / "server.log"  # the engine's side of a failure (not of a decided run's exit status)
+        failed = done.returncode == calibrate.EXIT_FAILED and server_log.is_file()
+        tail = server_log.read_text()[-4000:] if failed else ""
         return done.returncode, done.stdout + done.stderr + tail
 
     first, shared_b, shared_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
