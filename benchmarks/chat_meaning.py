@@ -183,12 +183,7 @@ def calibrate_settings(args, server: tuple[str, int], measure: str, scorer: str 
     return calibrate.settings_from_args(build_parser().parse_args(command[command.index("calibrate"):]))
 
 
-def parse_point(key: str) -> tuple[str, float | None]:
-    """(family, knob) of a calibrate point key (calibrate.point_key): lossless, or rule-knob."""
-    if key == calibrate.LOSSLESS:
-        return key, None
-    family, knob = key.rsplit("-", 1)
-    return family, float(knob)
+parse_point = calibrate.parse_point_key  # (family, knob) of a calibrate point key
 
 
 def acceptance_vs_lossless(store: RequestStore, key: str, ids: set[str]) -> tuple[float | None, float | None]:
@@ -199,16 +194,19 @@ def acceptance_vs_lossless(store: RequestStore, key: str, ids: set[str]) -> tupl
     return mine, (mine / base if mine and base else None)
 
 
-def fastest_points(store: RequestStore, calibration_ids: list[str]) -> dict[str, str]:
+def fastest_points(store: RequestStore, calibration_ids: list[str], head_tag: str = "") -> dict[str, str]:
     """Each rule family's point with the highest acceptance against lossless, every point of the
     family compared on the same prompts: the calibration prompts all of them were served on (the
     shortest served prefix among them, as calibrate serves each point in the same order), with
     vLLM's counters covering them for each point and for lossless; the strictest on a tie. A
     point whose counters do not cover those prompts is left out, and said, and the others are
-    compared again on the prompts they have in common."""
+    compared again on the prompts they have in common. The judge's points are those of the head
+    of `head_tag` (calibrate.store_head_tag): another head's are served by a server of its own."""
     families: dict[str, list[str]] = {}
     for key in store.requests:
         family, _ = parse_point(key)
+        if family == "judge" and calibrate.point_head_tag(key) != head_tag:
+            continue
         if family != calibrate.LOSSLESS and set(calibration_ids) & set(store.done(key)):
             families.setdefault(family, []).append(key)
     chosen = {}
@@ -235,13 +233,13 @@ def read_plan(folder: Path) -> dict[str, str] | None:
     return json.loads(path.read_text())["points"] if path.is_file() else None
 
 
-def full_plan(folder: Path, store: RequestStore, calibration_ids: list[str]) -> dict[str, str]:
+def full_plan(folder: Path, store: RequestStore, calibration_ids: list[str], head_tag: str) -> dict[str, str]:
     """fastest_points, chosen once and kept in FOLDER/plan.json: serving a point that stopped
     early on every prompt adds calibration prompts to the family's common ones, which could move
     the choice."""
     plan = read_plan(folder)
     if plan is None:
-        plan = fastest_points(store, calibration_ids)
+        plan = fastest_points(store, calibration_ids, head_tag)
         (folder / PLAN_FILE).write_text(json.dumps({"points": plan, "chosen": datetime.date.today().isoformat(),
                                                     "how": "per family, the highest mean acceptance length against "
                                                            "lossless on the calibration prompts every point of the "
@@ -277,12 +275,12 @@ def serve_full(settings: calibrate.CalibrateSettings, llm: bool, max_minutes: fl
         log(f"full: {root.name}: calibrate has not finished {', '.join(unfinished)}; run the calibrate stage first")
         return False
     rows = calibrate.without_label_prompts(settings, calibrate.prompt_rows(settings))
-    calibrate.bind_folder(settings)  # refused unless the store's responses were served with these settings
+    bound = calibrate.bind_folder(settings)  # refused unless the store's responses were served with these settings
     requests = {r["id"]: request_text(r) for r in rows}
     items = {i.id: i for i in calibrate.render_items(rows, settings.target, settings.max_tokens)}
     calibration_ids, test_ids = calibrate.split_ids(list(items), settings.test_share, settings.seed)
     store = RequestStore(settings.out / "store")
-    plan = full_plan(settings.out, store, calibration_ids)
+    plan = full_plan(settings.out, store, calibration_ids, calibrate.store_head_tag(settings.out, bound["head_sha256"]))
     started = time.monotonic()
 
     def out_of_time() -> bool:

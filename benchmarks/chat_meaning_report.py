@@ -246,7 +246,10 @@ def pct(value) -> str:
 
 
 def point_name(row: dict) -> str:
-    return "lossless" if row["family"] == LOSSLESS else f"{row['family']} {row['knob']:g}"
+    if row["family"] == LOSSLESS:
+        return "lossless"
+    tag = calibrate.point_head_tag(row["key"])  # another head's judge point on the same store
+    return f"{row['family']}{'@' + tag if tag else ''} {row['knob']:g}"
 
 
 def served_cell(row: dict) -> str:

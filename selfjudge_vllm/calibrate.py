@@ -96,6 +96,10 @@ CERTIFICATE_FILE = "certificate.json"
 # certificate binding computed on its responses, one line each ({"folder", "binding", "date",
 # "exploratory"}): a store shared by several folders shows each report the others.
 STORE_SETTINGS_FILE, STORE_CERTIFICATES_FILE = "settings.json", "certificates.jsonl"
+# What a shared store does not bind: each head's judge points have keys of their own
+# (point_key), so one store, and its lossless responses, serves every head an operator trains.
+# Its settings.json keeps the head it was begun with, whose judge points keep the plain keys.
+STORE_UNBOUND_SETTINGS = ("head_sha256",)
 # Server settings of the `selfjudge` section an operator may calibrate under (--selfjudge-config):
 # they change what the rules decide (where relaxed acceptance applies, FLy's and the entropy
 # rule's windows), so the certificate holds for them only and the served config carries them.
@@ -315,8 +319,33 @@ def judge_operating_grid(head: Path) -> tuple[float, ...] | None:
     return tuple(thresholds) or None
 
 
-def point_key(family: str, knob: float | None) -> str:
-    return LOSSLESS if family == LOSSLESS else f"{family}-{knob:g}"
+def point_key(family: str, knob: float | None, head_tag: str = "") -> str:
+    """A point's name in the store: lossless, rule-knob, or judge@HEAD-knob for the judge
+    points of a head other than the one its store was begun with (store_head_tag)."""
+    if family == LOSSLESS:
+        return LOSSLESS
+    return f"{family}@{head_tag}-{knob:g}" if family == "judge" and head_tag else f"{family}-{knob:g}"
+
+
+def parse_point_key(key: str) -> tuple[str, float | None]:
+    """(family, knob) of a point_key."""
+    if key == LOSSLESS:
+        return key, None
+    family, _, knob = key.partition("-")  # no family has a "-"; a knob may (1e-05)
+    return family.partition("@")[0], float(knob)
+
+
+def point_head_tag(key: str) -> str:
+    """The head tag of a judge point_key ("" for the store's own head and every other point)."""
+    return key.partition("-")[0].partition("@")[2]
+
+
+def store_head_tag(out: Path, head: str | None) -> str:
+    """The tag of the judge point keys of `head` (its SHA-256, as bound_settings records it) in
+    OUT's store: none for the head the store was begun with (or no head), else its first 12 hex
+    digits."""
+    begun_with = json.loads((out / "store" / STORE_SETTINGS_FILE).read_text()).get("head_sha256")
+    return "" if head is None or head == begun_with else head[:12]
 
 
 # -- the paired statistics ---------------------------------------------------------------------------
@@ -477,8 +506,8 @@ def bind_folder(settings: CalibrateSettings) -> dict:
     """Record what the responses depend on at the first run; refuse a rerun that differs. The
     store (OUT/store, which a link may share between folders) records the settings it was
     served with too, and a folder bound to others is refused it: its certificate would be on
-    another target's (or prompt file's, ...) responses. A store begun before it recorded them
-    adopts the folder's."""
+    another target's (or prompt file's, ...) responses. Another head is not refused the store
+    (STORE_UNBOUND_SETTINGS). A store begun before it recorded them adopts the folder's."""
     settings.out.mkdir(parents=True, exist_ok=True)
     store = settings.out / "store"
     store.mkdir(exist_ok=True)
@@ -488,10 +517,13 @@ def bind_folder(settings: CalibrateSettings) -> dict:
         if not path.is_file():
             continue
         before = json.loads(path.read_text())
-        differ = [k for k in BOUND_SETTINGS if before.get(k) != now[k]]
+        differ = [k for k in BOUND_SETTINGS if before.get(k) != now[k]
+                  and not (where == "store" and k in STORE_UNBOUND_SETTINGS)]
         if differ and where == "folder":
+            another_head = (" (with its store a link to this folder's, it serves only the new head's judge points)"
+                            if differ == ["head_sha256"] else "")
             raise CalibrateError(f"{settings.out} holds responses served with other settings ({', '.join(differ)}); "
-                                 "use another --out, or the original settings")
+                                 f"use another --out{another_head}, or the original settings")
         if differ:
             raise CalibrateError(f"{settings.out}'s store ({store.resolve()}) holds responses served with other "
                                  f"settings ({', '.join(differ)}): it is shared with a folder calibrated on them. "
@@ -708,6 +740,7 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
     all_rows = prompt_rows(settings)
     rows = without_label_prompts(settings, all_rows)
     bound = bind_folder(settings)
+    head_tag = store_head_tag(settings.out, bound["head_sha256"])
     by_id = {r["id"]: r for r in rows}
     items = render_items(rows, settings.target, settings.max_tokens)
     item_by_id = {i.id: i for i in items}
@@ -772,7 +805,7 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
             for knob in grid:
                 if not complete:
                     break
-                key = point_key(family, knob)
+                key = point_key(family, knob, head_tag)
                 hopeless = lambda key=key: _hopeless(settings, judgement, store, key, lossless, calibration_ids, level)  # noqa: E731
                 complete &= serve(key, calibration_ids, request_options(family, knob), hopeless)
                 # The scope is every calibration prompt unless the point stopped early.

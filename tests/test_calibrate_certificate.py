@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from selfjudge_vllm import calibrate, certify, measurement
+from selfjudge_vllm.measurement import RequestStore
 from tests import simulated_engine as sim
 
 GRIDS = {"top_alpha": (0.9, 0.5, 0.2), "entropy": (3.0, 2.0, 1.0)}
@@ -174,6 +175,48 @@ def test_a_folder_bound_to_other_response_settings_is_refused_its_shared_store(m
     assert json.loads((store / "settings.json").read_text())["target"] == "simulated"
     with pytest.raises(calibrate.CalibrateError, match=r"store .* \(target\)"):
         _run(monkeypatch, tmp_path, engine, out="other-target", target="another-model")
+
+
+def _head(path, weight: float):
+    from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, TargetIdentity
+
+    identity = TargetIdentity(name="t", architecture="LlamaForCausalLM", hidden_size=4, vocab_size=10,
+                              num_hidden_layers=1)
+    JudgeArtifact(JudgeArtifactConfig(target=identity, default_threshold=0.5), torch.full((4,), weight),
+                  torch.zeros(1)).save(path)
+    return path
+
+
+def test_another_head_shares_the_store_and_serves_only_its_own_judge_points(monkeypatch, tmp_path):
+    """A store is not bound to the head: a folder with a newly trained head, its store a link to
+    the first folder's, serves only that head's judge points (under keys naming the head), not
+    lossless again; the first head keeps its plain keys, and a folder with it serves nothing. A
+    folder stays bound to its own head."""
+    first_head, second_head = _head(tmp_path / "head-a", 0.0), _head(tmp_path / "head-b", 1.0)
+    grids = {"judge": (0.9, 0.5)}
+    risks = {("judge", 0.9): 0.0, ("judge", 0.5): 0.1}
+    engine = sim.SimulatedEngine(risks, seed=1)
+    status, first = _run(monkeypatch, tmp_path, engine, grids=grids, head=first_head)
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and first["certified"]["key"] == "judge-0.9"
+    served = len(engine.served)
+    _share_store(tmp_path, "b")
+    status, second = _run(monkeypatch, tmp_path, engine, out="b", grids=grids, head=second_head)
+    tag = calibrate.file_sha256(second_head / "model.safetensors")[:12]
+    assert status == calibrate.EXIT_RELAXED_CERTIFIED and second["certified"]["key"] == f"judge@{tag}-0.9"
+    newly = engine.served[served:]
+    assert newly and {point for point, _ in newly} <= {"judge-0.9", "judge-0.5"}  # no lossless again
+    store = RequestStore(tmp_path / "out" / "store")
+    assert {"lossless", "judge-0.9", f"judge@{tag}-0.9"} <= set(store.requests)
+    assert calibrate.parse_point_key(f"judge@{tag}-0.9") == ("judge", 0.9) == calibrate.parse_point_key("judge-0.9")
+    assert json.loads((store.folder / "settings.json").read_text())["head_sha256"] == calibrate.file_sha256(
+        first_head / "model.safetensors")  # the head it was begun with
+    _share_store(tmp_path, "c")
+    served = len(engine.served)
+    status, third = _run(monkeypatch, tmp_path, engine, out="c", grids=grids, head=first_head)
+    assert len(engine.served) == served and third["certified"]["key"] == "judge-0.9"
+    with pytest.raises(calibrate.CalibrateError, match=r"other settings \(head_sha256\); use another --out \(with its "
+                                                       r"store a link to this folder's, it serves only the new head's"):
+        _run(monkeypatch, tmp_path, engine, grids=grids, head=second_head)
 
 
 def test_every_certificate_on_a_shared_store_is_listed_in_the_others_reports(monkeypatch, tmp_path, capsys):

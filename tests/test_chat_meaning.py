@@ -362,6 +362,18 @@ def test_the_fastest_point_is_chosen_on_the_prompts_the_familys_points_share(tmp
     assert "fly-0.2 left out of the fly comparison" in capsys.readouterr().out
 
 
+def test_the_full_stage_compares_only_the_served_heads_judge_points(tmp_path):
+    """Another head's judge points on the same store (calibrate keys them judge@HEAD-knob) are
+    not the benchmark head's: each head's fastest point is chosen among its own."""
+    tree = Tree(tmp_path / "chat_meaning")
+    tree.serve("lossless", {i: _lossless(i) for i in CALIBRATION}, 2.0)
+    tree.serve("judge-0.9", {i: f"A {i}" for i in CALIBRATION}, 2.2)
+    tree.serve("judge@0123456789ab-0.5", {i: f"B {i}" for i in CALIBRATION}, 3.0)
+    store = measurement.RequestStore(tree.store)
+    assert chat_meaning.fastest_points(store, CALIBRATION) == {"judge": "judge-0.9"}
+    assert chat_meaning.fastest_points(store, CALIBRATION, "0123456789ab") == {"judge": "judge@0123456789ab-0.5"}
+
+
 def _wait_for(path, seconds=60.0):
     import time
 
