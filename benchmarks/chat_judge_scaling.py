@@ -14,10 +14,21 @@ logits and on both, at several training-set sizes.
     train     per size in --sizes and per feature set (hidden, logits, both): `selfjudge train
               --max-train-mismatches SIZE` at SelfJudge's tau for N=20 (0.0563), the validation
               prompts the same for every size (nested training subsets)
-    report    held-out ROC-AUC per feature set and size (RESULTS/chat_judge_scaling/scaling.{json,md,png})
+    serve     the served meaning-change rate at matched acceptance: each head of --serve-heads
+              (default: the feature set with the best held-out ROC-AUC at the largest size, at
+              every size) at its --serve-point operating point (default accepts_10pct: at most
+              10% of the same validation mismatches accepted) served on every chat benchmark
+              prompt (benchmarks/chat_meaning.py's 420, calibration and test) by calibrate's
+              server, into a folder on the benchmark's store (RESULTS/chat_meaning/ngram-k8/
+              scaling-FEATURES-SIZE: lossless is not served again, calibrate keys each head's
+              judge points apart), then scored by the embedding scorer; resumable
+    report    held-out ROC-AUC per feature set and size, and each served head's acceptance against
+              lossless, meaning changes (embedding, with a 95% bound), text changes and new loops
+              (RESULTS/chat_judge_scaling/scaling.{json,md,png})
 
     python benchmarks/chat_judge_scaling.py --testbed testbed-qwen --stages prompts,label --prompts 400
     python benchmarks/chat_judge_scaling.py --testbed testbed-qwen --stages train,report --sizes 1000,2500,5000
+    python benchmarks/chat_judge_scaling.py --testbed testbed-qwen --stages serve,report --max-minutes 100
     python benchmarks/chat_judge_scaling.py --run benchmarks/results/chat_judge/label-run --features logits \\
         --sizes 100,200,300 --stages train,report --out /tmp/scaling --allow-partial-run   # a quick check
 """
@@ -25,10 +36,12 @@ logits and on both, at several training-set sizes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,11 +49,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks import chat_tasks  # noqa: E402
+from selfjudge_vllm import calibrate  # noqa: E402
 from selfjudge_vllm.measurement import log  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TAU = 0.0563  # SelfJudge's released GSM8K tau for N=20 (chat has no answers to calibrate it on)
 FEATURE_SETS = ("hidden", "logits", "both")
+SERVER = ("ngram", 8)  # the chat benchmark's first server, whose store the served heads share
+SERVE_POINT = "accepts_10pct"  # matched acceptance: each head accepts at most 10% of the same validation mismatches
 
 
 def write_prompts(args) -> None:
@@ -83,7 +99,8 @@ def train(args) -> None:
                            stdout=subprocess.DEVNULL)
 
 
-def report(args) -> None:
+def auroc_rows(args) -> list[dict]:
+    """Each trained head's held-out ROC-AUC, by size and feature set."""
     rows = []
     for size in args.sizes:
         for features in args.features:
@@ -94,13 +111,111 @@ def report(args) -> None:
             rows.append({"size": size, "features": features, "training_mismatches": r["training_mismatches"],
                          "validation_mismatches": r["validation_mismatches"],
                          "validation_mismatch_roc_auc": r["feature_sets"][features]["validation_mismatch_roc_auc"]})
-    (args.out / "scaling.json").write_text(json.dumps({"run": str(args.run), "tau": TAU, "rows": rows}, indent=1) + "\n")
+    return rows
+
+
+def served_heads(args) -> list[tuple[str, int]]:
+    """(feature set, size) of each head the serve stage serves: --serve-heads, else the feature
+    set with the best held-out ROC-AUC at the largest size trained, at every size."""
+    if args.serve_heads:
+        return [(name.rpartition("-")[0], int(name.rpartition("-")[2])) for name in args.serve_heads.split(",")]
+    rows = auroc_rows(args)
+    if not rows:
+        sys.exit("chat_judge_scaling: no trained heads to serve; run the train stage first")
+    largest = max(r["size"] for r in rows)
+    best = max((r for r in rows if r["size"] == largest), key=lambda r: r["validation_mismatch_roc_auc"])["features"]
+    return [(best, size) for size in sorted({r["size"] for r in rows if r["features"] == best})]
+
+
+def serve_folder(features: str, size: int) -> Path:
+    from benchmarks import chat_meaning
+
+    return chat_meaning.linked_folder(SERVER, f"scaling-{features}-{size}")
+
+
+def served_threshold(head: Path, point: str) -> float:
+    """The head's threshold at its operating point `point`, as calibrate's judge grid rounds it."""
+    from selfjudge_vllm.artifact import JudgeArtifact
+
+    return round(JudgeArtifact.load(head).config.operating_points[point].threshold, 6)
+
+
+def served_key(head: Path, point: str, folder: Path) -> str:
+    """The calibrate point key of `head` at its operating point `point` in `folder`'s store."""
+    from selfjudge_vllm.files import file_sha256
+
+    tag = calibrate.store_head_tag(folder, file_sha256(head / "model.safetensors"))
+    return calibrate.point_key("judge", served_threshold(head, point), tag)
+
+
+def serve(args) -> None:
+    from benchmarks import chat_meaning
+
+    started = time.monotonic()
+    for features, size in served_heads(args):
+        head = head_folder(args, features, size)
+        as_benchmark = argparse.Namespace(testbed=args.testbed, head=head, max_minutes=None)
+        settings = dataclasses.replace(chat_meaning.calibrate_settings(as_benchmark, SERVER, *chat_meaning.MEASUREMENTS[0]),
+                                       out=serve_folder(features, size), max_minutes=None)
+        left = None if args.max_minutes is None else args.max_minutes - (time.monotonic() - started) / 60
+        log(f"serve: the {features} head on at most {size} mismatches at {args.serve_point}")
+        threshold = served_threshold(head, args.serve_point)
+        if not chat_meaning.serve_in_full(settings, lambda store, ids, tag, t=threshold: {
+                "judge": calibrate.point_key("judge", t, tag)}, llm=False, max_minutes=left, stage="serve"):
+            log("serve: not finished; rerun the same command to continue")
+            return
+
+
+def served_rows(args) -> list[dict]:
+    """Each served head's point on every benchmark prompt, as the chat benchmark reports a point
+    (benchmarks/chat_meaning_report.point_row); a head not served on all of them yet is left out."""
+    from benchmarks import chat_meaning, chat_meaning_report
+    from selfjudge_vllm.meaning import MeaningJudge, request_text
+    from selfjudge_vllm.measurement import RequestStore, load_jsonl
+
+    rows = []
+    for features, size in served_heads(args) if args.serve_heads or auroc_rows(args) else []:
+        folder = chat_meaning.OUT / chat_meaning.server_name(SERVER) / f"scaling-{features}-{size}"
+        if not (folder / "settings.json").is_file():
+            continue
+        store = RequestStore(folder / "store")
+        root = store.folder.resolve().parent
+        calibration_ids, test_ids = chat_meaning_report.prompt_splits(
+            chat_meaning.OUT, store, chat_meaning_report.measurement_reports(root))
+        requests = {r["id"]: request_text(r) for r in load_jsonl(chat_meaning.OUT / "prompts.jsonl")}
+        judges = {label: MeaningJudge(s, store.folder / "scores.jsonl")
+                  for label, s in chat_meaning.scorer_settings().items()}
+        key = served_key(head_folder(args, features, size), args.serve_point, folder)
+        row = chat_meaning_report.point_row(store, key, calibration_ids + test_ids, requests, judges, {}, {})
+        if row["complete"]:
+            rows.append({"features": features, "size": size, "point": args.serve_point, **row})
+    return rows
+
+
+def report(args) -> None:
+    rows = auroc_rows(args)
+    served = served_rows(args)
+    (args.out / "scaling.json").write_text(json.dumps({"run": str(args.run), "tau": TAU, "rows": rows,
+                                                       "served": served}, indent=1) + "\n")
     lines = ["# SelfJudge heads by training-set size (held-out ROC-AUC on validation mismatches)", "",
              f"Label run `{args.run}`, tau {TAU} (N=20); the validation prompts are the same at every size.", "",
              "| training mismatches (limit) | used | features | validation mismatches | ROC-AUC |",
              "|---:|---:|---|---:|---:|"]
     lines += [f"| {r['size']} | {r['training_mismatches']} | {r['features']} | {r['validation_mismatches']} "
               f"| {r['validation_mismatch_roc_auc']:.3f} |" for r in rows]
+    if served:
+        lines += ["", f"Served on the chat benchmark's {served[0]['n']} prompts (ngram k=8) at matched acceptance "
+                  f"(`{args.serve_point}` of each head), paired with lossless on the same server's store; bounds "
+                  "95% one-sided, each for its point alone:", "",
+                  "| head | threshold | acceptance vs lossless | meaning changed (embedding) | texts changed "
+                  "| new loops |", "|---|---:|---:|---:|---:|---:|"]
+        for r in served:
+            embedding = r["measures"]["embedding"]
+            meaning = (f"{embedding['changes']}: {100 * embedding['rate']:.2f}% (<= {100 * embedding['upper95']:.2f}%)"
+                       if embedding.get("upper95") is not None else "not scored")
+            texts = r["text_changes"]
+            lines.append(f"| {r['features']}, at most {r['size']} | {r['knob']:g} | {r['acceptance_vs_lossless']:.3f}x "
+                         f"| {meaning} | {texts['changes']}: {100 * texts['rate']:.2f}% | {r['loops']} |")
     (args.out / "scaling.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -136,13 +251,16 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1000, 2500, 5000])
     parser.add_argument("--features", type=lambda t: t.split(","), default=list(FEATURE_SETS))
     parser.add_argument("--allow-partial-run", action="store_true", help="train on a label run's complete shards")
+    parser.add_argument("--serve-heads", help="FEATURES-SIZE,... to serve (default: the best feature set at every size)")
+    parser.add_argument("--serve-point", default=SERVE_POINT, help=f"each head's operating point (default {SERVE_POINT})")
+    parser.add_argument("--max-minutes", type=float, help="end the serve stage's sitting after this long (rerun continues)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.run = args.run or args.out / "label-run"
     for stage in args.stages.split(","):
-        if stage in ("prompts", "label") and args.testbed is None:
+        if stage in ("prompts", "label", "serve") and args.testbed is None:
             parser.error(f"the {stage} stage needs --testbed")
-        {"prompts": write_prompts, "label": label, "train": train, "report": report}[stage](args)
+        {"prompts": write_prompts, "label": label, "train": train, "serve": serve, "report": report}[stage](args)
     return 0
 
 

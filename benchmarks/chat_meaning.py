@@ -274,13 +274,24 @@ def serve_full(settings: calibrate.CalibrateSettings, llm: bool, max_minutes: fl
     if unfinished:
         log(f"full: {root.name}: calibrate has not finished {', '.join(unfinished)}; run the calibrate stage first")
         return False
+    return serve_in_full(settings, lambda store, calibration_ids, head_tag: full_plan(
+        settings.out, store, calibration_ids, head_tag), llm, max_minutes, measure, embedder_factory)
+
+
+def serve_in_full(settings: calibrate.CalibrateSettings, plan_of, llm: bool, max_minutes: float | None,
+                  measure=measure_point, embedder_factory=None, stage: str = "full") -> bool:
+    """The points plan_of(store, calibration ids, the head's point-key tag) names ({family:
+    key}) served on every prompt, calibration and test, by calibrate's server with `settings`
+    into the folder settings.out on the server's store, then scored as calibrate scores; True
+    once everything is done, False when --max-minutes ran out (rerun to continue)."""
+    root = settings.out.parent
     rows = calibrate.without_label_prompts(settings, calibrate.prompt_rows(settings))
     bound = calibrate.bind_folder(settings)  # refused unless the store's responses were served with these settings
     requests = {r["id"]: request_text(r) for r in rows}
     items = {i.id: i for i in calibrate.render_items(rows, settings.target, settings.max_tokens)}
     calibration_ids, test_ids = calibrate.split_ids(list(items), settings.test_share, settings.seed)
     store = RequestStore(settings.out / "store")
-    plan = full_plan(settings.out, store, calibration_ids, calibrate.store_head_tag(settings.out, bound["head_sha256"]))
+    plan = plan_of(store, calibration_ids, calibrate.store_head_tag(settings.out, bound["head_sha256"]))
     started = time.monotonic()
 
     def out_of_time() -> bool:
@@ -298,13 +309,13 @@ def serve_full(settings: calibrate.CalibrateSettings, llm: bool, max_minutes: fl
         progress = None
         for key, scope in work:
             if out_of_time():
-                log(f"full: --max-minutes reached before {key}; rerun to continue")
+                log(f"{stage}: --max-minutes reached before {key}; rerun to continue")
                 return False
             server = session.get()
             if progress is None:  # created once the server is up: start-up minutes are not serving time
                 progress = Progress(sum(_to_serve(store, k, scopes[-1]) for k in plan.values()))
             family, knob = parse_point(key)
-            log(f"full: {key} on {len(scope)} prompts ({_to_serve(store, key, scope)} to serve)")
+            log(f"{stage}: {key} on {len(scope)} prompts ({_to_serve(store, key, scope)} to serve)")
             if not measure(server, store, key, scope, request_options(family, knob), settings.concurrency, progress,
                            out_of_time):
                 return False
@@ -316,27 +327,27 @@ def serve_full(settings: calibrate.CalibrateSettings, llm: bool, max_minutes: fl
                 continue
             judge = MeaningJudge(scorer, settings.out / "store" / "scores.jsonl", llm_client=scorer_session.client,
                                  embedder_factory=embedder_factory)
-            if not score_pairs(label, judge, pairs, out_of_time):
+            if not score_pairs(label, judge, pairs, out_of_time, stage):
                 return False
     finally:
         scorer_session.close()
         session.close()
-    log(f"full: {root.name}: {', '.join(plan.values())} served on all {len(items)} prompts and scored"
+    log(f"{stage}: {root.name}: {', '.join(plan.values())} served on all {len(items)} prompts and scored"
         + ("" if llm else " (embedding only; --llm adds the LLM scorer and judged loss)"))
     return True
 
 
-def score_pairs(label: str, judge: MeaningJudge, pairs: list[Pair], out_of_time) -> bool:
+def score_pairs(label: str, judge: MeaningJudge, pairs: list[Pair], out_of_time, stage: str = "full") -> bool:
     """Every differing pair the judge lacks, SCORE_CHUNK at a time (each persisted as it is
     decided, as calibrate scores); False when --max-minutes ran out first."""
     todo = list({p.key: p for p in pairs if p.lossless != p.relaxed and p.key not in judge.scores}.values())
     if not todo:
         return True
     progress = Progress(len(todo), unit="pairs")
-    log(f"full: scoring {len(todo)} pairs with {label} ({judge.settings.score_key})")
+    log(f"{stage}: scoring {len(todo)} pairs with {label} ({judge.settings.score_key})")
     for start in range(0, len(todo), SCORE_CHUNK):
         if out_of_time():
-            log(f"full: --max-minutes reached while scoring with {label}; rerun to continue")
+            log(f"{stage}: --max-minutes reached while scoring with {label}; rerun to continue")
             return False
         chunk = todo[start:start + SCORE_CHUNK]
         judge.score(chunk)

@@ -4,6 +4,7 @@ no scorer model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -531,3 +532,53 @@ def test_the_fly_grid_is_described_as_it_is():
     knobs = [float(k) for k in chat_meaning.FLY_GRID.split("=")[1].split(",")]
     assert 0.3 in knobs and min(knobs) == 0.2  # one point looser than vLLM's default
     assert "vLLM's default 0.3, stricter points, and one looser (0.2)" in chat_meaning.__doc__
+
+
+def _scaling_head(path, weight: float, threshold: float, auroc: float, features: str):
+    """A head as `selfjudge train` writes one for benchmarks/chat_judge_scaling.py."""
+    import torch
+
+    from selfjudge_vllm.artifact import JudgeArtifact, JudgeArtifactConfig, OperatingPoint, TargetIdentity
+
+    identity = TargetIdentity(name="t", architecture="LlamaForCausalLM", hidden_size=4, vocab_size=10,
+                              num_hidden_layers=1)
+    JudgeArtifact(JudgeArtifactConfig(target=identity, default_threshold=0.5, operating_points={
+        "accepts_10pct": OperatingPoint(threshold=threshold)}), torch.full((4,), weight), torch.zeros(1)).save(path)
+    (path / "training_report.json").write_text(json.dumps({
+        "training_mismatches": 100, "validation_mismatches": 40,
+        "feature_sets": {features: {"validation_mismatch_roc_auc": auroc}}}))
+
+
+def test_the_scaling_heads_are_served_on_the_benchmarks_store_at_matched_acceptance(monkeypatch, tmp_path):
+    """benchmarks/chat_judge_scaling.py's serve stage: the best feature set's head at each size,
+    at its accepts_10pct threshold, served on every benchmark prompt into a folder on the
+    benchmark's store (lossless not served again, each head's judge points keyed apart), scored
+    by the embedding scorer; its report gives each head's acceptance and meaning-change rate."""
+    from benchmarks import chat_judge_scaling
+
+    tree, settings, served, fake_measure = _full_setup(monkeypatch, tmp_path)
+    out = tmp_path / "scaling"
+    for features, size, auroc, weight, threshold in (("hidden", 10, 0.60, 1.0, 0.4), ("hidden", 20, 0.70, 2.0, 0.6),
+                                                     ("logits", 20, 0.65, 3.0, 0.5)):
+        _scaling_head(out / "heads" / f"{features}-{size}", weight, threshold, auroc, features)
+    monkeypatch.setattr(chat_meaning, "calibrate_settings", lambda args, *_: dataclasses.replace(settings,
+                                                                                                 head=args.head))
+    serve_in_full = chat_meaning.serve_in_full
+    monkeypatch.setattr(chat_meaning, "serve_in_full", lambda *a, **k: serve_in_full(
+        *a, **k, measure=fake_measure, embedder_factory=FakeEmbedder))
+    argv = ["--testbed", str(tmp_path), "--out", str(out), "--sizes", "10,20", "--stages", "serve,report"]
+    assert chat_judge_scaling.main(argv) == 0
+    tags = {size: calibrate.file_sha256(out / "heads" / f"hidden-{size}" / "model.safetensors")[:12]
+            for size in (10, 20)}
+    keys = [f"judge@{tags[10]}-0.4", f"judge@{tags[20]}-0.6"]
+    assert [(key, extra) for key, extra, _ in served[::2]] == [
+        (keys[0], {"selfjudge_rule": "judge", "selfjudge_threshold": 0.4}),
+        (keys[1], {"selfjudge_rule": "judge", "selfjudge_threshold": 0.6})]
+    assert [todo for _, _, todo in served] == [CALIBRATION, TEST] * 2  # lossless is the store's already
+    scaling = json.loads((out / "scaling.json").read_text())
+    assert [(r["features"], r["size"], r["key"], r["n"]) for r in scaling["served"]] == [
+        ("hidden", 10, keys[0], 10), ("hidden", 20, keys[1], 10)]
+    assert all(r["measures"]["embedding"]["upper95"] is not None for r in scaling["served"])
+    assert "| hidden, at most 20 | 0.6 |" in (out / "scaling.md").read_text()
+    served.clear()  # a rerun serves nothing
+    assert chat_judge_scaling.main(argv) == 0 and served == []
