@@ -291,6 +291,11 @@ def serve_in_full(settings: calibrate.CalibrateSettings, plan_of, llm: bool, max
     items = {i.id: i for i in calibrate.render_items(rows, settings.target, settings.max_tokens)}
     calibration_ids, test_ids = calibrate.split_ids(list(items), settings.test_share, settings.seed)
     store = RequestStore(settings.out / "store")
+    unpaired = [i for i in items if i not in store.done(calibrate.LOSSLESS)]
+    if unpaired:  # every point is paired with the store's lossless responses, which calibrate serves
+        log(f"{stage}: {root.name}: lossless has no response yet for {len(unpaired)} of the {len(items)} prompts; "
+            "run the chat benchmark's calibrate stage first")
+        return False
     plan = plan_of(store, calibration_ids, calibrate.store_head_tag(settings.out, bound["head_sha256"]))
     started = time.monotonic()
 

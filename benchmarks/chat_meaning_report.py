@@ -192,7 +192,9 @@ def server_report(out: Path, root: Path, requests: dict[str, str]) -> dict:
     calibration_ids, test_ids = prompt_splits(out, store, reports)
     marks, reported_n = calibrate_marks(reports)
     judges = {label: MeaningJudge(settings, store.folder / "scores.jsonl") for label, settings in scorer_settings().items()}
-    keys = sorted(store.requests, key=lambda k: (k != LOSSLESS, parse_point(k)[0], -(parse_point(k)[1] or 0)))
+    # the benchmark head's points (other heads' judge points on the store are chat_judge_scaling's)
+    keys = sorted((k for k in store.requests if not calibrate.point_head_tag(k)),
+                  key=lambda k: (k != LOSSLESS, parse_point(k)[0], -(parse_point(k)[1] or 0)))
     points = [point_row(store, k, calibration_ids, requests, judges, marks, reported_n) for k in keys]
     plan = read_plan(root / FULL)
     full_keys = [LOSSLESS, *(plan or fastest_points(store, calibration_ids)).values()]
@@ -246,10 +248,7 @@ def pct(value) -> str:
 
 
 def point_name(row: dict) -> str:
-    if row["family"] == LOSSLESS:
-        return "lossless"
-    tag = calibrate.point_head_tag(row["key"])  # another head's judge point on the same store
-    return f"{row['family']}{'@' + tag if tag else ''} {row['knob']:g}"
+    return "lossless" if row["family"] == LOSSLESS else f"{row['family']} {row['knob']:g}"
 
 
 def served_cell(row: dict) -> str:

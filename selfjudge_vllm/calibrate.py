@@ -528,9 +528,15 @@ def bind_folder(settings: CalibrateSettings) -> dict:
             raise CalibrateError(f"{settings.out}'s store ({store.resolve()}) holds responses served with other "
                                  f"settings ({', '.join(differ)}): it is shared with a folder calibrated on them. "
                                  "Give this --out a store of its own, or use the store's settings")
-    for path in paths.values():
-        if not path.is_file():
-            path.write_text(json.dumps(now, indent=1) + "\n")
+    if not paths["store"].is_file():
+        adopted = dict(now)
+        if not paths["folder"].is_file() and any(parse_point_key(k)[0] == "judge" for k in RequestStore(store).requests):
+            # judge points served before the store recorded its head, by a head a new folder
+            # cannot vouch for: no head is given their plain keys (each gets its own)
+            adopted["head_sha256"] = None
+        paths["store"].write_text(json.dumps(adopted, indent=1) + "\n")
+    if not paths["folder"].is_file():
+        paths["folder"].write_text(json.dumps(now, indent=1) + "\n")
     return now
 
 
@@ -561,15 +567,17 @@ def record_certificate_binding(out: Path, binding: dict) -> None:
         path.write_text(json.dumps(binding, indent=1) + "\n")
 
 
-def record_store_certificate(settings: CalibrateSettings, binding: dict, exploratory: bool) -> None:
+def record_store_certificate(settings: CalibrateSettings, binding: dict, exploratory: bool, head: str | None) -> None:
     """Add this folder's binding to its store's list of the certificates computed on its
-    responses (once per folder and binding), when the first candidate is about to be read."""
+    responses (once per folder and binding), when the first candidate is about to be read.
+    `head`: the folder's head SHA-256 (folders with other heads share lossless and the
+    training-free rules' responses, not the judge's)."""
     path = settings.out / "store" / STORE_CERTIFICATES_FILE
     folder = str(settings.out.resolve())
     if any(r.get("folder") == folder and r.get("binding") == binding for r in load_jsonl(path)):
         return
     append_jsonl(path, {"folder": folder, "binding": binding, "date": datetime.date.today().isoformat(),
-                        "exploratory": exploratory})
+                        "exploratory": exploratory, "head_sha256": head})
 
 
 def other_certificates(settings: CalibrateSettings, binding: dict) -> list[dict]:
@@ -598,8 +606,11 @@ def other_certificates_line(report: dict) -> str | None:
     others = report.get("other_certificates") or []
     if not others:
         return None
-    listed = "; ".join(f"{r['folder']}: {describe_binding(r['binding'])}" + (" (exploratory)" if r.get("exploratory")
-                                                                            else "") for r in others)
+    mine = (report.get("settings") or {}).get("head_sha256")
+    listed = "; ".join(f"{r['folder']}: {describe_binding(r['binding'])}"
+                       + (f" (head {r['head_sha256'][:12]}: its judge points are its own)"
+                          if r.get("head_sha256") and r["head_sha256"] != mine else "")
+                       + (" (exploratory)" if r.get("exploratory") else "") for r in others)
     return (f"{len(others)} other certificate{'s were' if len(others) > 1 else ' was'} computed on these responses: "
             f"{listed}. Choosing among them after seeing them is not covered by any one certificate")
 
@@ -797,7 +808,7 @@ def run(settings: CalibrateSettings) -> tuple[int, dict]:
         if complete and not changed:
             record_certificate_binding(settings.out, binding)
         if complete:  # candidates are read from here on
-            record_store_certificate(settings, binding, exploratory=bool(changed))
+            record_store_certificate(settings, binding, exploratory=bool(changed), head=bound["head_sha256"])
         evaluated: dict[str, list[dict]] = {}
         n_cal = len(calibration_ids)
         for family, grid in grids.items():

@@ -210,6 +210,10 @@ def test_another_head_shares_the_store_and_serves_only_its_own_judge_points(monk
     assert calibrate.parse_point_key(f"judge@{tag}-0.9") == ("judge", 0.9) == calibrate.parse_point_key("judge-0.9")
     assert json.loads((store.folder / "settings.json").read_text())["head_sha256"] == calibrate.file_sha256(
         first_head / "model.safetensors")  # the head it was begun with
+    other = second["other_certificates"]
+    assert [r["head_sha256"] for r in other] == [calibrate.file_sha256(first_head / "model.safetensors")]
+    assert f"(head {other[0]['head_sha256'][:12]}: its judge points are its own)" in calibrate.other_certificates_line(
+        second)
     _share_store(tmp_path, "c")
     served = len(engine.served)
     status, third = _run(monkeypatch, tmp_path, engine, out="c", grids=grids, head=first_head)
@@ -217,6 +221,27 @@ def test_another_head_shares_the_store_and_serves_only_its_own_judge_points(monk
     with pytest.raises(calibrate.CalibrateError, match=r"other settings \(head_sha256\); use another --out \(with its "
                                                        r"store a link to this folder's, it serves only the new head's"):
         _run(monkeypatch, tmp_path, engine, grids=grids, head=second_head)
+
+
+def test_a_store_begun_before_it_recorded_its_settings_gives_no_new_head_its_judge_points(monkeypatch, tmp_path):
+    """A store holding judge points but no settings.json (begun before stores recorded them): a
+    new folder cannot say which head served them, so its head gets keys of its own and serves
+    its judge points; the folder that served them, bound to its head, adopts the store as its own."""
+    first_head, second_head = _head(tmp_path / "head-a", 0.0), _head(tmp_path / "head-b", 1.0)
+    grids = {"judge": (0.9,)}
+    engine = sim.SimulatedEngine({("judge", 0.9): 0.0}, seed=1)
+    _run(monkeypatch, tmp_path, engine, grids=grids, head=first_head)
+    (tmp_path / "out" / "store" / "settings.json").unlink()
+    _share_store(tmp_path, "b")
+    served = len(engine.served)
+    status, report = _run(monkeypatch, tmp_path, engine, out="b", grids=grids, head=second_head)
+    tag = calibrate.file_sha256(second_head / "model.safetensors")[:12]
+    assert report["certified"]["key"] == f"judge@{tag}-0.9" and len(engine.served) - served == 150
+    assert json.loads((tmp_path / "out" / "store" / "settings.json").read_text())["head_sha256"] is None
+    (tmp_path / "out" / "store" / "settings.json").unlink()  # the first folder's own rerun adopts it instead
+    _run(monkeypatch, tmp_path, engine, grids=grids, head=first_head)
+    assert json.loads((tmp_path / "out" / "store" / "settings.json").read_text())["head_sha256"] == \
+        calibrate.file_sha256(first_head / "model.safetensors")
 
 
 def test_every_certificate_on_a_shared_store_is_listed_in_the_others_reports(monkeypatch, tmp_path, capsys):

@@ -543,17 +543,20 @@ def _scaling_head(path, weight: float, threshold: float, auroc: float, features:
     identity = TargetIdentity(name="t", architecture="LlamaForCausalLM", hidden_size=4, vocab_size=10,
                               num_hidden_layers=1)
     JudgeArtifact(JudgeArtifactConfig(target=identity, default_threshold=0.5, operating_points={
-        "accepts_10pct": OperatingPoint(threshold=threshold)}), torch.full((4,), weight), torch.zeros(1)).save(path)
+        "accepts_10pct": OperatingPoint(threshold=threshold, metrics={"mismatch_accept_share": 0.1})}),
+        torch.full((4,), weight), torch.zeros(1)).save(path)
     (path / "training_report.json").write_text(json.dumps({
         "training_mismatches": 100, "validation_mismatches": 40,
         "feature_sets": {features: {"validation_mismatch_roc_auc": auroc}}}))
 
 
-def test_the_scaling_heads_are_served_on_the_benchmarks_store_at_matched_acceptance(monkeypatch, tmp_path):
+def test_the_scaling_heads_are_served_on_the_benchmarks_store_at_one_validation_accept_share(monkeypatch, tmp_path):
     """benchmarks/chat_judge_scaling.py's serve stage: the best feature set's head at each size,
     at its accepts_10pct threshold, served on every benchmark prompt into a folder on the
     benchmark's store (lossless not served again, each head's judge points keyed apart), scored
-    by the embedding scorer; its report gives each head's acceptance and meaning-change rate."""
+    by the embedding scorer; its report gives each head's acceptance and meaning-change rate,
+    and the benchmark's own report leaves these heads' points out. Nothing is served before
+    lossless has every prompt."""
     from benchmarks import chat_judge_scaling
 
     tree, settings, served, fake_measure = _full_setup(monkeypatch, tmp_path)
@@ -567,6 +570,11 @@ def test_the_scaling_heads_are_served_on_the_benchmarks_store_at_matched_accepta
     monkeypatch.setattr(chat_meaning, "serve_in_full", lambda *a, **k: serve_in_full(
         *a, **k, measure=fake_measure, embedder_factory=FakeEmbedder))
     argv = ["--testbed", str(tmp_path), "--out", str(out), "--sizes", "10,20", "--stages", "serve,report"]
+    lossless_rows = (tree.store / "requests.jsonl").read_text()
+    (tree.store / "requests.jsonl").write_text("".join(  # lossless not yet served on p7
+        line + "\n" for line in lossless_rows.splitlines() if '"lossless", "id": "p7"' not in line))
+    assert chat_judge_scaling.main(argv) == 0 and served == [] and not (out / "scaling.json").read_text().count("key")
+    (tree.store / "requests.jsonl").write_text(lossless_rows)
     assert chat_judge_scaling.main(argv) == 0
     tags = {size: calibrate.file_sha256(out / "heads" / f"hidden-{size}" / "model.safetensors")[:12]
             for size in (10, 20)}
@@ -579,6 +587,7 @@ def test_the_scaling_heads_are_served_on_the_benchmarks_store_at_matched_accepta
     assert [(r["features"], r["size"], r["key"], r["n"]) for r in scaling["served"]] == [
         ("hidden", 10, keys[0], 10), ("hidden", 20, keys[1], 10)]
     assert all(r["measures"]["embedding"]["upper95"] is not None for r in scaling["served"])
-    assert "| hidden, at most 20 | 0.6 |" in (out / "scaling.md").read_text()
+    assert "| hidden, at most 20 | 0.6 | 10.0% |" in (out / "scaling.md").read_text()
+    assert not [r for r in chat_meaning_report.build(tree.out)["servers"][0]["points"] if "@" in r["key"]]
     served.clear()  # a rerun serves nothing
     assert chat_judge_scaling.main(argv) == 0 and served == []
