@@ -47,6 +47,7 @@ not mixed), plus a batch-1 timing on a couple of items.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -231,8 +232,13 @@ def main(argv=None) -> int:
     parser.add_argument("--judge-gsm8k", type=int, default=150, help="GSM8K training prompts the judge is labelled on")
     parser.add_argument("--judge-sharegpt", type=int, default=60, help="ShareGPT prompts the judge is labelled on")
     parser.add_argument("--quick", action="store_true", help="8 items, one server, lossless + one relaxed point")
+    parser.add_argument("--max-tokens", type=int,
+                        help="with --quick: cap every item's max_tokens (a shorter smoke run, as the tests make; "
+                        "give it a --results folder of its own, whose store then holds only capped answers)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from what exists")
     args = parser.parse_args(argv)
+    if args.max_tokens is not None and not args.quick:
+        parser.error("--max-tokens caps a --quick run only")
 
     if args.all_cores:
         give_the_worker_every_core()
@@ -248,6 +254,8 @@ def main(argv=None) -> int:
     store = RequestStore(args.results / f"{tag}_store")
     template = chat_tasks.ChatTemplate(args.testbed / "target")
     all_items = chat_tasks.eval_items(template)
+    if args.max_tokens is not None:
+        all_items = [dataclasses.replace(i, max_tokens=min(i.max_tokens, args.max_tokens)) for i in all_items]
     screen = chat_tasks.first_of_each(all_items, QUICK["items"] if args.quick else SCREEN_ITEMS)
     confirm = screen if args.quick else chat_tasks.first_of_each(all_items, CONFIRM_ITEMS)
     confirm = screen + [i for i in confirm if i not in screen]
@@ -338,7 +346,8 @@ def main(argv=None) -> int:
             "target": "Qwen2.5-Coder-1.5B-Instruct (float32)", "draft": "Qwen2.5-Coder-0.5B-Instruct (float32)",
             "head": str(head) if head else None, "ablation_heads": {m: str(h) for m, h in ablation.items()},
             "concurrency": args.concurrency, "batch1_items": args.batch1_items,
-            "quick": args.quick, "screen_items": len(screen), "confirm_items": len(confirm),
+            "quick": args.quick, "max_tokens_cap": args.max_tokens, "screen_items": len(screen),
+            "confirm_items": len(confirm),
             "command": "python benchmarks/chat_tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         },
     )

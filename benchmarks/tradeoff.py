@@ -28,6 +28,7 @@ last stopped, and --max-minutes ends a sitting between segments. Steps:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -138,7 +139,12 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-with", type=Path,
                         help="JSON report of an earlier sweep (another head): its matched-quality judge points "
                              "are listed beside this sweep's")
+    parser.add_argument("--max-tokens", type=int,
+                        help="with --quick: cap every item's max_tokens (a shorter smoke run, as the tests make; "
+                        "give it a --work folder of its own, whose store then holds only capped answers)")
     args = parser.parse_args(argv)
+    if args.max_tokens is not None and not args.quick:
+        parser.error("--max-tokens caps a --quick run only")
 
     tag = args.tag or ("tradeoff_quick" if args.quick else "tradeoff")
     previous = None
@@ -189,6 +195,8 @@ def main(argv=None) -> int:
     items = tasks.load_items("eval", families)
     if args.quick:
         items = tasks.first_per_family(items, 12)
+    if args.max_tokens is not None:
+        items = [dataclasses.replace(i, max_tokens=min(i.max_tokens, args.max_tokens)) for i in items]
     # The first continuation items lead, so every point's batch-1 timing is taken on them.
     b1_items = [i for i in items if i.family == "continuation"][: args.batch1_items]
     items = b1_items + [i for i in items if i not in b1_items]
@@ -256,6 +264,7 @@ def main(argv=None) -> int:
             "draft": f"its first {args.draft_layers} layers", "head": str(head),
             "head_features": list(JudgeArtifact.load(head).config.features),
             "concurrency": args.concurrency, "batch1_items": len(b1_items), "quick": args.quick,
+            "max_tokens_cap": args.max_tokens,
             "points_missing": len(keys) - len(points), "points_planned": len(keys),
             "command": "python benchmarks/tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         },

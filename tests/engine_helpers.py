@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import signal
 import subprocess
@@ -126,8 +125,10 @@ def run_engine(
             ranks,
         )
     finally:
+        # No gc.collect() here: vLLM's shutdown has just collected the whole heap (unfrozen),
+        # the engine's memory is back once `llm` goes, and the next engine's build collects
+        # again before it freezes the heap (conftest); a third full pass freed nothing.
         del llm
-        gc.collect()
 
 
 def run_engine_subprocess(spec: dict, env: dict | None = None, timeout: float = 300) -> EngineResult:
