@@ -9,7 +9,8 @@ inputs), the guard decides there whether it is sampled, before anything about it
 is known, and gives it its place in the sampling order. Once the user's response has run to
 its end, its shadow (the same prompt and parameters with `selfjudge_enabled=false`, at the
 lowest priority when vLLM schedules by priority) waits for one of max_in_flight slots, runs
-in the background and is compared on token ids (measure text) or answers (measure answer).
+in the background and is compared on token ids (measure text), answers (measure answer) or
+meaning (measure meaning: guard.MeaningComparer on the two texts, in a worker thread).
 The user's request never waits for its shadow. A sampled response that does not run to its
 end (the client closed the stream or disconnected, the engine aborted it, an error) is
 recorded as abandoned, so it is counted, not lost. Sampled (temperature > 0) requests are
@@ -236,11 +237,17 @@ async def _shadow(engine, original, guard: GuardState, seq, prompt, params, requ
             pattern = guard.answer_pattern
             meaning_changed = False
             if guard.meaning is not None and text_changed:
-                # tokens differ but no text to read (detokenize=False): counted changed
-                meaning_changed = (not twin.text and not text) or await asyncio.to_thread(
-                    guard.meaning.changed, twin.text, text)  # the embedding model off the event loop
-            outcome = Comparison(text_changed, text_changed and answer_of(twin.text, pattern) != answer_of(text, pattern),
-                                 meaning_changed)
+                try:  # the loop check and the embedding model in a worker thread, off the event loop
+                    meaning_changed = await asyncio.to_thread(guard.meaning.changed, twin.text, text)
+                except Exception:  # no comparison: the outcome stays FAILED
+                    meaning_changed = None
+                    if not guard.meaning_failure_logged:
+                        guard.meaning_failure_logged = True
+                        logger.exception("selfjudge guard: the meaning measure cannot compare; each comparison "
+                                         "fails from now on (counted unchanged: the fallback cannot fire)")
+            if meaning_changed is not None:
+                outcome = Comparison(text_changed, text_changed and answer_of(twin.text, pattern)
+                                     != answer_of(text, pattern), meaning_changed)
     except asyncio.CancelledError:  # the server is shutting down
         cancelled = True
         raise

