@@ -129,10 +129,15 @@ def served_heads(args) -> list[tuple[str, int]]:
     return [(best, size) for size in sorted({r["size"] for r in rows if r["features"] == best})]
 
 
+def serve_folder_name(features: str, size: int) -> str:
+    """The serve stage's folder for a head, in the chat benchmark's OUT/<server>."""
+    return f"scaling-{features}-{size}"
+
+
 def serve_folder(features: str, size: int) -> Path:
     from benchmarks import chat_meaning
 
-    return chat_meaning.linked_folder(SERVER, f"scaling-{features}-{size}")
+    return chat_meaning.linked_folder(SERVER, serve_folder_name(features, size))
 
 
 def served_threshold(head: Path, point: str) -> float:
@@ -176,22 +181,25 @@ def served_rows(args) -> list[dict]:
     from selfjudge_vllm.meaning import MeaningJudge, request_text
     from selfjudge_vllm.measurement import RequestStore, load_jsonl
 
+    root = chat_meaning.OUT / chat_meaning.server_name(SERVER)
+    heads = served_heads(args) if args.serve_heads or auroc_rows(args) else []
+    folders = {(f, size): root / serve_folder_name(f, size) for f, size in heads}
+    folders = {head: folder for head, folder in folders.items() if (folder / "settings.json").is_file()}
+    if not folders:
+        return []
+    # what every head's row reads alike: the benchmark's store, its split, prompts and scorers
+    store = RequestStore(root / "store")
+    calibration_ids, test_ids = chat_meaning_report.prompt_splits(
+        chat_meaning.OUT, store, chat_meaning_report.measurement_reports(root))
+    requests = {r["id"]: request_text(r) for r in load_jsonl(chat_meaning.OUT / "prompts.jsonl")}
+    judges = {label: MeaningJudge(s, store.folder / "scores.jsonl") for label, s in chat_meaning.scorer_settings().items()}
     rows = []
-    for features, size in served_heads(args) if args.serve_heads or auroc_rows(args) else []:
-        folder = chat_meaning.OUT / chat_meaning.server_name(SERVER) / f"scaling-{features}-{size}"
-        if not (folder / "settings.json").is_file():
-            continue
-        store = RequestStore(folder / "store")
-        root = store.folder.resolve().parent
-        calibration_ids, test_ids = chat_meaning_report.prompt_splits(
-            chat_meaning.OUT, store, chat_meaning_report.measurement_reports(root))
-        requests = {r["id"]: request_text(r) for r in load_jsonl(chat_meaning.OUT / "prompts.jsonl")}
-        judges = {label: MeaningJudge(s, store.folder / "scores.jsonl")
-                  for label, s in chat_meaning.scorer_settings().items()}
-        key = served_key(head_folder(args, features, size), args.serve_point, folder)
+    for (features, size), folder in folders.items():
+        head = head_folder(args, features, size)
+        key = served_key(head, args.serve_point, folder)
         row = chat_meaning_report.point_row(store, key, calibration_ids + test_ids, requests, judges, {}, {})
         if row["complete"] and row["acceptance_vs_lossless"] is not None:  # counters cover every prompt too
-            point = JudgeArtifact.load(head_folder(args, features, size)).config.operating_points[args.serve_point]
+            point = JudgeArtifact.load(head).config.operating_points[args.serve_point]
             rows.append({"features": features, "size": size, "point": args.serve_point,
                          "validation_accept_share": point.metrics.get("mismatch_accept_share"), **row})
     return rows
