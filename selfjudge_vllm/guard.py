@@ -189,7 +189,8 @@ class MeaningComparer:
     """The guard's meaning measure, decided as calibrate's meaning_changes decides with the
     embedding scorer: identical texts unchanged, else a new repetition loop in the relaxed
     response, else the embedding scorer's cosine below the threshold. The server loads the
-    model at start-up (load()); a model that fails to load then, or later, fails each
+    model at start-up (load(); the process's one model, which the comparisons then use); a
+    model that fails to load then, or later, fails each
     comparison at once (counted failed, logged once by the caller), not a load per shadow."""
 
     def __init__(self, threshold: float, embedder_factory=None):
@@ -202,10 +203,10 @@ class MeaningComparer:
             if self.load_error is not None:
                 raise self.load_error
             if self.embedder is None:
-                from selfjudge_vllm.meaning import SentenceEmbedder
+                from selfjudge_vllm.meaning import shared_sentence_embedder
 
                 try:
-                    self.embedder = (self.embedder_factory or SentenceEmbedder)()
+                    self.embedder = (self.embedder_factory or shared_sentence_embedder)()
                 except Exception as exc:
                     self.load_error = exc
                     raise

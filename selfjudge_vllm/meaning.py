@@ -41,6 +41,7 @@ a score is needed. No vLLM import: the LLM judge is a `vllm serve` talked to ove
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -340,6 +341,13 @@ class SentenceEmbedder:
     def cosine(self, texts: list[str], references: list[str]) -> list[float]:
         a, b = self.embed(texts), self.embed(references)
         return (a * b).sum(-1).clamp(-1, 1).tolist()
+
+
+@functools.lru_cache(maxsize=1)
+def shared_sentence_embedder() -> SentenceEmbedder:
+    """One embedding model per process: the guard's start-up check loads the one its
+    comparisons then use."""
+    return SentenceEmbedder()
 
 
 class LLMJudgeClient:
