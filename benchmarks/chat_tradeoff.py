@@ -47,7 +47,6 @@ not mixed), plus a batch-1 timing on a couple of items.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -61,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
-from benchmarks import chat_tasks  # noqa: E402
+from benchmarks import chat_tasks, runner  # noqa: E402
 from benchmarks.chat_tradeoff_report import (  # noqa: E402
     BUDGETS,
     METHOD_FAMILIES,
@@ -232,13 +231,10 @@ def main(argv=None) -> int:
     parser.add_argument("--judge-gsm8k", type=int, default=150, help="GSM8K training prompts the judge is labelled on")
     parser.add_argument("--judge-sharegpt", type=int, default=60, help="ShareGPT prompts the judge is labelled on")
     parser.add_argument("--quick", action="store_true", help="8 items, one server, lossless + one relaxed point")
-    parser.add_argument("--max-tokens", type=int,
-                        help="with --quick: cap every item's max_tokens (a shorter smoke run, as the tests make; "
-                        "give it a --results folder of its own, whose store then holds only capped answers)")
+    runner.add_quick_max_tokens(parser, "--results")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from what exists")
     args = parser.parse_args(argv)
-    if args.max_tokens is not None and not args.quick:
-        parser.error("--max-tokens caps a --quick run only")
+    runner.check_quick_max_tokens(parser, args)
 
     if args.all_cores:
         give_the_worker_every_core()
@@ -254,8 +250,7 @@ def main(argv=None) -> int:
     store = RequestStore(args.results / f"{tag}_store")
     template = chat_tasks.ChatTemplate(args.testbed / "target")
     all_items = chat_tasks.eval_items(template)
-    if args.max_tokens is not None:
-        all_items = [dataclasses.replace(i, max_tokens=min(i.max_tokens, args.max_tokens)) for i in all_items]
+    all_items = runner.cap_max_tokens(all_items, args.max_tokens)
     screen = chat_tasks.first_of_each(all_items, QUICK["items"] if args.quick else SCREEN_ITEMS)
     confirm = screen if args.quick else chat_tasks.first_of_each(all_items, CONFIRM_ITEMS)
     confirm = screen + [i for i in confirm if i not in screen]

@@ -12,6 +12,7 @@ completes, and starts no new work after --max-minutes: rerunning the same comman
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -159,6 +160,25 @@ def check_heads_unchanged(store_folder: Path, heads: dict[str, Path | None], scr
         sys.exit(f"{script}: the {', '.join(changed)} head differs from the one {store_folder} was measured "
                  "with; use another --results folder or the original head")
     record.write_text(json.dumps({**before, **now}, indent=1))
+
+
+def add_quick_max_tokens(parser, folder_flag: str) -> None:
+    """`--max-tokens`: a --quick run's cap on every item's max_tokens (the tests' shorter smoke run)."""
+    parser.add_argument("--max-tokens", type=int,
+                        help="with --quick: cap every item's max_tokens (a shorter smoke run, as the tests make; "
+                        f"give it a {folder_flag} folder of its own, whose store then holds only capped answers)")
+
+
+def check_quick_max_tokens(parser, args) -> None:
+    if args.max_tokens is not None and not args.quick:
+        parser.error("--max-tokens caps a --quick run only")
+
+
+def cap_max_tokens(items: list, cap: int | None) -> list:
+    """Items (dataclasses with max_tokens) with max_tokens at most `cap` (None: unchanged)."""
+    if cap is None:
+        return items
+    return [dataclasses.replace(i, max_tokens=min(i.max_tokens, cap)) for i in items]
 
 
 def package_version(dist: str) -> str | None:

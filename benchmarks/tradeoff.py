@@ -28,7 +28,6 @@ last stopped, and --max-minutes ends a sitting between segments. Steps:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -139,12 +138,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-with", type=Path,
                         help="JSON report of an earlier sweep (another head): its matched-quality judge points "
                              "are listed beside this sweep's")
-    parser.add_argument("--max-tokens", type=int,
-                        help="with --quick: cap every item's max_tokens (a shorter smoke run, as the tests make; "
-                        "give it a --work folder of its own, whose store then holds only capped answers)")
+    runner.add_quick_max_tokens(parser, "--work")
     args = parser.parse_args(argv)
-    if args.max_tokens is not None and not args.quick:
-        parser.error("--max-tokens caps a --quick run only")
+    runner.check_quick_max_tokens(parser, args)
 
     tag = args.tag or ("tradeoff_quick" if args.quick else "tradeoff")
     previous = None
@@ -195,8 +191,7 @@ def main(argv=None) -> int:
     items = tasks.load_items("eval", families)
     if args.quick:
         items = tasks.first_per_family(items, 12)
-    if args.max_tokens is not None:
-        items = [dataclasses.replace(i, max_tokens=min(i.max_tokens, args.max_tokens)) for i in items]
+    items = runner.cap_max_tokens(items, args.max_tokens)
     # The first continuation items lead, so every point's batch-1 timing is taken on them.
     b1_items = [i for i in items if i.family == "continuation"][: args.batch1_items]
     items = b1_items + [i for i in items if i not in b1_items]
