@@ -22,7 +22,9 @@ logits and on both, at several training-set sizes.
               server, into a folder on the benchmark's store (RESULTS/chat_meaning/ngram-k8/
               scaling-FEATURES-SIZE: lossless is not served again, calibrate keys each head's
               judge points apart), then scored by the embedding scorer; resumable
-    report    held-out ROC-AUC per feature set and size, and each served head's acceptance against
+    report    held-out ROC-AUC per feature set and size (the validation prompts choose nothing; an
+              approximate 95% interval by a bootstrap over validation prompts, and the paired gap
+              to the best feature set at each size), and each served head's acceptance against
               lossless, meaning changes (embedding, with a 95% bound), text changes and new loops
               (RESULTS/chat_judge_scaling/scaling.{json,md,png})
 
@@ -112,8 +114,95 @@ def auroc_rows(args) -> list[dict]:
             r = json.loads(path.read_text())
             rows.append({"size": size, "features": features, "training_mismatches": r["training_mismatches"],
                          "validation_mismatches": r["validation_mismatches"],
+                         "validation_prompts": r["validation_prompts"],
                          "validation_mismatch_roc_auc": r["feature_sets"][features]["validation_mismatch_roc_auc"]})
     return rows
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def validation_logits(args, rows: list[dict]) -> tuple:
+    """The validation mismatches every head was compared on (labels at TAU, each row's prompt)
+    and each head's logit there, recomputed from its artifact. Refuses where a head was compared
+    on other rows than the run's shards (with features, if a head reads them) give, or where the recomputed ROC-AUC is not
+    its report's (the committed float16 features may differ from the float32 ones trained on
+    by rounding only)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from selfjudge_vllm.artifact import JudgeArtifact
+    from selfjudge_vllm.offline.train import (
+        TrainSettings,
+        evidence_matrix,
+        label_scores,
+        load_training_data,
+        split_by_prompt,
+    )
+
+    with_hidden = any(r["features"] != "logits" for r in rows)  # a logits head needs no features stage
+    data = load_training_data([args.run], with_hidden=with_hidden, allow_partial=args.allow_partial_run)
+    settings = TrainSettings(tau=TAU, suffix_length=20)
+    labels = (label_scores(data.records, settings) <= TAU).astype(int)
+    ids = np.array([r["id"] for r in data.records])
+    evidence = evidence_matrix(data.records)
+    rows_kept = split_by_prompt(list(ids), settings.validation_share, settings.seed) & np.isfinite(evidence).all(1)
+    substituted = data.substituted[torch.from_numpy(np.flatnonzero(rows_kept))].double().numpy() if with_hidden \
+        else None
+    logits = {}
+    for r in rows:
+        report = json.loads((head_folder(args, r["features"], r["size"]) / "training_report.json").read_text())
+        if report["validation_mismatches"] != int(rows_kept.sum()):
+            sys.exit(f"chat_judge_scaling: head {r['features']}-{r['size']} was compared on "
+                     f"{report['validation_mismatches']} validation mismatches, the run's shards with features give "
+                     f"{int(rows_kept.sum())}: train every head on the same shards")
+        artifact = JudgeArtifact.load(head_folder(args, r["features"], r["size"]))
+        logit = np.full(int(rows_kept.sum()), float(artifact.bias))
+        if artifact.weight is not None:
+            logit += substituted @ artifact.weight.double().numpy()
+        if artifact.scalar_weight is not None:
+            logit += evidence[rows_kept] @ artifact.scalar_weight.double().numpy()
+        recomputed = roc_auc_score(labels[rows_kept], logit)
+        if abs(recomputed - r["validation_mismatch_roc_auc"]) > 0.005:
+            sys.exit(f"chat_judge_scaling: head {r['features']}-{r['size']}: ROC-AUC {recomputed:.4f} recomputed "
+                     f"from its artifact, {r['validation_mismatch_roc_auc']:.4f} in its report")
+        logits[r["features"], r["size"]] = logit
+    return labels[rows_kept], ids[rows_kept], logits
+
+
+def add_auroc_intervals(args, rows: list[dict]) -> None:
+    """Adds to each row a 95% interval of its held-out ROC-AUC and, at each size, of its
+    difference from the best feature set there (paired: the same validation mismatches),
+    both by a percentile bootstrap over validation prompts (mismatches of one prompt are not
+    independent, so whole prompts are resampled)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+    from sklearn.metrics import roc_auc_score
+
+    labels, prompt_of, logits = validation_logits(args, rows)
+    prompts = sorted(set(prompt_of))
+    rows_of = [np.flatnonzero(prompt_of == p) for p in prompts]
+
+    def interval(logit, baseline=None) -> list[float]:
+        """ROC-AUC of `logit`, or (with `baseline`) the baseline's ROC-AUC minus logit's."""
+        def on_prompts(sample):
+            picked = np.concatenate([rows_of[int(k)] for k in sample])
+            if len(set(labels[picked])) < 2:
+                return np.nan
+            auc = roc_auc_score(labels[picked], logit[picked])
+            return auc if baseline is None else roc_auc_score(labels[picked], baseline[picked]) - auc
+        result = bootstrap((np.arange(len(prompts)),), on_prompts, vectorized=False, method="percentile",
+                           n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=0.95, random_state=0)
+        return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+    for r in rows:
+        mine = logits[r["features"], r["size"]]
+        r["roc_auc_95"] = interval(mine)
+        best = max((o for o in rows if o["size"] == r["size"]), key=lambda o: o["validation_mismatch_roc_auc"])
+        r["best_at_size"] = best["features"]
+        if best is not r:
+            r["gap_to_best_95"] = interval(mine, baseline=logits[best["features"], best["size"]])
 
 
 def served_heads(args) -> list[tuple[str, int]]:
@@ -207,15 +296,29 @@ def served_rows(args) -> list[dict]:
 
 def report(args) -> None:
     rows = auroc_rows(args)
+    if rows:
+        add_auroc_intervals(args, rows)
     served = served_rows(args)
     (args.out / "scaling.json").write_text(json.dumps({"run": str(args.run), "tau": TAU, "rows": rows,
                                                        "served": served}, indent=1) + "\n")
     lines = ["# SelfJudge heads by training-set size (held-out ROC-AUC on validation mismatches)", "",
-             f"Label run `{args.run}`, tau {TAU} (N=20); the validation prompts are the same at every size.", "",
-             "| training mismatches (limit) | used | features | validation mismatches | ROC-AUC |",
-             "|---:|---:|---|---:|---:|"]
-    lines += [f"| {r['size']} | {r['training_mismatches']} | {r['features']} | {r['validation_mismatches']} "
-              f"| {r['validation_mismatch_roc_auc']:.3f} |" for r in rows]
+             f"Label run `{args.run}`, tau {TAU} (N=20); the validation prompts are the same at every size and "
+             "choose nothing (each head's C is chosen on a share of its training prompts). Intervals: approximate 95%, "
+             f"percentile bootstrap over the validation prompts ({BOOTSTRAP_RESAMPLES} resamples; a prompt's "
+             "mismatches are not independent); the gap is the best feature set's ROC-AUC at that size minus this "
+             "one's, on the same mismatches.", "",
+             "| training mismatches (limit) | used | features | validation mismatches (prompts) | ROC-AUC (95%) "
+             "| gap to the best at this size (95%) |",
+             "|---:|---:|---|---:|---:|---:|"]
+
+    def span(pair) -> str:
+        return f"{pair[0]:.3f} to {pair[1]:.3f}"
+
+    for r in rows:
+        gap = f"{span(r['gap_to_best_95'])}" if "gap_to_best_95" in r else "(the best)"
+        lines.append(f"| {r['size']} | {r['training_mismatches']} | {r['features']} | {r['validation_mismatches']} "
+                     f"({r['validation_prompts']}) | {r['validation_mismatch_roc_auc']:.3f} ({span(r['roc_auc_95'])}) "
+                     f"| {gap} |")
     if served:
         lines += ["", f"Served on the chat benchmark's {served[0]['n']} prompts (ngram k=8), each head at "
                   f"`{args.serve_point}` (the same validation mismatches, the share of them it accepts matched; its "
@@ -263,7 +366,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "chat_judge_scaling")
     parser.add_argument("--run", type=Path, help="the label run (default OUT/label-run)")
     parser.add_argument("--stages", default="prompts,label,train,report")
-    parser.add_argument("--prompts", type=int, default=400, help="label prompts (default 400: 21,374 mismatches on the Qwen testbed, about 53 per response)")
+    parser.add_argument("--prompts", type=int, default=400,
+                        help="label prompts (default 400: 21,374 mismatches on the Qwen testbed, 53 per response)")
     parser.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1000, 2500, 5000])
     parser.add_argument("--features", type=lambda t: t.split(","), default=list(FEATURE_SETS))
     parser.add_argument("--allow-partial-run", action="store_true", help="train on a label run's complete shards")

@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="label the scored mismatches and train the judge head",
         description="Turns scores into labels with a threshold tau, trains a standardised "
-        "logistic regression (C chosen by validation ROC-AUC, split by prompt) and writes "
+        "logistic regression on the training prompts (C chosen on a share of them held out; "
+        "the validation prompts, split by prompt, only measure) and writes "
         "the judge artifact with its operating points.",
     )
     train.add_argument("--run", required=True, action="append",

@@ -10,8 +10,10 @@ answer outcomes (`--tau-from-answers`, needs `selfjudge label --answer-pattern`)
 whose labels (reject = score > tau) best agree, by balanced accuracy, with "the final
 answer changed after substituting the draft token and letting the target finish".
 
-Training: StandardScaler + LogisticRegression, C chosen by ROC-AUC on a validation split by
-prompt (never by row); the scaler is folded into the exported weights.
+Training: StandardScaler + LogisticRegression on the training prompts; the validation prompts
+(a split by prompt, never by row) choose nothing, so their ROC-AUC is held out. C is chosen by
+ROC-AUC on mismatch rows of a share of the training prompts held out from a first fit, then the
+head is refitted on every training prompt. The scaler is folded into the exported weights.
 
 Feature sets (`--features`, selfjudge_vllm/features.py): `hidden` is the paper's head above
 (the ablation); `logits` is a logistic regression on the logit features of each mismatch
@@ -19,10 +21,11 @@ Feature sets (`--features`, selfjudge_vllm/features.py): `hidden` is the paper's
 them); `both` stacks the two: an out-of-fold hidden-state score (the hidden head refitted on
 the other folds' prompts) and the logit features go into a small second logistic regression,
 so L2 does not drown three scalars among thousands of hidden dimensions; the stack folds
-into one dot product plus three scalar products. Those two are fitted, and their C chosen,
-on mismatch rows only (the rows the head decides online). `auto` (default) fits every set
-the run supports, reports them side by side and serves the best by validation mismatch
-ROC-AUC.
+into one dot product plus three scalar products. Those two are fitted on mismatch rows only
+(the rows the head decides online). `auto` (default) fits every set the run supports, reports
+them side by side and serves the best by validation mismatch ROC-AUC (that choice is made on
+the validation prompts: the chosen set's ROC-AUC there is then not held out; `--features`
+names one set and keeps it so).
 
 Operating points and the "mismatch" metrics are computed on the validation *mismatch* rows
 only: online the head decides nothing else (a draft equal to the target's choice is accepted
@@ -47,6 +50,9 @@ from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
 from selfjudge_vllm.offline.store import PRECISION, RunDir, feature_stage, load_run, provenance, usable_shards
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+DEFAULT_C = 1.0  # scikit-learn's, where too few training prompts leave none to choose C on
+# The share of the training prompts held out from a first fit to choose C on.
+C_SELECTION_SHARE = 0.25
 STACK_FOLDS = 5
 FEATURE_CHOICES = ("auto", *FEATURE_SETS)
 
@@ -283,27 +289,36 @@ def _logistic(xs: np.ndarray, y: np.ndarray, c: float, seed: int):
     return LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(xs, y)
 
 
-def _fit_over_c_grid(x_fit, y_fit, x_eval, y_eval, seed: int):
-    """Standardised logistic regression with C chosen by validation ROC-AUC over C_GRID (the
-    one fitting loop every head uses): (best C, its AUC, scaler, model, {C: (AUC, model)},
-    standardised validation rows)."""
+def _fit_choosing_c_on_training_prompts(x, y, ids, fit_rows, score_rows, seed: int):
+    """Standardised logistic regression on `fit_rows` (the one fitting loop every head uses).
+    C is the one of C_GRID with the best ROC-AUC on a share of the training prompts
+    (C_SELECTION_SHARE, whole prompts) held out from a first fit, on their rows among
+    `score_rows`; then the head is refitted on every row of `fit_rows` at that C. Rows outside
+    `fit_rows` (the validation prompts) choose nothing. Returns (C, scaler, model,
+    {C: selection ROC-AUC}); C is DEFAULT_C, and the dict empty, where the held-out share
+    lacks a label."""
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(x_fit)
-    xs_fit, xs_eval = scaler.transform(x_fit), scaler.transform(x_eval)
+    fit_index = np.flatnonzero(fit_rows)
+    held_out = np.zeros(len(y), dtype=bool)
+    held_out[fit_index] = split_by_prompt([ids[k] for k in fit_index], C_SELECTION_SHARE, seed)
+    first_fit, select = fit_rows & ~held_out, held_out & score_rows
     by_c = {}
-    for c in C_GRID:
-        model = _logistic(xs_fit, y_fit, c, seed)
-        by_c[c] = (roc_auc_score(y_eval, model.decision_function(xs_eval)), model)
-    best = max(by_c, key=lambda c: by_c[c][0])
-    return best, by_c[best][0], scaler, by_c[best][1], by_c, xs_eval
+    if len(set(y[first_fit])) == 2 and len(set(y[select])) == 2:
+        scaler = StandardScaler().fit(x[first_fit])
+        xs_fit, xs_select = scaler.transform(x[first_fit]), scaler.transform(x[select])
+        for c in C_GRID:
+            model = _logistic(xs_fit, y[first_fit], c, seed)
+            by_c[c] = float(roc_auc_score(y[select], model.decision_function(xs_select)))
+    best = max(by_c, key=by_c.get) if by_c else DEFAULT_C
+    scaler = StandardScaler().fit(x[fit_rows])
+    return best, scaler, _logistic(scaler.transform(x[fit_rows]), y[fit_rows], best, seed), by_c
 
 
-def _fit_scalar_head(features: np.ndarray, labels: np.ndarray, fit_rows, eval_rows, seed: int, names) -> _Head:
-    """Standardised logistic regression on a few scalar columns, C by validation ROC-AUC."""
-    best, _, scaler, model, _, _ = _fit_over_c_grid(features[fit_rows], labels[fit_rows], features[eval_rows],
-                                                    labels[eval_rows], seed)
+def _fit_scalar_head(features: np.ndarray, labels: np.ndarray, ids, fit_rows, seed: int, names) -> _Head:
+    """Standardised logistic regression on a few scalar columns of the mismatch rows."""
+    best, scaler, model, _ = _fit_choosing_c_on_training_prompts(features, labels, ids, fit_rows, fit_rows, seed)
     scalar, bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
     return _Head(tuple(names), None, scalar, bias, best)
 
@@ -460,7 +475,10 @@ class FittedHeads:
 
 def fit_heads(data: TrainingData, sub_label: np.ndarray, is_val: np.ndarray, settings: TrainSettings,
               with_hidden: bool) -> FittedHeads:
-    """The hidden-state head (paper's rows), the logit-feature head and their stack."""
+    """The hidden-state head (paper's rows), the logit-feature head and their stack, each fitted
+    and its C chosen on the training prompts alone."""
+    from sklearn.metrics import roc_auc_score
+
     records = data.records
     ids = [r["id"] for r in records]
     heads, fitted = {}, FittedHeads({}, np.zeros((len(records), 0)), None, np.zeros(0, dtype=bool))
@@ -470,7 +488,11 @@ def fit_heads(data: TrainingData, sub_label: np.ndarray, is_val: np.ndarray, set
         val = np.concatenate([is_val, is_val])
         if len(set(y[~val])) < 2 or len(set(y[val])) < 2:
             raise InputError("both labels must occur in the training and the validation split; adjust tau")
-        best_c, auc, scaler, model, by_c, xs_val = _fit_over_c_grid(x[~val], y[~val], x[val], y[val], settings.seed)
+        substituted_rows = np.arange(len(y)) < len(records)  # the mismatch rows, which C is chosen on
+        best_c, scaler, model, by_c = _fit_choosing_c_on_training_prompts(x, y, ids * 2, ~val, substituted_rows,
+                                                                          settings.seed)
+        xs_val = scaler.transform(x[val])
+        auc = roc_auc_score(y[val], model.decision_function(xs_val))
         hidden_weight, hidden_bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_,
                                                           scaler.scale_)
         fitted.x_sub = x[: len(records)]
@@ -487,13 +509,13 @@ def fit_heads(data: TrainingData, sub_label: np.ndarray, is_val: np.ndarray, set
     fit_rows, eval_rows = ~is_val & complete, is_val & complete
     if evidence is not None and settings.features != "hidden" and len(set(sub_label[fit_rows])) == 2 \
             and len(set(sub_label[eval_rows])) == 2:
-        heads["logits"] = _fit_scalar_head(evidence, sub_label, fit_rows, eval_rows, settings.seed, LOGIT_FEATURES)
+        heads["logits"] = _fit_scalar_head(evidence, sub_label, ids, fit_rows, settings.seed, LOGIT_FEATURES)
     if "hidden" in heads and "logits" in heads:
         stacked = np.column_stack([
             _out_of_fold_hidden_logits(x, y, ids, is_val, fitted.best_c, settings.seed,
                                        fitted.x_sub @ hidden_weight + hidden_bias),
             evidence])
-        stack = _fit_scalar_head(stacked, sub_label, fit_rows, eval_rows, settings.seed,
+        stack = _fit_scalar_head(stacked, sub_label, ids, fit_rows, settings.seed,
                                  ("stacked_hidden",) + LOGIT_FEATURES)
         heads["both"] = _Head((HIDDEN,) + LOGIT_FEATURES, stack.scalar[0] * hidden_weight, stack.scalar[1:],
                               stack.bias + stack.scalar[0] * hidden_bias, stack.C)
@@ -641,7 +663,9 @@ def train(run_dirs: str | Path | list[str | Path], out_dir: str | Path, settings
         # The hidden-state head (the paper's), on all validation rows.
         "C": fitted.best_c,
         "validation_roc_auc": None if fitted.auc is None else float(fitted.auc),
-        "roc_auc_by_C": {str(c): float(v[0]) for c, v in (fitted.by_c or {}).items()},
+        # C_GRID's ROC-AUC on the mismatch rows of the training prompts held out to choose C.
+        "C_selection_roc_auc": {str(c): auc for c, auc in (fitted.by_c or {}).items()},
+        "C_selection_share": C_SELECTION_SHARE,
         "validation_mismatches": int(fitted.eval_rows.sum()),
         "validation_mismatch_accept_label_share": float(mismatch_labels.mean()),
         "validation_mismatch_roc_auc": comparison[chosen]["validation_mismatch_roc_auc"],
