@@ -7,6 +7,7 @@ Blocks, each between `<!-- NAME:begin ... -->` and `<!-- NAME:end -->`:
 - docs/benchmarks.md `chat_tradeoff` and `tradeoff`: copies of the two benchmark reports;
 - docs/benchmarks.md `meaning_validation`: a copy of the meaning scorers' validation report;
 - docs/benchmarks.md `chat_meaning`: a copy of the chat benchmark's report;
+- docs/benchmarks.md `chat_judge_scaling`: a copy of the paper's judge's scaling report;
 - README.md `results`: the results table, rendered from benchmarks/results/chat_tradeoff.json;
 - README.md `chat_results`: the chat table, rendered from benchmarks/results/chat_meaning/report.json.
 A benchmark whose results file does not exist yet gets a block that says so (rendered from
@@ -169,6 +170,17 @@ def chat_meaning_blocks(results: Path) -> dict[tuple[Path, str], str]:
             (ROOT / "README.md", "chat_results"): readme_chat_results(report)}
 
 
+SCALING_NOT_RUN = ("The scaling benchmark has not trained its heads yet (no "
+                   "`benchmarks/results/chat_judge_scaling/scaling.md`): `python benchmarks/chat_judge_scaling.py "
+                   "--testbed testbed-qwen` runs it.\n")
+
+
+def scaling_block(results: Path) -> dict[tuple[Path, str], str]:
+    path = results / "chat_judge_scaling" / "scaling.md"
+    return {(ROOT / "docs" / "benchmarks.md", "chat_judge_scaling"):
+            path.read_text() if path.is_file() else SCALING_NOT_RUN}
+
+
 def blocks() -> dict[tuple[Path, str], str]:
     """(file, block name) -> what the block must hold."""
     report = json.loads((RESULTS / "chat_tradeoff.json").read_text())
@@ -177,7 +189,7 @@ def blocks() -> dict[tuple[Path, str], str]:
             (ROOT / "docs" / "benchmarks.md", "meaning_validation"):
                 (RESULTS / "meaning_validation" / "report.md").read_text(),
             (ROOT / "README.md", "results"): readme_results(report),
-            **chat_meaning_blocks(RESULTS)}
+            **chat_meaning_blocks(RESULTS), **scaling_block(RESULTS)}
 
 
 def _pattern(name: str) -> re.Pattern:
