@@ -184,8 +184,9 @@ def add_auroc_intervals(args, rows: list[dict]) -> None:
     prompts = sorted(set(prompt_of))
     rows_of = [np.flatnonzero(prompt_of == p) for p in prompts]
 
-    def interval(logit, baseline=None) -> list[float]:
-        """ROC-AUC of `logit`, or (with `baseline`) the baseline's ROC-AUC minus logit's."""
+    def interval(logit, baseline=None) -> list[float] | None:
+        """ROC-AUC of `logit`, or (with `baseline`) the baseline's ROC-AUC minus logit's; None
+        where a resample drew only prompts of one label (too few validation prompts)."""
         def on_prompts(sample):
             picked = np.concatenate([rows_of[int(k)] for k in sample])
             if len(set(labels[picked])) < 2:
@@ -194,7 +195,8 @@ def add_auroc_intervals(args, rows: list[dict]) -> None:
             return auc if baseline is None else roc_auc_score(labels[picked], baseline[picked]) - auc
         result = bootstrap((np.arange(len(prompts)),), on_prompts, vectorized=False, method="percentile",
                            n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=0.95, random_state=0)
-        return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        return [low, high] if np.isfinite([low, high]).all() else None
 
     for r in rows:
         mine = logits[r["features"], r["size"]]
@@ -306,13 +308,14 @@ def report(args) -> None:
              "choose nothing (each head's C is chosen on a share of its training prompts). Intervals: approximate 95%, "
              f"percentile bootstrap over the validation prompts ({BOOTSTRAP_RESAMPLES} resamples; a prompt's "
              "mismatches are not independent); the gap is the best feature set's ROC-AUC at that size minus this "
-             "one's, on the same mismatches.", "",
+             "one's, on the same mismatches (paired; the best is picked on these same mismatches, so the gap "
+             "leans in its favour).", "",
              "| training mismatches (limit) | used | features | validation mismatches (prompts) | ROC-AUC (95%) "
              "| gap to the best at this size (95%) |",
              "|---:|---:|---|---:|---:|---:|"]
 
     def span(pair) -> str:
-        return f"{pair[0]:.3f} to {pair[1]:.3f}"
+        return "n/a (too few validation prompts)" if pair is None else f"{pair[0]:.3f} to {pair[1]:.3f}"
 
     for r in rows:
         gap = f"{span(r['gap_to_best_95'])}" if "gap_to_best_95" in r else "(the best)"

@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="label the scored mismatches and train the judge head",
         description="Turns scores into labels with a threshold tau, trains a standardised "
         "logistic regression on the training prompts (C chosen on a share of them held out; "
-        "the validation prompts, split by prompt, only measure) and writes "
+        "the validation prompts, split by prompt, measure it and set its operating points) and writes "
         "the judge artifact with its operating points.",
     )
     train.add_argument("--run", required=True, action="append",

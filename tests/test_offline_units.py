@@ -290,14 +290,16 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
 @pytest.mark.parametrize("features", ["hidden", "logits", "both"])
 def test_the_validation_prompts_choose_nothing_so_their_roc_auc_is_held_out(tmp_path, monkeypatch, features):
     """Each head's C and weights come from the training prompts alone: with every validation
-    prompt's labels reversed and its hidden states replaced by noise, each feature set trains
-    the same head (the validation ROC-AUC drops), and C was chosen among every C_GRID value."""
+    prompt's labels reversed and its hidden states and logit features replaced by noise, each
+    feature set trains the same head (the validation ROC-AUC drops), and its C was chosen among
+    every C_GRID value."""
     from selfjudge_vllm.artifact import JudgeArtifact
     from selfjudge_vllm.offline import train as train_module
 
     rng = np.random.default_rng(2)
     n, hidden = 800, 6
     logratio = -rng.exponential(2.0, n)
+    confidence = -rng.exponential(0.5, (n, 2))  # noise beside the informative ratio: C matters
     scores = -0.4 * logratio + rng.normal(0, 0.7, n)
     ids = [f"p{i % 80}" for i in range(n)]
     substituted = torch.from_numpy(rng.normal(size=(n, hidden)))
@@ -305,10 +307,11 @@ def test_the_validation_prompts_choose_nothing_so_their_roc_auc_is_held_out(tmp_
     original = torch.from_numpy(rng.normal(size=(n, hidden)))
     is_val = split_by_prompt(ids, 0.2, 0)
 
-    def train_on(name: str, scores, substituted) -> tuple[dict, JudgeArtifact]:
+    def train_on(name: str, scores, substituted, logratio, confidence) -> tuple[dict, JudgeArtifact]:
         records = [{"id": i, "m": k, "scores": {"max": {"5": float(s)}},
-                    "evidence": {"draft_logratio": float(r), "verify_confidence": -0.1, "next_confidence": -0.2}}
-                   for k, (i, s, r) in enumerate(zip(ids, scores, logratio))]
+                    "evidence": {"draft_logratio": float(r), "verify_confidence": float(c[0]),
+                                 "next_confidence": float(c[1])}}
+                   for k, (i, s, r, c) in enumerate(zip(ids, scores, logratio, confidence))]
         monkeypatch.setattr(train_module, "load_run", lambda run_dir, with_hidden=True, **_: (
             records, substituted if with_hidden else None, original if with_hidden else None))
         (tmp_path / "target.json").write_text(json.dumps(
@@ -317,10 +320,12 @@ def test_the_validation_prompts_choose_nothing_so_their_roc_auc_is_held_out(tmp_
                                     train_module.TrainSettings(suffix_length=5, tau=1.0, features=features))
         return report, JudgeArtifact.load(tmp_path / name)
 
-    report, artifact = train_on("head", scores, substituted)
+    report, artifact = train_on("head", scores, substituted, logratio, confidence)
     flipped_scores = np.where(is_val, np.where(scores <= 1.0, 2.0, 0.0), scores)
     noisy = torch.where(torch.from_numpy(is_val)[:, None], torch.from_numpy(rng.normal(size=(n, hidden))), substituted)
-    flipped_report, flipped_artifact = train_on("flipped", flipped_scores, noisy)
+    flipped_report, flipped_artifact = train_on("flipped", flipped_scores, noisy,
+                                                np.where(is_val, -rng.exponential(2.0, n), logratio),
+                                                np.where(is_val[:, None], -rng.exponential(0.5, (n, 2)), confidence))
 
     assert report["feature_sets"][features]["C"] == flipped_report["feature_sets"][features]["C"]
     for field in ("weight", "scalar_weight"):
@@ -329,8 +334,7 @@ def test_the_validation_prompts_choose_nothing_so_their_roc_auc_is_held_out(tmp_
     assert float(artifact.bias) == float(flipped_artifact.bias)
     auc = report["validation_mismatch_roc_auc"]
     assert auc > 0.6 and flipped_report["validation_mismatch_roc_auc"] < auc - 0.15  # reversed (or noise)
-    if features == "hidden":
-        assert set(report["C_selection_roc_auc"]) == {str(c) for c in train_module.C_GRID}
+    assert set(report["feature_sets"][features]["C_selection_roc_auc"]) == {str(c) for c in train_module.C_GRID}
 
 
 def test_logits_only_head_trains_without_the_features_stage(tmp_path):

@@ -10,10 +10,12 @@ answer outcomes (`--tau-from-answers`, needs `selfjudge label --answer-pattern`)
 whose labels (reject = score > tau) best agree, by balanced accuracy, with "the final
 answer changed after substituting the draft token and letting the target finish".
 
-Training: StandardScaler + LogisticRegression on the training prompts; the validation prompts
-(a split by prompt, never by row) choose nothing, so their ROC-AUC is held out. C is chosen by
-ROC-AUC on mismatch rows of a share of the training prompts held out from a first fit, then the
-head is refitted on every training prompt. The scaler is folded into the exported weights.
+Training: StandardScaler + LogisticRegression on the training prompts. C is chosen by ROC-AUC
+on mismatch rows of a share of the training prompts held out from a first fit, then the head is
+refitted on every training prompt; the scaler is folded into the exported weights. The
+validation prompts (a split by prompt, never by row) set no weight and no C, so a head's
+ROC-AUC there is held out; they do set the operating points (thresholds), `auto`'s choice of
+feature set, and with `--tau-from-answers` tau itself (and so every label).
 
 Feature sets (`--features`, selfjudge_vllm/features.py): `hidden` is the paper's head above
 (the ablation); `logits` is a logistic regression on the logit features of each mismatch
@@ -23,9 +25,9 @@ the other folds' prompts) and the logit features go into a small second logistic
 so L2 does not drown three scalars among thousands of hidden dimensions; the stack folds
 into one dot product plus three scalar products. Those two are fitted on mismatch rows only
 (the rows the head decides online). `auto` (default) fits every set the run supports, reports
-them side by side and serves the best by validation mismatch ROC-AUC (that choice is made on
-the validation prompts: the chosen set's ROC-AUC there is then not held out; `--features`
-names one set and keeps it so).
+them side by side and serves the best by validation mismatch ROC-AUC (a choice made on the
+validation prompts: the served set's ROC-AUC there is then the best of three, not held out;
+`--features` names one set).
 
 Operating points and the "mismatch" metrics are computed on the validation *mismatch* rows
 only: online the head decides nothing else (a draft equal to the target's choice is accepted
@@ -36,7 +38,7 @@ by standard verification). The own-token rows are easy positives, so metrics ove
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +262,8 @@ class _Head:
     scalar: np.ndarray | None
     bias: float
     C: float
+    # C_GRID's ROC-AUC on the training prompts held out to choose C (empty: DEFAULT_C, none to choose on).
+    c_selection_roc_auc: dict = field(default_factory=dict)
 
     def logits(self, x_rows: np.ndarray, evidence: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
         out = np.full(len(x_rows), self.bias)
@@ -311,16 +315,17 @@ def _fit_choosing_c_on_training_prompts(x, y, ids, fit_rows, score_rows, seed: i
         for c in C_GRID:
             model = _logistic(xs_fit, y[first_fit], c, seed)
             by_c[c] = float(roc_auc_score(y[select], model.decision_function(xs_select)))
-    best = max(by_c, key=by_c.get) if by_c else DEFAULT_C
+    # Ties (tiny held-out shares) go to the C nearest scikit-learn's default.
+    best = max(by_c, key=lambda c: (by_c[c], -abs(np.log10(c / DEFAULT_C)))) if by_c else DEFAULT_C
     scaler = StandardScaler().fit(x[fit_rows])
     return best, scaler, _logistic(scaler.transform(x[fit_rows]), y[fit_rows], best, seed), by_c
 
 
 def _fit_scalar_head(features: np.ndarray, labels: np.ndarray, ids, fit_rows, seed: int, names) -> _Head:
     """Standardised logistic regression on a few scalar columns of the mismatch rows."""
-    best, scaler, model, _ = _fit_choosing_c_on_training_prompts(features, labels, ids, fit_rows, fit_rows, seed)
+    best, scaler, model, by_c = _fit_choosing_c_on_training_prompts(features, labels, ids, fit_rows, fit_rows, seed)
     scalar, bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_, scaler.scale_)
-    return _Head(tuple(names), None, scalar, bias, best)
+    return _Head(tuple(names), None, scalar, bias, best, by_c)
 
 
 def _out_of_fold_hidden_logits(x, y, ids, is_val, c, seed, served_logits) -> np.ndarray:
@@ -470,7 +475,6 @@ class FittedHeads:
     y_val: np.ndarray | None = None
     best_c: float | None = None
     auc: float | None = None
-    by_c: dict | None = None
 
 
 def fit_heads(data: TrainingData, sub_label: np.ndarray, is_val: np.ndarray, settings: TrainSettings,
@@ -496,9 +500,9 @@ def fit_heads(data: TrainingData, sub_label: np.ndarray, is_val: np.ndarray, set
         hidden_weight, hidden_bias = fold_standardisation(model.coef_[0], model.intercept_[0], scaler.mean_,
                                                           scaler.scale_)
         fitted.x_sub = x[: len(records)]
-        heads["hidden"] = _Head((HIDDEN,), hidden_weight, None, hidden_bias, best_c)
+        heads["hidden"] = _Head((HIDDEN,), hidden_weight, None, hidden_bias, best_c, by_c)
         fitted.hidden_model, fitted.xs_val, fitted.y_val = model, xs_val, y[val]
-        fitted.best_c, fitted.auc, fitted.by_c = best_c, auc, by_c
+        fitted.best_c, fitted.auc = best_c, auc
     evidence = evidence_matrix(records)
     if settings.features not in ("auto", "hidden") and evidence is None:
         raise InputError(f"--features {settings.features} needs the logit features, which this run lacks: "
@@ -518,7 +522,7 @@ def fit_heads(data: TrainingData, sub_label: np.ndarray, is_val: np.ndarray, set
         stack = _fit_scalar_head(stacked, sub_label, ids, fit_rows, settings.seed,
                                  ("stacked_hidden",) + LOGIT_FEATURES)
         heads["both"] = _Head((HIDDEN,) + LOGIT_FEATURES, stack.scalar[0] * hidden_weight, stack.scalar[1:],
-                              stack.bias + stack.scalar[0] * hidden_bias, stack.C)
+                              stack.bias + stack.scalar[0] * hidden_bias, stack.C, stack.c_selection_roc_auc)
     if settings.features != "auto" and settings.features not in heads:
         raise InputError("the logit-feature heads need both labels among training and validation mismatches")
     fitted.heads, fitted.evidence, fitted.eval_rows = heads, evidence, eval_rows
@@ -531,7 +535,9 @@ def choose_head(fitted: FittedHeads, sub_label: np.ndarray, settings: TrainSetti
 
     labels = sub_label[fitted.eval_rows]
     both_outcomes = len(set(labels)) == 2
-    comparison = {name: {"features": list(h.features), "C": h.C, "validation_mismatch_roc_auc": float(
+    comparison = {name: {"features": list(h.features), "C": h.C,
+                         "C_selection_roc_auc": {str(c): auc for c, auc in h.c_selection_roc_auc.items()},
+                         "validation_mismatch_roc_auc": float(
                              roc_auc_score(labels, h.logits(fitted.x_sub[fitted.eval_rows], fitted.evidence,
                                                             fitted.eval_rows)))
                          if both_outcomes else None}
@@ -663,9 +669,7 @@ def train(run_dirs: str | Path | list[str | Path], out_dir: str | Path, settings
         # The hidden-state head (the paper's), on all validation rows.
         "C": fitted.best_c,
         "validation_roc_auc": None if fitted.auc is None else float(fitted.auc),
-        # C_GRID's ROC-AUC on the mismatch rows of the training prompts held out to choose C.
-        "C_selection_roc_auc": {str(c): auc for c, auc in (fitted.by_c or {}).items()},
-        "C_selection_share": C_SELECTION_SHARE,
+        "C_selection_share": C_SELECTION_SHARE,  # of the training prompts; each set's C_selection_roc_auc
         "validation_mismatches": int(fitted.eval_rows.sum()),
         "validation_mismatch_accept_label_share": float(mismatch_labels.mean()),
         "validation_mismatch_roc_auc": comparison[chosen]["validation_mismatch_roc_auc"],
