@@ -29,7 +29,7 @@ logits and on both, at several training-set sizes.
               (RESULTS/chat_judge_scaling/scaling.{json,md,png})
 
     python benchmarks/chat_judge_scaling.py --testbed testbed-qwen --stages prompts,label --prompts 400
-    python benchmarks/chat_judge_scaling.py --testbed testbed-qwen --stages train,report --sizes 1000,2500,5000
+    python benchmarks/chat_judge_scaling.py --stages train,report --allow-partial-run   # sizes 500 ... 10000 (all)
     python benchmarks/chat_judge_scaling.py --testbed testbed-qwen --stages serve,report --max-minutes 100
     python benchmarks/chat_judge_scaling.py --run benchmarks/results/chat_judge/label-run --features logits \\
         --sizes 100,200,300 --stages train,report --out /tmp/scaling --allow-partial-run   # a quick check
@@ -301,10 +301,11 @@ def report(args) -> None:
     if rows:
         add_auroc_intervals(args, rows)
     served = served_rows(args)
-    (args.out / "scaling.json").write_text(json.dumps({"run": str(args.run), "tau": TAU, "rows": rows,
+    run_name = os.path.relpath(args.run.resolve(), ROOT)  # the same in every clone
+    (args.out / "scaling.json").write_text(json.dumps({"run": run_name, "tau": TAU, "rows": rows,
                                                        "served": served}, indent=1) + "\n")
     lines = ["# SelfJudge heads by training-set size (held-out ROC-AUC on validation mismatches)", "",
-             f"Label run `{args.run}`, tau {TAU} (N=20); the validation prompts are the same at every size and "
+             f"Label run `{run_name}`, tau {TAU} (N=20); the validation prompts are the same at every size and "
              "choose nothing (each head's C is chosen on a share of its training prompts). Intervals: approximate 95%, "
              f"percentile bootstrap over the validation prompts ({BOOTSTRAP_RESAMPLES} resamples; a prompt's "
              "mismatches are not independent); the gap is the best feature set's ROC-AUC at that size minus this "
@@ -371,7 +372,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", default="prompts,label,train,report")
     parser.add_argument("--prompts", type=int, default=400,
                         help="label prompts (default 400: 21,374 mismatches on the Qwen testbed, 53 per response)")
-    parser.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1000, 2500, 5000])
+    parser.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], default=[500, 1000, 2500, 5000, 10000])
     parser.add_argument("--features", type=lambda t: t.split(","), default=list(FEATURE_SETS))
     parser.add_argument("--allow-partial-run", action="store_true", help="train on a label run's complete shards")
     parser.add_argument("--serve-heads", help="FEATURES-SIZE,... to serve (default: the best feature set at every size)")

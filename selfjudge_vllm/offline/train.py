@@ -51,7 +51,9 @@ from selfjudge_vllm.offline.prompts import PROMPT_DIGESTS_FILE, PROMPT_DIGESTS_K
 from selfjudge_vllm.offline.scores import DEFAULT_SUFFIX_MODE
 from selfjudge_vllm.offline.store import PRECISION, RunDir, feature_stage, load_run, provenance, usable_shards
 
-C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+# Down to 1e-6: the hidden-state heads (1,536 dimensions, a few thousand rows) chose the
+# smallest C at 1e-4 on the chat label run.
+C_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_C = 1.0  # scikit-learn's, where too few training prompts leave none to choose C on
 # The share of the training prompts held out from a first fit to choose C on.
 C_SELECTION_SHARE = 0.25
