@@ -114,7 +114,7 @@ def auroc_rows(args) -> list[dict]:
             r = json.loads(path.read_text())
             rows.append({"size": size, "features": features, "training_mismatches": r["training_mismatches"],
                          "validation_mismatches": r["validation_mismatches"],
-                         "validation_prompts": r["validation_prompts"],
+                         "validation_prompts": r.get("validation_prompts"),
                          "validation_mismatch_roc_auc": r["feature_sets"][features]["validation_mismatch_roc_auc"]})
     return rows
 
@@ -298,8 +298,10 @@ def served_rows(args) -> list[dict]:
 
 def report(args) -> None:
     rows = auroc_rows(args)
-    if rows:
+    if rows and (args.run / "run.json").is_file():
         add_auroc_intervals(args, rows)
+    elif rows:
+        log(f"report: no label run at {args.run}: ROC-AUC without intervals")
     served = served_rows(args)
     run_name = os.path.relpath(args.run.resolve(), ROOT)  # the same in every clone
     (args.out / "scaling.json").write_text(json.dumps({"run": run_name, "tau": TAU, "rows": rows,
@@ -319,9 +321,13 @@ def report(args) -> None:
         return "n/a (too few validation prompts)" if pair is None else f"{pair[0]:.3f} to {pair[1]:.3f}"
 
     for r in rows:
-        gap = f"{span(r['gap_to_best_95'])}" if "gap_to_best_95" in r else "(the best)"
+        if "best_at_size" not in r:  # no label run here to recompute the heads on
+            interval, gap = "n/a (no label run)", "n/a"
+        else:
+            interval = span(r["roc_auc_95"])
+            gap = span(r["gap_to_best_95"]) if "gap_to_best_95" in r else "(the best)"
         lines.append(f"| {r['size']} | {r['training_mismatches']} | {r['features']} | {r['validation_mismatches']} "
-                     f"({r['validation_prompts']}) | {r['validation_mismatch_roc_auc']:.3f} ({span(r['roc_auc_95'])}) "
+                     f"({r['validation_prompts']}) | {r['validation_mismatch_roc_auc']:.3f} ({interval}) "
                      f"| {gap} |")
     if served:
         lines += ["", f"Served on the chat benchmark's {served[0]['n']} prompts (ngram k=8), each head at "
