@@ -124,10 +124,10 @@ BOOTSTRAP_RESAMPLES = 2000
 
 def validation_logits(args, rows: list[dict]) -> tuple:
     """The validation mismatches every head was compared on (labels at TAU, each row's prompt)
-    and each head's logit there, recomputed from its artifact. Refuses where a head was compared
-    on other rows than the run's shards (with features, if a head reads them) give, or where the recomputed ROC-AUC is not
-    its report's (the committed float16 features may differ from the float32 ones trained on
-    by rounding only)."""
+    and each head's logit there, as the served head computes it (rules.JudgeHead). Refuses
+    where a head was compared on other rows than the run's shards (with features, if a head
+    reads them) give, or where the recomputed ROC-AUC is not its report's (the committed
+    float16 features differ from the float32 ones trained on by rounding only)."""
     import numpy as np
     import torch
     from sklearn.metrics import roc_auc_score
@@ -140,6 +140,7 @@ def validation_logits(args, rows: list[dict]) -> tuple:
         load_training_data,
         split_by_prompt,
     )
+    from selfjudge_vllm.rules import JudgeHead
 
     with_hidden = any(r["features"] != "logits" for r in rows)  # a logits head needs no features stage
     data = load_training_data([args.run], with_hidden=with_hidden, allow_partial=args.allow_partial_run)
@@ -148,21 +149,17 @@ def validation_logits(args, rows: list[dict]) -> tuple:
     ids = np.array([r["id"] for r in data.records])
     evidence = evidence_matrix(data.records)
     rows_kept = split_by_prompt(list(ids), settings.validation_share, settings.seed) & np.isfinite(evidence).all(1)
-    substituted = data.substituted[torch.from_numpy(np.flatnonzero(rows_kept))].double().numpy() if with_hidden \
-        else None
+    hidden = data.substituted[torch.from_numpy(np.flatnonzero(rows_kept))] if with_hidden else None
+    evidence_kept = torch.from_numpy(evidence[rows_kept])
     logits = {}
     for r in rows:
-        report = json.loads((head_folder(args, r["features"], r["size"]) / "training_report.json").read_text())
-        if report["validation_mismatches"] != int(rows_kept.sum()):
+        if r["validation_mismatches"] != int(rows_kept.sum()):
             sys.exit(f"chat_judge_scaling: head {r['features']}-{r['size']} was compared on "
-                     f"{report['validation_mismatches']} validation mismatches, the run's shards with features give "
+                     f"{r['validation_mismatches']} validation mismatches, the run's shards with features give "
                      f"{int(rows_kept.sum())}: train every head on the same shards")
-        artifact = JudgeArtifact.load(head_folder(args, r["features"], r["size"]))
-        logit = np.full(int(rows_kept.sum()), float(artifact.bias))
-        if artifact.weight is not None:
-            logit += substituted @ artifact.weight.double().numpy()
-        if artifact.scalar_weight is not None:
-            logit += evidence[rows_kept] @ artifact.scalar_weight.double().numpy()
+        head = JudgeHead.from_artifact(JudgeArtifact.load(head_folder(args, r["features"], r["size"])))
+        logit = head.judge_logits(hidden if head.reads_hidden else None,
+                                  evidence_kept if head.logit_features else None).double().numpy()
         recomputed = roc_auc_score(labels[rows_kept], logit)
         if abs(recomputed - r["validation_mismatch_roc_auc"]) > 0.005:
             sys.exit(f"chat_judge_scaling: head {r['features']}-{r['size']}: ROC-AUC {recomputed:.4f} recomputed "
