@@ -78,6 +78,14 @@ FLY_GRID = "fly=1.0,0.8,0.6,0.45,0.3,0.2"  # vLLM's default 0.3, stricter points
 FULL = "full"  # OUT/<server>/full: the full stage's folder on the server's store
 PLAN_FILE = "plan.json"  # in it: the points served in full, chosen once
 SCORE_CHUNK = 16  # pairs per scoring call: each is persisted as it is decided; --max-minutes is read between calls
+# The judge this benchmark serves: the paper's head trained for this traffic by
+# benchmarks/chat_judge_scaling.py (hidden state and logit features, all 6,029 training
+# mismatches of ShareGPT responses, ngram and draft_model drafts). It has the highest held-out
+# ROC-AUC of that script's 15 heads (0.906, tied with logits-only within +-0.003; ngram drafts
+# 0.976), where the first chat head (RESULTS/chat_judge/head: logits, 965 draft_model
+# mismatches of GSM8K responses) never saw an ngram draft. The store was begun with that first
+# head, so this head's judge points carry its tag (calibrate.store_head_tag).
+BENCHMARK_HEAD = RESULTS / "chat_judge_scaling" / "heads" / "both-10000"
 
 
 def write_prompts(args) -> Path:
@@ -380,7 +388,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--testbed", type=Path, help="`selfjudge testbed --model qwen-coder` folder (every stage but "
                         "the report)")
-    parser.add_argument("--head", type=Path, default=RESULTS / "chat_judge" / "head")
+    parser.add_argument("--head", type=Path, default=BENCHMARK_HEAD,
+                        help="the judge head (default: BENCHMARK_HEAD, whose points the report shows)")
     parser.add_argument("--stages", default="prompts,calibrate,full,report")
     parser.add_argument("--report-only", action="store_true",
                         help="only the report, from the committed files (nothing served or scored)")

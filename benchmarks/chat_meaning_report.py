@@ -37,6 +37,7 @@ import json
 from pathlib import Path
 
 from benchmarks.chat_meaning import (
+    BENCHMARK_HEAD,
     FULL,
     MEASUREMENTS,
     acceptance_vs_lossless,
@@ -49,6 +50,7 @@ from benchmarks.chat_meaning import (
 )
 from benchmarks.report import METHOD_STYLE, OTHER_STYLE, legend_beside
 from selfjudge_vllm import calibrate, certify
+from selfjudge_vllm.files import file_sha256
 from selfjudge_vllm.meaning import MeaningJudge, Pair, new_loop, request_text
 from selfjudge_vllm.measurement import RequestStore, load_jsonl, log
 
@@ -84,6 +86,19 @@ def measurement_reports(root: Path) -> list[tuple[str, str, float, str, dict | N
         out.append((measure, scorer_label(measure, scorer), budget, name,
                     json.loads(path.read_text()) if path.is_file() else None))
     return out
+
+
+def benchmark_head_tag(root: Path) -> str:
+    """The tag (calibrate.store_head_tag) of the judge points of the head the measurements were
+    calibrated with, as their folders bound it (BENCHMARK_HEAD before any was begun); the other
+    judge points on the store are other heads' (the first chat head's, chat_judge_scaling's)."""
+    bound = {json.loads(path.read_text())["head_sha256"]
+             for path in (root / measurement_name(*m) / "settings.json" for m in MEASUREMENTS) if path.is_file()}
+    if len(bound) > 1:
+        raise SystemExit(f"chat_meaning report: {root}'s measurements were calibrated with {len(bound)} different "
+                         "heads; one report compares one head's points")
+    head = bound.pop() if bound else file_sha256(BENCHMARK_HEAD / "model.safetensors")
+    return calibrate.store_head_tag(root, head)
 
 
 def short_name(label: str, budget: float) -> str:
@@ -192,12 +207,12 @@ def server_report(out: Path, root: Path, requests: dict[str, str]) -> dict:
     calibration_ids, test_ids = prompt_splits(out, store, reports)
     marks, reported_n = calibrate_marks(reports)
     judges = {label: MeaningJudge(settings, store.folder / "scores.jsonl") for label, settings in scorer_settings().items()}
-    # the benchmark head's points (other heads' judge points on the store are chat_judge_scaling's)
-    keys = sorted((k for k in store.requests if not calibrate.point_head_tag(k)),
+    head_tag = benchmark_head_tag(root)
+    keys = sorted((k for k in store.requests if parse_point(k)[0] != "judge" or calibrate.point_head_tag(k) == head_tag),
                   key=lambda k: (k != LOSSLESS, parse_point(k)[0], -(parse_point(k)[1] or 0)))
     points = [point_row(store, k, calibration_ids, requests, judges, marks, reported_n) for k in keys]
     plan = read_plan(root / FULL)
-    full_keys = [LOSSLESS, *(plan or fastest_points(store, calibration_ids)).values()]
+    full_keys = [LOSSLESS, *(plan or fastest_points(store, calibration_ids, head_tag)).values()]
     full = [point_row(store, k, calibration_ids + test_ids, requests, judges, marks, {}) for k in full_keys]
     notes = [f"{name}: its calibrate report counts {r['calibration_prompts']} calibration prompts, the store's split "
              f"{len(calibration_ids)}" for _, _, _, name, r in reports

@@ -375,6 +375,35 @@ def test_the_full_stage_compares_only_the_served_heads_judge_points(tmp_path):
     assert chat_meaning.fastest_points(store, CALIBRATION, "0123456789ab") == {"judge": "judge@0123456789ab-0.5"}
 
 
+def test_the_report_shows_the_judge_points_of_the_head_the_measurements_were_calibrated_with(tmp_path):
+    """The store was begun with a first head (plain judge keys); the measurements calibrated
+    another (judge@TAG keys): the report's points and full plan are the calibrated head's, and
+    measurements bound to two heads are refused a report."""
+    first, second = "a" * 64, "0123456789ab" + "c" * 52
+    tree = Tree(tmp_path / "chat_meaning", {"test_share": 0.3, "seed": 0, "head_sha256": first})
+    tree.serve("lossless", {i: _lossless(i) for i in CALIBRATION}, 2.0)
+    tree.serve("judge-0.9", {i: f"A {i}" for i in CALIBRATION}, 2.2)
+    tree.serve("judge@0123456789ab-0.5", {i: f"B {i}" for i in CALIBRATION}, 3.0)
+
+    def calibrated_with(head: str, *measurement) -> None:
+        folder = tree.root / chat_meaning.measurement_name(*measurement)
+        folder.mkdir(exist_ok=True)
+        (folder / "settings.json").write_text(json.dumps({"head_sha256": head}))
+
+    def judge_points() -> tuple[list[str], list[str]]:
+        server = chat_meaning_report.build(tree.out)["servers"][0]
+        return ([r["key"] for r in server["points"] if r["family"] == "judge"],
+                [r["key"] for r in server["full"]["points"] if r["family"] == "judge"])
+
+    calibrated_with(second, *chat_meaning.MEASUREMENTS[0])
+    assert judge_points() == (["judge@0123456789ab-0.5"], ["judge@0123456789ab-0.5"])
+    calibrated_with(first, *chat_meaning.MEASUREMENTS[0])
+    assert judge_points() == (["judge-0.9"], ["judge-0.9"])
+    calibrated_with(second, *chat_meaning.MEASUREMENTS[1])
+    with pytest.raises(SystemExit, match="2 different heads"):
+        chat_meaning_report.build(tree.out)
+
+
 def _wait_for(path, seconds=60.0):
     import time
 
