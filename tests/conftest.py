@@ -102,6 +102,57 @@ def pytest_collection_modifyitems(config, items):
                else 1 if item.get_closest_marker("engine") else 2)
 
 
+def _adopt_orphaned_descendants() -> None:
+    """Make this process the Linux child subreaper of what it starts: a process whose parent
+    dies (a benchmark script killed with its test, leaving its `vllm serve` running) is then
+    re-parented here, not to init, so the next fixture still sees it as a descendant."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: leftovers are not caught there
+        pass
+
+
+_adopt_orphaned_descendants()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.selfjudge_call_failed = report.failed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_a_failed_test(request):
+    """A test stopped by pytest-timeout (pytest.ini) does not stop what it started: a
+    subprocess.run with a longer timeout kills only its direct child, whose `vllm serve` and
+    EngineCore then ran on beside the rest of the suite (once for 18 minutes, slowing every test
+    after it). After a failed test, every process started during it and still alive is killed,
+    and said. (Only after a failure: a passing test may leave a pool the session reuses.)"""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    if not getattr(request.node, "selfjudge_call_failed", False):
+        return
+    left = [p for p in me.children(recursive=True) if p.pid not in before]
+    named = []
+    for process in left:
+        try:
+            named.append(f"{process.pid} ({' '.join(process.cmdline()[:3])})")
+            process.kill()
+        except psutil.Error:  # gone meanwhile
+            pass
+    psutil.wait_procs(left, timeout=30)  # reaps them: orphans among them are this process's children
+    if named:
+        print(f"\nconftest: killed processes the failed test left running: {', '.join(named)}")
+
+
 @pytest.fixture(scope="session")
 def workdir() -> Path:
     return _WORK
