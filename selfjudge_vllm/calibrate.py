@@ -191,6 +191,10 @@ def check_settings(settings: CalibrateSettings) -> None:
             raise CalibrateError(f"--grid for unknown rule {family!r}; rules: {', '.join(RULES)}")
         if not grid or list(grid) != sorted(grid, reverse=True) or len(set(grid)) != len(grid):
             raise CalibrateError(f"--grid {family}: give distinct knobs strictest (largest) first, got {list(grid)}")
+        for knob in grid:  # a point's store key keeps 6 significant digits: longer knobs would share keys
+            if float(f"{knob:g}") != knob:
+                raise CalibrateError(f"--grid {family}: {knob!r} has more significant digits than a point's key keeps "
+                                     f"(6; its responses would be stored as {point_key(family, knob)}): give {knob:g}")
     if not isinstance(settings.speculative_config, dict) or "method" not in settings.speculative_config:
         raise CalibrateError("--speculative-config must be a JSON object with a 'method', as `vllm serve` takes it")
     check_selfjudge_settings(settings.selfjudge_settings)

@@ -324,6 +324,7 @@ def _args(tmp_path, prompts, **over):
     ({}, ['{"prompt": "a"}', "not json"], "not valid JSON"),
     ({"--rules": "judge"}, None, "the judge family needs --head"),
     ({"--grid": "top_alpha=0.2,0.5"}, None, "strictest (largest) first"),
+    ({"--grid": "fly=0.31234567,0.3123456"}, None, "0.31234567 has more significant digits than a point's key"),
     ({"--answer": "pattern", "--answer-pattern": "("}, None, "not a valid regex"),
     ({"--speculative-config": "{"}, None, "--speculative-config is not valid JSON"),
     ({"--confidence": "1"}, None, "--confidence must lie strictly between 0 and 1"),
