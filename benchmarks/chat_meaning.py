@@ -206,9 +206,11 @@ def fastest_points(store: RequestStore, calibration_ids: list[str], head_tag: st
     """Each rule family's point with the highest acceptance against lossless, every point of the
     family compared on the same prompts: the calibration prompts all of them were served on (the
     shortest served prefix among them, as calibrate serves each point in the same order), with
-    vLLM's counters covering them for each point and for lossless; the strictest on a tie. A
-    point whose counters do not cover those prompts is left out, and said, and the others are
-    compared again on the prompts they have in common. The judge's points are those of the head
+    vLLM's counters covering them for each point; the strictest on a tie. Lossless's counters
+    are not needed: on the same prompts the longer mean acceptance length is the higher ratio to
+    lossless (lossless's segments, served in other groups, seldom cover a stopped point's
+    prompts exactly). A point whose counters do not cover those prompts is left out, and said,
+    and the others are compared again on the prompts they have in common. The judge's points are those of the head
     of `head_tag` (calibrate.store_head_tag): another head's are served by a server of its own."""
     families: dict[str, list[str]] = {}
     for key in store.requests:
@@ -224,13 +226,14 @@ def fastest_points(store: RequestStore, calibration_ids: list[str], head_tag: st
             common = set(calibration_ids)
             for key in keys:
                 common &= set(store.done(key))
-            ratios = {key: acceptance_vs_lossless(store, key, common)[1] if common else None for key in keys}
-            missing = [key for key, ratio in ratios.items() if ratio is None]
+            lengths = {key: calibrate.acceptance(store, key, common)["mean_acceptance_length"] if common else None
+                       for key in keys}
+            missing = [key for key, length in lengths.items() if length is None]
             if not missing:
-                chosen[family] = max(keys, key=lambda k: ratios[k])  # max keeps the first (strictest) on a tie
+                chosen[family] = max(keys, key=lambda k: lengths[k])  # max keeps the first (strictest) on a tie
                 break
-            log(f"fastest points: {', '.join(missing)} left out of the {family} comparison: no counters (or no "
-                f"lossless counters) cover the {len(common)} calibration prompts the family's points share")
+            log(f"fastest points: {', '.join(missing)} left out of the {family} comparison: no counters cover "
+                f"the {len(common)} calibration prompts the family's points share")
             keys = [key for key in keys if key not in missing]
     return chosen
 

@@ -363,6 +363,19 @@ def test_the_fastest_point_is_chosen_on_the_prompts_the_familys_points_share(tmp
     assert "fly-0.2 left out of the fly comparison" in capsys.readouterr().out
 
 
+def test_a_point_stopped_early_is_compared_without_lossless_counters_on_its_prompts(tmp_path, capsys):
+    """Lossless's counters, served in one group over every calibration prompt, do not cover a
+    point stopped after 4: the family's choice needs only its own points' counters."""
+    tree = Tree(tmp_path / "chat_meaning")
+    tree.serve("lossless", {i: _lossless(i) for i in CALIBRATION}, 2.0, segment=len(CALIBRATION))
+    tree.serve("top_alpha-0.9", {i: f"A {i}" for i in CALIBRATION[:4]}, 2.2)
+    tree.serve("fly-1", {i: f"B {i}" for i in CALIBRATION[:4]}, 2.1)
+    tree.serve("fly-0.6", {i: f"C {i}" for i in CALIBRATION[:4]}, 2.4)
+    store = measurement.RequestStore(tree.store)
+    assert chat_meaning.fastest_points(store, CALIBRATION) == {"fly": "fly-0.6", "top_alpha": "top_alpha-0.9"}
+    assert "left out" not in capsys.readouterr().out
+
+
 def test_the_full_stage_compares_only_the_served_heads_judge_points(tmp_path):
     """Another head's judge points on the same store (calibrate keys them judge@HEAD-knob) are
     not the benchmark head's: each head's fastest point is chosen among its own."""
