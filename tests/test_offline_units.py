@@ -273,7 +273,10 @@ def test_logit_features_and_stacking_beat_a_weak_hidden_head_and_serve_as_traine
     assert report["validation_mismatches"] == len(rows)
     assert roc_auc_score(labels, served.numpy()) == pytest.approx(report["validation_mismatch_roc_auc"], abs=1e-6)
     # Operating points by accepted share: served, each accepts at most its share of them.
-    for name, share in (("accepts_5pct", 0.05), ("accepts_20pct", 0.2), ("accepts_40pct", 0.4)):
+    assert sorted(n for n in artifact.config.operating_points if n.startswith("accepts_")) == sorted(
+        f"accepts_{round(100 * share)}pct" for share in train_module.ACCEPT_SHARES)
+    for name, share in (("accepts_2pct", 0.02), ("accepts_5pct", 0.05), ("accepts_20pct", 0.2),
+                        ("accepts_40pct", 0.4)):
         point = artifact.config.operating_points[name]
         accepted = float((torch.sigmoid(served.double()) >= point.threshold).double().mean())
         one_row = 1.0 / len(rows)  # served scores are float32: a row at the threshold may flip
