@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -102,28 +103,46 @@ def pytest_collection_modifyitems(config, items):
                else 1 if item.get_closest_marker("engine") else 2)
 
 
-def _adopt_orphaned_descendants() -> None:
-    """Make this process the Linux child subreaper of what it starts: a process whose parent
-    dies (a benchmark script killed with its test, leaving its `vllm serve` running) is then
-    re-parented here, not to init, so the next fixture still sees it as a descendant."""
-    import ctypes
-
-    PR_SET_CHILD_SUBREAPER = 36
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: leftovers are not caught there
-        pass
-
-
-_adopt_orphaned_descendants()
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    if report.when == "call":
-        item.selfjudge_call_failed = report.failed
+    if report.when in ("setup", "call") and report.failed:
+        item.selfjudge_failed = True
     return report
+
+
+class _DescendantWatch:
+    """Every process descended from this one while a test runs, seen once a second: a process
+    whose parent dies (a benchmark script killed by subprocess.run's timeout) is re-parented to
+    init and is no descendant afterwards, but was one while its parent lived."""
+
+    def __init__(self, me, before: set[int]):
+        import threading
+
+        self.me, self.before, self.seen = me, before, {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _look(self) -> None:
+        import psutil
+
+        try:
+            for process in self.me.children(recursive=True):
+                if process.pid not in self.before:
+                    self.seen.setdefault(process.pid, process)
+        except psutil.Error:
+            pass
+
+    def _watch(self) -> None:
+        while not self.stop.wait(1.0):
+            self._look()
+
+    def still_running(self) -> list:
+        self.stop.set()
+        self.thread.join()
+        self._look()
+        return [p for p in self.seen.values() if p.is_running()]  # is_running: same pid *and* start time
 
 
 @pytest.fixture(autouse=True)
@@ -131,16 +150,17 @@ def _no_process_outlives_a_failed_test(request):
     """A test stopped by pytest-timeout (pytest.ini) does not stop what it started: a
     subprocess.run with a longer timeout kills only its direct child, whose `vllm serve` and
     EngineCore then ran on beside the rest of the suite (once for 18 minutes, slowing every test
-    after it). After a failed test, every process started during it and still alive is killed,
-    and said. (Only after a failure: a passing test may leave a pool the session reuses.)"""
+    after it). After a test whose setup or call failed, every process started during it that
+    still runs is killed, and said. (Only after a failure: a passing test may leave a pool the
+    session reuses; one a failed test started is killed with the rest.)"""
     import psutil
 
     me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
+    watch = _DescendantWatch(me, {p.pid for p in me.children(recursive=True)})
     yield
-    if not getattr(request.node, "selfjudge_call_failed", False):
+    left = watch.still_running()
+    if not getattr(request.node, "selfjudge_failed", False):
         return
-    left = [p for p in me.children(recursive=True) if p.pid not in before]
     named = []
     for process in left:
         try:
@@ -148,9 +168,21 @@ def _no_process_outlives_a_failed_test(request):
             process.kill()
         except psutil.Error:  # gone meanwhile
             pass
-    psutil.wait_procs(left, timeout=30)  # reaps them: orphans among them are this process's children
+    # Wait for them to go without reaping: a direct child's exit status is its Popen's to collect.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in left):
+        time.sleep(0.1)
     if named:
         print(f"\nconftest: killed processes the failed test left running: {', '.join(named)}")
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture(scope="session")
