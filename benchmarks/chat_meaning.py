@@ -138,6 +138,17 @@ def measurement_folder(server: tuple[str, int], measure: str, scorer: str | None
     return linked_folder(server, measurement_name(measure, scorer, budget))
 
 
+def calibrated_head(root: Path) -> str | None:
+    """The SHA-256 of the head OUT/<server>'s measurements were calibrated with, as their
+    folders bound it (None before any was begun); measurements bound to two heads are refused."""
+    bound = {json.loads(path.read_text())["head_sha256"]
+             for path in (root / measurement_name(*m) / "settings.json" for m in MEASUREMENTS) if path.is_file()}
+    if len(bound) > 1:
+        sys.exit(f"chat_meaning: {root}'s measurements were calibrated with {len(bound)} different heads; one "
+                 "report and one full stage compare one head's points")
+    return bound.pop() if bound else None
+
+
 def calibrate_command(args, server: tuple[str, int], measure: str, scorer: str | None, budget: float) -> list[str]:
     spec = speculative_config(server, args.testbed / "draft")
     command = [sys.executable, "-m", "selfjudge_vllm.cli", "calibrate", "--target", str(args.testbed / "target"),
@@ -202,16 +213,30 @@ def acceptance_vs_lossless(store: RequestStore, key: str, ids: set[str]) -> tupl
     return mine, (mine / base if mine and base else None)
 
 
+def counted_in_common(store: RequestStore, keys: list[str], ids: set[str]) -> set[str]:
+    """The largest part of `ids` that every point's counters cover exactly (each point's
+    counters segments inside it add up to all of it): shrunk until it holds, as a segment
+    reaching outside the part no longer counts for it."""
+    common = set(ids)
+    while True:
+        covered = set(common)
+        for key in keys:
+            covered &= {i for segment in store.counter_segments(key, common) for i in segment["ids"]}
+        if covered == common:
+            return common
+        common = covered
+
+
 def fastest_points(store: RequestStore, calibration_ids: list[str], head_tag: str = "") -> dict[str, str]:
     """Each rule family's point with the highest acceptance against lossless, every point of the
-    family compared on the same prompts: the calibration prompts all of them were served on (the
-    shortest served prefix among them, as calibrate serves each point in the same order), with
-    vLLM's counters covering them for each point; the strictest on a tie. Lossless's counters
-    are not needed: on the same prompts the longer mean acceptance length is the higher ratio to
-    lossless (lossless's segments, served in other groups, seldom cover a stopped point's
-    prompts exactly). A point whose counters do not cover those prompts is left out, and said,
-    and the others are compared again on the prompts they have in common. The judge's points are those of the head
-    of `head_tag` (calibrate.store_head_tag): another head's are served by a server of its own."""
+    family compared on the same prompts: the calibration prompts all of them were served on and
+    all of their vLLM counters cover (counted_in_common: a sitting cut mid-segment leaves a
+    point's last responses uncounted); the strictest on a tie. Lossless's counters are not
+    needed: on the same prompts the longer mean acceptance length is the higher ratio to
+    lossless. Where no prompt is counted for every point, the points counted on the fewest are
+    left out, and said, and the others compared again. The judge's points are those of the
+    head of `head_tag` (calibrate.store_head_tag): another head's are served by a server of its
+    own."""
     families: dict[str, list[str]] = {}
     for key in store.requests:
         family, _ = parse_point(key)
@@ -223,18 +248,20 @@ def fastest_points(store: RequestStore, calibration_ids: list[str], head_tag: st
     for family, keys in sorted(families.items()):
         keys = sorted(keys, key=lambda k: -parse_point(k)[1])  # strictest first: it wins a tie
         while keys:
-            common = set(calibration_ids)
+            served = set(calibration_ids)
             for key in keys:
-                common &= set(store.done(key))
-            lengths = {key: calibrate.acceptance(store, key, common)["mean_acceptance_length"] if common else None
-                       for key in keys}
-            missing = [key for key, length in lengths.items() if length is None]
-            if not missing:
+                served &= set(store.done(key))
+            common = counted_in_common(store, keys, served)
+            if common:
+                lengths = {key: calibrate.acceptance(store, key, common)["mean_acceptance_length"] for key in keys}
                 chosen[family] = max(keys, key=lambda k: lengths[k])  # max keeps the first (strictest) on a tie
                 break
-            log(f"fastest points: {', '.join(missing)} left out of the {family} comparison: no counters cover "
-                f"the {len(common)} calibration prompts the family's points share")
-            keys = [key for key in keys if key not in missing]
+            counted = {key: len(counted_in_common(store, [key], set(calibration_ids) & set(store.done(key))))
+                       for key in keys}
+            fewest = [key for key in keys if counted[key] == min(counted.values())]
+            log(f"fastest points: {', '.join(fewest)} left out of the {family} comparison: no calibration prompt is "
+                f"counted for every point of the family, and they are counted on the fewest ({min(counted.values())})")
+            keys = [key for key in keys if key not in fewest]
     return chosen
 
 
@@ -374,6 +401,10 @@ def score_pairs(label: str, judge: MeaningJudge, pairs: list[Pair], out_of_time,
 
 def run_full(args) -> None:
     for server in args.servers:
+        measured = calibrated_head(OUT / server_name(server))
+        if measured and measured != calibrate.file_sha256(args.head / "model.safetensors"):
+            sys.exit(f"chat_meaning: full: --head {args.head} is not the head {server_name(server)}'s measurements "
+                     f"were calibrated with (sha256 {measured[:12]}...): the full stage serves their judge points")
         first = calibrate_settings(args, server, *MEASUREMENTS[0])
         settings = dataclasses.replace(first, out=linked_folder(server, FULL), max_minutes=None)
         if not serve_full(settings, args.llm, args.max_minutes):

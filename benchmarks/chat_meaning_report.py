@@ -41,6 +41,7 @@ from benchmarks.chat_meaning import (
     FULL,
     MEASUREMENTS,
     acceptance_vs_lossless,
+    calibrated_head,
     fastest_points,
     measurement_name,
     parse_point,
@@ -90,15 +91,9 @@ def measurement_reports(root: Path) -> list[tuple[str, str, float, str, dict | N
 
 def benchmark_head_tag(root: Path) -> str:
     """The tag (calibrate.store_head_tag) of the judge points of the head the measurements were
-    calibrated with, as their folders bound it (BENCHMARK_HEAD before any was begun); the other
-    judge points on the store are other heads' (the first chat head's, chat_judge_scaling's)."""
-    bound = {json.loads(path.read_text())["head_sha256"]
-             for path in (root / measurement_name(*m) / "settings.json" for m in MEASUREMENTS) if path.is_file()}
-    if len(bound) > 1:
-        raise SystemExit(f"chat_meaning report: {root}'s measurements were calibrated with {len(bound)} different "
-                         "heads; one report compares one head's points")
-    head = bound.pop() if bound else file_sha256(BENCHMARK_HEAD / "model.safetensors")
-    return calibrate.store_head_tag(root, head)
+    calibrated with (BENCHMARK_HEAD before any was begun); the other judge points on the store
+    are other heads' (the first chat head's, chat_judge_scaling's)."""
+    return calibrate.store_head_tag(root, calibrated_head(root) or file_sha256(BENCHMARK_HEAD / "model.safetensors"))
 
 
 def short_name(label: str, budget: float) -> str:

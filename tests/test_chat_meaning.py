@@ -4,6 +4,7 @@ no scorer model."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
@@ -374,6 +375,52 @@ def test_a_point_stopped_early_is_compared_without_lossless_counters_on_its_prom
     store = measurement.RequestStore(tree.store)
     assert chat_meaning.fastest_points(store, CALIBRATION) == {"fly": "fly-0.6", "top_alpha": "top_alpha-0.9"}
     assert "left out" not in capsys.readouterr().out
+
+
+def test_the_full_stage_refuses_a_head_other_than_the_measurements_one(monkeypatch, tmp_path):
+    """The report shows the judge points of the head the measurements bound; a full stage run
+    with another --head would serve that head's point into the plan: refused, before serving."""
+    tree = Tree(tmp_path / "chat_meaning")
+    monkeypatch.setattr(chat_meaning, "OUT", tree.out)
+    heads = {}
+    for name in ("measured", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text(name)
+        heads[name] = calibrate.file_sha256(tmp_path / name / "model.safetensors")
+    folder = tree.root / chat_meaning.measurement_name(*chat_meaning.MEASUREMENTS[0])
+    folder.mkdir()
+    (folder / "settings.json").write_text(json.dumps({"head_sha256": heads["measured"]}))
+    monkeypatch.setattr(chat_meaning, "calibrate_settings", lambda *a: pytest.fail("the full stage went on"))
+    args = argparse.Namespace(servers=[("ngram", 8)], head=tmp_path / "other", max_minutes=None, llm=False)
+    with pytest.raises(SystemExit, match="is not the head ngram-k8's measurements were calibrated with"):
+        chat_meaning.run_full(args)
+    assert chat_meaning.calibrated_head(tree.root) == heads["measured"]
+
+
+def test_points_are_compared_on_the_prompts_all_their_counters_cover(tmp_path):
+    """A sitting cut mid-segment leaves a point's last responses uncounted: the family is
+    compared on the prompts every point's counters cover, not emptied (review: fly-1, counted
+    on all 8 in segments of 4, was dropped for another point's 5-prompt prefix)."""
+    def fastest(build) -> dict[str, str]:
+        tree = Tree(tmp_path / f"chat_meaning-{len(list(tmp_path.iterdir()))}")
+        tree.serve("lossless", {i: _lossless(i) for i in CALIBRATION}, 2.0)
+        build(tree)
+        return chat_meaning.fastest_points(measurement.RequestStore(tree.store), CALIBRATION)
+
+    def stopped_after_a_ragged_segment(tree):
+        tree.serve("fly-1", {i: f"A {i}" for i in CALIBRATION}, 3.0)
+        tree.serve("fly-0.6", {i: f"B {i}" for i in CALIBRATION[:4]}, 2.2)
+        tree.serve("fly-0.6", {i: f"B {i}" for i in CALIBRATION[4:5]}, 2.2)
+
+    def uncounted_responses(tree):
+        tree.serve("fly-1", {i: f"A {i}" for i in CALIBRATION}, 2.5)
+        tree.serve("fly-0.6", {i: f"B {i}" for i in CALIBRATION}, 3.0)
+        tree.serve("fly-0.3", {i: f"C {i}" for i in CALIBRATION[:4]}, 3.5)
+        for i in CALIBRATION[4:6]:  # served, the sitting ended before its counters segment
+            tree.append("requests.jsonl", {"point": "fly-0.3", "id": i, "text": f"C {i}", "tokens": 5, "latency_s": 0.1})
+
+    assert fastest(stopped_after_a_ragged_segment) == {"fly": "fly-1"}
+    assert fastest(uncounted_responses) == {"fly": "fly-0.3"}
 
 
 def test_the_full_stage_compares_only_the_served_heads_judge_points(tmp_path):
