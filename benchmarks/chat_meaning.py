@@ -221,7 +221,7 @@ def counted_in_common(store: RequestStore, keys: list[str], ids: set[str]) -> se
     while True:
         covered = set(common)
         for key in keys:
-            covered &= {i for segment in store.counter_segments(key, common) for i in segment["ids"]}
+            covered -= store.uncounted(key, common)
         if covered == common:
             return common
         common = covered
