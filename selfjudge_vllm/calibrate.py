@@ -586,9 +586,11 @@ def record_store_certificate(settings: CalibrateSettings, binding: dict, explora
 
 def other_certificates(settings: CalibrateSettings, binding: dict) -> list[dict]:
     """The certificates (and exploratory runs) computed on this folder's store's responses
-    other than this one, in the order they were first computed."""
+    other than this one, in the order they were first computed; `this_folder` marks those
+    computed in this folder with other settings (an exploratory rerun, or a head replaced)."""
     folder = str(settings.out.resolve())
-    return [r for r in load_jsonl(settings.out / "store" / STORE_CERTIFICATES_FILE)
+    return [dict(r, this_folder=r.get("folder") == folder)
+            for r in load_jsonl(settings.out / "store" / STORE_CERTIFICATES_FILE)
             if not (r.get("folder") == folder and r.get("binding") == binding)]
 
 
@@ -611,9 +613,14 @@ def other_certificates_line(report: dict) -> str | None:
     if not others:
         return None
     mine = (report.get("settings") or {}).get("head_sha256")
-    listed = "; ".join(f"{r['folder']}: {describe_binding(r['binding'])}"
-                       + (f" (head {r['head_sha256'][:12]}: its judge points are its own)"
-                          if r.get("head_sha256") and r["head_sha256"] != mine else "")
+
+    def head_note(r: dict) -> str:
+        if r.get("head_sha256") and r["head_sha256"] != mine:
+            return f" (head {r['head_sha256'][:12]}: its judge points are its own)"
+        return " (its head not recorded)" if mine and not r.get("head_sha256") else ""
+
+    listed = "; ".join(("this folder, with other settings" if r.get("this_folder") else r["folder"])
+                       + f": {describe_binding(r['binding'])}{head_note(r)}"
                        + (" (exploratory)" if r.get("exploratory") else "") for r in others)
     return (f"{len(others)} other certificate{'s were' if len(others) > 1 else ' was'} computed on these responses: "
             f"{listed}. Choosing among them after seeing them is not covered by any one certificate")

@@ -83,10 +83,44 @@ def _freeze_the_heap_before_each_in_process_engine() -> None:
     _HEAP_FROZEN_FOR_ENGINES.append(original)
 
 
+_NUMBA_HIDDEN_FROM_KERNEL_SCAN = []
+
+
+def _let_engines_build_after_an_ngram_engine() -> None:
+    """vLLM 0.32 rebinds its kernel overrides at every engine build by scanning every module of
+    sys.modules (vllm/triton_utils/dispatcher.py `_rebind_kernels`). Once an `ngram` engine has
+    imported numba, the scan reads `vars()` of `llvmlite.binding.ffi.lib`, whose `__getattr__`
+    answers `__dict__` with a function wrapper, and every later engine build of the process dies
+    with AttributeError. While the scan runs, that module (which holds no kernel) is out of
+    sys.modules, so n-gram engines run in the test process like the others instead of each in
+    an interpreter of its own. The scan's result is unchanged; no engine computes differently."""
+    if _NUMBA_HIDDEN_FROM_KERNEL_SCAN:
+        return
+    import functools
+    import sys
+
+    from vllm.triton_utils import dispatcher
+
+    original = dispatcher._rebind_kernels
+
+    @functools.wraps(original)
+    def _rebind_kernels(overrides):
+        hidden = sys.modules.pop("llvmlite.binding.ffi", None)
+        try:
+            return original(overrides)
+        finally:
+            if hidden is not None:
+                sys.modules["llvmlite.binding.ffi"] = hidden
+
+    dispatcher._rebind_kernels = _rebind_kernels
+    _NUMBA_HIDDEN_FROM_KERNEL_SCAN.append(original)
+
+
 @pytest.hookimpl(tryfirst=True)  # before the test's fixtures build engines
 def pytest_runtest_setup(item):
     if item.get_closest_marker("engine"):  # engines in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
         _freeze_the_heap_before_each_in_process_engine()
+        _let_engines_build_after_an_ngram_engine()
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

@@ -15,8 +15,6 @@ from selfjudge_vllm.testing.tiny_models import PROMPTS
 NGRAM_PROMPTS = [p + " " + p + " " + p.split()[0] for p in PROMPTS]
 
 
-_IN_CHILD = False
-
 
 @dataclass
 class EngineResult:
@@ -70,24 +68,7 @@ def run_engine(
     max_model_len: int = 256,
     engine_args: dict | None = None,
 ) -> EngineResult:
-    """Build an LLM in this process, generate, read vLLM's and the judge's counters.
-
-    n-gram engines run in their own interpreter: once the n-gram proposer has imported
-    numba, vLLM 0.32's kernel-override scan over sys.modules (triton_utils/dispatcher.py)
-    crashes for every later engine built in the same process.
-    """
-    if speculative_config and speculative_config.get("method") == "ngram" and not _IN_CHILD:
-        return run_engine_subprocess(
-            dict(
-                target=str(target),
-                speculative_config=speculative_config,
-                prompts=prompts,
-                sampling=sampling,
-                additional_config=additional_config,
-                max_model_len=max_model_len,
-                engine_args=engine_args,
-            )
-        )
+    """Build an LLM in this process, generate, read vLLM's and the judge's counters."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(
@@ -162,7 +143,6 @@ def run_engine_subprocess(spec: dict, env: dict | None = None, timeout: float = 
 if __name__ == "__main__":
     from dataclasses import asdict
 
-    _IN_CHILD = True
     args = json.loads(sys.argv[1])
     args["target"] = Path(args["target"])
     result = run_engine(**args)

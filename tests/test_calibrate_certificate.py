@@ -271,6 +271,10 @@ def test_every_certificate_on_a_shared_store_is_listed_in_the_others_reports(mon
     _, again = _run(monkeypatch, tmp_path, engine)  # the first folder's rerun now names b's
     assert len((tmp_path / "out" / "store" / "certificates.jsonl").read_text().splitlines()) == 3
     assert [r["binding"]["budget"] for r in again["other_certificates"]] == [0.2, 0.2]
+    # its own exploratory 20% run is named as this folder's, b's by its path
+    line = calibrate.other_certificates_line(again)
+    assert "this folder, with other settings: answer_changes within 20%" in line
+    assert f"{(tmp_path / 'b').resolve()}: answer_changes within 20%" in line
 
 
 def test_the_chat_benchmarks_measurement_folders_share_one_store(monkeypatch, tmp_path):
@@ -447,3 +451,18 @@ def test_label_prompts_given_otherwise_here_are_dropped(monkeypatch, tmp_path, c
     assert report["calibration_prompts"] == 140 and "q10" not in {i for _, i in engine.served}
     out = capsys.readouterr().out
     assert "records its label prompts by their exact content only" in out and "dropped 10 of 150" in out
+
+
+def test_the_other_certificates_line_names_this_folders_earlier_runs_and_unrecorded_heads():
+    """A store's list written before heads were recorded, whose folder this run reuses with a new
+    head (the chat benchmark's): the earlier entry is this folder's, its head not recorded."""
+    binding = {"measure": "meaning_changes", "budget": 0.1, "confidence": 0.95, "families": ["judge"]}
+    report = {"settings": {"head_sha256": "b" * 64}, "other_certificates": [
+        {"folder": "/x/10pct", "binding": binding, "exploratory": False, "this_folder": True},
+        {"folder": "/x/5pct", "binding": dict(binding, budget=0.05), "exploratory": False, "head_sha256": "a" * 64,
+         "this_folder": False}]}
+    line = calibrate.other_certificates_line(report)
+    assert line.startswith("2 other certificates were computed on these responses: this folder, with other "
+                           "settings: meaning_changes within 10% at 95% confidence (rules judge) (its head not "
+                           "recorded); /x/5pct: meaning_changes within 5% at 95% confidence (rules judge) (head "
+                           "aaaaaaaaaaaa: its judge points are its own)")

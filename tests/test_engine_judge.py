@@ -413,10 +413,11 @@ def test_tensor_parallel_2_judges_like_1_and_publishes_once(workdir, tiny_pair):
     head = write_head(workdir / "heads/tp", target, weight, bias=0.0)
     spec = dict(target=str(target), speculative_config=spec_config("draft_model", draft, k=3), prompts=PROMPTS[:6],
                 sampling=GREEDY, additional_config={"selfjudge": {"head": str(head)}})
-    # Multi-process mode (TP workers); the counters come back through collective_rpc with a function.
+    # TP=1 in this process (as the other engine tests: no interpreter to start); TP=2 in
+    # multi-process mode (its workers), whose counters come back through collective_rpc.
+    one = run_engine(target, spec["speculative_config"], spec["prompts"], GREEDY, spec["additional_config"])
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1",
            "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
-    one = run_engine_subprocess(spec, env=env)
     two = run_engine_subprocess(dict(spec, engine_args={"tensor_parallel_size": 2}), env=env)
     assert 0 < one.judge["judge_accepted"] < one.judge["draft_tokens"]
     assert two.token_ids == one.token_ids
