@@ -176,7 +176,10 @@ def run_calibrate(args) -> None:
                 status = child.wait()
             except BaseException:  # e.g. `kill PID` of this driver (SystemExit): no orphaned calibrate or server
                 if child.poll() is None:
-                    child.send_signal(signal.SIGINT)  # calibrate stops its server on Ctrl-C and exits 130
+                    # SIGTERM, which calibrate takes as Ctrl-C (it stops its server and exits 130):
+                    # not SIGINT, which a driver started in the background (`cmd &` in a script)
+                    # passes on ignored, and then nothing stops the child.
+                    child.send_signal(signal.SIGTERM)
                     child.wait()
                 raise
             if status == calibrate.EXIT_INTERRUPTED:

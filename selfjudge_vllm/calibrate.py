@@ -587,7 +587,8 @@ def record_store_certificate(settings: CalibrateSettings, binding: dict, explora
 def other_certificates(settings: CalibrateSettings, binding: dict) -> list[dict]:
     """The certificates (and exploratory runs) computed on this folder's store's responses
     other than this one, in the order they were first computed; `this_folder` marks those
-    computed in this folder with other settings (an exploratory rerun, or a head replaced)."""
+    computed in this folder with other settings (an exploratory rerun, or the run of a folder
+    since removed and begun again)."""
     folder = str(settings.out.resolve())
     return [dict(r, this_folder=r.get("folder") == folder)
             for r in load_jsonl(settings.out / "store" / STORE_CERTIFICATES_FILE)
@@ -617,7 +618,8 @@ def other_certificates_line(report: dict) -> str | None:
     def head_note(r: dict) -> str:
         if r.get("head_sha256") and r["head_sha256"] != mine:
             return f" (head {r['head_sha256'][:12]}: its judge points are its own)"
-        return " (its head not recorded)" if mine and not r.get("head_sha256") else ""
+        # (entries written before heads were recorded have no head_sha256; a rules-only run's is None)
+        return " (its head not recorded)" if mine and "head_sha256" not in r else ""
 
     listed = "; ".join(("this folder, with other settings" if r.get("this_folder") else r["folder"])
                        + f": {describe_binding(r['binding'])}{head_note(r)}"

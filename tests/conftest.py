@@ -38,9 +38,9 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
 if os.environ.get("PYTEST_XDIST_WORKER") and _workers > 1 and _workers == os.cpu_count():
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
 
-# Module fixtures shared by long tests (a label run, a shared LLM, the README's models): under
+# Module fixtures shared by long tests (a label run, a shared LLM, the README's models, stock vLLM's runs): under
 # `pytest -n 2 --dist loadgroup` the tests that use one go to the same worker, so it is built once.
-SHARED_MODULE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm", "readme_pair", "draft_lossless")
+SHARED_MODULE_FIXTURES = ("labelled_run", "uninterrupted_run", "llm", "readme_pair", "draft_lossless", "stock_runs")
 
 
 def pytest_configure(config):

@@ -15,7 +15,6 @@ from selfjudge_vllm.testing.tiny_models import PROMPTS
 NGRAM_PROMPTS = [p + " " + p + " " + p.split()[0] for p in PROMPTS]
 
 
-
 @dataclass
 class EngineResult:
     token_ids: list[list[int]]
@@ -114,17 +113,27 @@ def run_engine(
 
 def run_engine_subprocess(spec: dict, env: dict | None = None, timeout: float = 300) -> EngineResult:
     """Same as run_engine, in a fresh interpreter (stock-vLLM baselines, multi-process mode)."""
+    return run_engines_subprocess([spec], env, timeout)[0]
+
+
+def run_engines_subprocess(specs: list[dict], env: dict | None = None, timeout: float = 300) -> list[EngineResult]:
+    """run_engine for each spec in turn, in one fresh interpreter (one vLLM import for them all).
+    An `ngram` engine comes last: this interpreter has none of tests/conftest.py's patches, and
+    vLLM 0.32 cannot build an engine after one that imported numba."""
     import os
 
+    methods = [(s.get("speculative_config") or {}).get("method") for s in specs]
+    if "ngram" in methods[:-1]:
+        raise ValueError(f"an ngram engine must be the last of the interpreter's engines: {methods}")
     full_env = dict(os.environ)
     full_env.update(env or {})
     for attempt in (1, 2):
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
+            [sys.executable, str(Path(__file__).resolve()), json.dumps(specs)],
             capture_output=True,
             text=True,
             env=full_env,
-            timeout=timeout,
+            timeout=timeout * len(specs),
         )
         # Seen once in CI: the CPU engine aborted natively while starting, after loading the
         # weights and before any step ("terminate called without an active exception"; the
@@ -136,14 +145,14 @@ def run_engine_subprocess(spec: dict, env: dict | None = None, timeout: float = 
         print(f"engine subprocess aborted natively while starting; starting it again:\n{proc.stderr[-1000:]}")
     if proc.returncode != 0:
         raise RuntimeError(f"engine subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")][-1]
-    return EngineResult(**json.loads(line[len("RESULT "):]))
+    results = [json.loads(out[len("RESULT "):]) for out in proc.stdout.splitlines() if out.startswith("RESULT ")]
+    assert len(results) == len(specs), proc.stdout[-2000:]
+    return [EngineResult(**r) for r in results]
 
 
 if __name__ == "__main__":
     from dataclasses import asdict
 
-    args = json.loads(sys.argv[1])
-    args["target"] = Path(args["target"])
-    result = run_engine(**args)
-    print("RESULT " + json.dumps(asdict(result)), flush=True)
+    for args in json.loads(sys.argv[1]):
+        result = run_engine(**dict(args, target=Path(args["target"])))
+        print("RESULT " + json.dumps(asdict(result)), flush=True)

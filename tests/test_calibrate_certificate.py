@@ -455,14 +455,19 @@ def test_label_prompts_given_otherwise_here_are_dropped(monkeypatch, tmp_path, c
 
 def test_the_other_certificates_line_names_this_folders_earlier_runs_and_unrecorded_heads():
     """A store's list written before heads were recorded, whose folder this run reuses with a new
-    head (the chat benchmark's): the earlier entry is this folder's, its head not recorded."""
+    head (the chat benchmark's): the earlier entry is this folder's, its head not recorded; a
+    rules-only run's entry (no head) gets no head note."""
     binding = {"measure": "meaning_changes", "budget": 0.1, "confidence": 0.95, "families": ["judge"]}
     report = {"settings": {"head_sha256": "b" * 64}, "other_certificates": [
         {"folder": "/x/10pct", "binding": binding, "exploratory": False, "this_folder": True},
         {"folder": "/x/5pct", "binding": dict(binding, budget=0.05), "exploratory": False, "head_sha256": "a" * 64,
+         "this_folder": False},
+        {"folder": "/x/rules", "binding": dict(binding, families=["fly"]), "exploratory": False, "head_sha256": None,
          "this_folder": False}]}
     line = calibrate.other_certificates_line(report)
-    assert line.startswith("2 other certificates were computed on these responses: this folder, with other "
+    assert line.endswith("; /x/rules: meaning_changes within 10% at 95% confidence (rules fly). Choosing among them "
+                         "after seeing them is not covered by any one certificate")  # no head: nothing to say
+    assert line.startswith("3 other certificates were computed on these responses: this folder, with other "
                            "settings: meaning_changes within 10% at 95% confidence (rules judge) (its head not "
                            "recorded); /x/5pct: meaning_changes within 5% at 95% confidence (rules judge) (head "
                            "aaaaaaaaaaaa: its judge points are its own)")

@@ -15,6 +15,7 @@ from tests.engine_helpers import (
     PROMPTS,
     run_engine,
     run_engine_subprocess,
+    run_engines_subprocess,
     spec_config,
 )
 
@@ -57,23 +58,33 @@ def draft_lossless(tiny_pair):
 PROPOSERS = ["draft_model", "ngram", "eagle", "eagle3"]
 
 
+@pytest.fixture(scope="module")
+def stock_runs(tiny_pair, drafters) -> dict:
+    """Stock vLLM, greedy, each proposer on its prompts: one fresh interpreter with no plugin
+    loaded at all, its engines one after another (ngram last)."""
+    target, _ = tiny_pair
+    kinds = sorted(PROPOSERS, key=lambda kind: kind == "ngram")
+    runs = run_engines_subprocess(
+        [dict(target=str(target), speculative_config=spec_config(kind, drafters[kind]), prompts=_prompts(kind),
+              sampling=GREEDY) for kind in kinds],
+        env={"VLLM_PLUGINS": "none-of-ours"},
+    )
+    return dict(zip(kinds, runs))
+
+
 def _prompts(kind):
     return NGRAM_PROMPTS if kind == "ngram" else PROMPTS
 
 
 @pytest.mark.parametrize("kind", PROPOSERS)
 def test_judge_off_and_reject_all_equal_stock_vllm_and_accept_all_accepts_every_draft(kind, tiny_pair, heads,
-                                                                                        drafters):
+                                                                                        drafters, stock_runs):
     """One proposer, four engines: stock vLLM, judge off, a reject-all and an accept-all head
     (one test, so the judge-off run is both the identity check and the accept-all's lossless)."""
     target, _ = tiny_pair
     spec = spec_config(kind, drafters[kind])
     prompts = _prompts(kind)
-    # Stock vLLM: a fresh interpreter with no plugin loaded at all.
-    stock = run_engine_subprocess(
-        dict(target=str(target), speculative_config=spec, prompts=prompts, sampling=GREEDY),
-        env={"VLLM_PLUGINS": "none-of-ours"},
-    )
+    stock = stock_runs[kind]
     assert stock.judge is None
     off = run_engine(target, spec, prompts, GREEDY, {"selfjudge": {"enabled": False}})
     reject = run_engine(target, spec, prompts, GREEDY, {"selfjudge": {"head": str(heads["reject_all"])}})
@@ -186,20 +197,28 @@ def test_half_threshold_with_eagle_matches_the_reference_on_its_drafts(kind, wor
     _check_against_reference(judged, lossless, expected, trace)
 
 
+@pytest.fixture(scope="module")
+def entropy_at_lossless_mismatches(tiny_pair, draft_lossless) -> float:
+    """The median target entropy at the draft's mismatches along the lossless trajectories (k=3),
+    by the reference: the entropy rule's knob in the tests below. An infinite knob accepts
+    nothing, so the trajectories and their entropies are the same for every window."""
+    target_dir, draft_dir = tiny_pair
+    target, draft = reference.load(target_dir), reference.load(draft_dir)
+    probe = reference.RelaxedTrace()
+    for p in draft_lossless.prompt_token_ids:
+        reference.relaxed_greedy_sd(target, draft, p, GREEDY["max_tokens"], 3, "entropy", float("inf"), 0, probe)
+    return float(np.median(probe.statistics))
+
+
 @pytest.mark.parametrize("rule,window", [("top_alpha", 0), ("entropy", 0), ("entropy", 1)])
-def test_training_free_rules_match_independent_reference(rule, window, tiny_pair, draft_lossless):
+def test_training_free_rules_match_independent_reference(rule, window, tiny_pair, draft_lossless, request):
     """Greedy SD with a training-free rule equals a plain transformers loop (tests/reference.py)."""
     target_dir, draft_dir = tiny_pair
     k = 3
     target, draft = reference.load(target_dir), reference.load(draft_dir)
     lossless = draft_lossless
     # Knob: alpha 0.3, or the median entropy at mismatches along lossless trajectories.
-    knob = 0.3
-    if rule == "entropy":
-        probe = reference.RelaxedTrace()
-        for p in lossless.prompt_token_ids:
-            reference.relaxed_greedy_sd(target, draft, p, GREEDY["max_tokens"], k, rule, float("inf"), window, probe)
-        knob = float(np.median(probe.statistics))
+    knob = request.getfixturevalue("entropy_at_lossless_mismatches") if rule == "entropy" else 0.3
     section = {"rule": rule, "alpha": knob} if rule == "top_alpha" else {
         "rule": rule, "min_entropy": knob, "entropy_window": window}
     relaxed = run_engine(target_dir, spec_config("draft_model", draft_dir, k=k), PROMPTS, GREEDY,

@@ -456,7 +456,8 @@ def test_target_identity_is_written_atomically_into_the_run_store(tmp_path, monk
 def test_ngram_lookup_equals_vllms_own_function():
     """offline/proposers.ngram_proposal against vLLM's numba lookup, on random sequences over
     small alphabets (many repeats, ties between occurrences, overlapping matches). vLLM's
-    function runs in its own interpreter: importing numba here would break later engines."""
+    function runs in its own interpreter: numba in this process breaks later engine builds of
+    vLLM 0.32 unless tests/conftest.py's patch is in place, which only engine tests install."""
     import subprocess
     import sys
 
