@@ -585,6 +585,59 @@ def test_ngram_timings_with_numba_workqueue_are_recorded_and_reported(tmp_path, 
     assert "k=8 lossless 1 of 3 timed items." in _markdown(rows, headlines(rows), setup)
 
 
+def test_chat_speed_resumes_pair_by_pair_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    """benchmarks/chat_speed.py: a sitting cut by --max-minutes keeps the pairs it finished; the
+    next measures only the others (each sitting warms up once per concurrency), and the figures
+    come from all of them. A rerun with nothing left starts no server; one with other settings
+    is refused. (Arms are faked: the bookkeeping is what is tested, not the speed.)"""
+    from benchmarks import chat_speed
+    from selfjudge_vllm import server_process
+
+    calls = []
+
+    def fake_arm(base_url, items, extra, concurrency):
+        calls.append((concurrency, len(items), extra))
+        relaxed = extra != chat_speed.request_options("lossless", None)
+        return {"wall_s": 1.0, "tokens": 10, "tokens_per_s": 12.0 if relaxed else 10.0}
+
+    monkeypatch.setattr(chat_speed, "arm", fake_arm)
+    items = [chat_speed.PromptItem(f"p{i}", "text", 8) for i in range(4)]
+    plan = chat_speed.pair_plan([("judge", 0.5), ("fly", 0.3)], [1, 4], repeats=2)
+    assert len(plan) == 8 and len({p["key"] for p in plan}) == 8
+    rows, ticks = [], iter(range(100))
+    assert not chat_speed.measure("http://x", items, plan, 2, rows.append, lambda: next(ticks) >= 3)
+    assert [r["key"] for r in rows] == [p["key"] for p in plan[:3]]
+    assert len(calls) == 1 + 3 * 2  # one warm-up at batch 1, then a lossless and a relaxed arm per pair
+    calls.clear()
+    assert chat_speed.measure("http://x", items, [p for p in plan if p not in plan[:3]], 2, rows.append)
+    assert sorted(r["key"] for r in rows) == sorted(p["key"] for p in plan)
+    assert [c for c, _, _ in calls].count(4) == 1 + 4 * 2 and calls[0][:2] == (1, 2)  # warm-ups, subsets
+    table = chat_speed.figures(rows)
+    assert set(table) == {"1", "4"} and table["1"]["items"] == 2 and table["4"]["items"] == 4
+    for by_point in table.values():
+        assert set(by_point["points"]) == {"judge-0.5", "fly-0.3"}
+        for point in by_point["points"].values():
+            assert len(point["runs"]) == 2 and point["ratio_median"] == pytest.approx(1.2)
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("a server was started with nothing to measure")
+
+    monkeypatch.setattr(server_process, "Server", no_server)
+    out = tmp_path / "speed"
+    argv = ["--tiny", "--points", "top_alpha=0", "--repeats", "1", "--items", "4", "--out", str(out)]
+    first = chat_speed.pair_plan([("top_alpha", 0.0)], [1, 16], 1)
+    out.mkdir()
+    with open(out / "pairs.jsonl", "w") as f:
+        for pair in first:
+            f.write(json.dumps({**pair, "items": 2, "ratio": 1.1, "lossless": {"tokens_per_s": 10.0},
+                                "relaxed": {"tokens_per_s": 11.0}}) + "\n")
+    assert chat_speed.main(argv) == 0
+    speed = json.loads((out / "speed.json").read_text())
+    assert speed["complete"] and speed["figures"]["16"]["points"]["top_alpha-0"]["ratio_median"] == 1.1
+    assert chat_speed.main(argv[:-2] + ["--max-tokens", "64", "--out", str(out)]) == 2
+    assert "other settings (max_tokens)" in capsys.readouterr().err
+
+
 # -- end to end on tiny models ------------------------------------------------------------------------
 
 

@@ -33,9 +33,10 @@ def test_64_concurrent_mixed_requests_with_disconnects(workdir, tiny_pair, tmp_p
     judge = Server(serve_command(target, free_port(), spec, {"selfjudge": {"head": str(head)}}),
                    tmp_path / "judge.log", env=env)
     try:
-        # Stock vLLM, no plugin loaded at all: the lossless reference.
+        # Stock vLLM, no plugin loaded at all: the lossless reference (in vLLM's one-process
+        # worker mode, the suite's default: only the judged server is under test here).
         stock = Server(serve_command(target, free_port(), spec, None), tmp_path / "stock.log",
-                       env=dict(env, VLLM_PLUGINS="none-of-ours"))
+                       env={"VLLM_PLUGINS": "none-of-ours"})
         try:
             requests = make_requests(72, seed=1)
             start = time.monotonic()
