@@ -55,6 +55,8 @@ def parse_points(text: str) -> list[tuple[str, float]]:
     for part in text.split(","):
         rule, _, knob = part.partition("=")
         points.append((rule.strip(), float(knob)))
+    if len({point_key(*p) for p in points}) < len(points):
+        raise argparse.ArgumentTypeError(f"a point is given twice in {text!r}")
     return points
 
 
@@ -67,7 +69,7 @@ def arm(base_url: str, items: list[PromptItem], extra: dict, concurrency: int) -
 
 
 def point_key(rule: str, knob: float) -> str:
-    return f"{rule}-{knob:g}"
+    return f"{rule}-{knob!r}"  # every digit: two knobs never share a key
 
 
 def pair_plan(points: list[tuple[str, float]], concurrencies: list[int], repeats: int) -> list[dict]:
@@ -80,16 +82,18 @@ def measure(base_url: str, items: list[PromptItem], todo: list[dict], batch1_ite
             out_of_time=lambda: False) -> bool:
     """Serve the pairs of `todo` (pair_plan's rows), each a lossless arm then the relaxed arm,
     handing each finished pair to `record`; the first arm at each concurrency of a sitting is a
-    warm-up (not counted). False when out_of_time stopped it before the last pair."""
+    warm-up on every prompt of the arm (not counted: afterwards every arm finds its prompts in
+    the prefix cache, lossless and relaxed alike). False when out_of_time stopped it before the
+    last pair."""
     progress, warmed = Progress(len(todo), unit="pairs"), set()
     for pair in todo:
-        if out_of_time():
+        if progress.done and out_of_time():  # every sitting measures at least one pair
             log(f"--max-minutes reached: {progress.line()}; rerun to continue")
             return False
         concurrency = pair["concurrency"]
         subset = items[:batch1_items] if concurrency == 1 else items
         if concurrency not in warmed:
-            arm(base_url, subset[:2], request_options("lossless", None), concurrency)
+            arm(base_url, subset, request_options("lossless", None), concurrency)
             warmed.add(concurrency)
         before = arm(base_url, subset, request_options("lossless", None), concurrency)
         relaxed = arm(base_url, subset, request_options(pair["rule"], pair["knob"]), concurrency)
@@ -119,7 +123,7 @@ def figures(pairs: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     from benchmarks.chat_meaning import BENCHMARK_HEAD
-    from selfjudge_vllm.files import file_sha256
+    from benchmarks.runner import head_digest
     from selfjudge_vllm.server_process import Server, exit_cleanly_on_sigterm, free_port, serve_command
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,10 +138,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, help="pairs and figures (default: RESULTS/chat_speed/ngram-k8; "
                                                  "a new temporary folder with --tiny)")
-    parser.add_argument("--max-minutes", type=float, help="start no new pair after this")
+    parser.add_argument("--max-minutes", type=float,
+                        help="start no new pair after this many minutes of serving (the server's start not counted)")
     args = parser.parse_args(argv)
     exit_cleanly_on_sigterm()
-    started = time.monotonic()
     if args.tiny:
         import torch
 
@@ -164,10 +168,12 @@ def main(argv=None) -> int:
 
     spec = speculative_config(("ngram", 8), None)  # the benchmarks' ngram lookup settings
     # What the pairs depend on (the points and repeats only choose which pairs to measure).
-    settings = {"target": "tiny" if args.tiny else str(target), "server": spec,
-                "head_sha256": file_sha256(Path(head) / "model.safetensors"),
-                "items": [item.id for item in items], "batch1_items": args.batch1_items,
-                "concurrency": args.concurrency, "max_tokens": args.max_tokens}
+    env = every_core_env()  # the model gets every core on a CPU machine, unless set otherwise
+    settings = {"target": "tiny" if args.tiny else str(Path(target).resolve()), "server": spec,
+                "head": head_digest(Path(head)), "items": [item.id for item in items],
+                "batch1_items": args.batch1_items, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                # the server's cores and threading layer (measured: up to 1.7x tokens/s on 2 cores)
+                "environment": {k: env.get(k, os.environ.get(k)) for k in EVERY_CORE_ENV}}
     out.mkdir(parents=True, exist_ok=True)
     bound = out / "settings.json"
     if bound.is_file() and json.loads(bound.read_text()) != settings:
@@ -186,12 +192,13 @@ def main(argv=None) -> int:
     if todo:
         rules = sorted({r for r, _ in args.points} | {"top_alpha"})
         section = {"head": str(head), "rule": "judge", "request_rules": rules}
-        env = every_core_env()  # the model gets every core on a CPU machine, unless set otherwise
         server = Server(serve_command(target, free_port(), spec, {"selfjudge": section}, model_name="target",
                                       dtype=dtype, max_model_len=max_model_len),
                         out / "server.log", startup_timeout=900, env=env)
+        serving_since = time.monotonic()  # the sitting's minutes count from here: a slow start still serves a pair
+
         def out_of_time() -> bool:
-            return args.max_minutes is not None and (time.monotonic() - started) / 60 > args.max_minutes
+            return args.max_minutes is not None and (time.monotonic() - serving_since) / 60 > args.max_minutes
 
         try:
             complete = measure(server.base, items, todo, args.batch1_items,
@@ -203,7 +210,7 @@ def main(argv=None) -> int:
     result = {"server": spec, "points": [point_key(r, k) for r, k in args.points], "repeats": args.repeats,
               "max_tokens": args.max_tokens, "complete": complete, "figures": table,
               "date": datetime.date.today().isoformat(),
-              "environment": {k: every_core_env().get(k, os.environ.get(k)) for k in EVERY_CORE_ENV}}
+              "environment": settings["environment"]}
     for concurrency, by_point in table.items():
         for key, point in by_point["points"].items():
             print(f"concurrency {concurrency}: {key} {point['ratio_median']:.3f}x lossless tokens/s "

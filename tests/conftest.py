@@ -162,7 +162,8 @@ def pytest_collection_finish(session):
     it (it marks a grouped test by a suffix of its node id; pytest 9.2 no longer takes it)."""
     if getattr(session.config.option, "loadgroup", False):  # set in xdist workers only
         for item in session.items:
-            item.selfjudge_ungrouped = item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid
+            group = item.get_closest_marker("xdist_group")
+            item.selfjudge_ungrouped = group is not None and not item.nodeid.endswith("@" + group.args[0])
 
 
 @pytest.hookimpl(wrapper=True)

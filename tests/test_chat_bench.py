@@ -585,56 +585,64 @@ def test_ngram_timings_with_numba_workqueue_are_recorded_and_reported(tmp_path, 
     assert "k=8 lossless 1 of 3 timed items." in _markdown(rows, headlines(rows), setup)
 
 
-def test_chat_speed_resumes_pair_by_pair_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+def test_chat_speed_resumes_pair_by_pair_and_refuses_other_settings(tmp_path, monkeypatch, capsys, tiny_pair):
     """benchmarks/chat_speed.py: a sitting cut by --max-minutes keeps the pairs it finished; the
-    next measures only the others (each sitting warms up once per concurrency), and the figures
-    come from all of them. A rerun with nothing left starts no server; one with other settings
-    is refused. (Arms are faked: the bookkeeping is what is tested, not the speed.)"""
+    next measures only the others, after warming up on every prompt of each concurrency; the
+    figures hold the pairs of the requested plan only; with nothing left no server starts, and
+    other settings are refused. (Arms and server are faked: the bookkeeping is tested, not speed.)"""
     from benchmarks import chat_speed
     from selfjudge_vllm import server_process
+    from selfjudge_vllm.testing import tiny_models
 
-    calls = []
+    calls, servers = [], []
 
     def fake_arm(base_url, items, extra, concurrency):
-        calls.append((concurrency, len(items), extra))
         relaxed = extra != chat_speed.request_options("lossless", None)
+        calls.append((concurrency, len(items), relaxed))
         return {"wall_s": 1.0, "tokens": 10, "tokens_per_s": 12.0 if relaxed else 10.0}
 
+    class FakeServer:
+        base = "http://fake"
+
+        def __init__(self, command, log_path, **kwargs):
+            servers.append(command)
+
+        def stop(self):
+            return 0
+
     monkeypatch.setattr(chat_speed, "arm", fake_arm)
-    items = [chat_speed.PromptItem(f"p{i}", "text", 8) for i in range(4)]
-    plan = chat_speed.pair_plan([("judge", 0.5), ("fly", 0.3)], [1, 4], repeats=2)
-    assert len(plan) == 8 and len({p["key"] for p in plan}) == 8
-    rows, ticks = [], iter(range(100))
-    assert not chat_speed.measure("http://x", items, plan, 2, rows.append, lambda: next(ticks) >= 3)
-    assert [r["key"] for r in rows] == [p["key"] for p in plan[:3]]
-    assert len(calls) == 1 + 3 * 2  # one warm-up at batch 1, then a lossless and a relaxed arm per pair
+    monkeypatch.setattr(server_process, "Server", FakeServer)
+    monkeypatch.setattr(tiny_models, "build_target_and_draft", lambda path, **kwargs: tiny_pair)
+    out = tmp_path / "speed"
+    argv = ["--tiny", "--points", "judge=0.5,fly=0.3", "--items", "4", "--batch1-items", "2",
+            "--concurrency", "4", "--repeats", "2", "--out", str(out)]
+    assert chat_speed.main(argv + ["--max-minutes", "0"]) == 3  # one pair, then out of time
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["c1/r0/judge-0.5"] and len(servers) == 1
+    assert calls == [(1, 2, False), (1, 2, False), (1, 2, True)]  # warm-up, lossless, relaxed
     calls.clear()
-    assert chat_speed.measure("http://x", items, [p for p in plan if p not in plan[:3]], 2, rows.append)
-    assert sorted(r["key"] for r in rows) == sorted(p["key"] for p in plan)
-    assert [c for c, _, _ in calls].count(4) == 1 + 4 * 2 and calls[0][:2] == (1, 2)  # warm-ups, subsets
-    table = chat_speed.figures(rows)
-    assert set(table) == {"1", "4"} and table["1"]["items"] == 2 and table["4"]["items"] == 4
-    for by_point in table.values():
-        assert set(by_point["points"]) == {"judge-0.5", "fly-0.3"}
-        for point in by_point["points"].values():
+    assert chat_speed.main(argv) == 0
+    keys = [json.loads(line)["key"] for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert keys == [p["key"] for p in chat_speed.pair_plan([("judge", 0.5), ("fly", 0.3)], [1, 4], 2)]
+    # Each concurrency warmed up once on all its prompts, then 7 pairs of two arms.
+    assert [c for c in calls if not c[2]].count((1, 2, False)) == 1 + 3 and calls[0] == (1, 2, False)
+    assert calls.count((4, 4, False)) == 1 + 4 and len(calls) == 2 + 7 * 2
+    speed = json.loads((out / "speed.json").read_text())
+    assert speed["complete"] and set(speed["figures"]) == {"1", "4"}
+    for table in speed["figures"].values():
+        for point in table["points"].values():
             assert len(point["runs"]) == 2 and point["ratio_median"] == pytest.approx(1.2)
 
     def no_server(*args, **kwargs):
         raise AssertionError("a server was started with nothing to measure")
 
     monkeypatch.setattr(server_process, "Server", no_server)
-    out = tmp_path / "speed"
-    argv = ["--tiny", "--points", "top_alpha=0", "--repeats", "1", "--items", "4", "--out", str(out)]
-    first = chat_speed.pair_plan([("top_alpha", 0.0)], [1, 16], 1)
-    out.mkdir()
-    with open(out / "pairs.jsonl", "w") as f:
-        for pair in first:
-            f.write(json.dumps({**pair, "items": 2, "ratio": 1.1, "lossless": {"tokens_per_s": 10.0},
-                                "relaxed": {"tokens_per_s": 11.0}}) + "\n")
-    assert chat_speed.main(argv) == 0
+    fewer = [a if a != "2" or argv[i - 1] != "--repeats" else "1" for i, a in enumerate(argv)]
+    assert chat_speed.main(fewer) == 0
     speed = json.loads((out / "speed.json").read_text())
-    assert speed["complete"] and speed["figures"]["16"]["points"]["top_alpha-0"]["ratio_median"] == 1.1
-    assert chat_speed.main(argv[:-2] + ["--max-tokens", "64", "--out", str(out)]) == 2
+    assert all(len(point["runs"]) == 1 for table in speed["figures"].values() for point in table["points"].values())
+    capsys.readouterr()
+    assert chat_speed.main(argv + ["--max-tokens", "64"]) == 2
     assert "other settings (max_tokens)" in capsys.readouterr().err
 
 

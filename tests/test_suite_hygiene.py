@@ -57,7 +57,7 @@ def test_a_failed_test_leaves_no_process_running_not_even_an_orphan(pytester):
 
 def test_tests_sharing_a_module_fixture_run_on_one_worker_which_builds_it_once(pytester):
     """`pytest -n 2 --dist loadgroup` with the suite's conftest: the tests that use one of
-    SHARED_MODULE_FIXTURES (or two of them: one group) run on one worker, so each fixture is
+    SHARED_MODULE_FIXTURES (or several, chained: one group) run on one worker, so each fixture is
     built once, not once per worker (what pytest 9.2 silently did: pytest-xdist#1386)."""
     pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
     builds = pytester.path / "builds.txt"
@@ -87,12 +87,23 @@ def test_tests_sharing_a_module_fixture_run_on_one_worker_which_builds_it_once(p
         def test_lossless(i, draft_lossless):
             pass
 
+        @pytest.fixture(scope="module")
+        def llm():
+            return built("llm")
+
         def test_both(stock_runs, draft_lossless):
+            pass
+
+        def test_chained(draft_lossless, llm):
+            pass
+
+        @pytest.mark.parametrize("i", ["a@b"])
+        def test_at_sign_in_its_id(i, llm):
             pass
     """)
     pytester.makepyfile(**{f"test_plain{i}": "def test_plain():\n    pass\n" for i in range(6)})
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "loadgroup", "-v")
-    result.assert_outcomes(passed=16)
+    result.assert_outcomes(passed=18)
     lines = builds.read_text().splitlines()
-    assert sorted(line.split()[0] for line in lines) == ["draft_lossless", "stock_runs"], lines
-    assert len({line.split()[1] for line in lines}) == 1  # test_both joined the two into one group
+    assert sorted(line.split()[0] for line in lines) == ["draft_lossless", "llm", "stock_runs"], lines
+    assert len({line.split()[1] for line in lines}) == 1  # test_both and test_chained joined the three
