@@ -73,9 +73,10 @@ def point_key(rule: str, knob: float) -> str:
 
 
 def pair_plan(points: list[tuple[str, float]], concurrencies: list[int], repeats: int) -> list[dict]:
-    """Every pair in serving order: per concurrency, each repeat takes every point in turn."""
+    """Every pair in serving order: each repeat takes every concurrency and every point in turn
+    (a sitting cut short has measured every point at both batch sizes)."""
     return [{"key": f"c{c}/r{r}/{point_key(rule, knob)}", "concurrency": c, "repeat": r, "rule": rule, "knob": knob}
-            for c in concurrencies for r in range(repeats) for rule, knob in points]
+            for r in range(repeats) for c in concurrencies for rule, knob in points]
 
 
 def measure(base_url: str, items: list[PromptItem], todo: list[dict], batch1_items: int, record,
