@@ -168,8 +168,8 @@ def main(argv=None) -> int:
     from benchmarks.runner import speculative_config
 
     spec = speculative_config(("ngram", 8), None)  # the benchmarks' ngram lookup settings
-    # What the pairs depend on (the points and repeats only choose which pairs to measure).
     env = every_core_env()  # the model gets every core on a CPU machine, unless set otherwise
+    # What the pairs depend on (the points and repeats only choose which pairs to measure).
     settings = {"target": "tiny" if args.tiny else str(Path(target).resolve()), "server": spec,
                 "head": head_digest(Path(head)), "items": [item.id for item in items],
                 "batch1_items": args.batch1_items, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
