@@ -218,7 +218,9 @@ def server_report(out: Path, root: Path, requests: dict[str, str]) -> dict:
               for _, label, _, name, r in reports if r and r.get("scorer") != benchmark_scorers[label]]
     return {"server": root.name, "prompts": len(requests), "lossless_served": len(store.done(LOSSLESS)),
             "calibration_prompts": len(calibration_ids), "test_prompts": len(test_ids),
-            "certified": [certified_cell(*entry) for entry in reports], "points": points,
+            # begun: a calibrate run bound the folder (one interrupted before its first report has no report)
+            "certified": [certified_cell(*entry) | {"begun": (root / entry[3] / "settings.json").is_file()}
+                          for entry in reports], "points": points,
             "full": {"planned": plan is not None, "points": full}, "notes": notes}
 
 
@@ -384,7 +386,9 @@ def certified_table(cells: list[dict]) -> list[str]:
     for cell in cells:
         title = SCORER_TITLES[cell["scorer"]]
         if not cell["ran"]:
-            lines.append(f"| {title} | {100 * cell['budget']:g}% | not run yet | - | - |")
+            status = ("begun, interrupted before its first report (rerun calibrate to continue)"
+                      if cell.get("begun") else "not run yet")
+            lines.append(f"| {title} | {100 * cell['budget']:g}% | {status} | - | - |")
             continue
         result = ("exploratory (nothing certified)" if cell["exploratory"] else
                   f"relaxed point certified ({PENDING}: its test part was cut, rerun calibrate to finish it)"

@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks import chat_meaning, chat_meaning_report
 from selfjudge_vllm import calibrate, certify, measurement
+from selfjudge_vllm.files import file_sha256
 from selfjudge_vllm.meaning import Pair
 
 IDS = [f"p{i}" for i in range(10)]
@@ -133,6 +134,11 @@ def _no_serving_or_scoring(monkeypatch):
 
 def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monkeypatch, tmp_path):
     tree = _report_tree(tmp_path)
+    # A run interrupted before its first report: the folder is bound, no report yet.
+    begun = tree.root / chat_meaning.measurement_name("meaning_changes", "llm", 0.10)
+    begun.mkdir()
+    (begun / "settings.json").write_text(json.dumps(
+        {"head_sha256": file_sha256(chat_meaning.BENCHMARK_HEAD / "model.safetensors")}))
     monkeypatch.setattr(chat_meaning, "OUT", tree.out)
     _no_serving_or_scoring(monkeypatch)
     assert chat_meaning.main(["--report-only"]) == 0  # no --testbed needed: nothing is served
@@ -202,6 +208,8 @@ def test_the_report_gives_each_points_figures_from_the_store_and_the_scores(monk
     assert "| embedding (first 4), judged_loss |" in md
     assert "| fly 0.3 | 4 of 8 (stopped early by embedding 10%) | 2.000x (4.00) |" in md
     assert "| meaning changed, LLM judge | 5% | not run yet | - | - |" in md
+    assert ("| meaning changed, LLM judge | 10% | begun, interrupted before its first report (rerun calibrate to "
+            "continue) | - | - |") in md
     assert ("| meaning changed, embedding | 10% | relaxed point certified | fly 1 (1.250x; bound 47.00%); "
             "top_alpha 0.9 (1.000x; bound 31.00%) "
             "(calibrate's bounds at 97.5%, Bonferroni over 2 families) | fly 1: 0 of 2, 0.00% |") in md
