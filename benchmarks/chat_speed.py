@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     bound.write_text(json.dumps(settings, indent=1) + "\n")
     plan = pair_plan(args.points, [1, args.concurrency], args.repeats)
     pairs_file = out / "pairs.jsonl"
-    done = {row["key"]: row for row in load_jsonl(pairs_file)}
+    done = {row["key"] for row in load_jsonl(pairs_file)}
     todo = [pair for pair in plan if pair["key"] not in done]
     log(f"chat_speed: {len(plan) - len(todo)} of {len(plan)} pairs measured earlier, {len(todo)} to measure")
     complete = True
